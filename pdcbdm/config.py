@@ -1,0 +1,402 @@
+"""Configuration: one frozen dataclass per concern, validated on construction.
+
+Every field can be overridden from the command line as ``section.field=value`` (for example
+``loss.pd_weight=0.05``); the searched knobs keep the names the search space and MLflow params use:
+``loss.pd_weight`` (lambda of Eq. 10), ``loss.cbdm_tau`` / ``loss.cbdm_gamma`` (Eq. 9), ``loss.label_dist``
+(Eq. 12), ``loss.split_ratio`` (head/tail split), ``model.tsa_resolutions`` (Eq. 13-14) and ``sample.guidance``
+(classifier-free guidance strength w).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the bad value."""
+
+
+def _check(cond: bool, name: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name} {why}, got {value!r}")
+
+
+LABEL_DIST_NAMES = ("cbdm", "inverted", "uniform")
+
+
+def parse_label_dist(spec: str) -> float:
+    """Map ``loss.label_dist`` to the power s of q_s(k) ∝ n_k^(-s) (Eq. 12 generalised).
+
+    ``cbdm`` is s = -1 (q = training frequency), ``uniform`` s = 0, ``inverted`` s = 1 (PD-CBDM, Eq. 12), and
+    ``power:S`` any real S.
+    """
+    named = {"cbdm": -1.0, "uniform": 0.0, "inverted": 1.0}
+    if spec in named:
+        return named[spec]
+    if isinstance(spec, str) and spec.startswith("power:"):
+        try:
+            return float(spec.split(":", 1)[1])
+        except ValueError:
+            pass
+    raise ConfigError(
+        f"loss.label_dist must be one of {', '.join(LABEL_DIST_NAMES)} or 'power:S' (S a number), got {spec!r}"
+    )
+
+
+def parse_resolution_list(spec: str, name: str) -> tuple[int, ...]:
+    """Parse "16,8,4" into (16, 8, 4); "" gives ()."""
+    parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated integers such as '16' or '16,8,4', got {spec!r}") from None
+    _check(all(v > 0 for v in values), name, spec, "must hold positive resolutions")
+    return values
+
+
+def parse_float_list(spec: str, name: str) -> tuple[float, ...]:
+    """Parse "0,1,2" into (0.0, 1.0, 2.0)."""
+    parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated numbers such as '0,1,2', got {spec!r}") from None
+    _check(len(values) > 0, name, spec, "must hold at least one value")
+    return values
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The denoising U-Net (see ``pdcbdm.models.build_unet``)."""
+
+    preset: str = "small"
+    tsa_resolutions: str = "8"
+    dropout: float | None = None
+    num_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.preset in ("small", "cifar"), "model.preset", self.preset, "must be 'small' or 'cifar'")
+        parse_resolution_list(self.tsa_resolutions, "model.tsa_resolutions")
+        if self.dropout is not None:
+            _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
+        if self.num_heads is not None:
+            _check(self.num_heads >= 1, "model.num_heads", self.num_heads, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Linear beta schedule and reverse variance (Eq. 1-8)."""
+
+    timesteps: int = 1000
+    beta_1: float = 1e-4
+    beta_T: float = 0.02
+    var_type: str = "fixedlarge"
+
+    def __post_init__(self) -> None:
+        _check(self.timesteps >= 2, "diffusion.timesteps", self.timesteps, "must be >= 2")
+        _check(0.0 < self.beta_1 < 1.0, "diffusion.beta_1", self.beta_1, "must be in (0, 1)")
+        _check(self.beta_1 <= self.beta_T < 1.0, "diffusion.beta_T", self.beta_T, "must be in [beta_1, 1)")
+        _check(self.var_type in ("fixedlarge", "fixedsmall"), "diffusion.var_type", self.var_type,
+               "must be 'fixedlarge' or 'fixedsmall'")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss terms: L_DM with label dropout (Eq. 8), CBDM's L_DA (Eq. 9), the PD loss (Eq. 10-11), q (Eq. 12).
+
+    ``cbdm_tau = 0`` turns L_DA off; ``pd_weight = 0`` turns the PD loss off. ``pd_form`` is ``saturating``
+    (default: -lambda * KL / (KL + pd_scale), bounded below by -lambda) or ``plain`` (-lambda * KL, as Eq. 10 reads).
+    """
+
+    p_uncond: float = 0.1
+    cbdm_tau: float = 1.0
+    cbdm_gamma: float = 0.25
+    label_dist: str = "inverted"
+    pd_weight: float = 0.01
+    pd_form: str = "saturating"
+    pd_scale: float = 1.0
+    pd_pairs: int = 0
+    split_ratio: float = 0.7
+    split_mode: str = "classes"
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.p_uncond < 1.0, "loss.p_uncond", self.p_uncond, "must be in [0, 1)")
+        _check(self.cbdm_tau >= 0.0, "loss.cbdm_tau", self.cbdm_tau, "must be >= 0")
+        _check(self.cbdm_gamma >= 0.0, "loss.cbdm_gamma", self.cbdm_gamma, "must be >= 0")
+        parse_label_dist(self.label_dist)
+        _check(self.pd_weight >= 0.0, "loss.pd_weight", self.pd_weight, "must be >= 0")
+        _check(self.pd_form in ("saturating", "plain"), "loss.pd_form", self.pd_form,
+               "must be 'saturating' or 'plain'")
+        _check(self.pd_scale > 0.0, "loss.pd_scale", self.pd_scale, "must be > 0")
+        _check(self.pd_pairs >= 0, "loss.pd_pairs", self.pd_pairs, "must be >= 0 (0 = half the batch)")
+        _check(0.0 < self.split_ratio < 1.0, "loss.split_ratio", self.split_ratio, "must be in (0, 1)")
+        _check(self.split_mode in ("classes", "samples"), "loss.split_mode", self.split_mode,
+               "must be 'classes' or 'samples'")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data set (see ``pdcbdm.data.DATASET_NAMES``) and its long-tail imbalance rho."""
+
+    dataset: str = "digits-lt"
+    root: str | None = None
+    imbalance: float | None = None
+    seed: int = 0
+    download: bool = False
+
+    def __post_init__(self) -> None:
+        names = ("digits-lt", "digits", "cifar10-lt", "cifar100-lt", "cifar10", "cifar100")
+        _check(self.dataset in names, "data.dataset", self.dataset, f"must be one of {', '.join(names)}")
+        if self.imbalance is not None:
+            _check(self.imbalance >= 1.0, "data.imbalance", self.imbalance, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation: Adam with linear warm-up, gradient clipping, EMA; precision fp32 or bf16 autocast."""
+
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 2e-4
+    warmup: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    precision: str = "fp32"
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 1000
+    threads: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
+        _check(self.batch_size >= 2, "train.batch_size", self.batch_size, "must be >= 2")
+        _check(self.lr > 0.0, "train.lr", self.lr, "must be > 0")
+        _check(self.warmup >= 0, "train.warmup", self.warmup, "must be >= 0")
+        _check(self.grad_clip > 0.0, "train.grad_clip", self.grad_clip, "must be > 0")
+        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", self.ema_decay, "must be in [0, 1)")
+        _check(self.precision in ("fp32", "bf16"), "train.precision", self.precision, "must be 'fp32' or 'bf16'")
+        _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+        _check(self.eval_every >= 1, "train.eval_every", self.eval_every, "must be >= 1")
+        _check(self.threads >= 0, "train.threads", self.threads, "must be >= 0 (0 = torch's default)")
+        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "train.device",
+               self.device, "must be 'auto', 'cpu' or 'cuda[:N]'")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Sampling: DDPM ancestral (T steps) or DDIM (``steps``), classifier-free guidance strength w."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    guidance: float = 1.0
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.sampler in ("ddpm", "ddim"), "sample.sampler", self.sampler, "must be 'ddpm' or 'ddim'")
+        _check(self.steps >= 1, "sample.steps", self.steps, "must be >= 1")
+        _check(self.guidance >= 0.0, "sample.guidance", self.guidance, "must be >= 0")
+        _check(self.eta >= 0.0, "sample.eta", self.eta, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation: feature network, sample counts and the grid of guidance values scored per checkpoint."""
+
+    extractor: str = "digits"
+    inception_weights: str | None = None
+    num_samples: int = 500
+    proxy_samples: int = 200
+    guidance_grid: str = "0,0.5,1,2"
+    batch_size: int = 250
+    noise_error_images: int = 100
+    noise_error_stride: int = 50
+
+    def __post_init__(self) -> None:
+        _check(self.extractor in ("digits", "inception"), "eval.extractor", self.extractor,
+               "must be 'digits' or 'inception'")
+        _check(self.num_samples >= 2, "eval.num_samples", self.num_samples, "must be >= 2")
+        _check(self.proxy_samples >= 2, "eval.proxy_samples", self.proxy_samples, "must be >= 2")
+        grid = parse_float_list(self.guidance_grid, "eval.guidance_grid")
+        _check(all(w >= 0 for w in grid), "eval.guidance_grid", self.guidance_grid, "must hold values >= 0")
+        _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
+        _check(self.noise_error_images >= 0, "eval.noise_error_images", self.noise_error_images, "must be >= 0")
+        _check(self.noise_error_stride >= 1, "eval.noise_error_stride", self.noise_error_stride, "must be >= 1")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "diffusion": DiffusionConfig,
+    "loss": LossConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+    "eval": EvalConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration of one run; written as JSON beside every run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"loss.pd_weight": 0.01, ...}``: the names MLflow params and the search space use."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        unknown = set(data) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; valid: {sorted(SECTIONS)}")
+        sections = {}
+        for name, kind in SECTIONS.items():
+            values = dict(data.get(name, {}))
+            valid = {f.name for f in dataclasses.fields(kind)}
+            bad = set(values) - valid
+            if bad:
+                raise ConfigError(f"unknown field(s) {sorted(f'{name}.{b}' for b in bad)}; valid: {sorted(valid)}")
+            sections[name] = kind(**values)
+        return cls(**sections)
+
+    def save_json(self, path: str | os.PathLike) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load_json(cls, path: str | os.PathLike) -> "Config":
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid JSON: {exc}") from None
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON through a temporary file in the same folder so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read by others
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _field_type(kind: type, name: str) -> Any:
+    hints = typing.get_type_hints(kind)
+    return hints[name]
+
+
+def _convert(raw: str, annotation: Any, key: str) -> Any:
+    """Convert the override text to the field's type; ``none`` gives None for optional fields."""
+    args = typing.get_args(annotation)
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args
+    base = next((a for a in args if a is not type(None)), annotation) if optional else annotation
+    if optional and raw.strip().lower() in ("none", "null", ""):
+        return None
+    try:
+        if base is bool:
+            low = raw.strip().lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return low in ("true", "1", "yes")
+        if base is int:
+            return int(raw)
+        if base is float:
+            return float(raw)
+        return str(raw)
+    except ValueError:
+        raise ConfigError(f"{key} expects {getattr(base, '__name__', base)}, got {raw!r}") from None
+
+
+def parse_override(item: str) -> tuple[str, str, str]:
+    """Split ``section.field=value``; an error names the malformed item."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"override {item!r} must look like section.field=value (e.g. loss.pd_weight=0.05)")
+    key, raw = item.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    return section, name, raw
+
+
+def apply_overrides(cfg: Config, items: list[str] | dict[str, Any]) -> Config:
+    """Return a new Config with ``section.field=value`` overrides applied and validated.
+
+    ``items`` is a list of ``"section.field=value"`` strings (command line) or a dict ``{"section.field": value}``
+    (search space); dict values are converted from text only when they are strings.
+    """
+    pairs = items.items() if isinstance(items, dict) else [
+        (f"{s}.{n}", raw) for s, n, raw in map(parse_override, items)
+    ]
+    data = cfg.to_dict()
+    for key, value in pairs:
+        section, name = key.split(".", 1) if "." in key else (key, "")
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r} in {key!r}; valid: {sorted(SECTIONS)}")
+        kind = SECTIONS[section]
+        if name not in {f.name for f in dataclasses.fields(kind)}:
+            valid = sorted(f"{section}.{f.name}" for f in dataclasses.fields(kind))
+            raise ConfigError(f"unknown config field {key!r}; valid fields of {section}: {valid}")
+        annotation = _field_type(kind, name)
+        data[section][name] = _convert(value, annotation, key) if isinstance(value, str) else value
+    return Config.from_dict(data)
+
+
+def preset(name: str) -> Config:
+    """Named presets: ``smoke`` (a minute on 2 CPU cores), ``digits`` (the embedded default), ``cifar10-lt`` and
+    ``cifar100-lt`` (the paper's network, schedule and optimiser settings; for GPUs)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+    return apply_overrides(Config(), PRESETS[name])
+
+
+_CIFAR = {
+    "model.preset": "cifar", "model.tsa_resolutions": "16",
+    "train.steps": 500_000, "train.batch_size": 64, "train.warmup": 5000, "train.ema_decay": 0.9999,
+    "train.eval_every": 10_000, "train.log_every": 100, "train.precision": "bf16",
+    "eval.extractor": "inception", "eval.num_samples": 10_000, "eval.proxy_samples": 1000,
+    "eval.guidance_grid": "0.8,1.0,1.2,1.4,1.6", "eval.batch_size": 500,
+    "sample.steps": 100, "sample.guidance": 1.2, "loss.pd_weight": 0.01,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "data.dataset": "digits-lt", "data.imbalance": 10.0,
+        "train.steps": 120, "train.batch_size": 32, "train.warmup": 20, "train.ema_decay": 0.99,
+        "train.log_every": 20, "train.eval_every": 60,
+        "sample.steps": 10, "eval.num_samples": 60, "eval.proxy_samples": 40, "eval.guidance_grid": "0,1",
+        "eval.noise_error_images": 10, "eval.noise_error_stride": 200,
+    },
+    "digits": {
+        "data.dataset": "digits-lt", "data.imbalance": 50.0,
+        "train.steps": 1500, "train.batch_size": 64, "train.warmup": 100,
+        "train.log_every": 50, "train.eval_every": 500,
+        "sample.steps": 25, "eval.num_samples": 500, "eval.proxy_samples": 200,
+    },
+    "cifar10-lt": {**_CIFAR, "data.dataset": "cifar10-lt", "data.imbalance": 100.0, "train.steps": 800_000},
+    "cifar100-lt": {**_CIFAR, "data.dataset": "cifar100-lt", "data.imbalance": 100.0, "sample.guidance": 1.4},
+}

@@ -1,0 +1,66 @@
+"""Digits-LT: scikit-learn's 8x8 handwritten digits as a small, download-free long-tailed set.
+
+The 1,797 images (pixels 0..16) are resized to 16x16 (bilinear) and stored as uint8 0..255, one channel. A seeded,
+balanced held-out split (HELDOUT_PER_CLASS images per class) is the evaluation reference; the rest is the training
+pool, made long-tailed with the CIFAR-LT formula (longtail.py) using n_max = the smallest per-class pool size.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DIGITS_SIZE", "HELDOUT_PER_CLASS", "HELDOUT_SEED", "load_digits_uint8", "digits_pool_and_heldout"]
+
+DIGITS_SIZE = 16
+HELDOUT_PER_CLASS = 50
+# Fixed, independent of the training seed: every run must be judged against the same reference images.
+HELDOUT_SEED = 20240531
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_cached() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits  # deferred: only this data set needs scikit-learn
+
+    bunch = load_digits()
+    pixels = torch.from_numpy(bunch.images).to(torch.float32)  # [1797, 8, 8], 0..16
+    labels = torch.from_numpy(bunch.target).to(torch.int64)
+    scaled = pixels[:, None] * (255.0 / 16.0)
+    resized = F.interpolate(scaled, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
+    images = resized.round().clamp(0, 255).to(torch.uint8)
+    return images, labels
+
+
+def load_digits_uint8() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """All 1,797 digits: images uint8 [N, 1, 16, 16], labels int64 [N], class names "0".."9"."""
+    images, labels = _digits_cached()
+    return images.clone(), labels.clone(), [str(k) for k in range(10)]
+
+
+def digits_pool_and_heldout(per_class: int = HELDOUT_PER_CLASS,
+                            seed: int = HELDOUT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (into `load_digits_uint8`) of the training pool and of the balanced held-out split.
+
+    Args:
+        per_class: held-out images per class (every class has at least 174, so up to 173 works).
+        seed: seed of the per-class shuffle that picks the held-out images.
+
+    Returns:
+        (pool, heldout): sorted int64 tensors, disjoint, together covering all 1,797 images.
+    """
+    _, labels = _digits_cached()
+    smallest = int(torch.bincount(labels).min())
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or not 0 < per_class < smallest:
+        raise ValueError(f"per_class must be an int in [1, {smallest - 1}] (the smallest class has {smallest} "
+                         f"images), got {per_class!r}")
+    generator = torch.Generator().manual_seed(int(seed))
+    heldout = []
+    for k in range(10):
+        members = (labels == k).nonzero().flatten()
+        heldout.append(members[torch.randperm(members.numel(), generator=generator)[:per_class]])
+    held = torch.cat(heldout).sort().values
+    in_pool = torch.ones(labels.numel(), dtype=torch.bool)
+    in_pool[held] = False
+    return in_pool.nonzero().flatten(), held

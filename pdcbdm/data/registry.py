@@ -1,0 +1,125 @@
+"""Named data sets: `build_dataset` (training / test data) and `build_reference_dataset` (FID reference).
+
+Names: "digits-lt" (the download-free default), "digits", "cifar10-lt", "cifar100-lt", "cifar10", "cifar100".
+The "-lt" names apply the long-tail formula n_k = int(n_max * rho^(-k/(K-1))) (METHOD.md, "Data") to the train
+split; the plain names are balanced. Test splits are always balanced.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .cifar import load_cifar
+from .dataset import ImageDataset
+from .digits import digits_pool_and_heldout, load_digits_uint8
+from .longtail import check_imbalance, longtail_counts, longtail_indices
+
+__all__ = ["DATASET_NAMES", "SPLITS", "DEFAULT_IMBALANCE", "build_dataset", "build_reference_dataset",
+           "resolve_imbalance", "is_longtail"]
+
+DATASET_NAMES = ("digits-lt", "digits", "cifar10-lt", "cifar100-lt", "cifar10", "cifar100")
+SPLITS = ("train", "test")
+# The paper's headline setting for CIFAR; rho = 10 keeps every digit class at >= 12 training images.
+DEFAULT_IMBALANCE = {"digits-lt": 10.0, "cifar10-lt": 100.0, "cifar100-lt": 100.0}
+
+
+def _check_name(name: str) -> str:
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown data set name {name!r}; choose one of {DATASET_NAMES}")
+    return name
+
+
+def is_longtail(name: str) -> bool:
+    """Whether data set `name` is a long-tailed ("-lt") variant."""
+    return _check_name(name).endswith("-lt")
+
+
+def resolve_imbalance(name: str, imbalance: float | None) -> float:
+    """The imbalance factor rho actually used for `name`'s train split.
+
+    Args:
+        name: one of DATASET_NAMES.
+        imbalance: rho >= 1, or None for the default (100 for cifar*-lt, 10 for digits-lt, 1 for balanced names).
+            Balanced names accept only None or 1.
+    """
+    if not is_longtail(name):
+        if imbalance is not None and check_imbalance(imbalance) != 1.0:
+            raise ValueError(f"imbalance={imbalance!r} given for the balanced data set {name!r}; "
+                             f"use {name}-lt for a long-tailed version (or leave imbalance unset)")
+        return 1.0
+    return DEFAULT_IMBALANCE[name] if imbalance is None else check_imbalance(imbalance)
+
+
+def _apply_longtail(data: ImageDataset, rho: float, seed: int) -> ImageDataset:
+    """Keep n_k = int(n_max rho^(-k/(K-1))) images per class, n_max = the smallest class size (Sec. "Data")."""
+    n_max = min(data.counts())
+    if n_max < 1:
+        raise ValueError(f"a class has no images (counts {data.counts()}); cannot build a long-tailed set")
+    counts = longtail_counts(n_max, data.num_classes, rho)
+    return data.subset(longtail_indices(data.labels, counts, seed))
+
+
+def _require_root(name: str, root: str | Path | None) -> Path:
+    if root is None:
+        raise ValueError(f"root is required for {name!r}: the folder holding (or to receive, with download=True) "
+                         "cifar-10-batches-py/ or cifar-100-python/")
+    return Path(root)
+
+
+def _digits(split: str) -> ImageDataset:
+    images, labels, names = load_digits_uint8()
+    pool, heldout = digits_pool_and_heldout()
+    idx = pool if split == "train" else heldout
+    return ImageDataset(images[idx], labels[idx], names, hflip=False)
+
+
+def _cifar(name: str, root: str | Path | None, split: str, download: bool) -> ImageDataset:
+    variant = name.removesuffix("-lt")
+    images, labels, names = load_cifar(variant, _require_root(name, root), split, download=download)
+    # Flips only for training: test and reference statistics use the images as they are.
+    return ImageDataset(images, labels, names, hflip=(split == "train"))
+
+
+def build_dataset(name: str, *, root: str | Path | None = None, imbalance: float | None = None,
+                  split: str = "train", seed: int = 0, download: bool = False) -> ImageDataset:
+    """Build a named data set.
+
+    Args:
+        name: one of DATASET_NAMES.
+        root: CIFAR folder (holding cifar-10-batches-py/ or cifar-100-python/); ignored for digits.
+        imbalance: rho >= 1 for the "-lt" names (default 100 for CIFAR, 10 for digits); balanced names accept
+            only None or 1. Ignored for split="test", which is always balanced.
+        split: "train", or "test" (CIFAR: the test batches; digits: the held-out balanced split, 50 per class).
+        seed: seed of the per-class shuffle choosing which images the long-tailed set keeps.
+        download: fetch CIFAR with torchvision when the files are missing.
+
+    Returns:
+        An ImageDataset; CIFAR train splits have hflip=True, everything else hflip=False.
+    """
+    rho = resolve_imbalance(name, imbalance)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    data = _digits(split) if name.startswith("digits") else _cifar(name, root, split, download)
+    if split == "test":
+        return data
+    # Balanced digits still go through the formula (rho = 1) so every class has exactly n_max images.
+    return _apply_longtail(data, rho, seed) if (rho != 1.0 or name.startswith("digits")) else data
+
+
+def build_reference_dataset(name: str, *, root: str | Path | None = None, download: bool = False) -> ImageDataset:
+    """The balanced set FID reference statistics are computed against (METHOD.md, "Metrics").
+
+    CIFAR names: the full balanced training set, as the paper. Digits names: the held-out balanced split. Never
+    flipped.
+
+    Args:
+        name: one of DATASET_NAMES.
+        root: CIFAR folder (ignored for digits).
+        download: fetch CIFAR with torchvision when the files are missing.
+    """
+    _check_name(name)
+    if name.startswith("digits"):
+        return _digits("test")
+    data = _cifar(name, root, "train", download)
+    data.hflip = False
+    return data

@@ -1,0 +1,66 @@
+"""The Gaussian diffusion process (Eq. 1-8). It takes the network as an argument and never owns it, so Ray's
+``prepare_model``, DDP and EMA wrap only the network."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pdcbdm.config import DiffusionConfig
+
+
+def extract(buffer: Tensor, t: Tensor, like: Tensor) -> Tensor:
+    """Gather ``buffer[t]`` (float64 schedule) and shape it [B, 1, 1, 1] in ``like``'s dtype and device."""
+    out = buffer.to(like.device)[t].to(like.dtype if like.is_floating_point() else torch.float32)
+    return out.view(-1, *([1] * (like.dim() - 1)))
+
+
+class GaussianDiffusion:
+    """Linear-beta DDPM schedule with float64 buffers.
+
+    Timesteps are 0-based indices ``t in {0..T-1}``; index t is the paper's step t+1. Attributes follow the
+    DDPM paper: ``betas``, ``alphas``, ``alphas_bar`` (abar_t), ``alphas_bar_prev``, ``posterior_variance``
+    (betatilde_t) and ``sigma2`` (the fixed reverse variance chosen by ``var_type``).
+    """
+
+    def __init__(self, cfg: DiffusionConfig | None = None) -> None:
+        cfg = cfg or DiffusionConfig()
+        self.cfg = cfg
+        self.T = cfg.timesteps
+        self.betas = torch.linspace(cfg.beta_1, cfg.beta_T, cfg.timesteps, dtype=torch.float64)
+        self.alphas = 1.0 - self.betas
+        self.alphas_bar = torch.cumprod(self.alphas, dim=0)
+        self.alphas_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_bar[:-1]])
+        self.posterior_variance = self.betas * (1.0 - self.alphas_bar_prev) / (1.0 - self.alphas_bar)
+        if cfg.var_type == "fixedlarge":
+            # CBDM's default: beta_t, with the first step's variance taken from the posterior (betatilde_1 > 0).
+            self.sigma2 = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
+        else:
+            self.sigma2 = self.posterior_variance.clone()
+        self.eps_coef = self.betas / torch.sqrt(1.0 - self.alphas_bar)
+
+    def sample_t(self, batch: int, device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
+        """Uniform timesteps for L_DM (Eq. 8)."""
+        return torch.randint(0, self.T, (batch,), device="cpu", generator=generator).to(device)
+
+    def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """Forward process, Eq. 2: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+        return extract(self.alphas_bar.sqrt(), t, x0) * x0 + extract((1.0 - self.alphas_bar).sqrt(), t, x0) * eps
+
+    def mean_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """Reverse mean, Eq. 4/7: mu = (x_t - beta_t / sqrt(1 - abar_t) * eps) / sqrt(alpha_t)."""
+        return (x_t - extract(self.eps_coef, t, x_t) * eps) / extract(self.alphas.sqrt(), t, x_t)
+
+    def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """Invert Eq. 2 for x0 given a noise estimate."""
+        return (x_t - extract((1.0 - self.alphas_bar).sqrt(), t, x_t) * eps) / extract(self.alphas_bar.sqrt(), t, x_t)
+
+    def posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """Mean of q(x_{t-1} | x_t, x0); equals Eq. 7 when x0 comes from ``x0_from_eps`` unclipped."""
+        c1 = self.betas * self.alphas_bar_prev.sqrt() / (1.0 - self.alphas_bar)
+        c2 = (1.0 - self.alphas_bar_prev) * self.alphas.sqrt() / (1.0 - self.alphas_bar)
+        return extract(c1, t, x_t) * x0 + extract(c2, t, x_t) * x_t
+
+    def variance(self, t: Tensor, like: Tensor) -> Tensor:
+        """The fixed reverse variance sigma_t^2 ("fixedlarge" or "fixedsmall"), shaped [B, 1, 1, 1]."""
+        return extract(self.sigma2, t, like)

@@ -1,0 +1,23 @@
+"""The PD-CBDM denoising network: a class-conditional DDPM/CBDM U-Net with timestep-dependent self-attention.
+
+Public API: :func:`build_unet` (from a named preset in :data:`PRESETS`), :class:`UNet`, :class:`UNetSpec`,
+:func:`parse_resolutions`, and the attention blocks :class:`SelfAttention` and :class:`TimestepSelfAttention`
+(TSA, Eq. 13-14).
+"""
+
+from pdcbdm.models.attention import SelfAttention, TimestepSelfAttention
+from pdcbdm.models.layers import ConditionBlock, EmbedSequential, TimestepBlock
+from pdcbdm.models.unet import PRESETS, UNet, UNetSpec, build_unet, parse_resolutions
+
+__all__ = [
+    "PRESETS",
+    "ConditionBlock",
+    "EmbedSequential",
+    "SelfAttention",
+    "TimestepBlock",
+    "TimestepSelfAttention",
+    "UNet",
+    "UNetSpec",
+    "build_unet",
+    "parse_resolutions",
+]

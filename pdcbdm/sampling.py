@@ -1,0 +1,129 @@
+"""Samplers as plain functions over (network, diffusion, labels, steps, guidance): DDPM ancestral and DDIM."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pdcbdm.diffusion import GaussianDiffusion, extract
+
+
+def uniform_labels(n: int, num_classes: int) -> Tensor:
+    """Evaluation labels spread uniformly over classes: 0, 1, ..., K-1, 0, 1, ... (equal counts when K divides n)."""
+    return torch.arange(n) % num_classes
+
+
+def guided_eps(net: nn.Module, x: Tensor, t: Tensor, y: Tensor, guidance: float, null_label: int) -> Tensor:
+    """Classifier-free guidance: eps~ = (1 + w) eps(x, t, y) - w eps(x, t, null).
+
+    With w = 0 only the conditional pass runs; otherwise both passes share one batched forward.
+    """
+    if guidance == 0:
+        return net(x, t, y).float()
+    both = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)])).float()
+    cond, uncond = both.chunk(2)
+    return (1.0 + guidance) * cond - guidance * uncond
+
+
+def _noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    return torch.randn(shape, generator=generator).to(device)
+
+
+def _steps_bar(steps: list[int], progress: bool, desc: str) -> Any:
+    return tqdm(steps, desc=desc, disable=not progress, leave=False)
+
+
+@torch.no_grad()
+def ddpm_sample(
+    net: nn.Module, diffusion: GaussianDiffusion, labels: Tensor, shape: tuple[int, int, int], *,
+    guidance: float = 0.0, null_label: int, generator: torch.Generator | None = None, clip_x0: bool = True,
+    progress: bool = False, autocast: Callable[[], Any] = nullcontext,
+) -> Tensor:
+    """Ancestral sampling over all T steps: x_{t-1} = mu_theta(x_t, t, y) + sigma_t z (Eq. 4/7, fixed variance).
+
+    The mean is the posterior mean at the predicted x0, which equals Eq. 7 when ``clip_x0`` is False; clipping x0 to
+    [-1, 1] is the usual safeguard. Returns images in [-1, 1], shape [N, *shape].
+    """
+    device = labels.device
+    x = _noise((labels.shape[0], *shape), generator, device)
+    for i in _steps_bar(list(range(diffusion.T - 1, -1, -1)), progress, "DDPM"):
+        t = torch.full((labels.shape[0],), i, device=device, dtype=torch.long)
+        with autocast():
+            eps = guided_eps(net, x, t, labels, guidance, null_label)
+        x0 = diffusion.x0_from_eps(x, t, eps)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+        mean = diffusion.posterior_mean(x0, x, t)
+        x = mean + diffusion.variance(t, x).sqrt() * _noise(x.shape, generator, device) if i > 0 else mean
+    return x.clamp(-1, 1)
+
+
+def ddim_timesteps(T: int, steps: int) -> list[int]:
+    """Evenly spaced timestep indices from T-1 down to 0 (``steps`` of them)."""
+    if not 1 <= steps <= T:
+        raise ValueError(f"DDIM steps must be in [1, {T}], got {steps}")
+    return sorted({int(round(v)) for v in np.linspace(0, T - 1, steps)}, reverse=True)
+
+
+@torch.no_grad()
+def ddim_sample(
+    net: nn.Module, diffusion: GaussianDiffusion, labels: Tensor, shape: tuple[int, int, int], *,
+    steps: int = 50, guidance: float = 0.0, eta: float = 0.0, null_label: int,
+    generator: torch.Generator | None = None, clip_x0: bool = True, progress: bool = False,
+    autocast: Callable[[], Any] = nullcontext,
+) -> Tensor:
+    """DDIM (Song et al. 2021) over ``steps`` timesteps; eta = 0 is deterministic given the initial noise.
+
+    x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z, with s = eta * sqrt((1-abar_prev)/(1-abar)
+    * (1 - abar/abar_prev)). Returns images in [-1, 1].
+    """
+    device = labels.device
+    seq = ddim_timesteps(diffusion.T, steps)
+    x = _noise((labels.shape[0], *shape), generator, device)
+    for j, i in enumerate(_steps_bar(seq, progress, "DDIM")):
+        t = torch.full((labels.shape[0],), i, device=device, dtype=torch.long)
+        prev = seq[j + 1] if j + 1 < len(seq) else -1
+        with autocast():
+            eps = guided_eps(net, x, t, labels, guidance, null_label)
+        x0 = diffusion.x0_from_eps(x, t, eps)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+            eps = (x - extract(diffusion.alphas_bar.sqrt(), t, x) * x0) / extract((1 - diffusion.alphas_bar).sqrt(), t, x)
+        abar = extract(diffusion.alphas_bar, t, x)
+        abar_prev = extract(diffusion.alphas_bar, torch.full_like(t, prev), x) if prev >= 0 else torch.ones_like(abar)
+        sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).clamp(min=0).sqrt()
+        x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if eta > 0 and prev >= 0:
+            x = x + sigma * _noise(x.shape, generator, device)
+    return x.clamp(-1, 1)
+
+
+def generate(
+    net: nn.Module, diffusion: GaussianDiffusion, labels: Tensor, shape: tuple[int, int, int], *,
+    sampler: str = "ddim", steps: int = 50, guidance: float = 0.0, eta: float = 0.0, null_label: int,
+    batch_size: int = 256, seed: int = 0, progress: bool = False, autocast: Callable[[], Any] = nullcontext,
+) -> Tensor:
+    """Sample images for ``labels`` in batches, deterministic for a seed; returns uint8 [N, C, H, W] on the CPU."""
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    chunks = labels.split(batch_size)
+    for chunk in tqdm(chunks, desc=f"sampling w={guidance:g}", disable=not progress or len(chunks) < 2, leave=False):
+        kw = dict(guidance=guidance, null_label=null_label, generator=generator, autocast=autocast)
+        if sampler == "ddim":
+            x = ddim_sample(net, diffusion, chunk, shape, steps=steps, eta=eta, progress=progress, **kw)
+        else:
+            x = ddpm_sample(net, diffusion, chunk, shape, progress=progress, **kw)
+        out.append(to_uint8(x).cpu())
+    return torch.cat(out)
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """[-1, 1] floats to uint8 pixels, rounding to nearest."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

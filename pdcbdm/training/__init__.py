@@ -1,0 +1,10 @@
+"""Ray-free training: the loss step, the trainer (optimiser, EMA, precision) and checkpoints."""
+
+from pdcbdm.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pdcbdm.training.step import Batch, compute_loss
+from pdcbdm.training.trainer import EMA, NonFiniteLossError, Trainer, build_network, load_model, resolve_device
+
+__all__ = [
+    "Batch", "CheckpointError", "EMA", "NonFiniteLossError", "Trainer", "build_network", "compute_loss",
+    "load_checkpoint", "load_model", "resolve_device", "save_checkpoint",
+]

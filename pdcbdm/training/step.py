@@ -1,0 +1,110 @@
+"""One PD-CBDM training objective evaluation (Eq. 8-11), with every network pass batched into one forward."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from pdcbdm.config import LossConfig
+from pdcbdm.diffusion import GaussianDiffusion
+from pdcbdm.labels import sample_labels
+from pdcbdm.losses import cbdm_loss, dm_loss, gaussian_kl_same_var, pd_loss
+
+
+@dataclass
+class Batch:
+    """A training batch: the main images/labels, and optional head/tail pairs for the PD loss (Eq. 10)."""
+
+    x0: Tensor
+    y: Tensor
+    head: tuple[Tensor, Tensor] | None = None
+    tail: tuple[Tensor, Tensor] | None = None
+
+
+def _randn(shape: torch.Size | tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    # Drawn on the CPU so that a seeded run gives the same noise on any device.
+    return torch.randn(shape, generator=generator).to(like.device, like.dtype)
+
+
+def _uniform(generator: torch.Generator | None) -> float:
+    return float(torch.rand((), generator=generator))
+
+
+def pd_terms(
+    diffusion: GaussianDiffusion, x_h: Tensor, x_l: Tensor, t: Tensor, eps_h: Tensor, eps_l: Tensor,
+    cfg: LossConfig,
+) -> tuple[Tensor, Tensor]:
+    """Eq. 10-11 for paired head/tail noisy images x_h, x_l at shared t: returns (per-pair loss, per-pair KL)."""
+    mu_h = diffusion.mean_from_eps(x_h.float(), t, eps_h.float())
+    mu_l = diffusion.mean_from_eps(x_l.float(), t, eps_l.float())
+    kl = gaussian_kl_same_var(mu_h, mu_l, diffusion.variance(t, mu_h))
+    return pd_loss(kl, cfg.pd_weight, cfg.pd_form, cfg.pd_scale), kl
+
+
+def compute_loss(
+    net: nn.Module | Callable[..., Tensor],
+    diffusion: GaussianDiffusion,
+    batch: Batch,
+    cfg: LossConfig,
+    *,
+    label_probs: Tensor,
+    null_label: int,
+    generator: torch.Generator | None = None,
+    autocast: Callable[[], object] = nullcontext,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """L = L_DM + L_DA - lambda * KL (Eq. 8, 9, 10), each term a per-sample mean, averaged once.
+
+    - With probability ``cfg.p_uncond`` the whole batch's labels become ``null_label`` (classifier-free guidance);
+      L_DA is zero on such steps.
+    - L_DA draws one y' per sample from ``label_probs`` (Eq. 12's q) and reuses x_t, t and eps.
+    - The PD pairs share t and eps ("under a given noise") and always keep their labels.
+    The main, y' and head/tail inputs go through the network in one batched forward.
+    Returns the scalar loss and detached per-term means (``dm``, ``cbdm``, ``pd``, ``pd_kl``).
+    """
+    x0, y = batch.x0, batch.y
+    n = x0.shape[0]
+    t = diffusion.sample_t(n, x0.device, generator)
+    eps = _randn(x0.shape, x0, generator)
+    x_t = diffusion.q_sample(x0, t, eps)
+    uncond = cfg.p_uncond > 0 and _uniform(generator) < cfg.p_uncond
+    y_in = torch.full_like(y, null_label) if uncond else y
+
+    xs, ts, ys = [x_t], [t], [y_in]
+    use_cbdm = cfg.cbdm_tau > 0 and not uncond
+    if use_cbdm:
+        y_prime = sample_labels(label_probs, n, generator).to(y.device)
+        xs.append(x_t), ts.append(t), ys.append(y_prime)
+    use_pd = cfg.pd_weight > 0 and batch.head is not None and batch.tail is not None
+    if use_pd:
+        (xh0, yh), (xl0, yl) = batch.head, batch.tail
+        m = min(xh0.shape[0], xl0.shape[0])
+        xh0, yh, xl0, yl = xh0[:m], yh[:m], xl0[:m], yl[:m]
+        tp = diffusion.sample_t(m, x0.device, generator)
+        eps_p = _randn(xh0.shape, xh0, generator)
+        xh_t, xl_t = diffusion.q_sample(xh0, tp, eps_p), diffusion.q_sample(xl0, tp, eps_p)
+        xs += [xh_t, xl_t]
+        ts += [tp, tp]
+        ys += [yh, yl]
+
+    with autocast():
+        out = net(torch.cat(xs), torch.cat(ts), torch.cat(ys))
+    parts = list(out.float().split([a.shape[0] for a in xs]))
+
+    terms: dict[str, Tensor] = {"dm": dm_loss(parts[0], eps).mean()}
+    total = terms["dm"]
+    zero = total.new_zeros(())
+    terms["cbdm"] = cbdm_loss(parts[0], parts[1], t, diffusion.T, cfg.cbdm_tau, cfg.cbdm_gamma).mean() if use_cbdm else zero
+    total = total + terms["cbdm"]
+    if use_pd:
+        pd, kl = pd_terms(diffusion, xh_t, xl_t, tp, parts[-2], parts[-1], cfg)
+        terms["pd"], terms["pd_kl"] = pd.mean(), kl.mean()
+        total = total + terms["pd"]
+    else:
+        terms["pd"], terms["pd_kl"] = zero, zero
+    terms = {k: v.detach() for k, v in terms.items()}
+    terms["loss"] = total.detach()
+    return total, terms

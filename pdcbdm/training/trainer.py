@@ -1,0 +1,193 @@
+"""The Ray-free training state and step: Adam with linear warm-up, gradient clipping, EMA, bf16 autocast.
+
+The same ``Trainer`` runs in ``python -m pdcbdm.train`` and inside each Ray Train worker; the platform passes a
+``wrap_model`` (Ray's ``prepare_model``: DDP when there are several workers) and its rank and world size.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from pdcbdm.config import Config
+from pdcbdm.data import ClassGroupSampler, ImageDataset, head_tail_split
+from pdcbdm.diffusion import GaussianDiffusion
+from pdcbdm.labels import from_spec
+from pdcbdm.models import build_unet
+from pdcbdm.training.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
+from pdcbdm.training.step import Batch, compute_loss
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; the message names the step and every term's value."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def build_network(cfg: Config, num_classes: int, image_shape: tuple[int, int, int]) -> nn.Module:
+    """The U-Net for a config and data set shape."""
+    overrides: dict[str, Any] = {}
+    if cfg.model.dropout is not None:
+        overrides["dropout"] = cfg.model.dropout
+    if cfg.model.num_heads is not None:
+        overrides["num_heads"] = cfg.model.num_heads
+    return build_unet(cfg.model.preset, num_classes, tsa_resolutions=cfg.model.tsa_resolutions,
+                      image_size=image_shape[1], in_channels=image_shape[0], **overrides)
+
+
+class EMA:
+    """Exponential moving average of a network's parameters (kept in fp32); buffers are copied."""
+
+    def __init__(self, net: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(net).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, net: nn.Module) -> None:
+        ema_p = list(self.module.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in net.parameters()], 1.0 - self.decay)
+        for b_ema, b in zip(self.module.buffers(), net.buffers()):
+            b_ema.copy_(b)
+
+
+class Trainer:
+    """Holds network, EMA, optimiser, schedule, data samplers and the step counter of one run (one rank)."""
+
+    def __init__(
+        self, cfg: Config, dataset: ImageDataset, *, device: torch.device | str = "cpu", rank: int = 0,
+        world_size: int = 1, wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+    ) -> None:
+        if cfg.train.batch_size % world_size:
+            raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the number of workers ({world_size})")
+        self.cfg, self.dataset, self.device = cfg, dataset, torch.device(device)
+        self.rank, self.world_size = rank, world_size
+        self.counts = dataset.counts()
+        self.num_classes = len(self.counts)
+        self.net = build_network(cfg, self.num_classes, tuple(dataset.image_shape)).to(self.device)
+        self.ema = EMA(self.net, cfg.train.ema_decay)
+        self.model = wrap_model(self.net) if wrap_model else self.net
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.train.lr)
+        warm = max(cfg.train.warmup, 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
+        self.diffusion = GaussianDiffusion(cfg.diffusion)
+        self.label_probs = from_spec(self.counts, cfg.loss.label_dist)
+        self.split = head_tail_split(self.counts, cfg.loss.split_ratio, mode=cfg.loss.split_mode, seed=cfg.data.seed)
+        self.head_sampler = ClassGroupSampler(dataset.labels, self.split.head)
+        self.tail_sampler = ClassGroupSampler(dataset.labels, self.split.tail)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed * 100_003 + rank)
+        self.step = 0
+        self._order: torch.Tensor | None = None
+        self._cursor = 0
+        self.local_batch = cfg.train.batch_size // world_size
+        pairs = cfg.loss.pd_pairs or cfg.train.batch_size // 2
+        self.local_pairs = max(1, pairs // world_size)
+
+    # -- data -----------------------------------------------------------------------------------------------
+    def _next_indices(self) -> torch.Tensor:
+        """This rank's shard of the data (every world_size-th image), reshuffled each epoch."""
+        shard = torch.arange(self.rank, len(self.dataset), self.world_size)
+        if self._order is None or self._cursor + self.local_batch > len(self._order):
+            self._order = shard[torch.randperm(len(shard), generator=self.generator)]
+            self._cursor = 0
+        idx = self._order[self._cursor:self._cursor + self.local_batch]
+        self._cursor += self.local_batch
+        return idx
+
+    def next_batch(self) -> Batch:
+        x0, y = self.dataset.batch(self._next_indices(), generator=self.generator)
+        batch = Batch(x0.to(self.device), y.to(self.device))
+        if self.cfg.loss.pd_weight > 0:
+            hx, hy = self.dataset.batch(self.head_sampler.sample(self.local_pairs, self.generator), generator=self.generator)
+            tx, ty = self.dataset.batch(self.tail_sampler.sample(self.local_pairs, self.generator), generator=self.generator)
+            batch.head = (hx.to(self.device), hy.to(self.device))
+            batch.tail = (tx.to(self.device), ty.to(self.device))
+        return batch
+
+    # -- optimisation ---------------------------------------------------------------------------------------
+    def autocast(self) -> Any:
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def train_step(self, batch: Batch | None = None) -> dict[str, float]:
+        """One optimiser step; returns the loss terms as floats. Raises NonFiniteLossError on NaN/inf."""
+        self.model.train()
+        batch = batch or self.next_batch()
+        loss, terms = compute_loss(
+            self.model, self.diffusion, batch, self.cfg.loss, label_probs=self.label_probs,
+            null_label=self.num_classes, generator=self.generator, autocast=self.autocast,
+        )
+        values = {k: float(v) for k, v in terms.items()}
+        if not math.isfinite(values["loss"]):
+            detail = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+            raise NonFiniteLossError(f"non-finite loss at step {self.step + 1}: {detail}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update(self.net)
+        self.step += 1
+        values["lr"] = self.scheduler.get_last_lr()[0]
+        return values
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def state_payload(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(), "num_classes": self.num_classes, "class_counts": list(self.counts),
+            "image_shape": list(self.dataset.image_shape), "class_names": list(self.dataset.class_names),
+            "step": self.step, "net": self.net.state_dict(), "ema": self.ema.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "data_order": self._order if self._order is not None else torch.empty(0, dtype=torch.long),
+            "data_cursor": self._cursor,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        return save_checkpoint(path, self.state_payload())
+
+    def load(self, path: str | Path) -> None:
+        """Resume network, EMA, optimiser, schedule, RNG and step from a checkpoint of the same network."""
+        data = load_checkpoint(path, map_location=self.device)
+        if data["num_classes"] != self.num_classes:
+            raise CheckpointError(f"checkpoint {path} has {data['num_classes']} classes, the data set {self.num_classes}")
+        load_state_strict(self.net, data["net"], "network", path)
+        load_state_strict(self.ema.module, data["ema"], "EMA network", path)
+        if "optimizer" in data:
+            self.optimizer.load_state_dict(data["optimizer"])
+            self.scheduler.load_state_dict(data["scheduler"])
+        if "generator" in data:
+            self.generator.set_state(data["generator"].cpu())
+        if "torch_rng" in data:  # dropout draws from the global generator
+            torch.set_rng_state(data["torch_rng"].cpu())
+        if "data_order" in data and len(data["data_order"]):
+            self._order, self._cursor = data["data_order"].cpu(), int(data["data_cursor"])
+        self.step = int(data["step"])
+
+
+def load_model(path: str | Path, *, which: str = "ema", device: torch.device | str = "cpu") -> tuple[nn.Module, Config, dict[str, Any]]:
+    """Rebuild the network of a checkpoint for sampling/evaluation: (network in eval mode, config, checkpoint)."""
+    if which not in ("ema", "net"):
+        raise ValueError(f"which must be 'ema' or 'net', got {which!r}")
+    data = load_checkpoint(path, map_location=device)
+    try:
+        cfg = Config.from_dict(data["config"])
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path} holds an invalid config: {exc}") from None
+    shape = tuple(data.get("image_shape") or ())
+    if len(shape) != 3:
+        raise CheckpointError(f"checkpoint {path} lacks its image_shape")
+    net = build_network(cfg, int(data["num_classes"]), shape).to(device)
+    load_state_strict(net, data[which], f"{which} weights", path)
+    return net.eval(), cfg, data

@@ -1,0 +1,87 @@
+"""Pictures of results: sample grids (a row per class) and loss curves, written atomically as PNG."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+
+def _atomic_target(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o644)
+    return tmp
+
+
+def image_grid(images: Tensor, nrow: int, pad: int = 1) -> Tensor:
+    """Tile uint8 images [N, C, H, W] into one uint8 image [C, H', W'] with ``nrow`` images per row."""
+    n, c, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = images[i]
+    return grid
+
+
+def save_grid(images: Tensor, path: str | os.PathLike, nrow: int, scale: int = 1) -> Path:
+    """Save uint8 images [N, C, H, W] as a PNG grid (``scale`` enlarges small images with nearest neighbours)."""
+    from PIL import Image
+
+    grid = image_grid(images, nrow)
+    if scale > 1:
+        grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    arr = grid.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def class_rows(labels_per_row: int, num_classes: int) -> Tensor:
+    """Labels for a grid with one row per class: [0]*n, [1]*n, ..."""
+    return torch.arange(num_classes).repeat_interleave(labels_per_row)
+
+
+def save_curves(history: Sequence[Mapping[str, float]], keys: Sequence[str], path: str | os.PathLike,
+                x_key: str = "step", title: str = "") -> Path:
+    """Plot ``keys`` of a list of records against ``x_key`` into a PNG (one panel per key)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(k in r for r in history)]
+    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4 * max(len(keys), 1), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(r[x_key], r[key]) for r in history if key in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts])
+        ax.set_xlabel(x_key)
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""Command-line pipelines (data preparation, ...), each with a main()."""

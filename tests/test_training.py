@@ -1,0 +1,133 @@
+"""The Ray-free trainer: learning, checkpoints, precision, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdcbdm.config import apply_overrides, preset
+from pdcbdm.data import build_dataset
+from pdcbdm.training import CheckpointError, NonFiniteLossError, Trainer, load_model
+from pdcbdm.training.step import Batch, compute_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(*items: str):
+    base = ["train.batch_size=32", "train.warmup=5", "train.lr=1e-3", "train.ema_decay=0.9"]
+    return apply_overrides(preset("smoke"), base + list(items))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return build_dataset("digits-lt", imbalance=10)
+
+
+def _fixed_loss(trainer: Trainer) -> float:
+    """DM loss on fixed images, timesteps and noise: comparable across training steps."""
+    x0, y = trainer.dataset.batch(torch.arange(0, len(trainer.dataset), 4))
+    cfg = apply_overrides(trainer.cfg, ["loss.cbdm_tau=0", "loss.pd_weight=0", "loss.p_uncond=0"]).loss
+    with torch.no_grad():
+        trainer.net.eval()
+        _, terms = compute_loss(trainer.net, trainer.diffusion, Batch(x0, y), cfg, label_probs=trainer.label_probs,
+                                null_label=trainer.num_classes, generator=torch.Generator().manual_seed(0))
+    return float(terms["dm"])
+
+
+def test_short_training_on_digits_lt_lowers_the_loss(digits):
+    torch.manual_seed(0)
+    trainer = Trainer(_cfg(), digits)
+    before = _fixed_loss(trainer)
+    history = [trainer.train_step() for _ in range(40)]
+    after = _fixed_loss(trainer)
+    assert after < 0.7 * before, (before, after)
+    assert all(set(h) >= {"loss", "dm", "cbdm", "pd", "pd_kl", "grad_norm", "lr"} for h in history)
+    assert any(h["pd"] < 0 for h in history) and any(h["cbdm"] > 0 for h in history)
+
+
+def test_checkpoint_round_trip_gives_bit_equal_outputs(digits, tmp_path):
+    torch.manual_seed(0)
+    trainer = Trainer(_cfg("model.tsa_resolutions=16,8"), digits)
+    for _ in range(3):
+        trainer.train_step()
+    trainer.save(tmp_path / "c.pt")
+    restored = Trainer(_cfg("model.tsa_resolutions=16,8"), digits)
+    restored.load(tmp_path / "c.pt")
+    assert restored.step == 3
+    x, t, y = torch.randn(4, 1, 16, 16), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 1, 2, 10])
+    trainer.net.eval(), restored.net.eval()
+    with torch.no_grad():
+        assert torch.equal(trainer.net(x, t, y), restored.net(x, t, y))
+        ema_out = trainer.ema.module(x, t, y)
+        assert torch.equal(ema_out, restored.ema.module(x, t, y))
+        net, cfg, data = load_model(tmp_path / "c.pt")
+        assert torch.equal(net(x, t, y), ema_out)
+    assert cfg.model.tsa_resolutions == "16,8" and data["step"] == 3
+    # the next step continues identically (optimiser, schedule, data order and RNG state restored); the global
+    # RNG (dropout) is shared by both trainers in this process, so each starts its step from the saved state
+    saved_rng = torch.get_rng_state()
+    a = trainer.train_step()
+    torch.set_rng_state(saved_rng)
+    assert a == restored.train_step()
+
+
+def test_corrupt_and_mismatched_checkpoints_are_named(digits, tmp_path):
+    trainer = Trainer(_cfg(), digits)
+    good = trainer.save(tmp_path / "good.pt")
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="broken.pt is corrupt"):
+        trainer.load(broken)
+    with pytest.raises(CheckpointError, match="not found"):
+        trainer.load(tmp_path / "missing.pt")
+    other = Trainer(_cfg("model.tsa_resolutions=16"), digits)
+    with pytest.raises(CheckpointError, match="does not match the configured network"):
+        other.load(good)
+    torch.save({"net": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a pdcbdm-checkpoint"):
+        trainer.load(tmp_path / "foreign.pt")
+
+
+def test_non_finite_loss_names_step_and_terms(digits):
+    trainer = Trainer(_cfg(), digits)
+    trainer.train_step()
+    x0, y = digits.batch(torch.arange(8))
+    x0[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2: dm=nan.*cbdm=.*pd="):
+        trainer.train_step(Batch(x0, y))
+
+
+def test_bf16_precision_trains_with_fp32_master_weights(digits):
+    trainer = Trainer(_cfg("train.precision=bf16"), digits)
+    values = [trainer.train_step() for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor(v["loss"])) for v in values)
+    assert all(p.dtype == torch.float32 for p in trainer.net.parameters())
+    assert all(p.dtype == torch.float32 for p in trainer.ema.module.parameters())
+
+
+def test_batch_must_split_across_workers(digits):
+    with pytest.raises(ValueError, match="divisible by the number of workers"):
+        Trainer(_cfg("train.batch_size=30"), digits, world_size=4)
+
+
+def test_train_cli_smoke_writes_outputs(tmp_path):
+    out = tmp_path / "smoke"
+    cmd = [sys.executable, "-m", "pdcbdm.train", "--preset", "smoke", "--steps", "30", "--no-progress",
+           "--set", "sample.steps=5", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("checkpoint.pt", "samples.png", "metrics.json", "loss.png", "config.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 30 and metrics["history"][-1]["step"] == 30
+    from PIL import Image
+    img = Image.open(out / "samples.png")
+    assert img.size[1] > img.size[0]  # ten rows (one per class) of eight samples
+    bad = subprocess.run([sys.executable, "-m", "pdcbdm.train", "--set", "loss.pd_weight=-1", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "loss.pd_weight must be >= 0" in bad.stderr
