@@ -1,0 +1,95 @@
+"""Class-wise metrics for long-tailed generation: per-class FID, head/tail-group FID, class consistency.
+
+The paper targets head/tail confusion (tail-class samples that look like head classes). These metrics make it
+visible: FID per class and per group (head / tail, from a head/tail split as in the PD loss, Eq. 10), the share of
+samples generated for class k that a classifier assigns to k, and the share of tail-class samples it assigns to a
+head class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .fid import fid_from_features
+
+__all__ = ["check_split", "per_class_fid", "group_fid", "class_consistency", "tail_to_head_confusion",
+           "group_mean"]
+
+
+def check_split(head_classes: Sequence[int], tail_classes: Sequence[int], num_classes: int) -> tuple[tuple[int, ...],
+                                                                                                     tuple[int, ...]]:
+    """Validate a head/tail split: disjoint class indices in [0, num_classes). Returns both as int tuples."""
+    head, tail = tuple(int(c) for c in head_classes), tuple(int(c) for c in tail_classes)
+    for name, group in (("head_classes", head), ("tail_classes", tail)):
+        bad = [c for c in group if not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(f"{name} holds {bad}, outside [0, {num_classes}) (num_classes={num_classes})")
+        if len(set(group)) != len(group):
+            raise ValueError(f"{name} has repeated classes: {list(group)}")
+    both = sorted(set(head) & set(tail))
+    if both:
+        raise ValueError(f"classes {both} are in both head_classes and tail_classes")
+    return head, tail
+
+
+def group_fid(gen_features: np.ndarray, gen_labels: np.ndarray, ref_features: np.ndarray, ref_labels: np.ndarray,
+              classes: Sequence[int]) -> float | None:
+    """FID between the generated and the reference samples whose labels are in `classes`.
+
+    Args:
+        gen_features, ref_features: [M, D] and [N, D] features.
+        gen_labels, ref_labels: [M] and [N] integer labels (generated: the class each sample was generated for).
+        classes: the class group (one class for per-class FID).
+
+    Returns:
+        The FID, or None when either side has fewer than 2 samples in the group (no covariance).
+    """
+    gen_mask = np.isin(gen_labels, list(classes))
+    ref_mask = np.isin(ref_labels, list(classes))
+    if gen_mask.sum() < 2 or ref_mask.sum() < 2:
+        return None
+    return fid_from_features(gen_features[gen_mask], ref_features[ref_mask])
+
+
+def per_class_fid(gen_features: np.ndarray, gen_labels: np.ndarray, ref_features: np.ndarray,
+                  ref_labels: np.ndarray, num_classes: int) -> list[float | None]:
+    """FID of each class k = 0..num_classes-1 against the reference images of class k (None: < 2 samples)."""
+    return [group_fid(gen_features, gen_labels, ref_features, ref_labels, [k]) for k in range(num_classes)]
+
+
+def class_consistency(gen_labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> list[float | None]:
+    """Share of the samples generated for class k that the classifier assigns to k, for each k.
+
+    Args:
+        gen_labels: [M] class each sample was generated for.
+        predicted: [M] classifier decision (argmax of its logits) for each sample.
+        num_classes: K.
+
+    Returns:
+        K entries, None for a class with no generated sample.
+    """
+    gen_labels, predicted = np.asarray(gen_labels), np.asarray(predicted)
+    if gen_labels.shape != predicted.shape:
+        raise ValueError(f"gen_labels shape {gen_labels.shape} differs from predicted shape {predicted.shape}")
+    out: list[float | None] = []
+    for k in range(num_classes):
+        mask = gen_labels == k
+        out.append(float((predicted[mask] == k).mean()) if mask.any() else None)
+    return out
+
+
+def tail_to_head_confusion(gen_labels: np.ndarray, predicted: np.ndarray, head_classes: Sequence[int],
+                           tail_classes: Sequence[int]) -> float | None:
+    """Share of tail-class samples the classifier assigns to a head class (None when there is no tail sample)."""
+    tail_mask = np.isin(np.asarray(gen_labels), list(tail_classes))
+    if not tail_mask.any():
+        return None
+    return float(np.isin(np.asarray(predicted)[tail_mask], list(head_classes)).mean())
+
+
+def group_mean(values: Sequence[float | None], classes: Sequence[int]) -> float | None:
+    """Mean of `values[k]` over `classes`, skipping None entries (None when nothing is left)."""
+    kept = [values[k] for k in classes if values[k] is not None]
+    return float(np.mean(kept)) if kept else None

@@ -1,0 +1,139 @@
+"""Feature extractors behind one small interface, a batched `extract_all`, and `build_extractor`.
+
+Two networks give the features every metric works on (METHOD.md "Metrics"): the FID Inception-V3 (2048-d pool3
+features, 1008-way logits for IS when its weights have them) for CIFAR, and a small digits CNN (64-d embedding,
+10-way logits) for the download-free digits data sets.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["FeatureExtractor", "extract_all", "build_extractor", "EXTRACTOR_KINDS"]
+
+EXTRACTOR_KINDS = ("inception", "digits")
+
+
+class FeatureExtractor(abc.ABC):
+    """A frozen network mapping uint8 images to features (and, when it has a classifier head, logits).
+
+    Attributes:
+        name: short name ("inception-v3-compat", "digits-cnn").
+        identity: "<name>/sha256:<hex>" of the exact weights; part of every cached statistic's key.
+        feature_dim: D of the features.
+        num_classes_logits: C of the logits, or None when the network has no classifier head.
+        logits_note: why there are no logits ("" when there are).
+        device: where the network runs.
+    """
+
+    name: str
+    identity: str
+    feature_dim: int
+    num_classes_logits: int | None
+    logits_note: str = ""
+    device: torch.device
+
+    @property
+    def has_logits(self) -> bool:
+        """Whether `extract` returns logits."""
+        return self.num_classes_logits is not None
+
+    @abc.abstractmethod
+    def to(self, device: torch.device | str) -> FeatureExtractor:
+        """Move the network to `device` (in place) and return self."""
+
+    @abc.abstractmethod
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features and logits (or None) of a checked uint8 batch already on `self.device`."""
+
+    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Validate a uint8 [B, C, H, W] batch; subclasses adapt channels."""
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+            got = (images.dtype, tuple(images.shape)) if isinstance(images, torch.Tensor) else type(images)
+            raise ValueError(f"images must be a uint8 tensor [B, C, H, W], got {got}")
+        return images
+
+    def extract(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Features [B, D] and logits [B, C] (or None) of uint8 images [B, C, H, W], both float64 numpy."""
+        batch = self._check_images(images).to(self.device)
+        with torch.no_grad():
+            feats, logits = self._forward(batch)
+        as_np = lambda t: t.detach().cpu().to(torch.float64).numpy()  # noqa: E731
+        return as_np(feats), (None if logits is None else as_np(logits))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(identity={self.identity!r}, feature_dim={self.feature_dim})"
+
+
+def _images_of(source: Any) -> torch.Tensor:
+    """The uint8 image tensor of `source`: a tensor itself, or an ImageDataset-like object's `.images`."""
+    images = source.images if hasattr(source, "images") else source
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"source must be a uint8 tensor [N, C, H, W] or have an .images tensor, got "
+                         f"{type(source).__name__}")
+    return images
+
+
+def extract_all(extractor: FeatureExtractor, source: Any, batch_size: int = 100,
+                device: torch.device | str | None = None,
+                progress: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features and logits of every image of `source`, in batches.
+
+    Args:
+        extractor: the network.
+        source: uint8 tensor [N, C, H, W] or an object with such an `.images` tensor (ImageDataset).
+        batch_size: images per forward pass.
+        device: move the extractor there first (None: leave it where it is).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        (features [N, D], logits [N, C] or None), float64 numpy.
+    """
+    images = _images_of(source)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if device is not None:
+        extractor.to(device)
+    feats, logits = [], []
+    for start in tqdm(range(0, images.shape[0], batch_size), disable=not progress,
+                      desc=f"features ({extractor.name})", unit="batch"):
+        f, lg = extractor.extract(images[start:start + batch_size])
+        feats.append(f)
+        logits.append(lg)
+    if not feats:
+        raise ValueError("source holds no images")
+    return np.concatenate(feats), (None if logits[0] is None else np.concatenate(logits))
+
+
+def build_extractor(kind: str, *, weights_path: str | os.PathLike[str] | None = None,
+                    device: torch.device | str = "cpu",
+                    cache_dir: str | os.PathLike[str] | None = None) -> FeatureExtractor:
+    """Build a feature extractor by kind.
+
+    Args:
+        kind: "inception" (FID Inception-V3, for CIFAR) or "digits" (the small digits CNN, trained and cached on
+            first use).
+        weights_path: Inception weights file in torch-fidelity's layout (see `resolve_inception_weights` for the
+            fallbacks when None); must be None for "digits".
+        device: where the network runs.
+        cache_dir: folder of the trained digits network (default $PDCBDM_CACHE or ~/.cache/pdcbdm); unused by
+            "inception", whose weights come from torch-fidelity's cache or the other sources.
+    """
+    if kind == "inception":
+        from .inception import InceptionExtractor
+
+        return InceptionExtractor.from_sources(weights_path, device=device)
+    if kind == "digits":
+        if weights_path is not None:
+            raise ValueError("weights_path is only for kind='inception'; the digits network is trained and cached "
+                             "in cache_dir")
+        from .digits_net import DigitsExtractor
+
+        return DigitsExtractor.load_or_train(cache_dir=cache_dir, device=device)
+    raise ValueError(f"unknown extractor kind {kind!r}; choose one of {EXTRACTOR_KINDS}")

@@ -1,0 +1,105 @@
+"""Precision and recall for distributions, PRD (Sajjadi et al. 2018), and its F_8 / F_1/8 summary.
+
+METHOD.md "Metrics": MiniBatchKMeans on the union of generated and reference features with 20 x (number of classes
+sampled) clusters, 1001 angles, 10 runs averaged. With P the reference and Q the generated cluster histograms, the
+PRD curve is, for slopes lambda = tan(angle), angle in (0, pi/2):
+    alpha(lambda) = sum_w min(lambda P(w), Q(w))   (precision),   beta(lambda) = alpha(lambda) / lambda   (recall).
+F_b = max over the curve of (1 + b^2) alpha beta / (b^2 alpha + beta). Large b weighs recall: F_8 is the recall-like
+score, F_1/8 the precision-like one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.cluster import MiniBatchKMeans
+
+from .fid import as_float64
+
+__all__ = ["prd_curve", "prd_from_features", "max_f_beta", "prd_f_scores"]
+
+_ANGLE_EPS = 1e-10
+
+
+def prd_curve(gen_hist: np.ndarray, ref_hist: np.ndarray, num_angles: int = 1001) -> tuple[np.ndarray, np.ndarray]:
+    """PRD curve of two histograms over the same bins.
+
+    Args:
+        gen_hist: [C] generated-sample distribution Q (non-negative, sums to 1).
+        ref_hist: [C] reference distribution P (non-negative, sums to 1).
+        num_angles: points on the curve; angles spread evenly over (0, pi/2).
+
+    Returns:
+        (precision [num_angles], recall [num_angles]), clipped to [0, 1].
+    """
+    q, p = as_float64(gen_hist, "gen_hist", 1), as_float64(ref_hist, "ref_hist", 1)
+    if q.shape != p.shape:
+        raise ValueError(f"gen_hist has {q.shape[0]} bins, ref_hist {p.shape[0]}")
+    if num_angles < 3:
+        raise ValueError(f"num_angles must be >= 3, got {num_angles}")
+    slopes = np.tan(np.linspace(_ANGLE_EPS, np.pi / 2 - _ANGLE_EPS, num_angles))
+    precision = np.minimum(slopes[:, None] * p[None, :], q[None, :]).sum(axis=1)
+    recall = precision / slopes
+    return np.clip(precision, 0.0, 1.0), np.clip(recall, 0.0, 1.0)
+
+
+def _cluster_histograms(gen: np.ndarray, ref: np.ndarray, num_clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster the union of both sets once and return each set's normalised cluster histogram."""
+    union = np.concatenate([gen, ref])
+    # n_init=10 as Sajjadi et al.'s reference code; each run gets its own seed so the 10 runs differ.
+    kmeans = MiniBatchKMeans(n_clusters=num_clusters, n_init=10, random_state=seed)
+    labels = kmeans.fit(union).labels_
+    gen_hist = np.bincount(labels[:len(gen)], minlength=num_clusters) / len(gen)
+    ref_hist = np.bincount(labels[len(gen):], minlength=num_clusters) / len(ref)
+    return gen_hist, ref_hist
+
+
+def prd_from_features(gen_features: np.ndarray | torch.Tensor, ref_features: np.ndarray | torch.Tensor, *,
+                      num_clusters: int, num_angles: int = 1001, num_runs: int = 10,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """PRD curve of generated against reference features, averaged over `num_runs` clusterings.
+
+    Args:
+        gen_features: [M, D] generated features.
+        ref_features: [N, D] reference features (sizes may differ: each histogram is normalised by its own count).
+        num_clusters: k-means clusters (paper: 20 x number of classes sampled); at most M + N.
+        num_angles: points on the curve (paper: 1001).
+        num_runs: independent clusterings averaged (paper: 10).
+        seed: run r uses random_state seed + r.
+
+    Returns:
+        (precision [num_angles], recall [num_angles]), the mean curves.
+    """
+    gen = as_float64(gen_features, "gen_features", 2)
+    ref = as_float64(ref_features, "ref_features", 2)
+    if gen.shape[1] != ref.shape[1]:
+        raise ValueError(f"feature dims differ: gen_features {gen.shape[1]}, ref_features {ref.shape[1]}")
+    if not 1 <= num_clusters <= len(gen) + len(ref):
+        raise ValueError(f"num_clusters must be in [1, {len(gen) + len(ref)}] (the number of points), "
+                         f"got {num_clusters}")
+    if num_runs < 1:
+        raise ValueError(f"num_runs must be >= 1, got {num_runs}")
+    curves = [prd_curve(*_cluster_histograms(gen, ref, num_clusters, seed + run), num_angles=num_angles)
+              for run in range(num_runs)]
+    return np.mean([c[0] for c in curves], axis=0), np.mean([c[1] for c in curves], axis=0)
+
+
+def max_f_beta(precision: np.ndarray, recall: np.ndarray, beta: float) -> float:
+    """max over the curve of F_beta = (1 + beta^2) p r / (beta^2 p + r); beta > 1 weighs recall."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    p, r = np.asarray(precision, dtype=np.float64), np.asarray(recall, dtype=np.float64)
+    f = (1.0 + beta**2) * p * r / (beta**2 * p + r + _ANGLE_EPS)
+    return float(f.max())
+
+
+def prd_f_scores(gen_features: np.ndarray | torch.Tensor, ref_features: np.ndarray | torch.Tensor, *,
+                 num_clusters: int, num_angles: int = 1001, num_runs: int = 10, seed: int = 0,
+                 beta: float = 8.0) -> tuple[float, float]:
+    """(F_beta, F_1/beta) of the averaged PRD curve: with beta = 8, (F_8 recall-like, F_1/8 precision-like).
+
+    Arguments as `prd_from_features`; `beta` is the recall weight of the first score.
+    """
+    precision, recall = prd_from_features(gen_features, ref_features, num_clusters=num_clusters,
+                                          num_angles=num_angles, num_runs=num_runs, seed=seed)
+    return max_f_beta(precision, recall, beta), max_f_beta(precision, recall, 1.0 / beta)

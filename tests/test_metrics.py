@@ -1,0 +1,334 @@
+"""The metric math: FID, IS, improved precision/recall, PRD F-scores, class-wise metrics, evaluate_features."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from pdcbdm.metrics import (EvalResult, FeatureSet, class_consistency, evaluate_features, feature_statistics,
+                            fid_from_features, frechet_distance, group_fid, improved_precision_recall,
+                            inception_score, knn_radii, manifold_membership, max_f_beta, per_class_fid, prd_curve,
+                            prd_f_scores, tail_to_head_confusion)
+from pdcbdm.metrics.reference import load_feature_set, save_feature_set
+
+
+def _blobs(centres: np.ndarray, per_blob: int, std: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Isotropic Gaussian blobs around `centres` [B, D]; returns points and their blob index."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(centres)), per_blob)
+    return centres[labels] + std * rng.normal(size=(len(labels), centres.shape[1])), labels
+
+
+# ---------------------------------------------------------------- FID
+
+def test_fid_of_identical_features_is_zero():
+    x = np.random.default_rng(0).normal(size=(300, 12))
+    assert abs(fid_from_features(x, x)) < 1e-8
+
+
+def test_fid_matches_closed_form_for_diagonal_gaussians():
+    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
+    s1, s2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_fid_matches_symmetric_form_for_full_covariances():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    s1, s2 = a @ a.T + 0.1 * np.eye(6), b @ b.T + 0.1 * np.eye(6)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    # Tr (S1 S2)^1/2 = Tr (S1^1/2 S2 S1^1/2)^1/2, computed here through symmetric eigenvalues instead of sqrtm.
+    r1 = scipy.linalg.sqrtm(s1).real
+    tr_root = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_root
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_fid_of_samples_approaches_the_population_value():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(20000, 4))
+    y = rng.normal(size=(20000, 4)) * 2.0 + 1.0
+    # N(0, I) vs N(1, 4I) in 4-d: 4 * 1 + 4 * (1 + 4 - 2 * 2) = 8
+    assert fid_from_features(x, y) == pytest.approx(8.0, abs=0.3)
+
+
+def test_fid_of_rank_deficient_covariances_stays_finite():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(5, 20)), rng.normal(size=(6, 20)) + 1.0  # fewer samples than dimensions
+    value = fid_from_features(x, y)
+    assert np.isfinite(value) and value > 0
+
+
+def test_feature_statistics_are_float64_mean_and_unbiased_covariance():
+    x = torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, 10.0]])
+    mu, sigma = feature_statistics(x)
+    assert mu.dtype == np.float64 and np.allclose(mu, [3.0, 6.0])
+    assert np.allclose(sigma, [[4.0, 8.0], [8.0, 16.0]])
+
+
+def test_fid_rejects_bad_shapes_by_name():
+    with pytest.raises(ValueError, match="sigma2"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        fid_from_features(np.zeros((1, 3)), np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        fid_from_features(np.full((4, 3), np.nan), np.zeros((4, 3)))
+
+
+# ---------------------------------------------------------------- IS
+
+def test_inception_score_of_uniform_logits_is_one():
+    mean, std = inception_score(np.zeros((100, 7)))
+    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_inception_score_of_confident_balanced_predictions_is_num_classes():
+    k = 10
+    # Interleaved labels and no shuffle: every split holds each class equally often.
+    logits = 100.0 * np.eye(k)[np.arange(50 * k) % k]
+    mean, std = inception_score(logits, splits=5, shuffle_seed=None)
+    assert mean == pytest.approx(k, rel=1e-6) and std < 1e-6
+    mean_shuffled, _ = inception_score(logits, splits=1)
+    assert mean_shuffled == pytest.approx(k, rel=1e-6)
+
+
+def test_inception_score_of_a_single_class_is_one():
+    logits = np.zeros((40, 5))
+    logits[:, 2] = 50.0
+    assert inception_score(logits, splits=4)[0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_inception_score_rejects_too_few_rows():
+    with pytest.raises(ValueError, match="splits"):
+        inception_score(np.zeros((5, 3)), splits=10)
+
+
+# ---------------------------------------------------------------- improved precision / recall
+
+def _dense_radii(x: torch.Tensor, k: int) -> torch.Tensor:
+    d = torch.cdist(x, x) ** 2
+    return d.sort(dim=1).values[:, k]
+
+
+def test_blockwise_radii_and_membership_equal_dense_reference():
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(57, 6, generator=gen, dtype=torch.float64)
+    fake = torch.randn(43, 6, generator=gen, dtype=torch.float64) * 1.3 + 0.2
+    radii = knn_radii(real, 3, block_elements=7 * 57)  # 7 rows per block, the last block partial
+    assert torch.allclose(radii, _dense_radii(real, 3), rtol=1e-9, atol=1e-12)
+    inside = manifold_membership(fake, real, radii, block_elements=5 * 57)
+    dense_inside = (torch.cdist(fake, real) ** 2 <= _dense_radii(real, 3)[None, :]).any(dim=1)
+    assert torch.equal(inside, dense_inside)
+    assert 0 < int(inside.sum()) < len(fake)  # the comparison is not trivial
+
+
+def test_precision_recall_blocks_do_not_change_the_result():
+    rng = np.random.default_rng(4)
+    real, fake = rng.normal(size=(120, 10)), rng.normal(size=(90, 10)) * 1.2 + 0.3
+    whole = improved_precision_recall(real, fake, k=5, block_elements=10**9, dtype=torch.float64)
+    blocked = improved_precision_recall(real, fake, k=5, block_elements=64)
+    assert blocked == whole
+    assert 0 < whole[0] < 1 and 0 < whole[1] < 1
+
+
+def test_precision_recall_of_identical_sets_is_one():
+    x = np.random.default_rng(5).normal(size=(200, 8))
+    assert improved_precision_recall(x, x.copy(), k=5) == (1.0, 1.0)
+
+
+def test_precision_recall_of_far_apart_sets_is_zero():
+    x = np.random.default_rng(6).normal(size=(150, 8))
+    assert improved_precision_recall(x, x + 1000.0, k=5) == (0.0, 0.0)
+
+
+def test_covering_half_the_modes_gives_half_recall_full_precision():
+    # 2-d, so k-NN balls of 150 points cover their mode well (in many dimensions fresh samples fall between them).
+    centres = np.array([[50.0, 0.0], [0.0, 50.0], [-50.0, 0.0], [0.0, -50.0]])
+    real, _ = _blobs(centres, 150, 1.0, seed=7)
+    fake, _ = _blobs(centres[:2], 150, 1.0, seed=8)  # fresh samples of two of the four modes
+    precision, recall = improved_precision_recall(real, fake, k=5)
+    assert precision >= 0.95
+    assert 0.45 <= recall <= 0.5
+
+
+def test_precision_recall_rejects_k_not_below_set_size():
+    x = np.zeros((5, 3))
+    with pytest.raises(ValueError, match="k must be"):
+        improved_precision_recall(x, x, k=5)
+    with pytest.raises(ValueError, match="feature dims"):
+        improved_precision_recall(np.zeros((9, 3)), np.zeros((9, 4)), k=2)
+
+
+# ---------------------------------------------------------------- PRD
+
+def test_prd_curve_of_equal_histograms_reaches_one_one():
+    p = np.array([0.2, 0.3, 0.5])
+    precision, recall = prd_curve(p, p, num_angles=1001)
+    f = max_f_beta(precision, recall, 1.0)
+    assert f == pytest.approx(1.0, abs=1e-6)
+
+
+def test_prd_curve_of_disjoint_histograms_is_zero():
+    precision, recall = prd_curve(np.array([1.0, 0.0]), np.array([0.0, 1.0]))
+    assert precision.max() == 0.0 and recall.max() == 0.0
+
+
+def test_max_f_beta_weights_recall_for_large_beta():
+    precision, recall = np.array([1.0, 0.2]), np.array([0.2, 1.0])
+    assert max_f_beta(precision, recall, 8.0) == pytest.approx(65 * 0.2 / (64 * 0.2 + 1), rel=1e-6)
+    assert max_f_beta(np.array([0.2]), np.array([1.0]), 8.0) > max_f_beta(np.array([0.2]), np.array([1.0]), 1 / 8)
+
+
+def test_prd_scores_identical_near_one_disjoint_near_zero():
+    x, _ = _blobs(np.eye(4, 8) * 20.0, 60, 1.0, seed=9)
+    f8, f1_8 = prd_f_scores(x, x.copy(), num_clusters=20, num_runs=2, seed=0)
+    assert f8 > 0.99 and f1_8 > 0.99
+    f8, f1_8 = prd_f_scores(x + 1000.0, x, num_clusters=20, num_runs=2, seed=0)
+    assert f8 < 0.01 and f1_8 < 0.01
+
+
+def test_f8_is_the_recall_side_and_f1_8_the_precision_side():
+    centres = np.eye(4, 8) * 30.0
+    ref, _ = _blobs(centres[:2], 100, 1.0, seed=10)
+    # High recall, low precision: all reference modes plus as much mass on two modes the reference lacks.
+    wide, _ = _blobs(centres, 50, 1.0, seed=11)
+    f8, f1_8 = prd_f_scores(wide, ref, num_clusters=20, num_runs=2, seed=0)
+    assert f8 > 0.9 and f1_8 < 0.6 and f8 > f1_8
+    # High precision, low recall: one of the two reference modes only.
+    narrow, _ = _blobs(centres[:1], 200, 1.0, seed=12)
+    f8, f1_8 = prd_f_scores(narrow, ref, num_clusters=20, num_runs=2, seed=0)
+    assert f1_8 > 0.9 and f8 < 0.6 and f1_8 > f8
+
+
+def test_prd_is_deterministic_for_a_seed_and_checks_clusters():
+    x, _ = _blobs(np.eye(3, 5) * 10.0, 40, 1.0, seed=13)
+    y = x + 0.5
+    assert prd_f_scores(x, y, num_clusters=10, num_runs=2, seed=3) == prd_f_scores(x, y, num_clusters=10,
+                                                                                     num_runs=2, seed=3)
+    with pytest.raises(ValueError, match="num_clusters"):
+        prd_f_scores(x, y, num_clusters=1000, num_runs=1)
+
+
+# ---------------------------------------------------------------- class-wise metrics
+
+def _class_features(shift: np.ndarray, per_class: int = 40, seed: int = 14):
+    """Reference features of 3 classes and generated ones equal to them, class 1 shifted by `shift`."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(3), per_class)
+    ref = rng.normal(size=(len(labels), 4)) + labels[:, None] * 5.0
+    gen = ref.copy()
+    gen[labels == 1] += shift
+    return gen, ref, labels
+
+
+def test_per_class_and_group_fid_have_known_values():
+    shift = np.array([1.0, 2.0, 0.0, 0.0])
+    gen, ref, labels = _class_features(shift)
+    fids = per_class_fid(gen, labels, ref, labels, 3)
+    # A pure shift keeps the covariance: FID = ||shift||^2 = 5 for class 1, 0 elsewhere.
+    assert fids[0] == pytest.approx(0.0, abs=1e-8) and fids[2] == pytest.approx(0.0, abs=1e-8)
+    assert fids[1] == pytest.approx(5.0, rel=1e-8)
+    assert group_fid(gen, labels, ref, labels, [0, 2]) == pytest.approx(0.0, abs=1e-8)
+    assert group_fid(gen, labels, ref, labels, [0, 1]) > 0.5
+    assert per_class_fid(gen[:41], labels[:41], ref, labels, 3)[1] is None  # one class-1 sample only
+
+
+def test_class_consistency_and_tail_to_head_confusion():
+    labels = np.array([0] * 4 + [1] * 4 + [2] * 4)
+    predicted = np.array([0, 0, 0, 0, 1, 1, 0, 2, 2, 0, 0, 0])
+    assert class_consistency(labels, predicted, 4) == [1.0, 0.5, 0.25, None]
+    # Tail = {1, 2}: of 8 tail samples, predictions 0,0,0,0 fall in the head {0}.
+    assert tail_to_head_confusion(labels, predicted, (0,), (1, 2)) == pytest.approx(4 / 8)
+    assert tail_to_head_confusion(labels, predicted, (0,), (3,)) is None
+
+
+# ---------------------------------------------------------------- evaluate_features
+
+def _labelled_set(seed: int, logits_width: int | None) -> FeatureSet:
+    feats, labels = _blobs(np.eye(4, 6) * 10.0, 30, 1.0, seed=seed)
+    logits = None
+    if logits_width is not None:
+        logits = np.zeros((len(labels), logits_width))
+        logits[np.arange(len(labels)), labels % logits_width] = 20.0
+    return FeatureSet(feats, logits, labels, extractor="test-net")
+
+
+def test_evaluate_features_on_identical_sets():
+    ref = _labelled_set(15, 4)
+    gen = FeatureSet(ref.features.copy(), ref.logits.copy(), ref.labels.copy(), extractor="test-net")
+    res = evaluate_features(gen, ref, head_classes=(0, 1), tail_classes=(2, 3), num_classes=4, prd_runs=2)
+    assert isinstance(res, EvalResult)
+    assert abs(res.fid) < 1e-8 and abs(res.fid_head) < 1e-8 and abs(res.fid_tail) < 1e-8
+    assert (res.precision, res.recall) == (1.0, 1.0)
+    assert res.f8 > 0.99 and res.f1_8 > 0.99
+    # 12 samples per split: class counts per split vary, so IS is below 4 but is exactly the 10-split value.
+    assert res.inception_score == inception_score(gen.logits, 10) and res.inception_score_note is None
+    assert 3.0 < res.inception_score[0] <= 4.0
+    assert res.consistency_mean == 1.0 and res.consistency_tail == 1.0 and res.tail_to_head_confusion == 0.0
+    assert [row["n"] for row in res.per_class] == [30, 30, 30, 30]
+    flat = res.to_dict()
+    json.dumps(flat)
+    assert all(v is None or type(v) in (int, float, str) for v in flat.values())
+    assert flat["fid_class_3"] == res.per_class[3]["fid"] and flat["consistency_class_0"] == 1.0
+    assert flat["is_mean"] == res.inception_score[0]
+
+
+def test_evaluate_features_reports_confusion_and_missing_classifier():
+    ref = _labelled_set(16, 4)
+    gen = _labelled_set(17, 4)
+    logits = gen.logits.copy()
+    tail3 = np.flatnonzero(gen.labels == 3)[:15]
+    logits[tail3] = 0.0
+    logits[tail3, 0] = 20.0  # half of class 3 reads as head class 0
+    confused = FeatureSet(gen.features, logits, gen.labels, extractor="test-net")
+    res = evaluate_features(confused, ref, head_classes=(0, 1), tail_classes=(2, 3), num_classes=4, prd_runs=1)
+    assert res.per_class[3]["consistency"] == 0.5 and res.consistency_head == 1.0
+    assert res.consistency_tail == pytest.approx(0.75) and res.tail_to_head_confusion == pytest.approx(0.25)
+
+    # 1008-way (Inception-like) logits are not a classifier over these 4 classes; no logits means no IS.
+    wide = evaluate_features(_labelled_set(17, 1008), ref, head_classes=(0, 1), tail_classes=(2, 3), num_classes=4,
+                             prd_runs=1)
+    assert wide.inception_score is not None and wide.consistency_mean is None and wide.consistency_note
+    assert all(row["consistency"] is None for row in wide.per_class)
+    bare = FeatureSet(gen.features, None, gen.labels, extractor="test-net", logits_note="pool3 only")
+    res = evaluate_features(bare, ref, head_classes=(0, 1), tail_classes=(2, 3), num_classes=4, prd_runs=1)
+    assert res.inception_score is None and res.inception_score_note == "pool3 only"
+    assert res.to_dict()["is_mean"] is None
+
+
+def test_evaluate_features_validates_inputs():
+    ref = _labelled_set(18, None)
+    other = FeatureSet(ref.features, None, ref.labels, extractor="other-net")
+    with pytest.raises(ValueError, match="different feature extractors"):
+        evaluate_features(other, ref, head_classes=(0,), tail_classes=(1,), num_classes=4)
+    with pytest.raises(ValueError, match="both head_classes and tail_classes"):
+        evaluate_features(ref, ref, head_classes=(0, 1), tail_classes=(1, 2), num_classes=4)
+    with pytest.raises(ValueError, match="tail_classes"):
+        evaluate_features(ref, ref, head_classes=(0,), tail_classes=(7,), num_classes=4)
+    with pytest.raises(ValueError, match="gen.labels"):
+        evaluate_features(ref, ref, head_classes=(0,), tail_classes=(1,), num_classes=3)
+    with pytest.raises(ValueError, match="labels must be"):
+        FeatureSet(np.zeros((3, 2)), None, np.zeros(4, dtype=int))
+
+
+def test_evaluate_features_accepts_plain_tuples():
+    ref = _labelled_set(19, None)
+    res = evaluate_features((ref.features, None, ref.labels), (ref.features, None, ref.labels),
+                            head_classes=(0, 1, 2), tail_classes=(3,), num_classes=4, prd_runs=1)
+    assert abs(res.fid) < 1e-8 and res.inception_score is None
+
+
+def test_feature_set_npz_round_trip(tmp_path):
+    fs = _labelled_set(20, 4)
+    path = save_feature_set(tmp_path / "ref.npz", fs, "data/x")
+    back = load_feature_set(path)
+    assert np.array_equal(back.features, fs.features) and np.array_equal(back.logits, fs.logits)
+    assert np.array_equal(back.labels, fs.labels) and back.extractor == "test-net"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        load_feature_set(tmp_path / "missing.npz")

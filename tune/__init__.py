@@ -1,0 +1,1 @@
+"""The search platform: Ray Train per trial, Ray Tune + Optuna, MLflow tracking (entry: tune/search.py)."""

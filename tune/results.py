@@ -1,0 +1,80 @@
+"""The search's results: one row per trial (params, metrics, status), ranked, printed and saved as Parquet."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from tune.space import SEARCHED
+
+METRIC_COLUMNS = ("fid", "is_mean", "precision", "recall", "f8", "f1_8", "fid_head", "fid_tail",
+                  "consistency_mean", "consistency_tail", "tail_to_head_confusion", "best_guidance", "proxy_fid",
+                  "proxy_fid_tail", "step")
+
+
+def trial_rows(results: Iterable[Any], max_steps: int, run_ids: dict[str, str] | None = None) -> pd.DataFrame:
+    """A DataFrame of trials from a Tune ResultGrid: status is completed, stopped (early, by ASHA) or failed."""
+    rows = []
+    for res in results:
+        metrics = dict(res.metrics or {})
+        trial_id = str(metrics.get("trial_id", ""))
+        status = "failed" if res.error else ("completed" if metrics.get("step", 0) >= max_steps else "stopped")
+        row: dict[str, Any] = {"trial_id": trial_id, "status": status}
+        row.update({k: res.config.get(k) for k in SEARCHED if k in (res.config or {})})
+        row.update({k: metrics.get(k) for k in METRIC_COLUMNS})
+        row["error"] = str(res.error).strip().splitlines()[-1][:300] if res.error else None
+        row["mlflow_run_id"] = (run_ids or {}).get(trial_id)
+        rows.append(row)
+    return rank(pd.DataFrame(rows))
+
+
+def rank(df: pd.DataFrame) -> pd.DataFrame:
+    """Completed trials by final FID, then stopped ones by proxy FID, then failed ones."""
+    if df.empty:
+        return df
+    order = {"completed": 0, "stopped": 1, "failed": 2}
+    key = df.apply(lambda r: (order[r["status"]], _num(r["fid"]) if r["status"] == "completed" else _num(r["proxy_fid"])), axis=1)
+    df = df.assign(_k=key).sort_values("_k").drop(columns="_k").reset_index(drop=True)
+    df.insert(0, "rank", range(1, len(df) + 1))
+    return df
+
+
+def _num(v: Any) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return math.inf
+    return math.inf if math.isnan(f) else f
+
+
+def write_parquet(df: pd.DataFrame, path: Path) -> Path:
+    """Atomic Parquet write (a reader never sees half a table)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """The ranked table printed at the end of a search (short column names)."""
+    if df.empty:
+        return "(no trials)"
+    short = {k: k.split(".")[-1] for k in SEARCHED}
+    cols = ["rank", "trial_id", "status", *[k for k in SEARCHED if k in df], "fid", "is_mean", "recall",
+            "fid_head", "fid_tail", "tail_to_head_confusion", "best_guidance", "proxy_fid"]
+    view = df[[c for c in cols if c in df]].rename(columns={**short, "tail_to_head_confusion": "t2h_conf",
+                                                            "best_guidance": "best_w", "is_mean": "IS"})
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3g}".format):
+        return view.to_string(index=False)

@@ -1,0 +1,49 @@
+"""The search space: a module-level define-by-run function (Optuna pickles it with the searcher) that only
+suggests values; the names are config fields, so a suggestion is applied with ``apply_overrides`` as is."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+SEARCHED = (
+    "loss.pd_weight", "loss.cbdm_tau", "loss.cbdm_gamma", "loss.label_dist", "loss.split_ratio",
+    "model.tsa_resolutions", "sample.guidance",
+)
+LABEL_DISTS = ("cbdm", "inverted", "uniform", "power:0.5")
+
+
+def tsa_choices(levels: Sequence[int]) -> tuple[str, ...]:
+    """TSA placements for a U-Net with these feature-map resolutions (largest first): none, each single level
+    below the input resolution, the paper's "16" analogue (the second level), and every level below the input."""
+    inner = [r for r in levels[1:]]
+    singles = [str(r) for r in inner]
+    return tuple(dict.fromkeys(["", *singles, ",".join(str(r) for r in inner)]))
+
+
+def search_space(trial: Any, fixed: Sequence[str] = (), tsa: Sequence[str] = ("", "8", "4", "8,4")) -> None:
+    """Define-by-run space over the PD-CBDM knobs (Eq. 9-14 and the guidance scale w).
+
+    ``fixed`` names fields the user pinned with ``--set`` (not searched); ``tsa`` lists the placements valid for
+    the preset's U-Net. PD weight lambda is searched on a log scale; the head/tail ratio on the paper's 0.1 grid
+    (6:4, 7:3, 8:2 and neighbours); w on the paper's 0.2 grid.
+    """
+    if "loss.pd_weight" not in fixed:
+        trial.suggest_float("loss.pd_weight", 1e-4, 0.3, log=True)
+    if "loss.cbdm_tau" not in fixed:
+        trial.suggest_float("loss.cbdm_tau", 0.1, 2.0)
+    if "loss.cbdm_gamma" not in fixed:
+        trial.suggest_float("loss.cbdm_gamma", 0.05, 1.0)
+    if "loss.label_dist" not in fixed:
+        trial.suggest_categorical("loss.label_dist", list(LABEL_DISTS))
+    if "loss.split_ratio" not in fixed:
+        trial.suggest_float("loss.split_ratio", 0.5, 0.9, step=0.1)
+    if "model.tsa_resolutions" not in fixed:
+        trial.suggest_categorical("model.tsa_resolutions", list(tsa))
+    if "sample.guidance" not in fixed:
+        trial.suggest_float("sample.guidance", 0.2, 2.0, step=0.2)
+    return None
+
+
+def config_point(flat: dict[str, Any], fixed: Sequence[str] = ()) -> dict[str, Any]:
+    """A search point (for ``points_to_evaluate``) from a flat config: the searched fields' current values."""
+    return {k: flat[k] for k in SEARCHED if k not in fixed}

@@ -1,0 +1,152 @@
+"""The Tune side of a trial: a function trainable that builds one TorchTrainer per trial, and the driver-side
+callbacks that print progress and set each trial's MLflow run status (ASHA-stopped trials end FINISHED)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray.train
+from ray import tune
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from pdcbdm.config import Config, apply_overrides
+from tune import tracking
+from tune.worker import train_loop
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """What every trial of a search shares (pickled into the trainable with ``tune.with_parameters``)."""
+
+    base: dict[str, Any]
+    search: str
+    storage: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    worker_failures: int = 1
+    cache_dir: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def trial_config(settings: TrialSettings, suggested: dict[str, Any]) -> Config:
+    """The resolved config of a trial: the search's base config plus the searched values."""
+    return apply_overrides(Config.from_dict(settings.base), {k: v for k, v in suggested.items() if "." in k})
+
+
+def _log_config(settings: TrialSettings, run_id: str, cfg: Config) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "config.json"
+        path.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+        tracking.log_artifacts(settings.tracking_uri, run_id, [path])
+
+
+def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
+    """Tune function trainable: one TorchTrainer (gloo on CPU, nccl on GPU) per trial; results flow back to Tune
+    through ``TuneReportCallback``; a restored trial resumes from its Train run's latest checkpoint."""
+    cfg = trial_config(settings, config)
+    ctx = tune.get_context()
+    trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
+    run_id = tracking.trial_run(settings.tracking_uri, settings.experiment_id, settings.parent_run_id,
+                                settings.search, trial_id, trial_name, cfg.flat())
+    _log_config(settings, run_id, cfg)
+    use_gpu = settings.gpus_per_worker > 0
+    resources = {"CPU": settings.cpus_per_worker, **({"GPU": settings.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "mlflow_uri": settings.tracking_uri, "run_id": run_id,
+                           "cache_dir": settings.cache_dir},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=settings.workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial_id}", storage_path=settings.storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=settings.worker_failures),
+            callbacks=[TuneReportCallback()],
+            worker_runtime_env={"env_vars": settings.env} if settings.env else None,
+        ),
+    )
+    trainer.fit()
+
+
+class MlflowStatusCallback(tune.Callback):
+    """Driver side: sets each trial's run FINISHED (completed or stopped early) or FAILED (with the error)."""
+
+    def __init__(self, uri: str, experiment_id: str) -> None:
+        self.uri, self.experiment_id = uri, experiment_id
+
+    def _finish(self, trial: Any, status: str, error: str | None = None) -> None:
+        run_id = tracking.trial_run_id(self.uri, self.experiment_id, trial.trial_id)
+        if run_id:
+            tracking.finish_run(self.uri, run_id, status, error)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "FAILED", error_text(trial))
+
+
+def error_text(trial: Any) -> str:
+    """The trial's error file contents (Tune writes the traceback there), or its repr."""
+    path = getattr(trial, "error_file", None) or getattr(getattr(trial, "run_metadata", None), "error_filename", None)
+    try:
+        if path and Path(path).is_file():
+            return Path(path).read_text()[-20000:]
+    except OSError:
+        pass
+    return str(getattr(trial, "error_msg", "") or "trial failed (no error text recorded)")
+
+
+class ProgressPrinter(tune.Callback):
+    """One line per trial event instead of Ray's tables: start, each evaluation, end (and why)."""
+
+    def __init__(self, max_steps: int, stream: Any = None) -> None:
+        self.max_steps, self.stream, self.t0 = max_steps, stream or sys.stdout, time.monotonic()
+
+    def _say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.0f}s] {text}", file=self.stream, flush=True)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        params = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in trial.config.items())
+        self._say(f"{trial.trial_id} started: {params}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        extra = f", FID {result['fid']:.2f} (best w={result.get('best_guidance')})" if "fid" in result else ""
+        self._say(f"{trial.trial_id} step {result.get('step')}/{self.max_steps}: proxy FID "
+                  f"{result.get('proxy_fid', float('nan')):.2f}, loss {result.get('loss', float('nan')):.4f}{extra}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        step = (trial.last_result or {}).get("step", 0)
+        how = "finished" if step >= self.max_steps else f"stopped early at step {step} (ASHA)"
+        self._say(f"{trial.trial_id} {how}; {_counts(trials)}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = error_text(trial).strip().splitlines()
+        self._say(f"{trial.trial_id} FAILED: {last[-1] if last else 'unknown error'}; {_counts(trials)}")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else repr(v) if isinstance(v, str) else str(v)
+
+
+def _counts(trials: list) -> str:
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t.status] = states.get(t.status, 0) + 1
+    return ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items()))
+
+
+def settings_dict(settings: TrialSettings) -> dict[str, Any]:
+    return asdict(settings)

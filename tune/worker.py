@@ -1,0 +1,135 @@
+"""The per-worker Ray Train loop: the library's Trainer, reports with checkpoints at each evaluation, and rank 0's
+evaluation and MLflow logging (metric histories, sample grids, per-class tables, config, best checkpoint)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray.train
+import ray.train.torch
+import torch
+
+from pdcbdm.config import Config, write_json_atomic
+from pdcbdm.evaluation import Evaluator, best_by_fid, headline
+from pdcbdm.train import load_data
+from pdcbdm.training import Trainer
+from pdcbdm.viz import save_grid
+from tune import tracking
+
+CKPT = "checkpoint.pt"
+
+
+class RankZeroLogger:
+    """MLflow logging of one trial's run, done by rank 0 only (other ranks get a no-op instance)."""
+
+    def __init__(self, uri: str | None, run_id: str | None) -> None:
+        self.uri, self.run_id = uri, run_id
+
+    @property
+    def active(self) -> bool:
+        return bool(self.uri and self.run_id)
+
+    def metrics(self, values: dict[str, Any], step: int) -> None:
+        if self.active:
+            tracking.log_metrics(self.uri, self.run_id, values, step)
+
+    def files(self, paths: list[Path], artifact_path: str | None = None) -> None:
+        if self.active:
+            tracking.log_artifacts(self.uri, self.run_id, paths, artifact_path)
+
+
+def _restore(trainer: Trainer) -> None:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer.load(Path(folder) / CKPT)
+
+
+def _grid_png(images: torch.Tensor, num_classes: int, path: Path) -> Path:
+    per_class = max(1, min(10, images.shape[0] // num_classes))
+    order = torch.cat([torch.arange(k, images.shape[0], num_classes)[:per_class] for k in range(min(num_classes, 20))])
+    return save_grid(images[order], path, nrow=per_class, scale=max(1, 64 // images.shape[-1]))
+
+
+def _final_evaluation(trainer: Trainer, evaluator: Evaluator, folder: Path, log: RankZeroLogger) -> dict[str, Any]:
+    """Score the EMA network over the guidance grid (plus the trial's own w); log tables, grids and JSON."""
+    cfg = trainer.cfg
+    grid = sorted({*[float(w) for w in cfg.eval.guidance_grid.split(",") if w.strip()], cfg.sample.guidance})
+    results = evaluator.evaluate_grid(trainer.ema.module, grid, seed=cfg.train.seed, autocast=trainer.autocast)
+    best = best_by_fid(results)
+    rows = []
+    for r in results:
+        rows += [{"guidance": r.guidance, **row} for row in r.per_class]
+        _grid_png(r.images, trainer.num_classes, folder / f"samples_w{r.guidance:g}.png")
+    pd.DataFrame(rows).to_parquet(folder / "per_class.parquet")
+    write_json_atomic(folder / "guidance_grid.json", [r.metrics for r in results])
+    log.files([folder / "per_class.parquet", folder / "guidance_grid.json"], "evaluation")
+    log.files(sorted(folder.glob("samples_w*.png")), "samples/final")
+    for r in results:
+        log.metrics({f"fid_w{r.guidance:g}": r.metrics["fid"]}, trainer.step)
+    return {**headline(best), "best_guidance": best.guidance}
+
+
+def _evaluate(trainer: Trainer, evaluator: Evaluator, folder: Path, log: RankZeroLogger, final: bool) -> dict[str, Any]:
+    cfg = trainer.cfg
+    images, labels = evaluator.sample(trainer.ema.module, cfg.sample.guidance, cfg.eval.proxy_samples,
+                                      seed=cfg.train.seed, autocast=trainer.autocast)
+    feats = evaluator.features(images, labels)
+    from pdcbdm.metrics import fid_from_features, group_fid
+
+    out: dict[str, Any] = {"proxy_fid": fid_from_features(feats.features, evaluator.reference.features)}
+    tail = group_fid(feats.features, feats.labels, evaluator.reference.features, evaluator.reference.labels, evaluator.tail)
+    out["proxy_fid_tail"] = tail if tail is not None else out["proxy_fid"]
+    grid = _grid_png(images, trainer.num_classes, folder / f"samples_step{trainer.step:07d}.png")
+    log.files([grid], "samples")
+    if final:
+        out.update(_final_evaluation(trainer, evaluator, folder, log))
+    return out
+
+
+def _report(trainer: Trainer, metrics: dict[str, Any], rank: int) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            trainer.save(Path(folder) / CKPT)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train entry: ``config`` holds the resolved config dict and the trial's MLflow run (uri, run_id)."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = Config.from_dict(config["cfg"])
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed + rank)
+    wrap = ray.train.torch.prepare_model if world > 1 else None
+    trainer = Trainer(cfg, load_data(cfg), device=device, rank=rank, world_size=world, wrap_model=wrap)
+    _restore(trainer)
+    log = RankZeroLogger(config.get("mlflow_uri"), config.get("run_id")) if rank == 0 else RankZeroLogger(None, None)
+    evaluator = None
+    if rank == 0:
+        evaluator = Evaluator.build(cfg, num_classes=trainer.num_classes, head=trainer.split.head,
+                                    tail=trainer.split.tail, device=device, cache_dir=config.get("cache_dir"))
+    work = Path(tempfile.mkdtemp(prefix="pdcbdm-trial-"))
+    window: list[dict[str, float]] = []
+    while trainer.step < cfg.train.steps:
+        values = trainer.train_step()
+        window.append(values)
+        if trainer.step % cfg.train.log_every == 0:
+            log.metrics({k: sum(v[k] for v in window) / len(window) for k in values}, trainer.step)
+            window = []
+        final = trainer.step == cfg.train.steps
+        if trainer.step % cfg.train.eval_every == 0 or final:
+            metrics: dict[str, Any] = {"step": trainer.step, "loss": values["loss"], "dm": values["dm"]}
+            if rank == 0:
+                metrics.update(_evaluate(trainer, evaluator, work, log, final))
+                log.metrics(metrics, trainer.step)
+                if final:
+                    trainer.save(work / CKPT)
+                    log.files([work / CKPT], "checkpoint")
+            _report(trainer, metrics, rank)
