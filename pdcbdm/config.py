@@ -386,16 +386,16 @@ _CIFAR = {
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "data.dataset": "digits-lt", "data.imbalance": 10.0,
-        "train.steps": 120, "train.batch_size": 32, "train.warmup": 20, "train.ema_decay": 0.99,
-        "train.log_every": 20, "train.eval_every": 60,
-        "sample.steps": 10, "eval.num_samples": 60, "eval.proxy_samples": 40, "eval.guidance_grid": "0,1",
-        "eval.noise_error_images": 10, "eval.noise_error_stride": 200,
+        "train.steps": 60, "train.batch_size": 16, "train.warmup": 10, "train.ema_decay": 0.9,
+        "train.log_every": 10, "train.eval_every": 30,
+        "sample.steps": 5, "eval.num_samples": 40, "eval.proxy_samples": 20, "eval.guidance_grid": "0,1",
+        "eval.noise_error_images": 4, "eval.noise_error_stride": 250,
     },
     "digits": {
         "data.dataset": "digits-lt", "data.imbalance": 50.0,
-        "train.steps": 1500, "train.batch_size": 64, "train.warmup": 100,
-        "train.log_every": 50, "train.eval_every": 500,
-        "sample.steps": 25, "eval.num_samples": 500, "eval.proxy_samples": 200,
+        "train.steps": 600, "train.batch_size": 32, "train.lr": 1e-3, "train.warmup": 50, "train.ema_decay": 0.995,
+        "train.log_every": 50, "train.eval_every": 200,
+        "sample.steps": 20, "eval.num_samples": 200, "eval.proxy_samples": 100, "eval.guidance_grid": "0,1,2",
     },
     "cifar10-lt": {**_CIFAR, "data.dataset": "cifar10-lt", "data.imbalance": 100.0, "train.steps": 800_000},
     "cifar100-lt": {**_CIFAR, "data.dataset": "cifar100-lt", "data.imbalance": 100.0, "sample.guidance": 1.4},

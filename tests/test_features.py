@@ -13,8 +13,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
 from pdcbdm.data import build_dataset, build_reference_dataset
-from pdcbdm.metrics import (FeatureSet, build_extractor, evaluate_features, extract_all, reference_cache_path,
-                            reference_features)
+from pdcbdm.metrics import (FeatureSet, build_extractor, evaluate_features, extract_all, extract_feature_set,
+                            reference_cache_path, reference_features)
 from pdcbdm.metrics import inception as inception_mod
 from pdcbdm.metrics._io import dataset_identity
 from pdcbdm.metrics.digits_net import DigitsExtractor
@@ -73,8 +73,9 @@ def test_digits_network_rejects_other_images(digits):
 
 
 def test_evaluate_features_sees_tail_collapse_on_real_digits(digits, digits_test):
-    feats, logits = extract_all(digits, digits_test, progress=False)
-    ref = FeatureSet(feats, logits, digits_test.labels.numpy(), extractor=digits.identity)
+    ref = extract_feature_set(digits, digits_test, progress=False)
+    assert ref.extractor == digits.identity and np.array_equal(ref.labels, digits_test.labels.numpy())
+    feats, logits = ref.features, ref.logits
     # "Generated" set: real images, except that every sample labelled 7 (a tail class) is really a 2 (head).
     labels = digits_test.labels.numpy().copy()
     gen_feats, gen_logits = feats.copy(), logits.copy()

@@ -15,8 +15,10 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
@@ -67,6 +69,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--multi-objective", action="store_true",
                    help="Optuna optimises proxy FID and tail-class proxy FID together (Pareto front)")
     p.add_argument("--max-trial-failures", type=int, default=0, help="retries of a trial that raises")
+    p.add_argument("--address", default="local",
+                   help="Ray cluster: 'local' (default: a private cluster on this machine), 'auto' (the running "
+                        "cluster), HOST:PORT (a head node's GCS) or ray://HOST:10001 (Ray client)")
+    p.add_argument("--storage-path", default=None,
+                   help="where Ray keeps trial folders and checkpoints: a shared path or a URI such as "
+                        "s3://bucket/prefix (default: OUT/searches/NAME); every node must reach it")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="resume the search in DIR (OUT/searches/NAME) after a crash or kill: finished trials are "
+                        "kept, unfinished ones continue from their last checkpoint, the Optuna study and the "
+                        "MLflow runs continue; the other flags are taken from DIR/search.json")
     p.add_argument("--max-worker-failures", type=int, default=1,
                    help="restarts of a trial's worker group from its last checkpoint after a worker dies")
     return p.parse_args(argv)
@@ -87,23 +99,6 @@ def check_data(cfg: Config) -> None:
         load_data(cfg)
     except (FileNotFoundError, ValueError) as exc:
         raise SearchError(f"data set {cfg.data.dataset!r}: {exc}") from None
-
-
-def resources(args: argparse.Namespace) -> tuple[int, float, int]:
-    """(CPUs, GPUs, concurrency) of the local cluster this search starts."""
-    cpus = os.cpu_count() or 1
-    gpus = torch.cuda.device_count()
-    per_trial_gpus = args.workers_per_trial * args.gpus_per_worker
-    if args.gpus_per_worker > gpus:
-        raise SearchError(f"--gpus-per-worker {args.gpus_per_worker} but this machine has {gpus} GPU(s)")
-    if per_trial_gpus > 0:
-        fit = int(gpus // per_trial_gpus)
-    else:
-        fit = int(cpus // (args.workers_per_trial * args.cpus_per_worker))
-    if fit < 1:
-        raise SearchError(f"one trial needs {args.workers_per_trial} worker(s) x {args.cpus_per_worker} CPU "
-                          f"(+{args.gpus_per_worker} GPU) but this machine has {cpus} CPUs and {gpus} GPUs")
-    return cpus, gpus, max(1, min(args.concurrency or fit, fit))
 
 
 def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_db: Path) -> Any:
@@ -135,79 +130,187 @@ def build_scheduler(args: argparse.Namespace, cfg: Config) -> Any:
                          grace_period=cfg.train.eval_every, reduction_factor=2)
 
 
-def start_ray(cpus: int, gpus: int, concurrency: int) -> None:
-    import ray
+@dataclass
+class SearchPlan:
+    """Everything a search needs, resolved and validated before Ray or MLflow is touched."""
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    pythonpath = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, resources={"train_driver": concurrency},
-             logging_level=logging.ERROR, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    args: argparse.Namespace
+    cfg: Config
+    name: str
+    trials: int
+    search_dir: Path
+    storage: str
+    uri: str
+    resume: bool = False
 
 
-def run_search(args: argparse.Namespace) -> Any:
-    """Validate everything, then run the Tuner; returns the ranked results DataFrame."""
+def plan(args: argparse.Namespace) -> SearchPlan:
+    """Validate the command line (config overrides, data, tracking store, resume folder) without side effects."""
+    resume = args.resume is not None
+    if resume:
+        args = resumed_args(args)
     cfg = resolve_config(args)
     if args.gpus_per_worker is None:
         args.gpus_per_worker = 1.0 if torch.cuda.is_available() else 0.0
+    if args.gpus_per_worker < 0 or args.cpus_per_worker <= 0 or args.workers_per_trial < 1:
+        raise SearchError("--workers-per-trial must be >= 1, --cpus-per-worker > 0 and --gpus-per-worker >= 0")
     if cfg.train.device == "auto" and args.gpus_per_worker == 0:
         cfg = apply_overrides(cfg, {"train.device": "cpu"})
-    trials = args.trials or DEFAULT_TRIALS[args.preset]
+    trials = DEFAULT_TRIALS[args.preset] if args.trials is None else args.trials
     if trials < 1:
         raise SearchError(f"--trials must be >= 1, got {trials}")
     check_data(cfg)
-    cpus, gpus, concurrency = resources(args)
     out = Path(args.out).resolve()
     name = args.name or f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     search_dir = out / "searches" / name
+    if not resume and (search_dir / "search.json").exists():
+        raise SearchError(f"search {name!r} already exists in {search_dir}; resume it with --resume {search_dir} "
+                          f"or choose another --name")
+    storage = args.storage_path.rstrip("/") + f"/{name}" if args.storage_path else str(search_dir)
     uri = args.tracking_uri or tracking.default_tracking_uri(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.tracking_uri is None:
+        out.mkdir(parents=True, exist_ok=True)
     try:
         tracking.check_tracking_uri(uri)
     except tracking.TrackingError as exc:
         raise SearchError(str(exc)) from None
-    search_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(search_dir / "search.json", {"args": vars(args), "config": cfg.to_dict(), "trials": trials,
-                                                   "tracking_uri": uri, "name": name})
-    experiment_id = tracking.ensure_experiment(uri, args.experiment, out / "mlartifacts")
-    parent = tracking.parent_run(uri, experiment_id, name, {"preset": args.preset, "trials": trials,
-                                                            "overrides": " ".join(args.overrides), **cfg.flat()})
-    print(f"search {name}: {trials} trials, {concurrency} at a time, {args.workers_per_trial} worker(s) per trial "
-          f"({'GPU' if args.gpus_per_worker else 'CPU'}); MLflow {uri}", flush=True)
-    return execute(args, cfg, name, search_dir, uri, experiment_id, parent, trials, cpus, gpus, concurrency)
+    return SearchPlan(args, cfg, name, trials, search_dir, storage, uri, resume)
 
 
-def execute(args: argparse.Namespace, cfg: Config, name: str, search_dir: Path, uri: str, experiment_id: str,
-            parent: str, trials: int, cpus: int, gpus: int, concurrency: int) -> Any:
+def resumed_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The original command line of the search in ``args.resume`` (its search.json), with --address kept."""
+    folder = Path(args.resume).resolve()
+    meta = folder / "search.json"
+    if not meta.is_file():
+        raise SearchError(f"--resume {folder}: not a search folder (no search.json); a search folder is "
+                          f"OUT/searches/NAME as printed when the search started")
+    try:
+        saved = json.loads(meta.read_text())["args"]
+    except (ValueError, KeyError) as exc:
+        raise SearchError(f"--resume {folder}: search.json is unreadable ({exc})") from None
+    restored = argparse.Namespace(**{**vars(parse_args([])), **saved})
+    restored.resume, restored.address = str(folder), args.address
+    if args.concurrency:
+        restored.concurrency = args.concurrency
+    return restored
+
+
+def connect_ray(p: SearchPlan) -> int:
+    """Start a private local cluster or join an existing one; returns the number of trials that fit at once."""
     import ray
+
+    a = p.args
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           **tracking.env_for_workers()}
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a diverged trial's last report has no FID
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+    if a.address == "local":
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+        fit = fits(a, cpus, gpus)
+        ray.init(address="local", num_cpus=cpus, num_gpus=gpus, resources={"train_driver": fit},
+                 runtime_env={"env_vars": env}, **quiet)
+        return fit
+    check_address(a.address)
+    runtime_env = {"env_vars": env, "working_dir": str(REPO), "excludes": RUNTIME_EXCLUDES}
+    try:
+        ray.init(address=a.address, runtime_env=runtime_env, **quiet)
+    except Exception as exc:  # ConnectionError, RuntimeError, grpc errors depending on the address kind
+        raise SearchError(f"cannot join the Ray cluster at --address {a.address}: {exc}") from None
+    res = ray.cluster_resources()
+    drivers = int(res.get("train_driver", 0))
+    if drivers < 1:
+        ray.shutdown()
+        raise SearchError(f"the Ray cluster at {a.address} has no 'train_driver' resource; start its head with "
+                          f"`ray start --head --resources='{{\"train_driver\": 8}}'` (the number of trials that may "
+                          f"run at once)")
+    return min(drivers, fits(a, int(res.get("CPU", 0)), int(res.get("GPU", 0))))
+
+
+RUNTIME_EXCLUDES = [".venv/", ".git/", "searches/", "runs/", "mlartifacts/", "mlflow.db", "*.pt", "notebooks/"]
+
+
+def fits(a: argparse.Namespace, cpus: int, gpus: int) -> int:
+    """Trials that fit at once: GPUs (or CPUs) divided by one trial's workers' share, capped by --concurrency."""
+    if a.gpus_per_worker > 0:
+        if a.gpus_per_worker * a.workers_per_trial > gpus:
+            raise SearchError(f"one trial needs {a.workers_per_trial} x {a.gpus_per_worker} GPU but the cluster "
+                              f"has {gpus} GPU(s)")
+        fit = int(gpus // (a.workers_per_trial * a.gpus_per_worker))
+    else:
+        fit = int(cpus // (a.workers_per_trial * a.cpus_per_worker))
+    if fit < 1:
+        raise SearchError(f"one trial needs {a.workers_per_trial} worker(s) x {a.cpus_per_worker} CPU but the "
+                          f"cluster has {cpus} CPUs")
+    return max(1, min(a.concurrency or fit, fit))
+
+
+def check_address(address: str) -> None:
+    """A quick TCP probe so that a wrong HOST:PORT fails in seconds, not after Ray's long retries."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise SearchError(f"--address {address!r} must be 'local', 'auto', HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise SearchError(f"Ray address {address} is unreachable ({exc.strerror or exc})") from None
+
+
+def run_search(args: argparse.Namespace) -> Any:
+    """Validate, connect, then run (or resume) the Tuner; returns the ranked results DataFrame."""
+    p = plan(args)
+    concurrency = connect_ray(p)
+    import ray
+
+    try:
+        return execute(p, concurrency)
+    finally:
+        ray.shutdown()
+
+
+def execute(p: SearchPlan, concurrency: int) -> Any:
     from ray import tune
 
     from tune.trainable import MlflowStatusCallback, ProgressPrinter, TrialSettings, run_trial
 
-    settings = TrialSettings(base=cfg.to_dict(), search=name, storage=str(search_dir / "train"), tracking_uri=uri,
-                             experiment_id=experiment_id, parent_run_id=parent, workers=args.workers_per_trial,
-                             cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                             worker_failures=args.max_worker_failures, env=tracking.env_for_workers())
-    start_ray(cpus, gpus, concurrency)
-    try:
-        trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
-                                        {"cpu": 0, "train_driver": 1})
+    a, cfg = p.args, p.cfg
+    p.search_dir.mkdir(parents=True, exist_ok=True)
+    if not p.resume:
+        write_json_atomic(p.search_dir / "search.json", {"args": vars(a), "config": cfg.to_dict(),
+                                                         "trials": p.trials, "tracking_uri": p.uri, "name": p.name})
+    experiment_id = tracking.ensure_experiment(p.uri, a.experiment, Path(a.out).resolve() / "mlartifacts")
+    parent = tracking.parent_run(p.uri, experiment_id, p.name, {"preset": a.preset, "trials": p.trials,
+                                                                "overrides": " ".join(a.overrides), **cfg.flat()})
+    settings = TrialSettings(base=cfg.to_dict(), search=p.name, storage=f"{p.storage}/train", tracking_uri=p.uri,
+                             experiment_id=experiment_id, parent_run_id=parent, workers=a.workers_per_trial,
+                             cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
+                             worker_failures=a.max_worker_failures, env=tracking.env_for_workers())
+    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": 0, "train_driver": 1})
+    print(f"search {p.name}: {p.trials} trials, {concurrency} at a time, {a.workers_per_trial} worker(s) per trial "
+          f"({'GPU' if a.gpus_per_worker else 'CPU'}); MLflow {p.uri}; folder {p.search_dir}", flush=True)
+    tune_path = f"{p.storage}/tune"
+    if p.resume:
+        if not tune.Tuner.can_restore(tune_path):
+            raise SearchError(f"--resume {p.search_dir}: no restorable Tune state at {tune_path}")
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=build_searcher(args, cfg, name, search_dir / "optuna.db"),
-                                        scheduler=build_scheduler(args, cfg), num_samples=trials,
+            tune_config=tune.TuneConfig(search_alg=build_searcher(a, cfg, p.name, p.search_dir / "optuna.db"),
+                                        scheduler=build_scheduler(a, cfg), num_samples=p.trials,
                                         max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=args.max_trial_failures),
-                                      callbacks=[MlflowStatusCallback(uri, experiment_id),
+            run_config=tune.RunConfig(name="tune", storage_path=p.storage, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=a.max_trial_failures),
+                                      callbacks=[MlflowStatusCallback(p.uri, experiment_id),
                                                  ProgressPrinter(cfg.train.steps)]),
         )
-        grid = tuner.fit()
-    finally:
-        ray.shutdown()
-    return summarise(grid, cfg, name, search_dir, uri, experiment_id, parent)
+    grid = tuner.fit()
+    return summarise(grid, cfg, p.name, p.search_dir, p.uri, experiment_id, parent)
 
 
 def summarise(grid: Any, cfg: Config, name: str, search_dir: Path, uri: str, experiment_id: str, parent: str) -> Any:

@@ -17,6 +17,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pdcbdm.config import Config, apply_overrides
+from pdcbdm.training import NonFiniteLossError
 from tune import tracking
 from tune.worker import train_loop
 
@@ -77,7 +78,9 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
             worker_runtime_env={"env_vars": settings.env} if settings.env else None,
         ),
     )
-    trainer.fit()
+    result = trainer.fit()
+    if (result.metrics or {}).get("diverged"):
+        raise NonFiniteLossError(result.metrics.get("error", "training diverged"))
 
 
 class MlflowStatusCallback(tune.Callback):
@@ -112,11 +115,15 @@ def error_text(trial: Any) -> str:
 class ProgressPrinter(tune.Callback):
     """One line per trial event instead of Ray's tables: start, each evaluation, end (and why)."""
 
-    def __init__(self, max_steps: int, stream: Any = None) -> None:
-        self.max_steps, self.stream, self.t0 = max_steps, stream or sys.stdout, time.monotonic()
+    def __init__(self, max_steps: int) -> None:
+        # no stream attribute: the callback is pickled with the Tuner's state for --resume
+        self.max_steps, self.t0 = max_steps, time.monotonic()
+
+    def setup(self, **info: Any) -> None:
+        self.t0 = time.monotonic()
 
     def _say(self, text: str) -> None:
-        print(f"[{time.monotonic() - self.t0:6.0f}s] {text}", file=self.stream, flush=True)
+        print(f"[{time.monotonic() - self.t0:6.0f}s] {text}", file=sys.stdout, flush=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         params = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in trial.config.items())

@@ -3,6 +3,7 @@ evaluation and MLflow logging (metric histories, sample grids, per-class tables,
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 from pdcbdm.config import Config, write_json_atomic
 from pdcbdm.evaluation import Evaluator, best_by_fid, headline
 from pdcbdm.train import load_data
-from pdcbdm.training import Trainer
+from pdcbdm.training import NonFiniteLossError, Trainer
 from pdcbdm.viz import save_grid
 from tune import tracking
 
@@ -41,11 +42,14 @@ class RankZeroLogger:
             tracking.log_artifacts(self.uri, self.run_id, paths, artifact_path)
 
 
-def _restore(trainer: Trainer) -> None:
+def _restore(trainer: Trainer) -> bool:
+    """Continue from the run's latest checkpoint (after a worker restart or a resumed search)."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer.load(Path(folder) / CKPT)
+    if checkpoint is None:
+        return False
+    with checkpoint.as_directory() as folder:
+        trainer.load(Path(folder) / CKPT)
+    return True
 
 
 def _grid_png(images: torch.Tensor, num_classes: int, path: Path) -> Path:
@@ -100,6 +104,35 @@ def _report(trainer: Trainer, metrics: dict[str, Any], rank: int) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def _inject_fault(trainer: Trainer, rank: int) -> None:
+    """Test hook for the reliability tests. PDCBDM_FAULTS="nan@25,kill@30" with PDCBDM_FAULT_DIR=D: the first
+    trial whose rank 0 reaches step 25 gets NaN weights (a real divergence, caught by the trainer), the first to
+    reach step 30 exits its process (a worker crash Ray Train recovers from); each fault fires once (marker files
+    in D, created exclusively so that concurrent trials cannot both take it)."""
+    spec, folder = os.environ.get("PDCBDM_FAULTS"), os.environ.get("PDCBDM_FAULT_DIR")
+    if not spec or not folder or rank != 0:
+        return
+    for item in spec.split(","):
+        kind, _, at = item.partition("@")
+        if trainer.step != int(at):
+            continue
+        try:
+            os.close(os.open(Path(folder) / f"{kind}@{at}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        if kind == "kill":
+            os._exit(1)
+        with torch.no_grad():
+            next(trainer.net.parameters()).fill_(float("nan"))
+
+
+def _diverged(trainer: Trainer, exc: NonFiniteLossError, log: "RankZeroLogger", rank: int) -> None:
+    """Report the divergence (every rank reaches it at the same step) with the last finite state; the trial
+    function turns it into a failed trial, without Train restarting the workers into the same divergence."""
+    log.metrics({"diverged": 1.0}, trainer.step)
+    _report(trainer, {"step": trainer.step, "diverged": 1.0, "error": str(exc)}, rank)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry: ``config`` holds the resolved config dict and the trial's MLflow run (uri, run_id)."""
     ctx = ray.train.get_context()
@@ -109,8 +142,9 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed + rank)
     wrap = ray.train.torch.prepare_model if world > 1 else None
     trainer = Trainer(cfg, load_data(cfg), device=device, rank=rank, world_size=world, wrap_model=wrap)
-    _restore(trainer)
     log = RankZeroLogger(config.get("mlflow_uri"), config.get("run_id")) if rank == 0 else RankZeroLogger(None, None)
+    if _restore(trainer):
+        log.metrics({"resumed_from_step": trainer.step}, trainer.step)
     evaluator = None
     if rank == 0:
         evaluator = Evaluator.build(cfg, num_classes=trainer.num_classes, head=trainer.split.head,
@@ -118,7 +152,11 @@ def train_loop(config: dict[str, Any]) -> None:
     work = Path(tempfile.mkdtemp(prefix="pdcbdm-trial-"))
     window: list[dict[str, float]] = []
     while trainer.step < cfg.train.steps:
-        values = trainer.train_step()
+        _inject_fault(trainer, rank)
+        try:
+            values = trainer.train_step()
+        except NonFiniteLossError as exc:
+            return _diverged(trainer, exc, log, rank)
         window.append(values)
         if trainer.step % cfg.train.log_every == 0:
             log.metrics({k: sum(v[k] for v in window) / len(window) for k in values}, trainer.step)

@@ -160,8 +160,8 @@ def _per_class_rows(gen: FeatureSet, ref: FeatureSet, num_classes: int,
 
 def evaluate_features(gen: FeatureSet | Sequence[Any], ref: FeatureSet | Sequence[Any], *,
                       head_classes: Sequence[int], tail_classes: Sequence[int], num_classes: int, k: int = 5,
-                      prd_runs: int = 10, seed: int = 0, prd_clusters: int | None = None, is_splits: int = 10,
-                      device: torch.device | str = "cpu") -> EvalResult:
+                      prd_runs: int = 10, seed: int = 0, prd_clusters: int | None = None, prd_n_init: int = 10,
+                      is_splits: int = 10, device: torch.device | str = "cpu") -> EvalResult:
     """Score generated features against reference features with every metric of METHOD.md "Metrics".
 
     Args:
@@ -173,6 +173,7 @@ def evaluate_features(gen: FeatureSet | Sequence[Any], ref: FeatureSet | Sequenc
         prd_runs: k-means runs averaged for PRD (paper: 10).
         seed: seed of the PRD clusterings.
         prd_clusters: PRD clusters; None = 20 x the number of distinct classes in `gen` (paper).
+        prd_n_init: k-means++ initialisations per PRD run (10 as Sajjadi et al.'s code; fewer is faster).
         is_splits: Inception Score splits (paper: 10).
         device: where precision/recall distances are computed.
 
@@ -185,7 +186,8 @@ def evaluate_features(gen: FeatureSet | Sequence[Any], ref: FeatureSet | Sequenc
     head, tail = check_split(head_classes, tail_classes, num_classes)
     clusters = prd_clusters or PRD_CLUSTERS_PER_CLASS * len(np.unique(gen.labels))
     precision, recall = improved_precision_recall(ref.features, gen.features, k=k, device=device)
-    f8, f1_8 = prd_f_scores(gen.features, ref.features, num_clusters=clusters, num_runs=prd_runs, seed=seed)
+    f8, f1_8 = prd_f_scores(gen.features, ref.features, num_clusters=clusters, num_runs=prd_runs, seed=seed,
+                            n_init=prd_n_init)
     is_value, is_note = _inception_score(gen, is_splits)
     consistency, summary = _consistency(gen, num_classes, head, tail)
     return EvalResult(

@@ -15,9 +15,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["FeatureExtractor", "extract_all", "build_extractor", "EXTRACTOR_KINDS"]
+from .evaluate import FeatureSet
+
+__all__ = ["FeatureExtractor", "extract_all", "extract_feature_set", "build_extractor", "EXTRACTOR_KINDS"]
 
 EXTRACTOR_KINDS = ("inception", "digits")
+
+
+def _to_numpy(values: torch.Tensor) -> np.ndarray:
+    return values.detach().cpu().to(torch.float64).numpy()
 
 
 class FeatureExtractor(abc.ABC):
@@ -64,8 +70,7 @@ class FeatureExtractor(abc.ABC):
         batch = self._check_images(images).to(self.device)
         with torch.no_grad():
             feats, logits = self._forward(batch)
-        as_np = lambda t: t.detach().cpu().to(torch.float64).numpy()  # noqa: E731
-        return as_np(feats), (None if logits is None else as_np(logits))
+        return _to_numpy(feats), (None if logits is None else _to_numpy(logits))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(identity={self.identity!r}, feature_dim={self.feature_dim})"
@@ -109,6 +114,23 @@ def extract_all(extractor: FeatureExtractor, source: Any, batch_size: int = 100,
     if not feats:
         raise ValueError("source holds no images")
     return np.concatenate(feats), (None if logits[0] is None else np.concatenate(logits))
+
+
+def extract_feature_set(extractor: FeatureExtractor, source: Any, labels: Any = None, *, batch_size: int = 100,
+                        device: torch.device | str | None = None, progress: bool = True) -> FeatureSet:
+    """`extract_all` wrapped into a FeatureSet that carries the extractor's identity and its no-logits note.
+
+    Args:
+        extractor, source, batch_size, device, progress: as `extract_all`.
+        labels: [N] labels (for generated images: the class each was generated for); None = `source.labels`.
+    """
+    if labels is None:
+        if not hasattr(source, "labels"):
+            raise ValueError("labels is required when source has no .labels")
+        labels = source.labels
+    labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    features, logits = extract_all(extractor, source, batch_size=batch_size, device=device, progress=progress)
+    return FeatureSet(features, logits, labels, extractor=extractor.identity, logits_note=extractor.logits_note)
 
 
 def build_extractor(kind: str, *, weights_path: str | os.PathLike[str] | None = None,

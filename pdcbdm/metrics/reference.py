@@ -16,7 +16,7 @@ import numpy as np
 
 from ._io import atomic_write, dataset_identity, resolve_cache_dir, sha256_text
 from .evaluate import FeatureSet
-from .extractors import FeatureExtractor, extract_all
+from .extractors import FeatureExtractor, extract_feature_set
 
 __all__ = ["reference_cache_path", "reference_features", "load_feature_set", "save_feature_set"]
 
@@ -91,8 +91,6 @@ def reference_features(extractor: FeatureExtractor, dataset: Any,
         cached = load_feature_set(path)
         if cached.extractor == extractor.identity and len(cached) == len(dataset.labels):
             return cached
-    features, logits = extract_all(extractor, dataset, batch_size=batch_size, progress=progress)
-    result = FeatureSet(features, logits, dataset.labels.cpu().numpy(), extractor=extractor.identity,
-                        logits_note=extractor.logits_note)
+    result = extract_feature_set(extractor, dataset, batch_size=batch_size, progress=progress)
     save_feature_set(path, result, dataset_id)
     return result

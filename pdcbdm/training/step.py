@@ -25,9 +25,23 @@ class Batch:
     tail: tuple[Tensor, Tensor] | None = None
 
 
-def _randn(shape: torch.Size | tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+@dataclass(frozen=True)
+class Shard:
+    """This worker's part of a global batch: random draws are made for all ``world`` workers alike (one shared
+    seed) and each keeps rows [rank * n, (rank + 1) * n), so training does not depend on the number of workers."""
+
+    rank: int = 0
+    world: int = 1
+
+    def take(self, draw: Callable[[int], Tensor], n_local: int) -> Tensor:
+        return draw(n_local * self.world)[self.rank * n_local:(self.rank + 1) * n_local]
+
+
+def _randn(shape: torch.Size | tuple[int, ...], like: Tensor, generator: torch.Generator | None,
+           shard: Shard) -> Tensor:
     # Drawn on the CPU so that a seeded run gives the same noise on any device.
-    return torch.randn(shape, generator=generator).to(like.device, like.dtype)
+    out = shard.take(lambda n: torch.randn((n, *shape[1:]), generator=generator), shape[0])
+    return out.to(like.device, like.dtype)
 
 
 def _uniform(generator: torch.Generator | None) -> float:
@@ -55,6 +69,7 @@ def compute_loss(
     null_label: int,
     generator: torch.Generator | None = None,
     autocast: Callable[[], object] = nullcontext,
+    shard: Shard = Shard(),
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L = L_DM + L_DA - lambda * KL (Eq. 8, 9, 10), each term a per-sample mean, averaged once.
 
@@ -62,13 +77,14 @@ def compute_loss(
       L_DA is zero on such steps.
     - L_DA draws one y' per sample from ``label_probs`` (Eq. 12's q) and reuses x_t, t and eps.
     - The PD pairs share t and eps ("under a given noise") and always keep their labels.
-    The main, y' and head/tail inputs go through the network in one batched forward.
+    The main, y' and head/tail inputs go through the network in one batched forward. ``shard`` says which part
+    of the global batch this worker holds (every random draw is made globally and sliced).
     Returns the scalar loss and detached per-term means (``dm``, ``cbdm``, ``pd``, ``pd_kl``).
     """
     x0, y = batch.x0, batch.y
     n = x0.shape[0]
-    t = diffusion.sample_t(n, x0.device, generator)
-    eps = _randn(x0.shape, x0, generator)
+    t = shard.take(lambda k: diffusion.sample_t(k, "cpu", generator), n).to(x0.device)
+    eps = _randn(x0.shape, x0, generator, shard)
     x_t = diffusion.q_sample(x0, t, eps)
     uncond = cfg.p_uncond > 0 and _uniform(generator) < cfg.p_uncond
     y_in = torch.full_like(y, null_label) if uncond else y
@@ -76,15 +92,15 @@ def compute_loss(
     xs, ts, ys = [x_t], [t], [y_in]
     use_cbdm = cfg.cbdm_tau > 0 and not uncond
     if use_cbdm:
-        y_prime = sample_labels(label_probs, n, generator).to(y.device)
+        y_prime = shard.take(lambda k: sample_labels(label_probs, k, generator), n).to(y.device)
         xs.append(x_t), ts.append(t), ys.append(y_prime)
     use_pd = cfg.pd_weight > 0 and batch.head is not None and batch.tail is not None
     if use_pd:
         (xh0, yh), (xl0, yl) = batch.head, batch.tail
         m = min(xh0.shape[0], xl0.shape[0])
         xh0, yh, xl0, yl = xh0[:m], yh[:m], xl0[:m], yl[:m]
-        tp = diffusion.sample_t(m, x0.device, generator)
-        eps_p = _randn(xh0.shape, xh0, generator)
+        tp = shard.take(lambda k: diffusion.sample_t(k, "cpu", generator), m).to(x0.device)
+        eps_p = _randn(xh0.shape, xh0, generator, shard)
         xh_t, xl_t = diffusion.q_sample(xh0, tp, eps_p), diffusion.q_sample(xl0, tp, eps_p)
         xs += [xh_t, xl_t]
         ts += [tp, tp]

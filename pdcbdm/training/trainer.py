@@ -21,7 +21,7 @@ from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.labels import from_spec
 from pdcbdm.models import build_unet
 from pdcbdm.training.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
-from pdcbdm.training.step import Batch, compute_loss
+from pdcbdm.training.step import Batch, Shard, compute_loss
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -85,7 +85,9 @@ class Trainer:
         self.split = head_tail_split(self.counts, cfg.loss.split_ratio, mode=cfg.loss.split_mode, seed=cfg.data.seed)
         self.head_sampler = ClassGroupSampler(dataset.labels, self.split.head)
         self.tail_sampler = ClassGroupSampler(dataset.labels, self.split.tail)
-        self.generator = torch.Generator().manual_seed(cfg.train.seed * 100_003 + rank)
+        # one seed for every rank: each draws the global batch's randomness and keeps its slice (see Shard)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed * 100_003)
+        self.shard = Shard(rank, world_size)
         self.step = 0
         self._order: torch.Tensor | None = None
         self._cursor = 0
@@ -95,21 +97,23 @@ class Trainer:
 
     # -- data -----------------------------------------------------------------------------------------------
     def _next_indices(self) -> torch.Tensor:
-        """This rank's shard of the data (every world_size-th image), reshuffled each epoch."""
-        shard = torch.arange(self.rank, len(self.dataset), self.world_size)
-        if self._order is None or self._cursor + self.local_batch > len(self._order):
-            self._order = shard[torch.randperm(len(shard), generator=self.generator)]
+        """This rank's slice of the next global batch; the data are reshuffled each epoch (same order on all ranks)."""
+        batch = self.cfg.train.batch_size
+        if self._order is None or self._cursor + batch > len(self._order):
+            self._order = torch.randperm(len(self.dataset), generator=self.generator)
             self._cursor = 0
-        idx = self._order[self._cursor:self._cursor + self.local_batch]
-        self._cursor += self.local_batch
-        return idx
+        idx = self._order[self._cursor:self._cursor + batch]
+        self._cursor += batch
+        return idx[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
 
     def next_batch(self) -> Batch:
         x0, y = self.dataset.batch(self._next_indices(), generator=self.generator)
         batch = Batch(x0.to(self.device), y.to(self.device))
         if self.cfg.loss.pd_weight > 0:
-            hx, hy = self.dataset.batch(self.head_sampler.sample(self.local_pairs, self.generator), generator=self.generator)
-            tx, ty = self.dataset.batch(self.tail_sampler.sample(self.local_pairs, self.generator), generator=self.generator)
+            head = self.shard.take(lambda n: self.head_sampler.sample(n, self.generator), self.local_pairs)
+            tail = self.shard.take(lambda n: self.tail_sampler.sample(n, self.generator), self.local_pairs)
+            hx, hy = self.dataset.batch(head, generator=self.generator)
+            tx, ty = self.dataset.batch(tail, generator=self.generator)
             batch.head = (hx.to(self.device), hy.to(self.device))
             batch.tail = (tx.to(self.device), ty.to(self.device))
         return batch
@@ -126,15 +130,17 @@ class Trainer:
         batch = batch or self.next_batch()
         loss, terms = compute_loss(
             self.model, self.diffusion, batch, self.cfg.loss, label_probs=self.label_probs,
-            null_label=self.num_classes, generator=self.generator, autocast=self.autocast,
+            null_label=self.num_classes, generator=self.generator, autocast=self.autocast, shard=self.shard,
         )
         values = {k: float(v) for k, v in terms.items()}
-        if not math.isfinite(values["loss"]):
-            detail = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
-            raise NonFiniteLossError(f"non-finite loss at step {self.step + 1}: {detail}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip))
+        # checked after backward: with DDP the all-reduced gradient norm is non-finite on every rank at once, so
+        # all workers stop at the same step instead of one rank leaving the others in a collective
+        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+            detail = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+            raise NonFiniteLossError(f"non-finite loss at step {self.step + 1}: {detail}")
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update(self.net)

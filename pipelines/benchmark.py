@@ -1,0 +1,915 @@
+"""Performance benchmark of PD-CBDM: training throughput and memory, component costs, samplers and metrics.
+
+    python -m pipelines.benchmark --quick                      # about two minutes on 2 idle CPU cores
+    python -m pipelines.benchmark --device cuda --out bench-gpu.json
+    python -m pipelines.benchmark --sections train --presets cifar --cifar-batch 8 --steps 10
+
+Sections (``--sections``, default all three):
+  train     the real ``Trainer.train_step`` (loss, backward, gradient clipping, Adam, EMA) on synthetic long-tailed
+            data of each preset's shape, for each variant -- ``ddpm+cfg`` (L_DM only, Eq. 8), ``+cbdm`` (adds
+            L_DA's second label pass, Eq. 9), ``+pd`` (adds the head/tail pairs, Eq. 10-11), ``+tsa`` (TSA at the
+            preset's resolution, Eq. 13-14) and ``all`` (PD-CBDM) -- in fp32 and bf16 autocast. Reports the median
+            step time, images/s (main-batch images), the peak memory, the cost relative to ``ddpm+cfg`` fp32, and
+            that cost divided by the extra network work (images through the network per step / batch).
+  sampling  the small preset at batch 64: one guided forward with cond+uncond batched (``guided_eps``) against
+            two separate forwards and against an unguided one; full DDIM runs of S steps (both guidance modes);
+            DDPM ancestral steps (timed on a short schedule, whose steps cost what a T=1000 step costs, and
+            extrapolated to T = 1000).
+  metrics   features/s of the digits CNN and, when its weights are on disk, the FID Inception (no download is
+            tried); improved precision/recall (k = 5) and PRD (F_8, F_1/8) on random 2048-d features, 10k x 10k
+            (``--quick``: 2k x 2k), with their time and peak memory.
+
+Method. Every measurement runs in a fresh process forked from a "forkserver" that has imported torch and pdcbdm
+once (so a job costs no import time, and CUDA is initialised only inside the job). Each job does its set-up,
+records a memory baseline, runs warm-up iterations, then times each iteration (``torch.cuda.synchronize`` around
+it on CUDA) and reports the median. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats``; on the CPU the process's peak resident set (``VmHWM`` of /proc/self/status, reset by
+writing 5 to /proc/self/clear_refs and anyway fresh in a new process). ``peak_mb`` is that peak; ``growth_mb`` is
+the peak minus the memory at the baseline, i.e. what the measured work itself needed (for training: gradients,
+Adam moments, activations; the network and its EMA copy are in the baseline).
+
+Choices. Label dropout is set to p_uncond = 0 while timing: a dropped-label step skips CBDM's y' pass, which
+would make step times bimodal, and the dropout itself costs nothing. PD pairs per step are ``loss.pd_pairs``'s
+default (half the batch), so ``+pd`` sends twice the batch through the network. Each step includes drawing its
+batch from the in-memory data set, as training does. Synthetic data: random uint8 images, 10 classes with
+long-tailed counts (rho = 10), so the 7:3 head/tail split holds. No timing here is a test assertion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "SECTIONS", "VARIANTS", "BenchSettings", "PeakMemory", "build_parser", "format_table", "machine_info",
+    "main", "network_images_per_step", "run_benchmark", "variant_config",
+]
+
+SECTIONS = ("train", "sampling", "metrics")
+PRESETS = ("small", "cifar")
+PRECISIONS = ("fp32", "bf16")
+# name -> (cbdm_tau, pd_weight, use TSA at the preset's resolution)
+VARIANTS: dict[str, tuple[float, float, bool]] = {
+    "ddpm+cfg": (0.0, 0.0, False),
+    "+cbdm": (1.0, 0.0, False),
+    "+pd": (0.0, 0.01, False),
+    "+tsa": (0.0, 0.0, True),
+    "all": (1.0, 0.01, True),
+}
+PRESET_SHAPES = {"small": (1, 16, 16), "cifar": (3, 32, 32)}
+PRESET_TSA = {"small": "8", "cifar": "16"}
+NUM_CLASSES = 10
+# Issue 3: the CBDM reference U-Net at the cifar config, batch 32, fp32, 2 threads, on the 2-core AMD EPYC
+# (avx512_bf16) machine; only comparable on that machine.
+REFERENCE_CPU = {"batch": 32, "ddpm+cfg": 4.7, "+cbdm": 2.4}
+FORKSERVER_PRELOAD = ["torch", "numpy", "pdcbdm.training", "pdcbdm.sampling", "pdcbdm.metrics"]
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Every resolved option of one benchmark run (written to the JSON as ``settings``).
+
+    Args:
+        quick: the short preset of sizes (used to fill the defaults below).
+        device: "cpu" or "cuda[:N]" (resolved from "auto").
+        threads: torch intra-op threads in each job (0 = torch's default).
+        sections: which of SECTIONS run.
+        presets, variants, precisions: the training grid.
+        small_batch, cifar_batches: training batch sizes of each preset.
+        steps, warmup: timed and untimed iterations per training job.
+        sample_batch, ddim_steps, ddpm_probe_steps, sample_repeats, guidance: the sampling section.
+        metric_n, feature_dim, prd_clusters, prd_runs, prd_n_init: precision/recall and PRD sizes.
+        feature_images, inception_images, extractors: the feature-extractor throughput jobs.
+        job_timeout: seconds after which a job is stopped and recorded as an error.
+    """
+
+    quick: bool
+    device: str
+    threads: int
+    sections: tuple[str, ...]
+    presets: tuple[str, ...]
+    variants: tuple[str, ...]
+    precisions: tuple[str, ...]
+    small_batch: int
+    cifar_batches: tuple[int, ...]
+    steps: int
+    warmup: int
+    sample_batch: int
+    ddim_steps: tuple[int, ...]
+    ddpm_probe_steps: int
+    sample_repeats: int
+    guidance: float
+    metric_n: int
+    feature_dim: int
+    prd_clusters: int
+    prd_runs: int
+    prd_n_init: int
+    feature_images: int
+    inception_images: int
+    extractors: tuple[str, ...]
+    job_timeout: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measurement helpers (run inside the jobs)
+# ---------------------------------------------------------------------------------------------------------------
+def _proc_status_mb(key: str) -> float | None:
+    """A memory line of /proc/self/status (``VmHWM``, ``VmRSS``) in MiB, or None where /proc is missing."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def _reset_cpu_peak() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Peak memory of the work between ``start()`` and ``stop()``.
+
+    Args:
+        device: the torch device of the work; CUDA uses the caching allocator's counters, anything else the
+            process's resident set (see the module docstring).
+    """
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.device = device
+        self.baseline: float | None = None
+
+    def start(self) -> None:
+        """Record the baseline and reset the peak counter."""
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            _reset_cpu_peak()
+            self.baseline = _proc_status_mb("VmRSS")
+
+    def stop(self) -> dict[str, float | None]:
+        """``{"peak_mb": peak since start, "growth_mb": peak - baseline}`` (None where unmeasurable)."""
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            peak: float | None = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            peak = _proc_status_mb("VmHWM")
+        growth = None if peak is None or self.baseline is None else max(peak - self.baseline, 0.0)
+        return {"peak_mb": peak, "growth_mb": growth}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: str) -> float:
+    """Wall-clock seconds of one call of ``fn``, with the device's queued work finished before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def timed_median(fn: Callable[[], Any], device: str, *, warmup: int, repeats: int) -> tuple[float, list[float]]:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` timed times; returns (median seconds, all times)."""
+    for _ in range(warmup):
+        fn()
+    times = [time_call(fn, device) for _ in range(repeats)]
+    return statistics.median(times), times
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training jobs
+# ---------------------------------------------------------------------------------------------------------------
+def variant_config(preset: str, variant: str, precision: str, batch: int) -> Any:
+    """The ``pdcbdm.config.Config`` of one training variant (see VARIANTS and the module docstring).
+
+    Args:
+        preset: "small" or "cifar" (``model.preset``).
+        variant: a key of VARIANTS; sets ``loss.cbdm_tau`` (Eq. 9), ``loss.pd_weight`` (lambda, Eq. 10) and
+            ``model.tsa_resolutions`` (Eq. 13-14; the preset's default resolution or none).
+        precision: "fp32" or "bf16" (``train.precision``).
+        batch: ``train.batch_size``.
+    """
+    from pdcbdm.config import Config, LossConfig, ModelConfig, TrainConfig
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; valid: {list(VARIANTS)}")
+    if preset not in PRESET_SHAPES:
+        raise ValueError(f"unknown preset {preset!r}; valid: {list(PRESET_SHAPES)}")
+    tau, pd_weight, tsa = VARIANTS[variant]
+    return Config(
+        model=ModelConfig(preset=preset, tsa_resolutions=PRESET_TSA[preset] if tsa else ""),
+        loss=LossConfig(p_uncond=0.0, cbdm_tau=tau, pd_weight=pd_weight),
+        train=TrainConfig(batch_size=batch, precision=precision, seed=0),
+    )
+
+
+def network_images_per_step(cfg: Any) -> int:
+    """Images sent through the network per step: the batch, plus its y' copy when L_DA is on (Eq. 9), plus the
+    head and tail pairs when the PD loss is on (Eq. 10); p_uncond is 0 in this benchmark."""
+    batch = cfg.train.batch_size
+    pairs = cfg.loss.pd_pairs or batch // 2
+    return batch * (2 if cfg.loss.cbdm_tau > 0 else 1) + (2 * pairs if cfg.loss.pd_weight > 0 else 0)
+
+
+def synthetic_dataset(preset: str, seed: int = 0) -> Any:
+    """Random uint8 images of the preset's shape with long-tailed counts (10 classes, rho = 10, 100 down to 10)."""
+    import torch
+
+    from pdcbdm.data import ImageDataset, longtail_counts
+
+    counts = longtail_counts(100, NUM_CLASSES, 10.0)
+    labels = torch.cat([torch.full((n,), k, dtype=torch.long) for k, n in enumerate(counts)])
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (len(labels), *PRESET_SHAPES[preset]), dtype=torch.uint8, generator=gen)
+    return ImageDataset(images, labels, [f"c{k}" for k in range(NUM_CLASSES)], hflip=preset == "cifar")
+
+
+def train_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time ``Trainer.train_step`` for one (preset, variant, precision, batch); see the module docstring."""
+    from pdcbdm.training import Trainer
+
+    cfg = variant_config(spec["preset"], spec["variant"], spec["precision"], spec["batch"])
+    trainer = Trainer(cfg, synthetic_dataset(spec["preset"]), device=spec["device"])
+    memory = PeakMemory(spec["device"])
+    memory.start()
+    median, times = timed_median(trainer.train_step, spec["device"], warmup=spec["warmup"], repeats=spec["steps"])
+    work = network_images_per_step(cfg)
+    return {
+        "preset": spec["preset"], "variant": spec["variant"], "precision": spec["precision"],
+        "batch": spec["batch"], "tsa_resolutions": cfg.model.tsa_resolutions, "cbdm_tau": cfg.loss.cbdm_tau,
+        "pd_weight": cfg.loss.pd_weight, "params": trainer.net.count_parameters(),
+        "network_images_per_step": work, "work_ratio": work / cfg.train.batch_size,
+        "step_s": median, "step_s_all": times, "images_per_s": cfg.train.batch_size / median,
+        **memory.stop(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampling job
+# ---------------------------------------------------------------------------------------------------------------
+def _two_forwards(net: Any) -> Any:
+    """Wrap ``net`` so a guidance batch [cond; uncond] goes through as two forwards of half size (the unbatched
+    classifier-free guidance baseline), with the same result as one batched forward."""
+    import torch
+    from torch import nn
+
+    class TwoForwards(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] % 2:
+                return self.net(x, t, y)
+            h = x.shape[0] // 2
+            return torch.cat([self.net(x[:h], t[:h], y[:h]), self.net(x[h:], t[h:], y[h:])])
+
+    return TwoForwards().eval()
+
+
+def _forward_rows(net: Any, labels: Any, shape: tuple[int, ...], spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """One eps evaluation three ways: unguided (one pass), guided batched (``guided_eps``), guided in two passes."""
+    import torch
+
+    from pdcbdm.sampling import guided_eps
+
+    device, w, null = spec["device"], spec["guidance"], net.null_label
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((labels.shape[0], *shape), generator=gen).to(device)
+    t = torch.randint(0, 1000, (labels.shape[0],), generator=gen).to(device)
+    two = _two_forwards(net)
+    modes = {"unguided (w=0)": (net, 0.0), "guided, batched": (net, w), "guided, two forwards": (two, w)}
+    rows = []
+    for mode, (model, weight) in modes.items():
+        with torch.no_grad():
+            sec, _ = timed_median(lambda: guided_eps(model, x, t, labels, weight, null), device, warmup=1,
+                                  repeats=max(3, spec["repeats"]))
+        rows.append({"what": f"eps forward, {mode}", "seconds": sec, "images_per_s": labels.shape[0] / sec})
+    return rows
+
+
+def _sampler_rows(net: Any, labels: Any, shape: tuple[int, ...], spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Full DDIM runs (guidance batched and in two forwards) and DDPM steps extrapolated to T = 1000."""
+    import torch
+
+    from pdcbdm.config import DiffusionConfig
+    from pdcbdm.diffusion import GaussianDiffusion
+    from pdcbdm.sampling import ddim_sample, ddpm_sample
+
+    device, w, n = spec["device"], spec["guidance"], labels.shape[0]
+    diffusion = GaussianDiffusion(DiffusionConfig())
+    rows = []
+    for steps in spec["ddim_steps"]:
+        for mode, model in (("batched", net), ("two forwards", _two_forwards(net))):
+            run = lambda: ddim_sample(model, diffusion, labels, shape, steps=steps, guidance=w,  # noqa: E731
+                                      null_label=net.null_label, generator=torch.Generator().manual_seed(0))
+            sec, _ = timed_median(run, device, warmup=0, repeats=spec["repeats"])
+            rows.append({"what": f"DDIM {steps} steps, guidance {mode}", "seconds": sec, "images_per_s": n / sec,
+                         "seconds_per_step": sec / steps})
+    probe = GaussianDiffusion(DiffusionConfig(timesteps=spec["ddpm_probe_steps"]))
+    run = lambda: ddpm_sample(net, probe, labels, shape, guidance=w, null_label=net.null_label,  # noqa: E731
+                              generator=torch.Generator().manual_seed(0))
+    sec, _ = timed_median(run, device, warmup=0, repeats=spec["repeats"])
+    per_step = sec / spec["ddpm_probe_steps"]
+    rows.append({"what": "DDPM 1000 steps, guidance batched (extrapolated)", "seconds": per_step * 1000,
+                 "images_per_s": n / (per_step * 1000), "seconds_per_step": per_step, "extrapolated": True,
+                 "measured_steps": spec["ddpm_probe_steps"]})
+    return rows
+
+
+def sampling_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Sampler throughput of the preset's PD-CBDM network (TSA on) at ``spec["batch"]`` images (fp32)."""
+    import torch
+
+    from pdcbdm.models import build_unet
+    from pdcbdm.sampling import uniform_labels
+
+    preset = spec["preset"]
+    torch.manual_seed(0)
+    net = build_unet(preset, NUM_CLASSES, tsa_resolutions=PRESET_TSA[preset]).to(spec["device"]).eval()
+    labels = uniform_labels(spec["batch"], NUM_CLASSES).to(spec["device"])
+    shape = PRESET_SHAPES[preset]
+    memory = PeakMemory(spec["device"])
+    memory.start()
+    rows = _forward_rows(net, labels, shape, spec) + _sampler_rows(net, labels, shape, spec)
+    return {"preset": preset, "batch": spec["batch"], "guidance": spec["guidance"], "tsa_resolutions":
+            PRESET_TSA[preset], "params": net.count_parameters(), "rows": rows, **memory.stop()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metric jobs
+# ---------------------------------------------------------------------------------------------------------------
+def _build_extractor(kind: str, device: str) -> tuple[Any, tuple[int, int, int], str]:
+    """(extractor, input image shape, note). The digits CNN is built with fresh weights: its cost does not
+    depend on them, and training it would dominate the job. Inception weights come only from disk (no download);
+    FileNotFoundError when there are none."""
+    if kind == "digits":
+        from pdcbdm.metrics.digits_net import DigitsExtractor, DigitsNet
+
+        return DigitsExtractor(DigitsNet(), accuracy=0.0, device=device), (1, 16, 16), "untrained weights"
+    if kind == "inception":
+        from pdcbdm.metrics.inception import InceptionExtractor, resolve_inception_weights
+
+        weights = resolve_inception_weights(allow_download=False)
+        return InceptionExtractor(weights, device), (3, 32, 32), f"weights: {weights.source}"
+    raise ValueError(f"unknown extractor {kind!r}; valid: digits, inception")
+
+
+def features_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Features/s of one extractor over ``spec["images"]`` random uint8 images, in batches of ``spec["batch"]``."""
+    import torch
+
+    from pdcbdm.metrics import extract_all
+
+    try:
+        extractor, shape, note = _build_extractor(spec["extractor"], spec["device"])
+    except FileNotFoundError as err:
+        return {"extractor": spec["extractor"], "skipped": str(err).splitlines()[0]}
+    images = torch.randint(0, 256, (spec["images"], *shape), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    memory = PeakMemory(spec["device"])
+    memory.start()
+    extractor.extract(images[:min(spec["batch"], spec["images"])])  # warm-up
+    sec, _ = timed_median(lambda: extract_all(extractor, images, batch_size=spec["batch"], progress=False),
+                          spec["device"], warmup=0, repeats=1)
+    return {"extractor": spec["extractor"], "name": extractor.name, "note": note, "images": spec["images"],
+            "image_shape": list(shape), "batch": spec["batch"], "feature_dim": extractor.feature_dim,
+            "seconds": sec, "features_per_s": spec["images"] / sec, **memory.stop()}
+
+
+def _random_features(n: int, dim: int, seed: int) -> tuple[Any, Any]:
+    """Reference and generated float32 Gaussian features [n, dim]; the generated set is shifted and narrower so
+    neither metric is trivially 0 or 1."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ref = rng.standard_normal((n, dim), dtype=np.float32)
+    gen = 0.9 * rng.standard_normal((n, dim), dtype=np.float32) + 0.05
+    return ref, gen
+
+
+def precision_recall_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time and peak memory of improved precision/recall (k = 5) at n x n random features."""
+    from pdcbdm.metrics import improved_precision_recall
+
+    ref, gen = _random_features(spec["n"], spec["dim"], 0)
+    memory = PeakMemory(spec["device"])
+    memory.start()
+    out: dict[str, Any] = {}
+    run = lambda: out.update(zip(("precision", "recall"),  # noqa: E731
+                                 improved_precision_recall(ref, gen, k=5, device=spec["device"])))
+    sec = time_call(run, spec["device"])
+    return {"metric": "precision_recall", "n_ref": spec["n"], "n_gen": spec["n"], "dim": spec["dim"], "k": 5,
+            "seconds": sec, **out, **memory.stop()}
+
+
+def prd_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time and peak memory of PRD's (F_8, F_1/8) at n x n random features (scikit-learn k-means, CPU only)."""
+    from pdcbdm.metrics import prd_f_scores
+
+    ref, gen = _random_features(spec["n"], spec["dim"], 1)
+    memory = PeakMemory("cpu")
+    memory.start()
+    out: dict[str, Any] = {}
+    run = lambda: out.update(zip(("f_8", "f_1_8"), prd_f_scores(  # noqa: E731
+        gen, ref, num_clusters=spec["clusters"], num_runs=spec["runs"], n_init=spec["n_init"])))
+    sec = time_call(run, "cpu")
+    return {"metric": "prd", "n_ref": spec["n"], "n_gen": spec["n"], "dim": spec["dim"],
+            "num_clusters": spec["clusters"], "num_runs": spec["runs"], "n_init": spec["n_init"],
+            "device": "cpu", "seconds": sec, **out, **memory.stop()}
+
+
+JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "train": train_job, "sampling": sampling_job, "features": features_job,
+    "precision_recall": precision_recall_job, "prd": prd_job,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running jobs in fresh processes
+# ---------------------------------------------------------------------------------------------------------------
+def _job_entry(kind: str, spec: dict[str, Any], conn: Any) -> None:
+    """Body of a job process: set the thread count, run the job, send ("ok", result) or ("error", text)."""
+    try:
+        import torch
+
+        if spec.get("threads", 0) > 0:
+            torch.set_num_threads(spec["threads"])
+        result = JOBS[kind](spec)
+        result["threads"] = torch.get_num_threads()
+        conn.send(("ok", result))
+    except BaseException as err:  # reported to the parent, which records it and goes on
+        conn.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=4)}"))
+    finally:
+        conn.close()
+
+
+class JobRunner:
+    """Runs each job in a new process forked from a forkserver that preloaded torch and pdcbdm.
+
+    Args:
+        timeout: seconds a job may run before it is terminated and recorded as an error.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+        self.timeout = timeout
+
+    def run(self, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """The job's result dict, or ``{"error": message, **spec}`` when it failed, died or timed out."""
+        recv, send = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=_job_entry, args=(kind, spec, send), daemon=True)
+        proc.start()
+        send.close()
+        try:
+            if recv.poll(self.timeout):
+                status, payload = recv.recv()
+            else:
+                status, payload = "error", f"timed out after {self.timeout:g} s"
+        except EOFError:
+            status, payload = "error", "the job process died without a result (out of memory?)"
+        proc.join(5)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
+        if status == "ok":
+            return payload
+        return {**{k: v for k, v in spec.items() if k not in ("device", "threads")}, "error": payload}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sections
+# ---------------------------------------------------------------------------------------------------------------
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _base_spec(s: BenchSettings) -> dict[str, Any]:
+    return {"device": s.device, "threads": s.threads}
+
+
+def train_plan(s: BenchSettings) -> list[dict[str, Any]]:
+    """One job spec per (preset, batch, precision, variant), ``ddpm+cfg`` fp32 first in each group."""
+    plan = []
+    for preset in s.presets:
+        batches = (s.small_batch,) if preset == "small" else s.cifar_batches
+        for batch in batches:
+            for precision in s.precisions:
+                for variant in s.variants:
+                    plan.append({**_base_spec(s), "preset": preset, "batch": batch, "precision": precision,
+                                 "variant": variant, "steps": s.steps, "warmup": s.warmup})
+    return plan
+
+
+def _find(rows: list[dict[str, Any]], preset: str, batch: int, variant: str, precision: str) -> dict[str, Any] | None:
+    """The measured row of one training configuration, or None (absent or failed)."""
+    for row in rows:
+        if (row.get("preset"), row.get("batch"), row.get("variant"), row.get("precision")) == \
+                (preset, batch, variant, precision) and "step_s" in row:
+            return row
+    return None
+
+
+def add_relative_costs(rows: list[dict[str, Any]]) -> None:
+    """Add ``relative_cost`` (step time / ddpm+cfg fp32 step time at the same preset and batch) and
+    ``cost_per_work`` (relative cost / network work ratio: 1.0 means the variant costs exactly its extra passes)."""
+    for row in rows:
+        base = _find(rows, row.get("preset"), row.get("batch"), "ddpm+cfg", "fp32")
+        if "step_s" in row and base is not None:
+            row["relative_cost"] = row["step_s"] / base["step_s"]
+            row["cost_per_work"] = row["relative_cost"] / row["work_ratio"]
+
+
+def _row_checks(row: dict[str, Any], rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    key = {"preset": row["preset"], "batch": row["batch"], "variant": row["variant"], "precision": row["precision"]}
+    out = []
+    fp32 = row["precision"] == "fp32"
+    if fp32 and row["variant"] == "+tsa" and "relative_cost" in row:
+        out.append({**key, "check": "TSA overhead: relative cost - 1 (target <= 0.10)",
+                    "value": row["relative_cost"] - 1.0})
+    if fp32 and row["variant"] in ("+cbdm", "+pd") and "cost_per_work" in row:
+        out.append({**key, "check": "cost per unit of network work (target <= 1.0)", "value": row["cost_per_work"]})
+    twin = _find(rows, row["preset"], row["batch"], row["variant"], "fp32")
+    if row["precision"] == "bf16" and twin is not None:
+        out.append({**key, "check": "bf16 speed-up over fp32 (same variant)", "value": twin["step_s"] / row["step_s"]})
+    if device == "cpu" and row["preset"] == "cifar" and row["variant"] in ("ddpm+cfg", "+cbdm"):
+        ref = REFERENCE_CPU[row["variant"]]
+        out.append({**key, "check": f"images/s over the reference's fp32 {ref} images/s at batch "
+                    f"{REFERENCE_CPU['batch']} (targets: fp32 >= 1.0, bf16 >= 1.8)", "value": row["images_per_s"] / ref})
+    return out
+
+
+def train_checks(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """The issues' targets as measured ratios: TSA overhead, CBDM/PD cost per unit of extra network work, bf16
+    speed-up and, on the CPU for the cifar preset, throughput over the reference implementation's (issue 3; that
+    figure was measured on the 2-core AMD EPYC machine and compares only there)."""
+    return [check for row in rows if "step_s" in row for check in _row_checks(row, rows, device)]
+
+
+def run_train_section(runner: JobRunner, s: BenchSettings) -> dict[str, Any]:
+    """Run every training job; returns rows, parameter counts per preset and the target checks."""
+    plan = train_plan(s)
+    rows = []
+    for i, spec in enumerate(plan, 1):
+        _log(f"[train {i}/{len(plan)}] {spec['preset']} batch {spec['batch']} {spec['precision']} {spec['variant']}")
+        rows.append(runner.run("train", spec))
+    add_relative_costs(rows)
+    params: dict[str, dict[str, int]] = {}
+    for row in rows:
+        if "params" in row:
+            params.setdefault(row["preset"], {})["with_tsa" if row["tsa_resolutions"] else "without_tsa"] = \
+                row["params"]
+    return {"rows": rows, "params": params, "num_classes": NUM_CLASSES, "checks": train_checks(rows, s.device)}
+
+
+def run_sampling_section(runner: JobRunner, s: BenchSettings) -> dict[str, Any]:
+    """The sampling job on the small preset."""
+    _log(f"[sampling] small batch {s.sample_batch}, DDIM {list(s.ddim_steps)}, DDPM probe {s.ddpm_probe_steps}")
+    spec = {**_base_spec(s), "preset": "small", "batch": s.sample_batch, "guidance": s.guidance,
+            "ddim_steps": list(s.ddim_steps), "ddpm_probe_steps": s.ddpm_probe_steps, "repeats": s.sample_repeats}
+    return runner.run("sampling", spec)
+
+
+def run_metrics_section(runner: JobRunner, s: BenchSettings) -> dict[str, Any]:
+    """Extractor throughput, then precision/recall and PRD at metric_n x metric_n."""
+    features = []
+    for kind in s.extractors:
+        _log(f"[metrics] features/s of {kind}")
+        images = s.feature_images if kind == "digits" else s.inception_images
+        features.append(runner.run("features", {**_base_spec(s), "extractor": kind, "images": images,
+                                                "batch": min(250 if kind == "digits" else 50, images)}))
+    n, dim = s.metric_n, s.feature_dim
+    _log(f"[metrics] precision/recall at {n} x {n}")
+    pr = runner.run("precision_recall", {**_base_spec(s), "n": n, "dim": dim})
+    _log(f"[metrics] PRD at {n} x {n}")
+    prd = runner.run("prd", {**_base_spec(s), "n": n, "dim": dim, "clusters": s.prd_clusters, "runs": s.prd_runs,
+                             "n_init": s.prd_n_init})
+    return {"features": features, "precision_recall": pr, "prd": prd}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------------------
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return str(value)
+
+
+def format_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table: a title line, a header, a rule, one line per row (values formatted with 3 digits)."""
+    cells = [[_fmt(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = lambda values: "  ".join(v.rjust(w) if i else v.ljust(w)  # noqa: E731
+                                    for i, (v, w) in enumerate(zip(values, widths)))
+    return "\n".join([title, line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def _error_cell(row: dict[str, Any]) -> str:
+    return "error: " + str(row["error"]).splitlines()[0][:80]
+
+
+def train_tables(section: dict[str, Any]) -> list[str]:
+    """The training table, the parameter counts and the checks."""
+    headers = ["preset", "batch", "prec", "variant", "step s", "images/s", "rel cost", "cost/work", "growth MB"]
+    rows = []
+    for r in section["rows"]:
+        head = [r.get("preset"), r.get("batch"), r.get("precision"), r.get("variant")]
+        if "error" in r:
+            rows.append(head + [_error_cell(r), "", "", "", ""])
+        else:
+            rows.append(head + [r["step_s"], r["images_per_s"], r.get("relative_cost"), r.get("cost_per_work"),
+                                r.get("growth_mb")])
+    params = [[p, c.get("without_tsa"), c.get("with_tsa")] for p, c in section["params"].items()]
+    checks = [[c["preset"], c["batch"], c["precision"], c["variant"], c["check"], c["value"]]
+              for c in section["checks"]]
+    return [format_table("Training step (median; rel cost vs ddpm+cfg fp32; cost/work = rel cost / network work)",
+                         headers, rows),
+            format_table(f"Parameters ({section['num_classes']} classes)", ["preset", "without TSA", "with TSA"],
+                         params),
+            format_table("Targets (measured ratios)", ["preset", "batch", "prec", "variant", "check", "value"],
+                         checks)]
+
+
+def sampling_tables(section: dict[str, Any]) -> list[str]:
+    if "error" in section:
+        return [f"Sampling: {_error_cell(section)}"]
+    rows = [[r["what"], r["seconds"], r.get("seconds_per_step"), r["images_per_s"]] for r in section["rows"]]
+    title = (f"Sampling ({section['preset']} preset with TSA, batch {section['batch']}, "
+             f"guidance w={section['guidance']:g}, fp32)")
+    return [format_table(title, ["what", "seconds", "s/step", "images/s"], rows)]
+
+
+def metrics_tables(section: dict[str, Any]) -> list[str]:
+    rows = []
+    for f in section["features"]:
+        what = f"features: {f.get('extractor')}"
+        if "error" in f or "skipped" in f:
+            rows.append([what, _error_cell(f) if "error" in f else "skipped: " + f["skipped"][:80], "", "", ""])
+        else:
+            rows.append([what + f" ({f['images']} images {f['image_shape']})", f["seconds"],
+                         f["features_per_s"], f.get("growth_mb"), f.get("note")])
+    for key in ("precision_recall", "prd"):
+        m = section[key]
+        if "error" in m:
+            rows.append([key, _error_cell(m), "", "", ""])
+        else:
+            extra = f"P={m['precision']:.3f} R={m['recall']:.3f}" if key == "precision_recall" else \
+                f"F_8={m['f_8']:.3f} F_1/8={m['f_1_8']:.3f} ({m['num_clusters']} clusters, {m['num_runs']} runs)"
+            rows.append([f"{key} {m['n_gen']} x {m['n_ref']} x {m['dim']}-d", m["seconds"], "", m.get("growth_mb"),
+                         extra])
+    return [format_table("Metrics", ["what", "seconds", "features/s", "growth MB", "note"], rows)]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((set(line.split(":", 1)[1].split()) for line in fh if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def machine_info(device: str, threads: int) -> dict[str, Any]:
+    """CPU model, cores, memory, load, torch version, device name and threads of this machine."""
+    import torch
+
+    flags = _cpu_flags()
+    info: dict[str, Any] = {
+        "cpu_model": _cpu_model(), "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_bf16": sorted(f for f in flags if "bf16" in f or f == "amx_tile"),
+        "memory_total_mb": (_proc_meminfo_mb("MemTotal")), "load_average_start": list(os.getloadavg()),
+        "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+        "device": device, "threads": threads or torch.get_num_threads(),
+    }
+    info["device_name"] = torch.cuda.get_device_name(device) if device.startswith("cuda") else info["cpu_model"]
+    if device.startswith("cuda"):
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _proc_meminfo_mb(key: str) -> float | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------------------
+def _csv(kind: Callable[[str], Any], valid: Sequence[Any] | None = None) -> Callable[[str], tuple[Any, ...]]:
+    """argparse type: a comma-separated list of ``kind`` values, each in ``valid`` when given."""
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
+        bad = [v for v in values if valid is not None and v not in valid]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"invalid value(s) {bad or text!r}; choose from {', '.join(map(str, valid or []))}")
+        return values
+    return parse
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface; every option explains itself in --help. Unset sizes take the --quick or full
+    defaults (shown as quick/full)."""
+    p = argparse.ArgumentParser(prog="python -m pipelines.benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes: a run of about two minutes on 2 idle cores")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per job (0: torch's default)")
+    p.add_argument("--out", default="bench.json", help="JSON file written atomically (default bench.json)")
+    p.add_argument("--sections", type=_csv(str, SECTIONS), default=SECTIONS, help="comma-separated subset of "
+                   "train,sampling,metrics (default all)")
+    p.add_argument("--presets", type=_csv(str, PRESETS), default=PRESETS, help="training presets (small,cifar)")
+    p.add_argument("--variants", type=_csv(str, tuple(VARIANTS)), default=tuple(VARIANTS),
+                   help=f"training variants (default all: {','.join(VARIANTS)})")
+    p.add_argument("--precisions", type=_csv(str, PRECISIONS), default=PRECISIONS, help="fp32,bf16 (default both)")
+    p.add_argument("--small-batch", type=_positive, default=64, help="training batch of the small preset (64)")
+    p.add_argument("--cifar-batch", type=_csv(_positive), default=None, help="training batch(es) of the cifar "
+                   "preset, comma-separated (8 / 8,32)")
+    p.add_argument("--steps", type=_positive, default=None, help="timed training steps per job; the median is "
+                   "reported (2 / 10)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed training steps first (1 / 2)")
+    p.add_argument("--sample-batch", type=_positive, default=64, help="sampling batch (64)")
+    p.add_argument("--ddim-steps", type=_csv(_positive), default=None, help="DDIM step counts timed (10 / 10,50)")
+    p.add_argument("--ddpm-probe-steps", type=_positive, default=None, help="DDPM steps actually run to time one "
+                   "step, extrapolated to T=1000 (5 / 20)")
+    p.add_argument("--sample-repeats", type=_positive, default=None, help="full sampler runs timed, median (1 / 3)")
+    p.add_argument("--guidance", type=float, default=1.0, help="guidance strength w while sampling (1.0)")
+    p.add_argument("--metric-n", type=_positive, default=None, help="features per set for precision/recall and PRD "
+                   "(2000 / 10000)")
+    p.add_argument("--feature-dim", type=_positive, default=2048, help="feature dimension (2048, Inception's)")
+    p.add_argument("--prd-clusters", type=_positive, default=200, help="PRD k-means clusters (200 = 20 x 10 classes)")
+    p.add_argument("--prd-runs", type=_positive, default=None, help="PRD clusterings averaged (2 / 10, paper: 10)")
+    p.add_argument("--prd-n-init", type=_positive, default=None, help="k-means initialisations per PRD run "
+                   "(2 / 10, Sajjadi et al.: 10)")
+    p.add_argument("--feature-images", type=_positive, default=None, help="images for the digits CNN (2000 / 10000)")
+    p.add_argument("--inception-images", type=_positive, default=None, help="images for Inception (16 / 200)")
+    p.add_argument("--extractors", type=_csv(str, ("digits", "inception")), default=("digits", "inception"),
+                   help="feature networks timed (digits,inception; Inception is skipped when no weights are on disk)")
+    p.add_argument("--job-timeout", type=float, default=3600.0, help="seconds before a job is stopped (3600)")
+    return p
+
+
+def _pick(value: Any, quick: bool, quick_default: Any, full_default: Any) -> Any:
+    return value if value is not None else (quick_default if quick else full_default)
+
+
+def resolve_device(spec: str) -> str:
+    """``auto`` -> "cuda" when available, else "cpu"; other values are checked (ValueError names the value)."""
+    import torch
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {spec!r}")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec!r} was asked for but CUDA is not available")
+    return spec
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    """Resolve the command line into BenchSettings (quick/full defaults for unset sizes)."""
+    q = args.quick
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    warmup = _pick(args.warmup, q, 1, 2)
+    if warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {warmup}")
+    return BenchSettings(
+        quick=q, device=resolve_device(args.device), threads=args.threads, sections=tuple(args.sections),
+        presets=tuple(args.presets), variants=tuple(args.variants), precisions=tuple(args.precisions),
+        small_batch=args.small_batch, cifar_batches=tuple(_pick(args.cifar_batch, q, (8,), (8, 32))),
+        steps=_pick(args.steps, q, 2, 10), warmup=warmup, sample_batch=args.sample_batch,
+        ddim_steps=tuple(_pick(args.ddim_steps, q, (10,), (10, 50))),
+        ddpm_probe_steps=_pick(args.ddpm_probe_steps, q, 5, 20), sample_repeats=_pick(args.sample_repeats, q, 1, 3),
+        guidance=args.guidance, metric_n=_pick(args.metric_n, q, 2000, 10000), feature_dim=args.feature_dim,
+        prd_clusters=args.prd_clusters, prd_runs=_pick(args.prd_runs, q, 2, 10),
+        prd_n_init=_pick(args.prd_n_init, q, 2, 10), feature_images=_pick(args.feature_images, q, 2000, 10000),
+        inception_images=_pick(args.inception_images, q, 16, 200), extractors=tuple(args.extractors),
+        job_timeout=args.job_timeout,
+    )
+
+
+def run_benchmark(s: BenchSettings) -> dict[str, Any]:
+    """Run the selected sections and return the report (``machine``, ``settings``, one key per section)."""
+    started = time.perf_counter()
+    report: dict[str, Any] = {"schema": 1, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              "machine": machine_info(s.device, s.threads), "settings": s.to_dict()}
+    runner = JobRunner(s.job_timeout)
+    sections = {"train": run_train_section, "sampling": run_sampling_section, "metrics": run_metrics_section}
+    for name in SECTIONS:
+        if name in s.sections:
+            report[name] = sections[name](runner, s)
+    report["machine"]["load_average_end"] = list(os.getloadavg())
+    report["wall_s"] = time.perf_counter() - started
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """Print one table per section run, and the machine line."""
+    m = report["machine"]
+    print(f"{m['device_name']} | {m['usable_cpus']} CPUs | torch {m['torch']} | threads {m['threads']} | "
+          f"load {m['load_average_start'][0]:.1f} -> {m['load_average_end'][0]:.1f} | {report['wall_s']:.0f} s")
+    tables = {"train": train_tables, "sampling": sampling_tables, "metrics": metrics_tables}
+    for name, make in tables.items():
+        if name in report:
+            for table in make(report[name]):
+                print()
+                print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (None: sys.argv[1:]); returns 0, or 1 when a job failed."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    from pdcbdm.config import write_json_atomic
+
+    report = run_benchmark(settings)
+    write_json_atomic(args.out, report)
+    print_report(report)
+    print(f"\nwrote {Path(args.out).resolve()}")
+    return 1 if _failed_jobs(report) else 0
+
+
+def _failed_jobs(report: dict[str, Any]) -> list[Any]:
+    found = list(report.get("train", {}).get("rows", []))
+    found.append(report.get("sampling", {}))
+    metrics = report.get("metrics", {})
+    found += list(metrics.get("features", [])) + [metrics.get("precision_recall", {}), metrics.get("prd", {})]
+    return [f for f in found if "error" in f]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

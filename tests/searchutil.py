@@ -1,0 +1,43 @@
+"""Helpers for the end-to-end search tests: run tune/search.py, read the MLflow store back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--set", "train.steps=40", "--set", "train.eval_every=20", "--set", "train.log_every=10"]
+
+
+def search_cmd(out: Path, name: str, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "tune" / "search.py"), "--preset", "smoke", "--out", str(out),
+            "--name", name, *extra]
+
+
+def run_search(out: Path, name: str, *extra: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(out / "cache"), **(env or {})}
+    return subprocess.run(search_cmd(out, name, *extra), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def trial_runs(uri: str, search: str, experiment: str = "pdcbdm") -> list[Any]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`pdcbdm.search` = '{search}' and "
+                              "tags.`pdcbdm.kind` = 'trial'", max_results=1000)
+
+
+def artifact_paths(uri: str, run_id: str, path: str | None = None) -> list[str]:
+    """Every artifact file of a run, recursively."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    out = []
+    for item in client.list_artifacts(run_id, path):
+        out += artifact_paths(uri, run_id, item.path) if item.is_dir else [item.path]
+    return out

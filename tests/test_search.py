@@ -1,0 +1,48 @@
+"""The smoke search end to end: real Ray (local), real Optuna (sqlite), real MLflow (sqlite store)."""
+
+from __future__ import annotations
+
+import optuna
+import pandas as pd
+import pytest
+
+from tests.searchutil import TINY, artifact_paths, run_search, trial_runs
+from tune.space import SEARCHED
+
+pytestmark = pytest.mark.slow
+
+
+def test_smoke_search_records_every_trial(tmp_path):
+    proc = run_search(tmp_path, "e2e", "--trials", "3", "--seed", "1", *TINY)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "open the MLflow UI: mlflow ui --backend-store-uri sqlite:///" in proc.stdout
+    assert "started:" in proc.stdout and "rank" in proc.stdout
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    runs = trial_runs(uri, "e2e")
+    assert len(runs) == 3
+    table = pd.read_parquet(tmp_path / "searches" / "e2e" / "trials.parquet")
+    assert len(table) == 3 and set(table["status"]) <= {"completed", "stopped"}
+    assert set(table["mlflow_run_id"]) == {r.info.run_id for r in runs}
+    for run in runs:
+        assert run.info.status == "FINISHED"  # ASHA-stopped trials too; none left RUNNING
+        for key in SEARCHED:
+            assert key in run.data.params
+        assert "proxy_fid" in run.data.metrics and "loss" in run.data.metrics
+        files = artifact_paths(uri, run.info.run_id)
+        assert "config.json" in files and any(f.startswith("samples/") and f.endswith(".png") for f in files)
+    done = [r for r in runs if table.set_index("mlflow_run_id").loc[r.info.run_id, "status"] == "completed"]
+    assert done, "the best trial runs to the end"
+    for run in done:
+        for key in ("fid", "recall", "precision", "f8", "f1_8", "fid_head", "fid_tail", "best_guidance",
+                    "tail_to_head_confusion", "consistency_mean", "is_mean"):
+            assert key in run.data.metrics, key
+        files = artifact_paths(uri, run.info.run_id)
+        assert "checkpoint/checkpoint.pt" in files and "evaluation/per_class.parquet" in files
+    ranked = table[table["status"] == "completed"]
+    assert list(ranked["fid"]) == sorted(ranked["fid"])
+
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'searches' / 'e2e' / 'optuna.db'}")
+    assert len(study.trials) == 3
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert study.trials[0].params["loss.label_dist"] == "inverted"  # the preset is evaluated first
