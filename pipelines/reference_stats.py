@@ -56,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     kind = args.extractor or ("digits" if args.dataset.startswith("digits") else "inception")
     if kind == "digits" and args.inception_weights is not None:
         raise SystemExit("--inception-weights is only used with --extractor inception")
+    if kind == "digits" and not args.dataset.startswith("digits"):
+        raise SystemExit(f"--extractor digits reads 1x16x16 digits only, not --dataset {args.dataset}")
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     dataset = build_reference_dataset(args.dataset, root=args.root, download=args.download)

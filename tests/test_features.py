@@ -110,6 +110,8 @@ def test_reference_stats_cli(digits, cache_dir, capsys):
     path = out.split("path: ", 1)[1].splitlines()[0]
     assert os.path.isfile(path)
     assert len(build_reference_dataset("digits-lt")) == 500
+    with pytest.raises(SystemExit, match="digits only"):
+        reference_stats.main(["--dataset", "cifar10", "--extractor", "digits"])
     with pytest.raises(SystemExit):
         reference_stats.main(["--help"])
     assert "--inception-weights" in capsys.readouterr().out

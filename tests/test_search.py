@@ -6,14 +6,14 @@ import optuna
 import pandas as pd
 import pytest
 
-from tests.searchutil import TINY, artifact_paths, run_search, trial_runs
+from tests.searchutil import artifact_paths, trial_runs
 from tune.space import SEARCHED
 
 pytestmark = pytest.mark.slow
 
 
-def test_smoke_search_records_every_trial(tmp_path):
-    proc = run_search(tmp_path, "e2e", "--trials", "3", "--seed", "1", *TINY)
+def test_smoke_search_records_every_trial(smoke_search):
+    tmp_path, _, proc = smoke_search
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "open the MLflow UI: mlflow ui --backend-store-uri sqlite:///" in proc.stdout
     assert "started:" in proc.stdout and "rank" in proc.stdout
