@@ -143,7 +143,10 @@ def resolve_config(base: Config, overrides: dict[str, Any], guidance: Sequence[f
     items = dict(overrides)
     if guidance is not None:
         items["eval.guidance_grid"] = ",".join(f"{w:g}" for w in guidance)
-    if items.get("eval.extractor", base.eval.extractor) == "digits" and "eval.inception_weights" not in items:
+    if items.get("eval.extractor", base.eval.extractor) == "digits":
+        if items.get("eval.inception_weights") is not None:
+            raise UsageError("--inception-weights is only used with the inception extractor (--extractor "
+                             "inception); this run uses the digits network")
         items["eval.inception_weights"] = None  # a stale Inception path in the checkpoint must not break digits
     try:
         return apply_overrides(base, items)
@@ -316,7 +319,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *
         torch.set_num_threads(cfg.train.threads)
     evaluator, split = _build_evaluator(cfg, data, device, cache_dir, progress)
     t_setup = time.perf_counter()
-    grid = parse_float_list(cfg.eval.guidance_grid, "eval.guidance_grid")
+    grid = tuple(dict.fromkeys(parse_float_list(cfg.eval.guidance_grid, "eval.guidance_grid")))  # one run per w
     results, rows, per_w = _score_grid(evaluator, net, grid, out, seed=seed, save_samples=save_samples,
                                        progress=progress, names=data.get("class_names") or [])
     t_noise = time.perf_counter()

@@ -16,7 +16,7 @@ from PIL import Image
 
 from pdcbdm.config import apply_overrides, preset
 from pdcbdm.train import train
-from pipelines.evaluate import grid_of_classes, main, parse_guidance, UsageError
+from pipelines.evaluate import UsageError, grid_of_classes, main, parse_guidance
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = ("fid", "precision", "recall", "f8", "f1_8", "fid_tail", "tail_to_head_confusion", "is_mean")
@@ -24,10 +24,10 @@ METRIC_KEYS = ("fid", "precision", "recall", "f8", "f1_8", "fid_tail", "tail_to_
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A 10-step smoke checkpoint; 100 diffusion steps keep the DDPM test short."""
+    """A 10-step smoke checkpoint; 50 diffusion steps keep the DDPM test short."""
     out = tmp_path_factory.mktemp("evalrun")
     threads = torch.get_num_threads()
-    cfg = apply_overrides(preset("smoke"), ["train.steps=10", "sample.steps=3", "diffusion.timesteps=100",
+    cfg = apply_overrides(preset("smoke"), ["train.steps=10", "sample.steps=3", "diffusion.timesteps=50",
                                             "train.threads=1"])
     try:
         train(cfg, out, progress=False)
@@ -113,12 +113,14 @@ def test_per_class_table_has_a_row_per_guidance_and_class(evaluated):
     with open(out / "per_class.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 * 10
-    assert sorted((float(r["guidance"]), int(r["label"])) for r in rows) == [(w, k) for w in (0.0, 1.0) for k in range(10)]
+    keys = sorted((float(r["guidance"]), int(r["label"])) for r in rows)
+    assert keys == [(w, k) for w in (0.0, 1.0) for k in range(10)]
     summary = json.loads((out / "metrics.json").read_text())
     for r in rows:
         assert int(r["n"]) == 4
         assert r["group"] == ("head" if int(r["label"]) in summary["head_classes"] else "tail")
-        assert float(r["fid"]) == pytest.approx(summary["guidance"][f"{float(r['guidance']):g}"][f"fid_class_{r['label']}"])
+        flat = summary["guidance"][f"{float(r['guidance']):g}"]
+        assert float(r["fid"]) == pytest.approx(flat[f"fid_class_{r['label']}"])
 
 
 def test_printed_table_lists_each_w(evaluated):
@@ -172,6 +174,13 @@ def test_invalid_override_exits_2_naming_option_and_field(flag, value, field, ch
     assert main(["--checkpoint", str(checkpoint), flag, value, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert field in err and flag in err
+
+
+def test_inception_weights_with_the_digits_network_exits_2(checkpoint, tmp_path, capsys):
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")
+    assert main(["--checkpoint", str(checkpoint), "--inception-weights", str(weights), "--out", str(tmp_path)]) == 2
+    assert "--inception-weights" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -35,7 +35,7 @@ def test_smoke_search_records_every_trial(smoke_search):
     assert done, "the best trial runs to the end"
     for run in done:
         for key in ("fid", "recall", "precision", "f8", "f1_8", "fid_head", "fid_tail", "best_guidance",
-                    "tail_to_head_confusion", "consistency_mean", "is_mean"):
+                    "tail_to_head_confusion", "consistency_mean", "is_mean", "noise_error"):
             assert key in run.data.metrics, key
         files = artifact_paths(uri, run.info.run_id)
         assert "checkpoint/checkpoint.pt" in files and "evaluation/per_class.parquet" in files

@@ -13,7 +13,7 @@ import pandas as pd
 from tune.space import SEARCHED
 
 METRIC_COLUMNS = ("fid", "is_mean", "precision", "recall", "f8", "f1_8", "fid_head", "fid_tail",
-                  "consistency_mean", "consistency_tail", "tail_to_head_confusion", "best_guidance", "proxy_fid",
+                  "consistency_mean", "consistency_tail", "tail_to_head_confusion", "noise_error", "best_guidance", "proxy_fid",
                   "proxy_fid_tail", "step")
 
 

@@ -15,6 +15,7 @@ import torch
 
 from pdcbdm.config import Config, write_json_atomic
 from pdcbdm.evaluation import Evaluator, best_by_fid, headline
+from pdcbdm.noise_error import noise_error
 from pdcbdm.train import load_data
 from pdcbdm.training import NonFiniteLossError, Trainer
 from pdcbdm.viz import save_grid
@@ -74,7 +75,19 @@ def _final_evaluation(trainer: Trainer, evaluator: Evaluator, folder: Path, log:
     log.files(sorted(folder.glob("samples_w*.png")), "samples/final")
     for r in results:
         log.metrics({f"fid_w{r.guidance:g}": r.metrics["fid"]}, trainer.step)
-    return {**headline(best), "best_guidance": best.guidance}
+    return {**headline(best), "best_guidance": best.guidance, **_noise_error(trainer)}
+
+
+def _noise_error(trainer: Trainer) -> dict[str, float]:
+    """Algorithm 2 on the first ``eval.noise_error_images`` training images (0 turns it off)."""
+    cfg = trainer.cfg.eval
+    if cfg.noise_error_images == 0:
+        return {}
+    idx = torch.arange(min(cfg.noise_error_images, len(trainer.dataset)))
+    batches = [trainer.dataset.batch(chunk) for chunk in idx.split(cfg.batch_size)]
+    value = noise_error(trainer.ema.module, trainer.diffusion, batches, stride=cfg.noise_error_stride,
+                        seed=trainer.cfg.train.seed, device=trainer.device)
+    return {"noise_error": value}
 
 
 def _evaluate(trainer: Trainer, evaluator: Evaluator, folder: Path, log: RankZeroLogger, final: bool) -> dict[str, Any]:
@@ -130,7 +143,9 @@ def _diverged(trainer: Trainer, exc: NonFiniteLossError, log: "RankZeroLogger", 
     """Report the divergence (every rank reaches it at the same step) with the last finite state; the trial
     function turns it into a failed trial, without Train restarting the workers into the same divergence."""
     log.metrics({"diverged": 1.0}, trainer.step)
-    _report(trainer, {"step": trainer.step, "diverged": 1.0, "error": str(exc)}, rank)
+    # the searcher and scheduler read their metrics from every result: report the worst value
+    worst = {"proxy_fid": float("inf"), "proxy_fid_tail": float("inf")}
+    _report(trainer, {"step": trainer.step, "diverged": 1.0, "error": str(exc), **worst}, rank)
 
 
 def train_loop(config: dict[str, Any]) -> None:
