@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,14 +60,27 @@ def mlflow_server(tmp_path):
 def ray_head(tmp_path):
     port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    temp = Path("/tmp") / f"ray-test-{port}"  # short: Ray's socket paths must stay under 107 characters
     start = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-             "--num-cpus", "2", "--num-gpus", "0", "--resources", '{"train_driver": 2}',
-             "--temp-dir", str(Path("/tmp") / f"ray-test-{port}")]
+             "--num-cpus", "2", "--num-gpus", "0", "--resources", '{"train_driver": 2}', "--temp-dir", str(temp)]
     subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(str(temp))
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_cluster(temp: str) -> None:
+    """Kill this cluster's processes only (`ray stop` would stop every Ray instance on the machine)."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if temp in " ".join(proc.info["cmdline"] or []):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
 
 
 def test_search_on_a_ray_cluster_with_a_remote_mlflow_server(tmp_path, mlflow_server, ray_head):

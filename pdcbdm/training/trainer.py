@@ -74,7 +74,9 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         self.counts = dataset.counts()
         self.num_classes = len(self.counts)
-        self.net = build_network(cfg, self.num_classes, tuple(dataset.image_shape)).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # seeded init: same weights for any rank or worker count
+            torch.manual_seed(cfg.train.seed)
+            self.net = build_network(cfg, self.num_classes, tuple(dataset.image_shape)).to(self.device)
         self.ema = EMA(self.net, cfg.train.ema_decay)
         self.model = wrap_model(self.net) if wrap_model else self.net
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.train.lr)
