@@ -85,11 +85,14 @@ def _stop_cluster(temp: str) -> None:
 
 def test_search_on_a_ray_cluster_with_a_remote_mlflow_server(tmp_path, mlflow_server, ray_head):
     out = tmp_path / "out"
+    shared = tmp_path / "shared-storage"
     proc = run_search(out, "cluster", "--trials", "2", "--no-asha", "--address", ray_head,
-                      "--tracking-uri", mlflow_server, *TINY, env={"RAY_AUTH_MODE": "disabled"})
+                      "--tracking-uri", mlflow_server, "--storage-path", str(shared), *TINY,
+                      env={"RAY_AUTH_MODE": "disabled"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"open the MLflow UI: open {mlflow_server}" in proc.stdout
     assert not (out / "mlflow.db").exists()  # everything went to the server
+    assert (shared / "cluster" / "tune").is_dir() and any((shared / "cluster" / "train").iterdir())
     runs = trial_runs(mlflow_server, "cluster")
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     for run in runs:

@@ -205,12 +205,18 @@ def connect_ray(p: SearchPlan) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a diverged trial's last report has no FID
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables; ProgressPrinter says what matters
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     if a.address == "local":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
         fit = fits(a, cpus, gpus)
+        # Train's placement-group cleaner finds the cluster through the state API, which refuses to guess when
+        # several Ray instances run on one machine (two searches, a notebook): point it at this one's dashboard.
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=cpus, num_gpus=gpus, resources={"train_driver": fit},
+                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                  runtime_env={"env_vars": env}, **quiet)
         return fit
     check_address(a.address)
@@ -227,6 +233,12 @@ def connect_ray(p: SearchPlan) -> int:
                           f"`ray start --head --resources='{{\"train_driver\": 8}}'` (the number of trials that may "
                           f"run at once)")
     return min(drivers, fits(a, int(res.get("CPU", 0)), int(res.get("GPU", 0))))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 RUNTIME_EXCLUDES = [".venv/", ".git/", "searches/", "runs/", "mlartifacts/", "mlflow.db", "*.pt", "notebooks/"]
