@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-
-def _atomic_target(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)
-    return tmp
+from pdcbdm.io import atomic_write
 
 
 def image_grid(images: Tensor, nrow: int, pad: int = 1) -> Tensor:
@@ -39,15 +32,7 @@ def save_grid(images: Tensor, path: str | os.PathLike, nrow: int, scale: int = 1
         grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     arr = grid.permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def class_rows(labels_per_row: int, num_classes: int) -> Tensor:
@@ -74,14 +59,7 @@ def save_curves(history: Sequence[Mapping[str, float]], keys: Sequence[str], pat
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = _atomic_target(path)
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
-    return path

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+
+from pdcbdm.io import atomic_write
 
 from tune.space import SEARCHED
 
@@ -54,17 +54,7 @@ def _num(v: Any) -> float:
 
 def write_parquet(df: pd.DataFrame, path: Path) -> Path:
     """Atomic Parquet write (a reader never sees half a table)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: df.to_parquet(f, index=False))
 
 
 def format_table(df: pd.DataFrame) -> str:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from ._atomic import atomic_write_bytes, is_temp_name
+from pdcbdm.io import atomic_write_bytes, is_temp_name
 from .dataset import ImageDataset
 from .split import HeadTailSplit, head_tail_split
 

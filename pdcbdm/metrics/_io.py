@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
+
+from pdcbdm.io import atomic_write
 
 __all__ = ["CACHE_ENV", "resolve_cache_dir", "atomic_write", "atomic_torch_save", "sha256_file", "sha256_state",
            "sha256_text", "dataset_identity"]
@@ -34,28 +34,6 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"cache_dir {str(path)!r} exists and is not a folder")
     path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
-    """Write a file atomically: `write(f)` fills a temporary file next to `path`, which then replaces `path`.
-
-    Args:
-        path: destination file; its folder must exist.
-        write: callable that writes the complete content to the binary file object it is given.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches are meant to be shared like any output
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
