@@ -1,16 +1,22 @@
 """Performance benchmark of PD-CBDM: training throughput and memory, component costs, samplers and metrics.
 
-    python -m pipelines.benchmark --quick                      # about two minutes on 2 idle CPU cores
+    python -m pipelines.benchmark --quick                      # under two minutes on 2 idle CPU cores
+    python -m pipelines.benchmark                              # full: about 30 to 40 minutes on 2 CPU cores
     python -m pipelines.benchmark --device cuda --out bench-gpu.json
-    python -m pipelines.benchmark --sections train --presets cifar --cifar-batch 8 --steps 10
+    python -m pipelines.benchmark --sections train --cifar-batch 8 --small-batch 16 --steps 10 --precisions fp32 \
+        --variants ddpm+cfg,+cbdm,cbdm+tsa,cbdm+pd,all        # issue 3's grid: smoke's and cifar's steps
 
 Sections (``--sections``, default all three):
   train     the real ``Trainer.train_step`` (loss, backward, gradient clipping, Adam, EMA) on synthetic long-tailed
             data of each preset's shape, for each variant -- ``ddpm+cfg`` (L_DM only, Eq. 8), ``+cbdm`` (adds
             L_DA's second label pass, Eq. 9), ``+pd`` (adds the head/tail pairs, Eq. 10-11), ``+tsa`` (TSA at the
-            preset's resolution, Eq. 13-14) and ``all`` (PD-CBDM) -- in fp32 and bf16 autocast. Reports the median
-            step time, images/s (main-batch images), the peak memory, the cost relative to ``ddpm+cfg`` fp32, and
-            that cost divided by the extra network work (images through the network per step / batch).
+            preset's resolution, Eq. 13-14) and ``all`` (PD-CBDM) -- in fp32 and bf16 autocast (``cbdm+pd`` and
+            ``cbdm+tsa`` on request). Presets and batches: small at 64 (and 16, the ``smoke`` config's batch, in
+            the full run), cifar at 8 (and 32 in the full run). Reports the median step time, images/s
+            (main-batch images), the peak memory, the cost relative to ``ddpm+cfg`` fp32, that cost divided by
+            the extra network work (images through the network per step / batch), and the issues' targets as
+            ratios. ``--quick`` leaves out cifar's +cbdm and +pd (both precisions) and +tsa in bf16: their costs
+            come from the small preset there (``--full-grid`` keeps them).
   sampling  the small preset at batch 64: one guided forward with cond+uncond batched (``guided_eps``) against
             two separate forwards and against an unguided one; full DDIM runs of S steps (both guidance modes);
             DDPM ancestral steps (timed on a short schedule, whose steps cost what a T=1000 step costs, and
@@ -22,7 +28,9 @@ Sections (``--sections``, default all three):
 Method. Every measurement runs in a fresh process forked from a "forkserver" that has imported torch and pdcbdm
 once (so a job costs no import time, and CUDA is initialised only inside the job). Each job does its set-up,
 records a memory baseline, runs warm-up iterations, then times each iteration (``torch.cuda.synchronize`` around
-it on CUDA) and reports the median. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` after
+it on CUDA) and reports the median, with the median process CPU time beside it: on a machine shared with other
+jobs the CPU time (at ``--threads 1`` especially) stays close to the idle machine's wall time while wall times
+do not, so the relative costs are given from both. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``; on the CPU the process's peak resident set (``VmHWM`` of /proc/self/status, reset by
 writing 5 to /proc/self/clear_refs and anyway fresh in a new process). ``peak_mb`` is that peak; ``growth_mb`` is
 the peak minus the memory at the baseline, i.e. what the measured work itself needed (for training: gradients,
@@ -53,8 +61,9 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "SECTIONS", "VARIANTS", "BenchSettings", "PeakMemory", "build_parser", "format_table", "machine_info",
-    "main", "network_images_per_step", "run_benchmark", "variant_config",
+    "DEFAULT_VARIANTS", "SECTIONS", "VARIANTS", "BenchSettings", "JobRunner", "PeakMemory", "Timing", "build_parser",
+    "format_table", "machine_info", "main", "network_images_per_step", "run_benchmark", "settings_from_args",
+    "time_call", "timed_median", "train_plan", "variant_config",
 ]
 
 SECTIONS = ("train", "sampling", "metrics")
@@ -67,13 +76,21 @@ VARIANTS: dict[str, tuple[float, float, bool]] = {
     "+pd": (0.0, 0.01, False),
     "+tsa": (0.0, 0.0, True),
     "all": (1.0, 0.01, True),
+    # not run by default: with "+cbdm" and "all" they make the 2 x 2 grid over CBDM (with/without TSA and PD)
+    "cbdm+pd": (1.0, 0.01, False),
+    "cbdm+tsa": (1.0, 0.0, True),
 }
+DEFAULT_VARIANTS = ("ddpm+cfg", "+cbdm", "+pd", "+tsa", "all")
 PRESET_SHAPES = {"small": (1, 16, 16), "cifar": (3, 32, 32)}
 PRESET_TSA = {"small": "8", "cifar": "16"}
 NUM_CLASSES = 10
 # Issue 3: the CBDM reference U-Net at the cifar config, batch 32, fp32, 2 threads, on the 2-core AMD EPYC
 # (avx512_bf16) machine; only comparable on that machine.
 REFERENCE_CPU = {"batch": 32, "ddpm+cfg": 4.7, "+cbdm": 2.4}
+# --quick keeps to about two minutes by timing CBDM's and PD's costs on the small preset only, and bf16 on the
+# cifar preset only for ddpm+cfg and all (--full-grid runs them all).
+QUICK_SKIP = tuple(f"cifar/{p}/{v}" for p, v in [("fp32", "+cbdm"), ("fp32", "+pd"), ("bf16", "+cbdm"),
+                                                  ("bf16", "+pd"), ("bf16", "+tsa")])
 FORKSERVER_PRELOAD = ["torch", "numpy", "pdcbdm.training", "pdcbdm.sampling", "pdcbdm.metrics"]
 
 
@@ -87,12 +104,13 @@ class BenchSettings:
         threads: torch intra-op threads in each job (0 = torch's default).
         sections: which of SECTIONS run.
         presets, variants, precisions: the training grid.
-        small_batch, cifar_batches: training batch sizes of each preset.
+        small_batches, cifar_batches: training batch sizes of each preset (small at 16 is the ``smoke`` config's).
         steps, warmup: timed and untimed iterations per training job.
         sample_batch, ddim_steps, ddpm_probe_steps, sample_repeats, guidance: the sampling section.
         metric_n, feature_dim, prd_clusters, prd_runs, prd_n_init: precision/recall and PRD sizes.
         feature_images, inception_images, extractors: the feature-extractor throughput jobs.
         job_timeout: seconds after which a job is stopped and recorded as an error.
+        skip: training jobs left out, as "preset/precision/variant" (see QUICK_SKIP).
     """
 
     quick: bool
@@ -102,7 +120,7 @@ class BenchSettings:
     presets: tuple[str, ...]
     variants: tuple[str, ...]
     precisions: tuple[str, ...]
-    small_batch: int
+    small_batches: tuple[int, ...]
     cifar_batches: tuple[int, ...]
     steps: int
     warmup: int
@@ -120,6 +138,7 @@ class BenchSettings:
     inception_images: int
     extractors: tuple[str, ...]
     job_timeout: float
+    skip: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,10 +147,11 @@ class BenchSettings:
 # ---------------------------------------------------------------------------------------------------------------
 # measurement helpers (run inside the jobs)
 # ---------------------------------------------------------------------------------------------------------------
-def _proc_status_mb(key: str) -> float | None:
-    """A memory line of /proc/self/status (``VmHWM``, ``VmRSS``) in MiB, or None where /proc is missing."""
+def _proc_status_mb(key: str, path: str = "/proc/self/status") -> float | None:
+    """A "Key: N kB" line of a /proc file (``VmHWM``/``VmRSS`` of /proc/self/status, ``MemTotal`` of
+    /proc/meminfo) in MiB, or None where /proc is missing."""
     try:
-        with open("/proc/self/status") as fh:
+        with open(path) as fh:
             for line in fh:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024.0
@@ -195,21 +215,33 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], Any], device: str) -> float:
-    """Wall-clock seconds of one call of ``fn``, with the device's queued work finished before and after."""
+def time_call(fn: Callable[[], Any], device: str) -> tuple[float, float]:
+    """(wall-clock seconds, process CPU seconds) of one call of ``fn``, the device's queued work finished before
+    and after. CPU seconds (all threads) are reported besides wall time because on a shared machine they are far
+    less disturbed by other processes' load."""
     _sync(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def timed_median(fn: Callable[[], Any], device: str, *, warmup: int, repeats: int) -> tuple[float, list[float]]:
-    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` timed times; returns (median seconds, all times)."""
+@dataclass(frozen=True)
+class Timing:
+    """Median wall seconds, every timed wall time, and median CPU seconds of repeated calls."""
+
+    median_s: float
+    all_s: list[float]
+    cpu_median_s: float
+
+
+def timed_median(fn: Callable[[], Any], device: str, *, warmup: int, repeats: int) -> Timing:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed."""
     for _ in range(warmup):
         fn()
-    times = [time_call(fn, device) for _ in range(repeats)]
-    return statistics.median(times), times
+    pairs = [time_call(fn, device) for _ in range(repeats)]
+    walls = [w for w, _ in pairs]
+    return Timing(statistics.median(walls), walls, statistics.median(c for _, c in pairs))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,14 +300,15 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
     trainer = Trainer(cfg, synthetic_dataset(spec["preset"]), device=spec["device"])
     memory = PeakMemory(spec["device"])
     memory.start()
-    median, times = timed_median(trainer.train_step, spec["device"], warmup=spec["warmup"], repeats=spec["steps"])
+    timing = timed_median(trainer.train_step, spec["device"], warmup=spec["warmup"], repeats=spec["steps"])
     work = network_images_per_step(cfg)
     return {
         "preset": spec["preset"], "variant": spec["variant"], "precision": spec["precision"],
         "batch": spec["batch"], "tsa_resolutions": cfg.model.tsa_resolutions, "cbdm_tau": cfg.loss.cbdm_tau,
         "pd_weight": cfg.loss.pd_weight, "params": trainer.net.count_parameters(),
         "network_images_per_step": work, "work_ratio": work / cfg.train.batch_size,
-        "step_s": median, "step_s_all": times, "images_per_s": cfg.train.batch_size / median,
+        "step_s": timing.median_s, "step_s_all": timing.all_s, "step_cpu_s": timing.cpu_median_s,
+        "images_per_s": cfg.train.batch_size / timing.median_s,
         **memory.stop(),
     }
 
@@ -318,9 +351,10 @@ def _forward_rows(net: Any, labels: Any, shape: tuple[int, ...], spec: dict[str,
     rows = []
     for mode, (model, weight) in modes.items():
         with torch.no_grad():
-            sec, _ = timed_median(lambda: guided_eps(model, x, t, labels, weight, null), device, warmup=1,
+            timing = timed_median(lambda: guided_eps(model, x, t, labels, weight, null), device, warmup=1,
                                   repeats=max(3, spec["repeats"]))
-        rows.append({"what": f"eps forward, {mode}", "seconds": sec, "images_per_s": labels.shape[0] / sec})
+        rows.append({"what": f"eps forward, {mode}", "seconds": timing.median_s, "cpu_s": timing.cpu_median_s,
+                     "images_per_s": labels.shape[0] / timing.median_s})
     return rows
 
 
@@ -339,17 +373,18 @@ def _sampler_rows(net: Any, labels: Any, shape: tuple[int, ...], spec: dict[str,
         for mode, model in (("batched", net), ("two forwards", _two_forwards(net))):
             run = lambda: ddim_sample(model, diffusion, labels, shape, steps=steps, guidance=w,  # noqa: E731
                                       null_label=net.null_label, generator=torch.Generator().manual_seed(0))
-            sec, _ = timed_median(run, device, warmup=0, repeats=spec["repeats"])
+            timing = timed_median(run, device, warmup=0, repeats=spec["repeats"])
+            sec = timing.median_s
             rows.append({"what": f"DDIM {steps} steps, guidance {mode}", "seconds": sec, "images_per_s": n / sec,
-                         "seconds_per_step": sec / steps})
+                         "seconds_per_step": sec / steps, "cpu_s": timing.cpu_median_s})
     probe = GaussianDiffusion(DiffusionConfig(timesteps=spec["ddpm_probe_steps"]))
     run = lambda: ddpm_sample(net, probe, labels, shape, guidance=w, null_label=net.null_label,  # noqa: E731
                               generator=torch.Generator().manual_seed(0))
-    sec, _ = timed_median(run, device, warmup=0, repeats=spec["repeats"])
-    per_step = sec / spec["ddpm_probe_steps"]
+    timing = timed_median(run, device, warmup=0, repeats=spec["repeats"])
+    per_step, scale = timing.median_s / spec["ddpm_probe_steps"], 1000 / spec["ddpm_probe_steps"]
     rows.append({"what": "DDPM 1000 steps, guidance batched (extrapolated)", "seconds": per_step * 1000,
                  "images_per_s": n / (per_step * 1000), "seconds_per_step": per_step, "extrapolated": True,
-                 "measured_steps": spec["ddpm_probe_steps"]})
+                 "measured_steps": spec["ddpm_probe_steps"], "cpu_s": timing.cpu_median_s * scale})
     return rows
 
 
@@ -406,22 +441,20 @@ def features_job(spec: dict[str, Any]) -> dict[str, Any]:
     memory = PeakMemory(spec["device"])
     memory.start()
     extractor.extract(images[:min(spec["batch"], spec["images"])])  # warm-up
-    sec, _ = timed_median(lambda: extract_all(extractor, images, batch_size=spec["batch"], progress=False),
-                          spec["device"], warmup=0, repeats=1)
+    sec, cpu = time_call(lambda: extract_all(extractor, images, batch_size=spec["batch"], progress=False),
+                         spec["device"])
     return {"extractor": spec["extractor"], "name": extractor.name, "note": note, "images": spec["images"],
             "image_shape": list(shape), "batch": spec["batch"], "feature_dim": extractor.feature_dim,
-            "seconds": sec, "features_per_s": spec["images"] / sec, **memory.stop()}
+            "seconds": sec, "cpu_s": cpu, "features_per_s": spec["images"] / sec, **memory.stop()}
 
 
 def _random_features(n: int, dim: int, seed: int) -> tuple[Any, Any]:
-    """Reference and generated float32 Gaussian features [n, dim]; the generated set is shifted and narrower so
-    neither metric is trivially 0 or 1."""
+    """Reference and generated features [n, dim]: two independent float32 draws of one standard Gaussian (the
+    metrics' cost depends on the sizes only)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    ref = rng.standard_normal((n, dim), dtype=np.float32)
-    gen = 0.9 * rng.standard_normal((n, dim), dtype=np.float32) + 0.05
-    return ref, gen
+    return rng.standard_normal((n, dim), dtype=np.float32), rng.standard_normal((n, dim), dtype=np.float32)
 
 
 def precision_recall_job(spec: dict[str, Any]) -> dict[str, Any]:
@@ -434,9 +467,9 @@ def precision_recall_job(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     run = lambda: out.update(zip(("precision", "recall"),  # noqa: E731
                                  improved_precision_recall(ref, gen, k=5, device=spec["device"])))
-    sec = time_call(run, spec["device"])
+    sec, cpu = time_call(run, spec["device"])
     return {"metric": "precision_recall", "n_ref": spec["n"], "n_gen": spec["n"], "dim": spec["dim"], "k": 5,
-            "seconds": sec, **out, **memory.stop()}
+            "seconds": sec, "cpu_s": cpu, **out, **memory.stop()}
 
 
 def prd_job(spec: dict[str, Any]) -> dict[str, Any]:
@@ -449,10 +482,10 @@ def prd_job(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     run = lambda: out.update(zip(("f_8", "f_1_8"), prd_f_scores(  # noqa: E731
         gen, ref, num_clusters=spec["clusters"], num_runs=spec["runs"], n_init=spec["n_init"])))
-    sec = time_call(run, "cpu")
+    sec, cpu = time_call(run, "cpu")
     return {"metric": "prd", "n_ref": spec["n"], "n_gen": spec["n"], "dim": spec["dim"],
             "num_clusters": spec["clusters"], "num_runs": spec["runs"], "n_init": spec["n_init"],
-            "device": "cpu", "seconds": sec, **out, **memory.stop()}
+            "device": "cpu", "seconds": sec, "cpu_s": cpu, **out, **memory.stop()}
 
 
 JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -469,10 +502,12 @@ def _job_entry(kind: str, spec: dict[str, Any], conn: Any) -> None:
     try:
         import torch
 
+        wall, cpu = time.perf_counter(), time.process_time()
         if spec.get("threads", 0) > 0:
             torch.set_num_threads(spec["threads"])
         result = JOBS[kind](spec)
-        result["threads"] = torch.get_num_threads()
+        result.update(threads=torch.get_num_threads(), job_wall_s=time.perf_counter() - wall,
+                      job_cpu_s=time.process_time() - cpu)
         conn.send(("ok", result))
     except BaseException as err:  # reported to the parent, which records it and goes on
         conn.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=4)}"))
@@ -526,15 +561,16 @@ def _base_spec(s: BenchSettings) -> dict[str, Any]:
 
 
 def train_plan(s: BenchSettings) -> list[dict[str, Any]]:
-    """One job spec per (preset, batch, precision, variant), ``ddpm+cfg`` fp32 first in each group."""
+    """One job spec per (preset, batch, precision, variant) not in ``s.skip``, ``ddpm+cfg`` fp32 first."""
     plan = []
     for preset in s.presets:
-        batches = (s.small_batch,) if preset == "small" else s.cifar_batches
+        batches = s.small_batches if preset == "small" else s.cifar_batches
         for batch in batches:
             for precision in s.precisions:
                 for variant in s.variants:
-                    plan.append({**_base_spec(s), "preset": preset, "batch": batch, "precision": precision,
-                                 "variant": variant, "steps": s.steps, "warmup": s.warmup})
+                    if f"{preset}/{precision}/{variant}" not in s.skip:
+                        plan.append({**_base_spec(s), "preset": preset, "batch": batch, "precision": precision,
+                                     "variant": variant, "steps": s.steps, "warmup": s.warmup})
     return plan
 
 
@@ -549,30 +585,63 @@ def _find(rows: list[dict[str, Any]], preset: str, batch: int, variant: str, pre
 
 def add_relative_costs(rows: list[dict[str, Any]]) -> None:
     """Add ``relative_cost`` (step time / ddpm+cfg fp32 step time at the same preset and batch) and
-    ``cost_per_work`` (relative cost / network work ratio: 1.0 means the variant costs exactly its extra passes)."""
+    ``cost_per_work`` (relative cost / network work ratio: 1.0 means the variant costs exactly its extra passes),
+    from wall time, and the same two from CPU time (``*_cpu``: robust to other processes' load)."""
     for row in rows:
         base = _find(rows, row.get("preset"), row.get("batch"), "ddpm+cfg", "fp32")
         if "step_s" in row and base is not None:
             row["relative_cost"] = row["step_s"] / base["step_s"]
             row["cost_per_work"] = row["relative_cost"] / row["work_ratio"]
+            row["relative_cost_cpu"] = row["step_cpu_s"] / base["step_cpu_s"]
+            row["cost_per_work_cpu"] = row["relative_cost_cpu"] / row["work_ratio"]
+
+
+# variant -> the variant without that component (same precision, preset and batch)
+TSA_TWINS = {"+tsa": "ddpm+cfg", "cbdm+tsa": "+cbdm", "all": "cbdm+pd"}
+PD_TWINS = {"+pd": "ddpm+cfg", "cbdm+pd": "+cbdm", "all": "cbdm+tsa"}
+CBDM_TWINS = {"+cbdm": "ddpm+cfg"}
+
+
+def _ratio_check(row: dict[str, Any], twin: dict[str, Any], base: dict[str, Any], check: str, *,
+                 extra_work: float | None) -> dict[str, Any]:
+    """A check comparing ``row`` with its ``twin`` (the same without one component), from wall and CPU times.
+
+    With ``extra_work`` None: the overhead step(row) / step(twin) - 1. Otherwise the component's cost per unit of
+    the network work it adds: (step(row) - step(twin)) / (step(base) * extra_work), base being ddpm+cfg.
+    """
+    values = []
+    for key in ("step_s", "step_cpu_s"):
+        if extra_work is None:
+            values.append(row[key] / twin[key] - 1.0)
+        else:
+            values.append((row[key] - twin[key]) / (base[key] * extra_work))
+    return {"preset": row["preset"], "batch": row["batch"], "variant": row["variant"],
+            "precision": row["precision"], "check": check, "value": values[0], "value_cpu": values[1]}
 
 
 def _row_checks(row: dict[str, Any], rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
-    key = {"preset": row["preset"], "batch": row["batch"], "variant": row["variant"], "precision": row["precision"]}
-    out = []
-    fp32 = row["precision"] == "fp32"
-    if fp32 and row["variant"] == "+tsa" and "relative_cost" in row:
-        out.append({**key, "check": "TSA overhead: relative cost - 1 (target <= 0.10)",
-                    "value": row["relative_cost"] - 1.0})
-    if fp32 and row["variant"] in ("+cbdm", "+pd") and "cost_per_work" in row:
-        out.append({**key, "check": "cost per unit of network work (target <= 1.0)", "value": row["cost_per_work"]})
-    twin = _find(rows, row["preset"], row["batch"], row["variant"], "fp32")
-    if row["precision"] == "bf16" and twin is not None:
-        out.append({**key, "check": "bf16 speed-up over fp32 (same variant)", "value": twin["step_s"] / row["step_s"]})
+    """The checks one training row contributes: {preset, batch, variant, precision, check, value, value_cpu}
+    (value from wall time, value_cpu from CPU time; twins and ddpm+cfg taken at the row's own precision)."""
+    find = lambda variant, precision=row["precision"]: _find(  # noqa: E731
+        rows, row["preset"], row["batch"], variant, precision)
+    base, out, batch = find("ddpm+cfg"), [], row["batch"]
+    if (twin := find(TSA_TWINS.get(row["variant"], ""))) is not None:
+        out.append(_ratio_check(row, twin, base, f"TSA overhead vs {twin['variant']} (target <= 0.10)",
+                                extra_work=None))
+    if (twin := find(PD_TWINS.get(row["variant"], ""))) is not None and base is not None:
+        pd_work = (row["network_images_per_step"] - twin["network_images_per_step"]) / batch
+        out.append(_ratio_check(row, twin, base, f"PD cost / its extra passes vs {twin['variant']} (target <= 1)",
+                                extra_work=pd_work))
+    if (twin := find(CBDM_TWINS.get(row["variant"], ""))) is not None and base is not None:
+        out.append(_ratio_check(row, twin, base, "CBDM cost / its extra pass (target <= 1)", extra_work=1.0))
+    key = {k: row[k] for k in ("preset", "batch", "variant", "precision")}
+    if row["precision"] == "bf16" and (twin := find(row["variant"], "fp32")) is not None:
+        out.append({**key, "check": "bf16 speed-up over fp32", "value": twin["step_s"] / row["step_s"],
+                    "value_cpu": twin["step_cpu_s"] / row["step_cpu_s"]})
     if device == "cpu" and row["preset"] == "cifar" and row["variant"] in ("ddpm+cfg", "+cbdm"):
         ref = REFERENCE_CPU[row["variant"]]
-        out.append({**key, "check": f"images/s over the reference's fp32 {ref} images/s at batch "
-                    f"{REFERENCE_CPU['batch']} (targets: fp32 >= 1.0, bf16 >= 1.8)", "value": row["images_per_s"] / ref})
+        out.append({**key, "check": f"images/s / reference's {ref} (fp32, batch {REFERENCE_CPU['batch']}; "
+                    "target fp32 >= 1, bf16 >= 1.8)", "value": row["images_per_s"] / ref, "value_cpu": None})
     return out
 
 
@@ -654,54 +723,59 @@ def _error_cell(row: dict[str, Any]) -> str:
 
 def train_tables(section: dict[str, Any]) -> list[str]:
     """The training table, the parameter counts and the checks."""
-    headers = ["preset", "batch", "prec", "variant", "step s", "images/s", "rel cost", "cost/work", "growth MB"]
+    headers = ["preset", "batch", "prec", "variant", "step s", "cpu s", "images/s", "rel cost", "rel cpu",
+               "cost/work", "growth MB"]
     rows = []
     for r in section["rows"]:
         head = [r.get("preset"), r.get("batch"), r.get("precision"), r.get("variant")]
         if "error" in r:
-            rows.append(head + [_error_cell(r), "", "", "", ""])
+            rows.append(head + [_error_cell(r), "", "", "", "", "", ""])
         else:
-            rows.append(head + [r["step_s"], r["images_per_s"], r.get("relative_cost"), r.get("cost_per_work"),
-                                r.get("growth_mb")])
+            rows.append(head + [r["step_s"], r["step_cpu_s"], r["images_per_s"], r.get("relative_cost"),
+                                r.get("relative_cost_cpu"), r.get("cost_per_work"), r.get("growth_mb")])
     params = [[p, c.get("without_tsa"), c.get("with_tsa")] for p, c in section["params"].items()]
-    checks = [[c["preset"], c["batch"], c["precision"], c["variant"], c["check"], c["value"]]
+    checks = [[c["preset"], c["batch"], c["precision"], c["variant"], c["check"], c["value"], c["value_cpu"]]
               for c in section["checks"]]
-    return [format_table("Training step (median; rel cost vs ddpm+cfg fp32; cost/work = rel cost / network work)",
-                         headers, rows),
+    title = ("Training step (median; rel cost/cpu: wall/CPU time over ddpm+cfg fp32's; cost/work: rel cost / "
+             "network work)")
+    return [format_table(title, headers, rows),
             format_table(f"Parameters ({section['num_classes']} classes)", ["preset", "without TSA", "with TSA"],
                          params),
-            format_table("Targets (measured ratios)", ["preset", "batch", "prec", "variant", "check", "value"],
-                         checks)]
+            format_table("Targets (measured ratios, from wall and from CPU time)",
+                         ["preset", "batch", "prec", "variant", "check", "wall", "cpu"], checks)]
 
 
 def sampling_tables(section: dict[str, Any]) -> list[str]:
+    """The sampling table (or the job's error)."""
     if "error" in section:
         return [f"Sampling: {_error_cell(section)}"]
-    rows = [[r["what"], r["seconds"], r.get("seconds_per_step"), r["images_per_s"]] for r in section["rows"]]
+    rows = [[r["what"], r["seconds"], r.get("cpu_s"), r.get("seconds_per_step"), r["images_per_s"]]
+            for r in section["rows"]]
     title = (f"Sampling ({section['preset']} preset with TSA, batch {section['batch']}, "
              f"guidance w={section['guidance']:g}, fp32)")
-    return [format_table(title, ["what", "seconds", "s/step", "images/s"], rows)]
+    return [format_table(title, ["what", "seconds", "cpu s", "s/step", "images/s"], rows)]
 
 
 def metrics_tables(section: dict[str, Any]) -> list[str]:
+    """One table: extractor throughput, precision/recall and PRD (errors and skips on their own rows)."""
     rows = []
     for f in section["features"]:
         what = f"features: {f.get('extractor')}"
         if "error" in f or "skipped" in f:
-            rows.append([what, _error_cell(f) if "error" in f else "skipped: " + f["skipped"][:80], "", "", ""])
+            rows.append([what, _error_cell(f) if "error" in f else "skipped: " + f["skipped"][:80], "", "", "", ""])
         else:
-            rows.append([what + f" ({f['images']} images {f['image_shape']})", f["seconds"],
-                         f["features_per_s"], f.get("growth_mb"), f.get("note")])
+            rows.append([what + f" ({f['images']} images {f['image_shape']})", f["seconds"], f["cpu_s"],
+                         f["features_per_s"], f.get("growth_mb"), str(f.get("note"))[:60]])
     for key in ("precision_recall", "prd"):
         m = section[key]
         if "error" in m:
-            rows.append([key, _error_cell(m), "", "", ""])
+            rows.append([key, _error_cell(m), "", "", "", ""])
         else:
             extra = f"P={m['precision']:.3f} R={m['recall']:.3f}" if key == "precision_recall" else \
                 f"F_8={m['f_8']:.3f} F_1/8={m['f_1_8']:.3f} ({m['num_clusters']} clusters, {m['num_runs']} runs)"
-            rows.append([f"{key} {m['n_gen']} x {m['n_ref']} x {m['dim']}-d", m["seconds"], "", m.get("growth_mb"),
-                         extra])
-    return [format_table("Metrics", ["what", "seconds", "features/s", "growth MB", "note"], rows)]
+            rows.append([f"{key} {m['n_gen']} x {m['n_ref']} x {m['dim']}-d", m["seconds"], m["cpu_s"], "",
+                         m.get("growth_mb"), extra])
+    return [format_table("Metrics", ["what", "seconds", "cpu s", "features/s", "growth MB", "note"], rows)]
 
 
 def _cpu_model() -> str:
@@ -732,7 +806,7 @@ def machine_info(device: str, threads: int) -> dict[str, Any]:
         "cpu_model": _cpu_model(), "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu_bf16": sorted(f for f in flags if "bf16" in f or f == "amx_tile"),
-        "memory_total_mb": (_proc_meminfo_mb("MemTotal")), "load_average_start": list(os.getloadavg()),
+        "memory_total_mb": _proc_status_mb("MemTotal", "/proc/meminfo"), "load_average_start": list(os.getloadavg()),
         "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
         "device": device, "threads": threads or torch.get_num_threads(),
     }
@@ -740,17 +814,6 @@ def machine_info(device: str, threads: int) -> dict[str, Any]:
     if device.startswith("cuda"):
         info["cuda"] = torch.version.cuda
     return info
-
-
-def _proc_meminfo_mb(key: str) -> float | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        return None
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -765,7 +828,8 @@ def _csv(kind: Callable[[str], Any], valid: Sequence[Any] | None = None) -> Call
             raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
         bad = [v for v in values if valid is not None and v not in valid]
         if bad or not values:
-            raise argparse.ArgumentTypeError(f"invalid value(s) {bad or text!r}; choose from {', '.join(map(str, valid or []))}")
+            choices = ", ".join(map(str, valid or []))
+            raise argparse.ArgumentTypeError(f"invalid value(s) {bad or text!r}; choose from {choices}")
         return values
     return parse
 
@@ -789,10 +853,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", type=_csv(str, SECTIONS), default=SECTIONS, help="comma-separated subset of "
                    "train,sampling,metrics (default all)")
     p.add_argument("--presets", type=_csv(str, PRESETS), default=PRESETS, help="training presets (small,cifar)")
-    p.add_argument("--variants", type=_csv(str, tuple(VARIANTS)), default=tuple(VARIANTS),
-                   help=f"training variants (default all: {','.join(VARIANTS)})")
-    p.add_argument("--precisions", type=_csv(str, PRECISIONS), default=PRECISIONS, help="fp32,bf16 (default both)")
-    p.add_argument("--small-batch", type=_positive, default=64, help="training batch of the small preset (64)")
+    p.add_argument("--variants", type=_csv(str, tuple(VARIANTS)), default=None,
+                   help=f"training variants, from {','.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--precisions", type=_csv(str, PRECISIONS), default=None, help="fp32,bf16 (default both)")
+    p.add_argument("--small-batch", type=_csv(_positive), default=None, help="training batch(es) of the small "
+                   "preset, comma-separated (64 / 16,64; 16 is the smoke config's batch)")
     p.add_argument("--cifar-batch", type=_csv(_positive), default=None, help="training batch(es) of the cifar "
                    "preset, comma-separated (8 / 8,32)")
     p.add_argument("--steps", type=_positive, default=None, help="timed training steps per job; the median is "
@@ -815,6 +880,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-images", type=_positive, default=None, help="images for Inception (16 / 200)")
     p.add_argument("--extractors", type=_csv(str, ("digits", "inception")), default=("digits", "inception"),
                    help="feature networks timed (digits,inception; Inception is skipped when no weights are on disk)")
+    p.add_argument("--full-grid", action="store_true", help="with --quick, also run the cifar variants --quick "
+                   "leaves out (+cbdm, +pd in both precisions, +tsa in bf16); they are implied by --variants or "
+                   "--precisions")
     p.add_argument("--job-timeout", type=float, default=3600.0, help="seconds before a job is stopped (3600)")
     return p
 
@@ -839,23 +907,30 @@ def resolve_device(spec: str) -> str:
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     """Resolve the command line into BenchSettings (quick/full defaults for unset sizes)."""
     q = args.quick
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
-    warmup = _pick(args.warmup, q, 1, 2)
-    if warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {warmup}")
+    warmup, metric_n = _pick(args.warmup, q, 1, 2), _pick(args.metric_n, q, 2000, 10000)
+    for flag, value, ok in [("--threads", args.threads, args.threads >= 0), ("--warmup", warmup, warmup >= 0),
+                            ("--guidance", args.guidance, args.guidance >= 0),
+                            ("--job-timeout", args.job_timeout, args.job_timeout > 0),
+                            ("--metric-n", metric_n, metric_n > 5),
+                            ("--prd-clusters", args.prd_clusters, args.prd_clusters <= 2 * metric_n)]:
+        if not ok:
+            raise ValueError(f"{flag} got {value}: must be >= 0 (--threads, --warmup, --guidance), > 0 "
+                             "(--job-timeout), > 5 = k (--metric-n), <= 2 x --metric-n (--prd-clusters)")
+    explicit_grid = args.variants is not None or args.precisions is not None
     return BenchSettings(
         quick=q, device=resolve_device(args.device), threads=args.threads, sections=tuple(args.sections),
-        presets=tuple(args.presets), variants=tuple(args.variants), precisions=tuple(args.precisions),
-        small_batch=args.small_batch, cifar_batches=tuple(_pick(args.cifar_batch, q, (8,), (8, 32))),
+        presets=tuple(args.presets), variants=tuple(args.variants or DEFAULT_VARIANTS),
+        precisions=tuple(args.precisions or PRECISIONS),
+        small_batches=tuple(_pick(args.small_batch, q, (64,), (16, 64))),
+        cifar_batches=tuple(_pick(args.cifar_batch, q, (8,), (8, 32))),
         steps=_pick(args.steps, q, 2, 10), warmup=warmup, sample_batch=args.sample_batch,
         ddim_steps=tuple(_pick(args.ddim_steps, q, (10,), (10, 50))),
         ddpm_probe_steps=_pick(args.ddpm_probe_steps, q, 5, 20), sample_repeats=_pick(args.sample_repeats, q, 1, 3),
-        guidance=args.guidance, metric_n=_pick(args.metric_n, q, 2000, 10000), feature_dim=args.feature_dim,
+        guidance=args.guidance, metric_n=metric_n, feature_dim=args.feature_dim,
         prd_clusters=args.prd_clusters, prd_runs=_pick(args.prd_runs, q, 2, 10),
         prd_n_init=_pick(args.prd_n_init, q, 2, 10), feature_images=_pick(args.feature_images, q, 2000, 10000),
         inception_images=_pick(args.inception_images, q, 16, 200), extractors=tuple(args.extractors),
-        job_timeout=args.job_timeout,
+        job_timeout=args.job_timeout, skip=QUICK_SKIP if q and not (explicit_grid or args.full_grid) else (),
     )
 
 
@@ -871,6 +946,7 @@ def run_benchmark(s: BenchSettings) -> dict[str, Any]:
             report[name] = sections[name](runner, s)
     report["machine"]["load_average_end"] = list(os.getloadavg())
     report["wall_s"] = time.perf_counter() - started
+    report["jobs_cpu_s"] = sum(job.get("job_cpu_s", 0.0) for job in _jobs(report))
     return report
 
 
@@ -878,7 +954,8 @@ def print_report(report: dict[str, Any]) -> None:
     """Print one table per section run, and the machine line."""
     m = report["machine"]
     print(f"{m['device_name']} | {m['usable_cpus']} CPUs | torch {m['torch']} | threads {m['threads']} | "
-          f"load {m['load_average_start'][0]:.1f} -> {m['load_average_end'][0]:.1f} | {report['wall_s']:.0f} s")
+          f"load {m['load_average_start'][0]:.1f} -> {m['load_average_end'][0]:.1f} | {report['wall_s']:.0f} s wall, "
+          f"{report['jobs_cpu_s']:.0f} s CPU in jobs")
     tables = {"train": train_tables, "sampling": sampling_tables, "metrics": metrics_tables}
     for name, make in tables.items():
         if name in report:
@@ -900,15 +977,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json_atomic(args.out, report)
     print_report(report)
     print(f"\nwrote {Path(args.out).resolve()}")
-    return 1 if _failed_jobs(report) else 0
+    return 1 if any("error" in job for job in _jobs(report)) else 0
 
 
-def _failed_jobs(report: dict[str, Any]) -> list[Any]:
+def _jobs(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every job result of a report (training rows, the sampling job, the metric jobs)."""
     found = list(report.get("train", {}).get("rows", []))
-    found.append(report.get("sampling", {}))
+    found += [report["sampling"]] if "sampling" in report else []
     metrics = report.get("metrics", {})
-    found += list(metrics.get("features", [])) + [metrics.get("precision_recall", {}), metrics.get("prd", {})]
-    return [f for f in found if "error" in f]
+    found += list(metrics.get("features", [])) + [metrics[k] for k in ("precision_recall", "prd") if k in metrics]
+    return found
 
 
 if __name__ == "__main__":
