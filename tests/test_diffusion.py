@@ -7,7 +7,7 @@ import torch
 
 from pdcbdm.config import DiffusionConfig
 from pdcbdm.diffusion import GaussianDiffusion
-from pdcbdm.sampling import ddim_sample, ddim_timesteps, ddpm_sample, generate, guided_eps, uniform_labels
+from pdcbdm.sampling import ddim_sample, ddim_timesteps, generate, guided_eps, uniform_labels
 from tests.toynet import ToyNet
 
 
