@@ -16,7 +16,7 @@ from pdcbdm.config import Config, parse_float_list
 from pdcbdm.data import build_reference_dataset
 from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.metrics import FeatureExtractor, FeatureSet, build_extractor, evaluate_features, extract_all
-from pdcbdm.metrics import fid_from_features, reference_features
+from pdcbdm.metrics import fid_from_features, group_fid, reference_features
 from pdcbdm.sampling import generate, uniform_labels
 
 
@@ -72,10 +72,16 @@ class Evaluator:
         return FeatureSet(feats, logits, labels.numpy(), extractor=self.extractor.identity,
                           logits_note=getattr(self.extractor, "logits_note", ""))
 
-    def proxy_fid(self, net: nn.Module, *, guidance: float, seed: int = 0) -> float:
-        """The cheap FID the search's scheduler ranks trials by: ``eval.proxy_samples`` samples at one w."""
-        images, labels = self.sample(net, guidance, self.cfg.eval.proxy_samples, seed=seed)
-        return fid_from_features(self.features(images, labels).features, self.reference.features)
+    def proxy(self, net: nn.Module, *, guidance: float, seed: int = 0,
+              autocast: Callable[[], Any] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """The cheap scores the search's scheduler ranks trials by: ``eval.proxy_samples`` samples at one w, their
+        FID and the tail classes' FID (the whole set's when no tail sample was drawn). Returns (images, labels, scores)."""
+        images, labels = self.sample(net, guidance, self.cfg.eval.proxy_samples, seed=seed, autocast=autocast)
+        feats = self.features(images, labels)
+        ref = self.reference
+        fid = fid_from_features(feats.features, ref.features)
+        tail = group_fid(feats.features, feats.labels, ref.features, ref.labels, self.tail)
+        return images, labels, {"proxy_fid": fid, "proxy_fid_tail": fid if tail is None else tail}
 
     def score(self, images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0) -> tuple[dict[str, Any], list[dict]]:
         """Every metric of METHOD.md for one sample set: (flat metrics, per-class rows)."""

@@ -91,15 +91,10 @@ def _noise_error(trainer: Trainer) -> dict[str, float]:
 
 
 def _evaluate(trainer: Trainer, evaluator: Evaluator, folder: Path, log: RankZeroLogger, final: bool) -> dict[str, Any]:
+    """Proxy FID (and the tail's) with a sample grid at every evaluation; the full evaluation at the end."""
     cfg = trainer.cfg
-    images, labels = evaluator.sample(trainer.ema.module, cfg.sample.guidance, cfg.eval.proxy_samples,
-                                      seed=cfg.train.seed, autocast=trainer.autocast)
-    feats = evaluator.features(images, labels)
-    from pdcbdm.metrics import fid_from_features, group_fid
-
-    out: dict[str, Any] = {"proxy_fid": fid_from_features(feats.features, evaluator.reference.features)}
-    tail = group_fid(feats.features, feats.labels, evaluator.reference.features, evaluator.reference.labels, evaluator.tail)
-    out["proxy_fid_tail"] = tail if tail is not None else out["proxy_fid"]
+    images, _, out = evaluator.proxy(trainer.ema.module, guidance=cfg.sample.guidance, seed=cfg.train.seed,
+                                     autocast=trainer.autocast)
     grid = _grid_png(images, trainer.num_classes, folder / f"samples_step{trainer.step:07d}.png")
     log.files([grid], "samples")
     if final:
