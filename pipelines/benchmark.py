@@ -46,6 +46,7 @@ long-tailed counts (rho = 10), so the 7:3 head/tail split holds. No timing here 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
@@ -498,14 +499,21 @@ JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 # running jobs in fresh processes
 # ---------------------------------------------------------------------------------------------------------------
 def _job_entry(kind: str, spec: dict[str, Any], conn: Any) -> None:
-    """Body of a job process: set the thread count, run the job, send ("ok", result) or ("error", text)."""
+    """Body of a job process: set the thread count, run the job, send ("ok", result) or ("error", text).
+
+    A thread count limits torch and, through threadpoolctl, numpy's BLAS and scikit-learn's OpenMP pools too (PRD's
+    k-means would otherwise use every core)."""
     try:
         import torch
+        from threadpoolctl import threadpool_limits
 
         wall, cpu = time.perf_counter(), time.process_time()
+        limits: Any = contextlib.nullcontext()
         if spec.get("threads", 0) > 0:
             torch.set_num_threads(spec["threads"])
-        result = JOBS[kind](spec)
+            limits = threadpool_limits(limits=spec["threads"])
+        with limits:
+            result = JOBS[kind](spec)
         result.update(threads=torch.get_num_threads(), job_wall_s=time.perf_counter() - wall,
                       job_cpu_s=time.process_time() - cpu)
         conn.send(("ok", result))
@@ -848,7 +856,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes: a run of about two minutes on 2 idle cores")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per job (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="threads per job for torch, BLAS and scikit-learn (0: "
+                   "their defaults); on a machine shared with other jobs use 1: two OpenMP threads competing with "
+                   "other processes ran some steps tens of times slower there")
     p.add_argument("--out", default="bench.json", help="JSON file written atomically (default bench.json)")
     p.add_argument("--sections", type=_csv(str, SECTIONS), default=SECTIONS, help="comma-separated subset of "
                    "train,sampling,metrics (default all)")

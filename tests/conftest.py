@@ -20,3 +20,21 @@ def smoke_search(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke-search")
     proc = run_search(out, "e2e", "--trials", "3", "--seed", "1", *TINY)
     return out, "e2e", proc
+
+
+@pytest.fixture(scope="session")
+def tiny_ablation(tmp_path_factory):
+    """One tiny ablation (smoke preset, variants cbdm and pd-cbdm, 1 seed, 20 steps) shared by the ablation and
+    notebook tests. Returns (out folder, completed process)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("tiny-ablation")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(out / "cache")}
+    cmd = [sys.executable, "-m", "pipelines.ablation", "--preset", "smoke", "--seeds", "1", "--variants",
+           "cbdm,pd-cbdm", "--steps", "20", "--out", str(out / "ablation")]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+                          env=env)
+    return out / "ablation", proc
