@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 from urllib.parse import urlparse
 
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 TRIAL_TAG = "pdcbdm.trial_id"
@@ -147,10 +147,6 @@ def runs_of_search(uri: str, experiment_id: str, search: str) -> list[Any]:
     client = MlflowClient(uri)
     return client.search_runs([experiment_id], filter_string=f"tags.`{SEARCH_TAG}` = '{search}' and "
                               f"tags.`{KIND_TAG}` = 'trial'", max_results=10_000)
-
-
-def is_running(status: str | int) -> bool:
-    return status in ("RUNNING", RunStatus.RUNNING)
 
 
 def env_for_workers() -> dict[str, str]:

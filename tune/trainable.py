@@ -7,7 +7,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +153,3 @@ def _counts(trials: list) -> str:
     for t in trials:
         states[t.status] = states.get(t.status, 0) + 1
     return ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items()))
-
-
-def settings_dict(settings: TrialSettings) -> dict[str, Any]:
-    return asdict(settings)
