@@ -162,7 +162,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation: Adam with linear warm-up, gradient clipping, EMA; precision fp32 or bf16 autocast."""
+    """Optimisation: Adam with linear warm-up, gradient clipping, EMA; precision fp32, bf16 autocast, or auto
+    (bf16 where the CPU or GPU runs it natively, else fp32)."""
 
     steps: int = 3000
     batch_size: int = 64
@@ -184,7 +185,8 @@ class TrainConfig:
         _check(self.warmup >= 0, "train.warmup", self.warmup, "must be >= 0")
         _check(self.grad_clip > 0.0, "train.grad_clip", self.grad_clip, "must be > 0")
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", self.ema_decay, "must be in [0, 1)")
-        _check(self.precision in ("fp32", "bf16"), "train.precision", self.precision, "must be 'fp32' or 'bf16'")
+        _check(self.precision in ("fp32", "bf16", "auto"), "train.precision", self.precision,
+               "must be 'fp32', 'bf16' or 'auto'")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _check(self.eval_every >= 1, "train.eval_every", self.eval_every, "must be >= 1")
         _check(self.threads >= 0, "train.threads", self.threads, "must be >= 0 (0 = torch's default)")
@@ -378,8 +380,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "digits": {
         "data.dataset": "digits-lt", "data.imbalance": 50.0,
-        "train.steps": 500, "train.batch_size": 32, "train.lr": 1e-3, "train.warmup": 50, "train.ema_decay": 0.995,
-        "train.log_every": 25, "train.eval_every": 125,
+        "train.steps": 300, "train.batch_size": 32, "train.lr": 1e-3, "train.warmup": 50, "train.ema_decay": 0.99,
+        "train.log_every": 25, "train.eval_every": 75, "train.precision": "auto",
         "sample.steps": 20, "eval.num_samples": 200, "eval.proxy_samples": 100, "eval.guidance_grid": "0,1,2",
     },
     "cifar10-lt": {**_CIFAR, "data.dataset": "cifar10-lt", "data.imbalance": 100.0, "train.steps": 800_000},

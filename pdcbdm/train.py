@@ -79,7 +79,8 @@ def train(cfg: Config, out: str | Path, *, progress: bool = True) -> dict[str, A
     save_curves(history, LOSS_KEYS, out / "loss.png", title=f"{cfg.data.dataset} training")
     summary = {"steps": trainer.step, "train_seconds": elapsed, "history": history,
                "class_counts": trainer.counts, "head_classes": list(trainer.split.head),
-               "tail_classes": list(trainer.split.tail), "device": str(device)}
+               "tail_classes": list(trainer.split.tail), "device": str(device),
+               "precision": trainer.precision}
     write_json_atomic(out / "metrics.json", summary)
     return summary
 
@@ -109,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     summary = train(cfg, args.out, progress=not args.no_progress)
     last = summary["history"][-1] if summary["history"] else {}
-    print(f"trained {summary['steps']} steps in {summary['train_seconds']:.1f}s; final loss {last.get('loss', float('nan')):.4f}")
+    print(f"trained {summary['steps']} steps ({summary['precision']}) in {summary['train_seconds']:.1f}s; final loss {last.get('loss', float('nan')):.4f}")
     print(f"wrote {Path(args.out) / 'checkpoint.pt'}, samples.png, metrics.json, loss.png, config.json")
     return 0
 

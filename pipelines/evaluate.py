@@ -42,7 +42,7 @@ from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.evaluation import Evaluator, GuidanceResult, best_by_fid, headline
 from pdcbdm.noise_error import noise_error
 from pdcbdm.train import load_data
-from pdcbdm.training import CheckpointError, load_model, resolve_device
+from pdcbdm.training import CheckpointError, load_model, resolve_device, resolve_precision
 from pdcbdm.viz import save_grid
 
 __all__ = ["build_parser", "evaluate_checkpoint", "format_table", "grid_of_classes", "main", "parse_guidance"]
@@ -249,7 +249,7 @@ def measure_noise_error(net: nn.Module, cfg: Config, device: torch.device, *, se
 
 def _autocast(cfg: Config, device: torch.device) -> Callable[[], Any] | None:
     """bf16 autocast for sampling when the run trained in bf16 (as the trainer samples), else None."""
-    if cfg.train.precision != "bf16":
+    if resolve_precision(cfg.train.precision, device) != "bf16":
         return None
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 

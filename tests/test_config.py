@@ -41,7 +41,7 @@ def test_overrides_convert_types_and_keep_search_names():
     ("model.tsa_resolutions=16,x", "model.tsa_resolutions must be comma-separated integers"),
     ("data.dataset=imagenet", "data.dataset must be one of"),
     ("data.imbalance=0.5", "data.imbalance must be >= 1"),
-    ("train.precision=fp16", "train.precision must be 'fp32' or 'bf16'"),
+    ("train.precision=fp16", "train.precision must be 'fp32', 'bf16' or 'auto'"),
     ("eval.guidance_grid=a,b", "eval.guidance_grid must be comma-separated numbers"),
 ])
 def test_bad_values_name_the_field(item, message):

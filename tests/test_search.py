@@ -29,6 +29,7 @@ def test_smoke_search_records_every_trial(smoke_search):
         for key in SEARCHED:
             assert key in run.data.params
         assert "proxy_fid" in run.data.metrics and "loss" in run.data.metrics
+        assert run.data.tags["pdcbdm.precision"] == "fp32" and run.data.tags["pdcbdm.device"] == "cpu"
         files = artifact_paths(uri, run.info.run_id)
         assert "config.json" in files and any(f.startswith("samples/") and f.endswith(".png") for f in files)
     done = [r for r in runs if table.set_index("mlflow_run_id").loc[r.info.run_id, "status"] == "completed"]

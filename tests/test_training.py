@@ -12,7 +12,7 @@ import torch
 
 from pdcbdm.config import apply_overrides, preset
 from pdcbdm.data import build_dataset
-from pdcbdm.training import CheckpointError, NonFiniteLossError, Trainer, load_model
+from pdcbdm.training import CheckpointError, NonFiniteLossError, Trainer, load_model, native_bf16, resolve_precision
 from pdcbdm.training.step import Batch, compute_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +108,16 @@ def test_bf16_precision_trains_with_fp32_master_weights(digits):
     assert all(torch.isfinite(torch.tensor(v["loss"])) for v in values)
     assert all(p.dtype == torch.float32 for p in trainer.net.parameters())
     assert all(p.dtype == torch.float32 for p in trainer.ema.module.parameters())
+
+
+def test_auto_precision_follows_the_hardware(digits):
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    expected = "bf16" if native_bf16(cpu) else "fp32"
+    assert resolve_precision("auto", cpu) == expected
+    assert Trainer(_cfg("train.precision=auto"), digits).precision == expected
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    assert native_bf16(cpu) == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def test_batch_must_split_across_workers(digits):

@@ -114,6 +114,12 @@ def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
         client.log_batch(run_id, params=items[i:i + 100])
 
 
+def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    client = MlflowClient(uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v))
+
+
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
     """Log the numeric entries of ``metrics`` at ``step`` (None and non-numbers are skipped)."""
     now = int(time.time() * 1000)

@@ -38,6 +38,10 @@ class RankZeroLogger:
         if self.active:
             tracking.log_metrics(self.uri, self.run_id, values, step)
 
+    def tags(self, values: dict[str, Any]) -> None:
+        if self.active:
+            tracking.set_tags(self.uri, self.run_id, values)
+
     def files(self, paths: list[Path], artifact_path: str | None = None) -> None:
         if self.active:
             tracking.log_artifacts(self.uri, self.run_id, paths, artifact_path)
@@ -153,6 +157,8 @@ def train_loop(config: dict[str, Any]) -> None:
     wrap = ray.train.torch.prepare_model if world > 1 else None
     trainer = Trainer(cfg, load_data(cfg), device=device, rank=rank, world_size=world, wrap_model=wrap)
     log = RankZeroLogger(config.get("mlflow_uri"), config.get("run_id")) if rank == 0 else RankZeroLogger(None, None)
+    # train.precision may be "auto": record what this hardware resolved it to
+    log.tags({"pdcbdm.precision": trainer.precision, "pdcbdm.device": str(device)})
     if _restore(trainer):
         log.metrics({"resumed_from_step": trainer.step}, trainer.step)
     evaluator = None

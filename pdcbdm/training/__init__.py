@@ -2,9 +2,11 @@
 
 from pdcbdm.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pdcbdm.training.step import Batch, compute_loss
-from pdcbdm.training.trainer import EMA, NonFiniteLossError, Trainer, build_network, load_model, resolve_device
+from pdcbdm.training.trainer import (
+    EMA, NonFiniteLossError, Trainer, build_network, load_model, native_bf16, resolve_device, resolve_precision,
+)
 
 __all__ = [
     "Batch", "CheckpointError", "EMA", "NonFiniteLossError", "Trainer", "build_network", "compute_loss",
-    "load_checkpoint", "load_model", "resolve_device", "save_checkpoint",
+    "load_checkpoint", "load_model", "native_bf16", "resolve_device", "resolve_precision", "save_checkpoint",
 ]

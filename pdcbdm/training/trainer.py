@@ -35,6 +35,25 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively here: CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX (where
+    oneDNN uses bf16 instructions; elsewhere CPU autocast emulates bf16 and is slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: no cheap way to tell, so stay exact
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(spec: str, device: torch.device) -> str:
+    """``auto`` is bf16 autocast where the hardware runs it natively, else fp32."""
+    if spec == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return spec
+
+
 def build_network(cfg: Config, num_classes: int, image_shape: tuple[int, int, int]) -> nn.Module:
     """The U-Net for a config and data set shape."""
     overrides: dict[str, Any] = {}
@@ -72,6 +91,7 @@ class Trainer:
             raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the number of workers ({world_size})")
         self.cfg, self.dataset, self.device = cfg, dataset, torch.device(device)
         self.rank, self.world_size = rank, world_size
+        self.precision = resolve_precision(cfg.train.precision, self.device)
         self.counts = dataset.counts()
         self.num_classes = len(self.counts)
         with torch.random.fork_rng(devices=[]):  # seeded init: same weights for any rank or worker count
@@ -122,7 +142,7 @@ class Trainer:
 
     # -- optimisation ---------------------------------------------------------------------------------------
     def autocast(self) -> Any:
-        if self.cfg.train.precision == "bf16":
+        if self.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
