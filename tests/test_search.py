@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import optuna
 import pandas as pd
 import pytest
@@ -17,6 +19,8 @@ def test_smoke_search_records_every_trial(smoke_search):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "open the MLflow UI: mlflow ui --backend-store-uri sqlite:///" in proc.stdout
     assert "started:" in proc.stdout and "rank" in proc.stdout
+    # the line of the last trial to end counts it as ended too
+    assert re.search(r"(finished|stopped early at step \d+ \(ASHA\)); 3 terminated$", proc.stdout, re.M), proc.stdout
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     runs = trial_runs(uri, "e2e")

@@ -137,19 +137,21 @@ class ProgressPrinter(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         step = (trial.last_result or {}).get("step", 0)
         how = "finished" if step >= self.max_steps else f"stopped early at step {step} (ASHA)"
-        self._say(f"{trial.trial_id} {how}; {_counts(trials)}")
+        self._say(f"{trial.trial_id} {how}; {_counts(trials, trial, 'TERMINATED')}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = error_text(trial).strip().splitlines()
-        self._say(f"{trial.trial_id} FAILED: {last[-1] if last else 'unknown error'}; {_counts(trials)}")
+        self._say(f"{trial.trial_id} FAILED: {last[-1] if last else 'unknown error'}; {_counts(trials, trial, 'ERROR')}")
 
 
 def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else repr(v) if isinstance(v, str) else str(v)
 
 
-def _counts(trials: list) -> str:
+def _counts(trials: list, ending: Any = None, end_state: str = "") -> str:
+    """Trials per state; Tune calls the completion callbacks before it sets the ending trial's new state."""
     states: dict[str, int] = {}
     for t in trials:
-        states[t.status] = states.get(t.status, 0) + 1
+        status = end_state if t is ending else t.status
+        states[status] = states.get(status, 0) + 1
     return ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items()))
