@@ -121,7 +121,7 @@ def test_cifar100_lt_uses_fine_labels_and_names(cifar_root):
 
 def test_missing_cifar_root_and_file_are_named(tmp_path, cifar_root):
     missing = tmp_path / "nowhere"
-    with pytest.raises(FileNotFoundError, match="nowhere.*download=True"):
+    with pytest.raises(FileNotFoundError, match="nowhere.*download=True.*--set data.download=true"):
         build_dataset("cifar10-lt", root=missing)
     write_fake_cifar10(tmp_path / "partial", 2, 1)
     (tmp_path / "partial" / "cifar-10-batches-py" / "data_batch_3").unlink()

@@ -51,7 +51,8 @@ CIFAR_SPECS = {
 
 
 def _how_to_get(spec: CifarSpec, root: Path) -> str:
-    return (f"Pass download=True (prepare_data: --download) to fetch it with torchvision, or extract "
+    return (f"Fetch it with torchvision (download=True; on the command line of training, the search and the "
+            f"ablation: --set data.download=true; prepare_data: --download), or extract "
             f"{spec.archive} from {CIFAR_URL} into {root} so that {root / spec.folder}/ holds "
             f"{', '.join(spec.train_files + spec.test_files + (spec.meta_file,))}.")
 
