@@ -380,8 +380,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "digits": {
         "data.dataset": "digits-lt", "data.imbalance": 50.0,
-        "train.steps": 300, "train.batch_size": 32, "train.lr": 1e-3, "train.warmup": 50, "train.ema_decay": 0.99,
-        "train.log_every": 25, "train.eval_every": 75, "train.precision": "auto",
+        "train.steps": 600, "train.batch_size": 16, "train.lr": 1e-3, "train.warmup": 50, "train.ema_decay": 0.99,
+        "train.log_every": 25, "train.eval_every": 150, "train.precision": "auto",
         "sample.steps": 20, "eval.num_samples": 200, "eval.proxy_samples": 100, "eval.guidance_grid": "0,1,2",
     },
     "cifar10-lt": {**_CIFAR, "data.dataset": "cifar10-lt", "data.imbalance": 100.0, "train.steps": 800_000},
