@@ -1,6 +1,6 @@
 """The paper's ablation (Table 1) on any preset: DDPM, CBDM, CBDM + each PD-CBDM component, and PD-CBDM, over seeds.
 
-    python -m pipelines.ablation --preset digits --seeds 3                  # Digits-LT, 6 variants x 3 seeds, ~1 h here
+    python -m pipelines.ablation --preset digits --seeds 3                  # Digits-LT, 6 variants x 3 seeds, ~16 min on 2 cores
     python -m pipelines.ablation --preset smoke --seeds 1 --variants cbdm,pd-cbdm --steps 20 --out D
     python -m pipelines.ablation --preset cifar100-lt --seeds 3 --steps 100000 --jobs 4 --set data.root=/data/cifar
 

@@ -1,6 +1,6 @@
 """PD-CBDM hyperparameter search: Ray Train per trial, Ray Tune + Optuna (TPE) with ASHA, MLflow for every trial.
 
-    python tune/search.py                          # the embedded default: Digits-LT, small U-Net, CPU, 8 trials
+    python tune/search.py                          # the embedded default: Digits-LT, small U-Net, CPU, 8 trials, ~10 min
     python tune/search.py --preset smoke           # 3 tiny trials, a few minutes
     python tune/search.py --preset cifar100-lt --set data.root=/data/cifar --gpus-per-worker 1 --trials 32
 
