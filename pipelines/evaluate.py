@@ -248,7 +248,8 @@ def measure_noise_error(net: nn.Module, cfg: Config, device: torch.device, *, se
 
 
 def _autocast(cfg: Config, device: torch.device) -> Callable[[], Any] | None:
-    """bf16 autocast for sampling when the run trained in bf16 (as the trainer samples), else None."""
+    """bf16 autocast for sampling when the run's train.precision resolves to bf16 on this device (as the trainer
+    samples), else None."""
     if resolve_precision(cfg.train.precision, device) != "bf16":
         return None
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
