@@ -3,8 +3,9 @@
 Every field can be overridden from the command line as ``section.field=value`` (for example
 ``loss.pd_weight=0.05``); the searched knobs keep the names the search space and MLflow params use:
 ``loss.pd_weight`` (lambda of Eq. 10), ``loss.cbdm_tau`` / ``loss.cbdm_gamma`` (Eq. 9), ``loss.label_dist``
-(Eq. 12), ``loss.split_ratio`` (head/tail split), ``model.tsa_resolutions`` (Eq. 13-14) and ``sample.guidance``
-(classifier-free guidance strength w).
+(Eq. 12), ``loss.split_ratio`` (the PD loss's head/tail split) and ``model.tsa_resolutions`` (Eq. 13-14). The
+guidance strength w (``sample.guidance``) needs no retraining and is not searched: a search scores its proxies at
+``eval.proxy_guidance`` and its final scores over ``eval.guidance_grid``.
 """
 
 from __future__ import annotations
@@ -113,17 +114,19 @@ class DiffusionConfig:
 class LossConfig:
     """Loss terms: L_DM with label dropout (Eq. 8), CBDM's L_DA (Eq. 9), the PD loss (Eq. 10-11), q (Eq. 12).
 
-    ``cbdm_tau = 0`` turns L_DA off; ``pd_weight = 0`` turns the PD loss off. ``pd_form`` is ``saturating``
-    (default: -lambda * KL / (KL + pd_scale), bounded below by -lambda) or ``plain`` (-lambda * KL, as Eq. 10 reads).
+    ``cbdm_tau = 0`` turns L_DA off; ``pd_weight = 0`` turns the PD loss off. ``pd_form`` is ``distance``
+    (default: -lambda m d_ref tanh(d / (m d_ref)), d = sqrt(KL), m = ``pd_scale``; see ``pdcbdm.losses.pd_loss``),
+    ``plain`` (-lambda * KL, as Eq. 10 reads) or ``saturating`` (-lambda KL / (KL + pd_scale), the earlier default,
+    which barely acts).
     """
 
     p_uncond: float = 0.1
     cbdm_tau: float = 1.0
     cbdm_gamma: float = 0.25
     label_dist: str = "inverted"
-    pd_weight: float = 0.01
-    pd_form: str = "saturating"
-    pd_scale: float = 1.0
+    pd_weight: float = 0.1
+    pd_form: str = "distance"
+    pd_scale: float = 2.0
     pd_pairs: int = 0
     split_ratio: float = 0.7
     split_mode: str = "classes"
@@ -134,8 +137,8 @@ class LossConfig:
         _check(self.cbdm_gamma >= 0.0, "loss.cbdm_gamma", self.cbdm_gamma, "must be >= 0")
         parse_label_dist(self.label_dist)
         _check(self.pd_weight >= 0.0, "loss.pd_weight", self.pd_weight, "must be >= 0")
-        _check(self.pd_form in ("saturating", "plain"), "loss.pd_form", self.pd_form,
-               "must be 'saturating' or 'plain'")
+        _check(self.pd_form in ("distance", "plain", "saturating"), "loss.pd_form", self.pd_form,
+               "must be 'distance', 'plain' or 'saturating'")
         _check(self.pd_scale > 0.0, "loss.pd_scale", self.pd_scale, "must be > 0")
         _check(self.pd_pairs >= 0, "loss.pd_pairs", self.pd_pairs, "must be >= 0 (0 = half the batch)")
         _check(0.0 < self.split_ratio < 1.0, "loss.split_ratio", self.split_ratio, "must be in (0, 1)")
@@ -212,24 +215,39 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation: feature network, sample counts and the grid of guidance values scored per checkpoint."""
+    """Evaluation: feature network, sample counts and the grid of guidance values scored per checkpoint.
+
+    ``split_ratio`` is the head/tail split the head/tail metrics use (head and tail FID, tail-to-head confusion,
+    the tail proxy FID): the first ceil(r K) classes by frequency (``loss.split_mode`` and ``data.seed`` as the
+    loss's split), fixed for every run so that scores stay comparable when the PD loss's own ``loss.split_ratio``
+    is searched. ``proxy_guidance`` is the w of the proxy scores a search ranks and stops trials by; the final
+    scores cover ``guidance_grid`` and report the best w. ``protocol`` is how final scores sample: ``fast`` (the
+    config's ``sample.*`` sampler) or ``paper`` (CBDM's and the paper's: 1000-step ancestral DDPM, fixedlarge
+    variance, the mean before x0 is clipped; the default of the ``cifar*`` presets); proxies always use ``sample.*``.
+    """
 
     extractor: str = "digits"
     inception_weights: str | None = None
     num_samples: int = 500
     proxy_samples: int = 200
     guidance_grid: str = "0,0.5,1,2"
+    proxy_guidance: float = 1.0
+    split_ratio: float = 0.7
     batch_size: int = 250
     noise_error_images: int = 100
     noise_error_stride: int = 50
+    protocol: str = "fast"
 
     def __post_init__(self) -> None:
+        _check(self.protocol in ("fast", "paper"), "eval.protocol", self.protocol, "must be 'fast' or 'paper'")
         _check(self.extractor in ("digits", "inception"), "eval.extractor", self.extractor,
                "must be 'digits' or 'inception'")
         _check(self.num_samples >= 2, "eval.num_samples", self.num_samples, "must be >= 2")
         _check(self.proxy_samples >= 2, "eval.proxy_samples", self.proxy_samples, "must be >= 2")
         grid = parse_float_list(self.guidance_grid, "eval.guidance_grid")
         _check(all(w >= 0 for w in grid), "eval.guidance_grid", self.guidance_grid, "must hold values >= 0")
+        _check(self.proxy_guidance >= 0.0, "eval.proxy_guidance", self.proxy_guidance, "must be >= 0")
+        _check(0.0 < self.split_ratio < 1.0, "eval.split_ratio", self.split_ratio, "must be in (0, 1)")
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
         _check(self.noise_error_images >= 0, "eval.noise_error_images", self.noise_error_images, "must be >= 0")
         _check(self.noise_error_stride >= 1, "eval.noise_error_stride", self.noise_error_stride, "must be >= 1")
@@ -365,9 +383,9 @@ _CIFAR = {
     "model.preset": "cifar", "model.tsa_resolutions": "16",
     "train.steps": 500_000, "train.batch_size": 64, "train.warmup": 5000, "train.ema_decay": 0.9999,
     "train.eval_every": 10_000, "train.log_every": 100, "train.precision": "bf16",
-    "eval.extractor": "inception", "eval.num_samples": 10_000, "eval.proxy_samples": 1000,
+    "eval.extractor": "inception", "eval.protocol": "paper", "eval.num_samples": 10_000, "eval.proxy_samples": 1000,
     "eval.guidance_grid": "0.8,1.0,1.2,1.4,1.6", "eval.batch_size": 500,
-    "sample.steps": 100, "sample.guidance": 1.2, "loss.pd_weight": 0.01,
+    "sample.steps": 100, "sample.guidance": 1.2, "eval.proxy_guidance": 1.2, "loss.pd_weight": 0.1,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -385,5 +403,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sample.steps": 20, "eval.num_samples": 200, "eval.proxy_samples": 100, "eval.guidance_grid": "0,1,2",
     },
     "cifar10-lt": {**_CIFAR, "data.dataset": "cifar10-lt", "data.imbalance": 100.0, "train.steps": 800_000},
-    "cifar100-lt": {**_CIFAR, "data.dataset": "cifar100-lt", "data.imbalance": 100.0, "sample.guidance": 1.4},
+    "cifar100-lt": {**_CIFAR, "data.dataset": "cifar100-lt", "data.imbalance": 100.0, "sample.guidance": 1.4,
+                    "eval.proxy_guidance": 1.4},
 }

@@ -36,7 +36,9 @@ class GaussianDiffusion:
             # CBDM's default: beta_t, with the first step's variance taken from the posterior (betatilde_1 > 0).
             self.sigma2 = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
         else:
-            self.sigma2 = self.posterior_variance.clone()
+            # betatilde at index 0 is 0 (abar_prev = 1); CBDM clips it to the next entry, so that Eq. 11's
+            # KL and log-likelihoods stay finite at t index 0
+            self.sigma2 = torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
         self.eps_coef = self.betas / torch.sqrt(1.0 - self.alphas_bar)
 
     def sample_t(self, batch: int, device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
@@ -60,6 +62,13 @@ class GaussianDiffusion:
         c1 = self.betas * self.alphas_bar_prev.sqrt() / (1.0 - self.alphas_bar)
         c2 = (1.0 - self.alphas_bar_prev) * self.alphas.sqrt() / (1.0 - self.alphas_bar)
         return extract(c1, t, x_t) * x0 + extract(c2, t, x_t) * x_t
+
+    def noise_units(self, t: Tensor, like: Tensor) -> Tensor:
+        """2 sigma_t^2 alpha_t (1 - abar_t) / beta_t^2, shaped [B, 1, 1, 1]: times a KL between two reverse
+        Gaussians (Eq. 11) it gives the squared distance of the means in noise units, since
+        mu = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) (Eq. 7). DDPM's L_simple drops the same factor
+        from L_t (Ho et al. 2020, Eq. 12 to 14)."""
+        return extract(2.0 * self.sigma2 * self.alphas * (1.0 - self.alphas_bar) / self.betas ** 2, t, like)
 
     def variance(self, t: Tensor, like: Tensor) -> Tensor:
         """The fixed reverse variance sigma_t^2 ("fixedlarge" or "fixedsmall"), shaped [B, 1, 1, 1]."""

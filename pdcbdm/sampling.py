@@ -107,15 +107,19 @@ def generate(
     net: nn.Module, diffusion: GaussianDiffusion, labels: Tensor, shape: tuple[int, int, int], *,
     sampler: str = "ddim", steps: int = 50, guidance: float = 0.0, eta: float = 0.0, null_label: int,
     batch_size: int = 256, seed: int = 0, progress: bool = False, autocast: Callable[[], Any] = nullcontext,
+    clip_x0: bool = True,
 ) -> Tensor:
-    """Sample images for ``labels`` in batches, deterministic for a seed; returns uint8 [N, C, H, W] on the CPU."""
+    """Sample images for ``labels`` in batches, deterministic for a seed; returns uint8 [N, C, H, W] on the CPU.
+
+    ``steps`` and ``eta`` apply to DDIM; DDPM runs all T steps. ``clip_x0`` clips the predicted x0 to [-1, 1]
+    before the mean is formed (False: the mean of Eq. 7 as is, CBDM's evaluation)."""
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
     generator = torch.Generator().manual_seed(seed)
     out = []
     chunks = labels.split(batch_size)
     for chunk in tqdm(chunks, desc=f"sampling w={guidance:g}", disable=not progress or len(chunks) < 2, leave=False):
-        kw = dict(guidance=guidance, null_label=null_label, generator=generator, autocast=autocast)
+        kw = dict(guidance=guidance, null_label=null_label, generator=generator, autocast=autocast, clip_x0=clip_x0)
         if sampler == "ddim":
             x = ddim_sample(net, diffusion, chunk, shape, steps=steps, eta=eta, progress=progress, **kw)
         else:

@@ -7,7 +7,7 @@ import torch
 
 from pdcbdm.config import DiffusionConfig
 from pdcbdm.diffusion import GaussianDiffusion
-from pdcbdm.sampling import ddim_sample, ddim_timesteps, generate, guided_eps, uniform_labels
+from pdcbdm.sampling import ddim_sample, ddim_timesteps, generate, guided_eps, to_uint8, uniform_labels
 from tests.toynet import ToyNet
 
 
@@ -18,11 +18,14 @@ def test_schedule_is_float64_linear():
     assert torch.allclose(d.alphas_bar, torch.cumprod(1 - d.betas, 0))
     assert d.sigma2[0] == d.posterior_variance[1] and torch.equal(d.sigma2[1:], d.betas[1:])
     small = GaussianDiffusion(DiffusionConfig(var_type="fixedsmall"))
-    assert torch.equal(small.sigma2, small.posterior_variance)
+    # betatilde at index 0 is 0; clipped to the next entry as CBDM does
+    assert small.posterior_variance[0] == 0 and small.sigma2[0] == small.posterior_variance[1]
+    assert torch.equal(small.sigma2[1:], small.posterior_variance[1:])
 
 
 def test_q_sample_and_x0_inverse():
     d = GaussianDiffusion()
+    torch.manual_seed(0)  # x0 error at t = 999 is float32 error / sqrt(abar) = 1/160: seeded, not left to chance
     x0, eps, t = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4), torch.tensor([0, 10, 500, 999])
     x_t = d.q_sample(x0, t, eps)
     ab = d.alphas_bar[t].float().view(-1, 1, 1, 1)
@@ -75,3 +78,34 @@ def test_ddim_timesteps_and_generate_uint8():
 
 def test_uniform_labels_balanced():
     assert torch.bincount(uniform_labels(100, 10)).tolist() == [10] * 10
+
+
+def test_paper_protocol_is_unclipped_ancestral_ddpm_with_fixedlarge():
+    """eval.protocol=paper (the cifar presets' default): 1000-step ancestral DDPM, fixedlarge, the mean of Eq. 7
+    before any x0 clipping, as CBDM's evaluation; proxies keep the config's sampler."""
+    from pdcbdm.config import apply_overrides, preset
+    from pdcbdm.evaluation import final_sampling, sampler_settings
+
+    for name in ("cifar10-lt", "cifar100-lt"):
+        cfg = apply_overrides(preset(name), ["diffusion.var_type=fixedsmall"])
+        assert cfg.eval.protocol == "paper"
+        diff_cfg, kw = final_sampling(cfg)
+        assert diff_cfg.var_type == "fixedlarge" and kw["sampler"] == "ddpm" and kw["clip_x0"] is False
+        assert sampler_settings(cfg)["sampler"] == "ddim"
+    fast = preset("digits")
+    assert fast.eval.protocol == "fast" and final_sampling(fast) == (fast.diffusion, sampler_settings(fast))
+
+    # unclipped DDPM is exactly x_{t-1} = mu_theta (Eq. 7) + sigma_t z
+    diff = GaussianDiffusion(DiffusionConfig(timesteps=20))
+    torch.manual_seed(0)
+    net = ToyNet(num_classes=3)
+    labels = torch.tensor([0, 2])
+    got = generate(net, diff, labels, (1, 8, 8), sampler="ddpm", guidance=0.0, null_label=3, seed=5, clip_x0=False)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        x = torch.randn((2, 1, 8, 8), generator=g)
+        for i in range(19, -1, -1):
+            t = torch.full((2,), i, dtype=torch.long)
+            mean = diff.mean_from_eps(x, t, net(x, t, labels))
+            x = mean + diff.variance(t, x).sqrt() * torch.randn(x.shape, generator=g) if i > 0 else mean
+    assert torch.equal(got, to_uint8(x))

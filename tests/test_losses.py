@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.distributions import Independent, Normal, kl_divergence
 
-from pdcbdm.config import LossConfig
+from pdcbdm.config import DiffusionConfig, LossConfig
 from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.labels import target_distribution
 from pdcbdm.losses import cbdm_loss, dm_loss, gaussian_kl_same_var, pd_loss
@@ -59,6 +60,64 @@ def test_pd_loss_forms():
     sat = pd_loss(kl, 0.5, "saturating", 1.0)
     assert sat[0] == 0 and torch.isclose(sat[1], torch.tensor(-0.25)) and sat[2] > -0.5
     assert bool((sat >= -0.5).all())
+
+
+def test_distance_form_is_bounded_below_by_its_margin():
+    """-lambda m d_ref [tanh(d / (m d_ref)) - tanh(1 / m)] >= -lambda m d_ref (1 - tanh(1 / m)) however far apart the
+    network pushes the pair, and it is 0 at the true posteriors' separation d = d_ref."""
+    kl_ref = torch.tensor([4.0, 0.01, 1e4])
+    floor = -0.1 * 2.0 * kl_ref.sqrt() * (1 - torch.tanh(torch.tensor(0.5)))
+    for kl in (torch.zeros(3), kl_ref, torch.full((3,), 1e12)):
+        assert bool((pd_loss(kl, 0.1, "distance", 2.0, kl_ref) >= floor - 1e-6).all())
+    assert torch.allclose(pd_loss(torch.full((3,), 1e12), 0.1, "distance", 2.0, kl_ref), floor, rtol=1e-4)
+    assert torch.allclose(pd_loss(kl_ref, 0.1, "distance", 2.0, kl_ref), torch.zeros(3), atol=1e-6)
+    # near d = 0 it acts as -lambda d, whatever the pair's true separation
+    d = torch.full((3,), 1e-4, requires_grad=True)
+    (g,) = torch.autograd.grad(pd_loss(d ** 2, 0.1, "distance", 2.0, kl_ref).sum(), d)
+    assert torch.allclose(g, torch.full((3,), -0.1), atol=1e-4)
+    with pytest.raises(ValueError, match="kl_ref"):
+        pd_loss(kl_ref, 0.1, "distance")
+
+
+def test_distance_form_gradient_in_noise_space_does_not_depend_on_t():
+    """In noise units (Eq. 7) the pull on each eps prediction has the same size at every t, unlike the plain KL."""
+    diff = GaussianDiffusion()
+    cfg_d = LossConfig(pd_form="distance", pd_weight=1.0, pd_scale=1e6)
+    cfg_p = LossConfig(pd_form="plain", pd_weight=1.0)
+    torch.manual_seed(0)
+    xh, xl = torch.rand(1, 1, 8, 8) * 2 - 1, torch.rand(1, 1, 8, 8) * 2 - 1
+    eps = torch.randn(1, 1, 8, 8)
+    norms = {"distance": [], "plain": []}
+    for t_idx in (0, 300, 800):
+        t = torch.tensor([t_idx])
+        xh_t, xl_t = diff.q_sample(xh, t, eps), diff.q_sample(xl, t, eps)
+        for name, cfg in (("distance", cfg_d), ("plain", cfg_p)):
+            e_h = (eps + 0.1 * torch.randn_like(eps)).requires_grad_(True)
+            pd, _ = pd_terms(diff, xh_t, xl_t, t, e_h, eps.clone(), cfg, eps)
+            (g,) = torch.autograd.grad(pd.sum(), e_h)
+            norms[name].append(float(g.norm()))
+    assert max(norms["distance"]) / min(norms["distance"]) < 1.05
+    assert max(norms["plain"]) / min(norms["plain"]) > 100
+
+
+@pytest.mark.parametrize("var_type", ["fixedlarge", "fixedsmall"])
+def test_pd_is_finite_at_t_index_0(var_type):
+    """fixedsmall's posterior variance is 0 at t index 0; it is clipped to the next entry as CBDM does."""
+    diff = GaussianDiffusion(DiffusionConfig(var_type=var_type))
+    assert float(diff.sigma2[0]) > 0 and float(diff.sigma2.min()) > 0
+    torch.manual_seed(0)
+    net = ToyNet(num_classes=4)
+    xh, xl, eps = torch.rand(2, 1, 8, 8) * 2 - 1, torch.rand(2, 1, 8, 8) * 2 - 1, torch.randn(2, 1, 8, 8)
+    t = torch.zeros(2, dtype=torch.long)
+    xh_t, xl_t = diff.q_sample(xh, t, eps), diff.q_sample(xl, t, eps)
+    for form in ("distance", "plain", "saturating"):
+        cfg = LossConfig(pd_form=form)
+        pd, kl = pd_terms(diff, xh_t, xl_t, t, net(xh_t, t, torch.tensor([0, 1])), net(xl_t, t, torch.tensor([3, 2])),
+                          cfg, eps)
+        assert bool(torch.isfinite(pd).all()) and bool(torch.isfinite(kl).all())
+        pd.sum().backward()
+        assert all(bool(torch.isfinite(p.grad).all()) for p in net.parameters() if p.grad is not None)
+        net.zero_grad()
 
 
 def _setup(cfg: LossConfig, seed: int = 0):
@@ -117,7 +176,7 @@ def test_pd_term_pushes_head_and_tail_apart():
     xh_t, xl_t = diff.q_sample(xh, t, eps), diff.q_sample(xl, t, eps)
 
     def kl_now():
-        pd, kl = pd_terms(diff, xh_t, xl_t, t, net(xh_t, t, yh), net(xl_t, t, yl), cfg)
+        pd, kl = pd_terms(diff, xh_t, xl_t, t, net(xh_t, t, yh), net(xl_t, t, yl), cfg, eps)
         return pd, kl
 
     before = kl_now()[1].mean().item()

@@ -3,10 +3,12 @@
 from pdcbdm.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pdcbdm.training.step import Batch, compute_loss
 from pdcbdm.training.trainer import (
-    EMA, NonFiniteLossError, Trainer, build_network, load_model, native_bf16, resolve_device, resolve_precision,
+    EMA, NonFiniteLossError, Trainer, build_network, ema_decay_at, ema_ready_step, load_model, native_bf16,
+    resolve_device, resolve_precision,
 )
 
 __all__ = [
-    "Batch", "CheckpointError", "EMA", "NonFiniteLossError", "Trainer", "build_network", "compute_loss",
+    "Batch", "CheckpointError", "EMA", "NonFiniteLossError", "Trainer", "build_network", "compute_loss", "ema_decay_at",
+    "ema_ready_step",
     "load_checkpoint", "load_model", "native_bf16", "resolve_device", "resolve_precision", "save_checkpoint",
 ]

@@ -50,16 +50,30 @@ def _uniform(generator: torch.Generator | None) -> float:
 
 def pd_terms(
     diffusion: GaussianDiffusion, x_h: Tensor, x_l: Tensor, t: Tensor, eps_h: Tensor, eps_l: Tensor,
-    cfg: LossConfig,
+    cfg: LossConfig, eps_true: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Eq. 10-11 for paired head/tail noisy images x_h, x_l at shared t: returns (per-pair loss, per-pair KL)."""
+    """Eq. 10-11 for paired head/tail noisy images x_h, x_l at shared t and shared noise ``eps_true``: returns
+    (per-pair loss, per-pair KL). The ``distance`` form also needs the KL of the true posterior means (Eq. 11 with
+    eps_theta = eps_true), which depends on the data only."""
+    sigma2 = diffusion.variance(t, x_h.float())
     mu_h = diffusion.mean_from_eps(x_h.float(), t, eps_h.float())
     mu_l = diffusion.mean_from_eps(x_l.float(), t, eps_l.float())
-    kl = gaussian_kl_same_var(mu_h, mu_l, diffusion.variance(t, mu_h))
-    return pd_loss(kl, cfg.pd_weight, cfg.pd_form, cfg.pd_scale), kl
+    kl = gaussian_kl_same_var(mu_h, mu_l, sigma2)
+    if cfg.pd_form != "distance":
+        return pd_loss(kl, cfg.pd_weight, cfg.pd_form, cfg.pd_scale), kl
+    if eps_true is None:
+        raise ValueError("pd_form 'distance' needs the pairs' shared noise eps_true")
+    e = eps_true.float()
+    kl_ref = gaussian_kl_same_var(diffusion.mean_from_eps(x_h.float(), t, e),
+                                  diffusion.mean_from_eps(x_l.float(), t, e), sigma2)
+    units = diffusion.noise_units(t, kl).view(-1)
+    return pd_loss(kl * units, cfg.pd_weight, cfg.pd_form, cfg.pd_scale, kl_ref * units), kl
 
 
-def compute_loss(
+TimestepDraw = Callable[[int, "torch.Generator | None"], Tensor]
+
+
+def loss_terms(
     net: nn.Module | Callable[..., Tensor],
     diffusion: GaussianDiffusion,
     batch: Batch,
@@ -70,20 +84,22 @@ def compute_loss(
     generator: torch.Generator | None = None,
     autocast: Callable[[], object] = nullcontext,
     shard: Shard = Shard(),
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """L = L_DM + L_DA - lambda * KL (Eq. 8, 9, 10), each term a per-sample mean, averaged once.
+    draw_t: TimestepDraw | None = None,
+) -> dict[str, Tensor]:
+    """The terms of Eq. 8, 9 and 10 as scalars that keep their graph: ``dm``, ``cbdm``, ``pd`` and ``pd_kl``.
 
     - With probability ``cfg.p_uncond`` the whole batch's labels become ``null_label`` (classifier-free guidance);
       L_DA is zero on such steps.
     - L_DA draws one y' per sample from ``label_probs`` (Eq. 12's q) and reuses x_t, t and eps.
     - The PD pairs share t and eps ("under a given noise") and always keep their labels.
     The main, y' and head/tail inputs go through the network in one batched forward. ``shard`` says which part
-    of the global batch this worker holds (every random draw is made globally and sliced).
-    Returns the scalar loss and detached per-term means (``dm``, ``cbdm``, ``pd``, ``pd_kl``).
+    of the global batch this worker holds (every random draw is made globally and sliced). ``draw_t(n, generator)``
+    replaces the uniform timestep draw (diagnostics measure one band of t at a time).
     """
+    draw_t = draw_t or (lambda k, g: diffusion.sample_t(k, "cpu", g))
     x0, y = batch.x0, batch.y
     n = x0.shape[0]
-    t = shard.take(lambda k: diffusion.sample_t(k, "cpu", generator), n).to(x0.device)
+    t = shard.take(lambda k: draw_t(k, generator), n).to(x0.device)
     eps = _randn(x0.shape, x0, generator, shard)
     x_t = diffusion.q_sample(x0, t, eps)
     uncond = cfg.p_uncond > 0 and _uniform(generator) < cfg.p_uncond
@@ -99,7 +115,7 @@ def compute_loss(
         (xh0, yh), (xl0, yl) = batch.head, batch.tail
         m = min(xh0.shape[0], xl0.shape[0])
         xh0, yh, xl0, yl = xh0[:m], yh[:m], xl0[:m], yl[:m]
-        tp = shard.take(lambda k: diffusion.sample_t(k, "cpu", generator), m).to(x0.device)
+        tp = shard.take(lambda k: draw_t(k, generator), m).to(x0.device)
         eps_p = _randn(xh0.shape, xh0, generator, shard)
         xh_t, xl_t = diffusion.q_sample(xh0, tp, eps_p), diffusion.q_sample(xl0, tp, eps_p)
         xs += [xh_t, xl_t]
@@ -111,16 +127,29 @@ def compute_loss(
     parts = list(out.float().split([a.shape[0] for a in xs]))
 
     terms: dict[str, Tensor] = {"dm": dm_loss(parts[0], eps).mean()}
-    total = terms["dm"]
-    zero = total.new_zeros(())
+    zero = terms["dm"].new_zeros(())
     terms["cbdm"] = cbdm_loss(parts[0], parts[1], t, diffusion.T, cfg.cbdm_tau, cfg.cbdm_gamma).mean() if use_cbdm else zero
-    total = total + terms["cbdm"]
+    terms["pd"], terms["pd_kl"] = zero, zero
     if use_pd:
-        pd, kl = pd_terms(diffusion, xh_t, xl_t, tp, parts[-2], parts[-1], cfg)
+        pd, kl = pd_terms(diffusion, xh_t, xl_t, tp, parts[-2], parts[-1], cfg, eps_p)
         terms["pd"], terms["pd_kl"] = pd.mean(), kl.mean()
-        total = total + terms["pd"]
-    else:
-        terms["pd"], terms["pd_kl"] = zero, zero
-    terms = {k: v.detach() for k, v in terms.items()}
-    terms["loss"] = total.detach()
-    return total, terms
+    return terms
+
+
+def compute_loss(
+    net: nn.Module | Callable[..., Tensor],
+    diffusion: GaussianDiffusion,
+    batch: Batch,
+    cfg: LossConfig,
+    **kwargs: object,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """L = L_DM + L_DA - lambda * KL (Eq. 8, 9, 10), each term a per-sample mean, averaged once (see
+    ``loss_terms`` for the draws and keyword arguments).
+
+    Returns the scalar loss and detached per-term means (``dm``, ``cbdm``, ``pd``, ``pd_kl``, ``loss``).
+    """
+    terms = loss_terms(net, diffusion, batch, cfg, **kwargs)
+    total = terms["dm"] + terms["cbdm"] + terms["pd"]
+    out = {k: v.detach() for k, v in terms.items()}
+    out["loss"] = total.detach()
+    return total, out

@@ -20,6 +20,7 @@ from pdcbdm.data import ClassGroupSampler, ImageDataset, head_tail_split
 from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.labels import from_spec
 from pdcbdm.models import build_unet
+from pdcbdm.training.diagnostics import term_gradient_norms
 from pdcbdm.training.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
 from pdcbdm.training.step import Batch, Shard, compute_loss
 
@@ -65,19 +66,41 @@ def build_network(cfg: Config, num_classes: int, image_shape: tuple[int, int, in
                       image_size=image_shape[1], in_channels=image_shape[0], **overrides)
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay for the update after ``step`` optimiser steps: min(decay, (1 + step) / (10 + step)).
+
+    The warm-up (as in TensorFlow's ExponentialMovingAverage with num_updates) keeps the random initialisation
+    from lingering: without it, decay 0.99 leaves 0.99^150 = 22% of the init in the average at step 150, and
+    0.9999 leaves 37% at step 10,000; with it the init's share is below 1e-9 after 100 steps.
+    """
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_ready_step(decay: float) -> int:
+    """The first step at which the EMA's averaging window, 1 / (1 - decay_t), spans at most half of the steps
+    taken: from then on the EMA mostly averages networks of the second half of training, so an evaluation of it
+    (and an early-stopping decision on that evaluation) reflects the current network, not the early ones."""
+    # window_t = min(1 / (1 - decay), (10 + t) / 9): the warm-up part is below t / 2 from t = 3 on
+    return max(3, math.ceil(round(2.0 / (1.0 - decay), 6)))
+
+
 class EMA:
-    """Exponential moving average of a network's parameters (kept in fp32); buffers are copied."""
+    """Exponential moving average of a network's parameters (kept in fp32) with a warm-up of its decay
+    (``ema_decay_at``); buffers are copied."""
 
     def __init__(self, net: nn.Module, decay: float) -> None:
         self.decay = decay
+        self.updates = 0
         self.module = copy.deepcopy(net).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
+        d = ema_decay_at(self.updates, self.decay)
         ema_p = list(self.module.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in net.parameters()], 1.0 - self.decay)
+        torch._foreach_lerp_(ema_p, [p.detach() for p in net.parameters()], 1.0 - d)
         for b_ema, b in zip(self.module.buffers(), net.buffers()):
             b_ema.copy_(b)
+        self.updates += 1
 
 
 class Trainer:
@@ -163,12 +186,22 @@ class Trainer:
         if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
             detail = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
             raise NonFiniteLossError(f"non-finite loss at step {self.step + 1}: {detail}")
+        if self.rank == 0 and (self.step + 1) % self.cfg.train.log_every == 0:
+            values.update(self.gradient_norms(batch))
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update(self.net)
         self.step += 1
         values["lr"] = self.scheduler.get_last_lr()[0]
         return values
+
+    def gradient_norms(self, batch: Batch) -> dict[str, float]:
+        """Each loss term's parameter-gradient norm on ``batch`` and the PD term's share of L_DM's (logged every
+        ``train.log_every`` steps; see ``pdcbdm.training.diagnostics``). Its own generator: the run's draws stay
+        the same with or without it."""
+        generator = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + self.step)
+        return term_gradient_norms(self.net, self.diffusion, batch, self.cfg.loss, label_probs=self.label_probs,
+                                   null_label=self.num_classes, generator=generator, autocast=self.autocast)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def state_payload(self) -> dict[str, Any]:
@@ -202,6 +235,7 @@ class Trainer:
         if "data_order" in data and len(data["data_order"]):
             self._order, self._cursor = data["data_order"].cpu(), int(data["data_cursor"])
         self.step = int(data["step"])
+        self.ema.updates = self.step
 
 
 def load_model(path: str | Path, *, which: str = "ema", device: torch.device | str = "cpu") -> tuple[nn.Module, Config, dict[str, Any]]:
