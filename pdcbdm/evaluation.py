@@ -1,23 +1,59 @@
 """Checkpoint evaluation: sample with classifier-free guidance over a grid of w, score with ``pdcbdm.metrics``.
 
-Shared by ``pipelines/evaluate.py`` and the search's workers so that every trial is judged the same way.
+Shared by ``pipelines/evaluate.py`` and the search's workers so that every trial is judged the same way. Every
+score comes with its noise floor (``<metric>_floor``, ``<metric>_floor_std``): the same metric for real images
+outside the reference at the same per-class counts (``pdcbdm.metrics.floor``), computed once per data set,
+extractor and size and cached on disk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from pdcbdm.config import Config, parse_float_list
-from pdcbdm.data import build_reference_dataset
+from pdcbdm.config import Config, DiffusionConfig, parse_float_list
+from pdcbdm.data import HeadTailSplit, build_floor_dataset, build_reference_dataset, head_tail_split
 from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.metrics import FeatureExtractor, FeatureSet, build_extractor, evaluate_features, extract_all
 from pdcbdm.metrics import fid_from_features, group_fid, reference_features
+from pdcbdm.metrics import (FLOOR_SEEDS, FloorUnavailable, Judge, floor_data_key, load_or_calibrate_judge, noise_floor,
+                            proxy_noise_floor)
 from pdcbdm.sampling import generate, uniform_labels
+
+
+def evaluation_split(cfg: Config, counts: Sequence[int]) -> HeadTailSplit:
+    """The head/tail classes every evaluation scores (head/tail FID, tail proxy FID, tail-to-head confusion).
+
+    Computed from the data set's class counts with ``eval.split_ratio`` (with ``loss.split_mode`` and
+    ``data.seed``), never with the searched ``loss.split_ratio`` of the PD loss, so that the scores of runs
+    with different loss splits measure the same classes.
+    """
+    return head_tail_split(counts, cfg.eval.split_ratio, mode=cfg.loss.split_mode, seed=cfg.data.seed)
+
+
+def sampler_settings(cfg: Config) -> dict[str, Any]:
+    """The config's own sampler (``sample.*``): what proxies, grids and ``eval.protocol=fast`` use."""
+    s = cfg.sample
+    return {"sampler": s.sampler, "steps": s.steps, "eta": s.eta, "clip_x0": True}
+
+
+def final_sampling(cfg: Config) -> tuple[DiffusionConfig, dict[str, Any]]:
+    """(diffusion config, sampler settings) of a final evaluation.
+
+    ``eval.protocol=paper`` is CBDM's reference evaluation, which the PD-CBDM paper follows ("same as baseline"):
+    1000-step ancestral DDPM with the fixedlarge variance and the mean of Eq. 7 taken before any clipping of x0,
+    so that CIFAR scores compare with the paper's. ``fast`` uses the config's own sampler (``sample.*``).
+    """
+    if cfg.eval.protocol == "paper":
+        return (dataclasses.replace(cfg.diffusion, var_type="fixedlarge"),
+                {"sampler": "ddpm", "steps": cfg.diffusion.timesteps, "eta": 1.0, "clip_x0": False})
+    return cfg.diffusion, sampler_settings(cfg)
 
 
 @dataclass
@@ -43,28 +79,40 @@ class Evaluator:
     tail: tuple[int, ...]
     image_shape: tuple[int, int, int]
     device: torch.device
+    judge: Judge | None = None
+    floor_pool: FeatureSet | None = None
+    floor_note: str | None = None
+    cache_dir: str | os.PathLike | None = None
+    floor_seeds: int = FLOOR_SEEDS
+    _floors: dict[tuple, dict[str, Any]] = field(default_factory=dict, repr=False)
+    _floor_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, cfg: Config, *, num_classes: int, head: Sequence[int], tail: Sequence[int],
               device: torch.device | str = "cpu", cache_dir: str | os.PathLike | None = None,
               progress: bool = False) -> "Evaluator":
-        """Load the extractor and the reference features (the balanced set METHOD.md names), cached on disk."""
+        """Load the extractor, the reference features (the balanced set METHOD.md names), the class judge calibrated
+        on them and the floor data set's features, all cached on disk."""
         device = torch.device(device)
         extractor = build_extractor(cfg.eval.extractor, weights_path=cfg.eval.inception_weights, device=device,
                                     cache_dir=cache_dir)
         ref_ds = build_reference_dataset(cfg.data.dataset, root=cfg.data.root, download=cfg.data.download)
         reference = reference_features(extractor, ref_ds, cache_dir, progress=progress)
-        return cls(cfg, extractor, reference, num_classes, tuple(head), tuple(tail), tuple(ref_ds.image_shape), device)
+        pool, note = _floor_pool(cfg, extractor, cache_dir, progress)
+        return cls(cfg, extractor, reference, num_classes, tuple(head), tuple(tail), tuple(ref_ds.image_shape), device,
+                   judge=_judge(extractor, reference, num_classes, cache_dir), floor_pool=pool, floor_note=note,
+                   cache_dir=cache_dir)
 
     def sample(self, net: nn.Module, guidance: float, n: int, *, seed: int = 0, progress: bool = False,
-               autocast: Callable[[], Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """n samples (uint8) with labels uniform over classes, using the config's sampler and steps."""
-        s = self.cfg.sample
+               autocast: Callable[[], Any] | None = None, final: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """n samples (uint8) with labels uniform over classes: with the config's sampler and steps, except for a
+        ``final`` evaluation under ``eval.protocol=paper`` (see ``final_sampling``)."""
         labels = uniform_labels(n, self.num_classes).to(self.device)
         kw = {"autocast": autocast} if autocast else {}
-        images = generate(net, GaussianDiffusion(self.cfg.diffusion), labels, self.image_shape, sampler=s.sampler,
-                          steps=s.steps, guidance=guidance, eta=s.eta, null_label=self.num_classes,
-                          batch_size=self.cfg.eval.batch_size, seed=seed, progress=progress, **kw)
+        diffusion_cfg, sampling = final_sampling(self.cfg) if final else (self.cfg.diffusion, sampler_settings(self.cfg))
+        images = generate(net, GaussianDiffusion(diffusion_cfg), labels, self.image_shape, guidance=guidance,
+                          null_label=self.num_classes, batch_size=self.cfg.eval.batch_size, seed=seed,
+                          progress=progress, **sampling, **kw)
         return images, labels.cpu()
 
     def features(self, images: torch.Tensor, labels: torch.Tensor) -> FeatureSet:
@@ -81,26 +129,84 @@ class Evaluator:
         ref = self.reference
         fid = fid_from_features(feats.features, ref.features)
         tail = group_fid(feats.features, feats.labels, ref.features, ref.labels, self.tail)
-        return images, labels, {"proxy_fid": fid, "proxy_fid_tail": fid if tail is None else tail}
+        scores = {"proxy_fid": fid, "proxy_fid_tail": fid if tail is None else tail}
+        return images, labels, {**scores, **self.floors(feats.labels, proxy=True)}
 
     def score(self, images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0) -> tuple[dict[str, Any], list[dict]]:
-        """Every metric of METHOD.md for one sample set: (flat metrics, per-class rows)."""
-        result = evaluate_features(self.features(images, labels), self.reference, head_classes=self.head,
-                                   tail_classes=self.tail, num_classes=self.num_classes, seed=seed)
-        return result.to_dict(), result.per_class
+        """Every metric of METHOD.md for one sample set, with its noise floor: (flat metrics, per-class rows).
+
+        Flat floors: ``<metric>_floor`` and ``<metric>_floor_std`` of every whole-set and group metric (or a
+        ``floor_note`` when there is no floor); per-class rows get fid_floor, kid_floor, consistency_floor and
+        reject_rate_floor."""
+        feats = self.features(images, labels)
+        result = evaluate_features(feats, self.reference, head_classes=self.head, tail_classes=self.tail,
+                                   num_classes=self.num_classes, seed=seed, judge=self.judge)
+        floors = self.floors(feats.labels)
+        flat = {k: v for k, v in floors.items() if "_class_" not in k}
+        return {**result.to_dict(), **flat}, _rows_with_floors(result.per_class, floors)
+
+    def floors(self, labels: Any, *, proxy: bool = False) -> dict[str, Any]:
+        """The noise floors for a generated set with these labels (same count per class), computed once per count
+        vector (in memory, and on disk by ``pdcbdm.metrics.floor``). ``proxy``: only the proxy scores' floors."""
+        counts = tuple(int(c) for c in np.bincount(np.asarray(labels), minlength=self.num_classes))
+        key = (proxy, counts)
+        if key not in self._floors:
+            self._floors[key] = self._compute_floors(counts, proxy)
+        return self._floors[key]
+
+    def _compute_floors(self, counts: tuple[int, ...], proxy: bool) -> dict[str, Any]:
+        if self.floor_pool is None:
+            return {} if proxy else {"floor_note": self.floor_note}
+        if self._floor_key is None:
+            self._floor_key = floor_data_key(self.floor_pool, self.reference)
+        common = {"seeds": self.floor_seeds, "cache_dir": self.cache_dir, "data_key": self._floor_key}
+        try:
+            if proxy:
+                return proxy_noise_floor(self.floor_pool, self.reference, counts, tail_classes=self.tail, **common)
+            return noise_floor(self.floor_pool, self.reference, counts, head_classes=self.head,
+                               tail_classes=self.tail, num_classes=self.num_classes, judge=self.judge, **common)
+        except FloorUnavailable as exc:
+            return {} if proxy else {"floor_note": str(exc)}
 
     def evaluate_grid(self, net: nn.Module, guidances: Sequence[float] | None = None, *, n: int | None = None,
                       seed: int = 0, progress: bool = False,
                       autocast: Callable[[], Any] | None = None) -> list[GuidanceResult]:
-        """One sampling per guidance value (the grid of ``eval.guidance_grid`` by default), each fully scored."""
+        """One sampling per guidance value (the grid of ``eval.guidance_grid`` by default), each fully scored; the
+        samples follow ``eval.protocol`` (``final_sampling``)."""
         grid = list(guidances) if guidances is not None else list(parse_float_list(self.cfg.eval.guidance_grid, "eval.guidance_grid"))
         n = n or self.cfg.eval.num_samples
         out = []
         for w in grid:
-            images, labels = self.sample(net, w, n, seed=seed, progress=progress, autocast=autocast)
+            images, labels = self.sample(net, w, n, seed=seed, progress=progress, autocast=autocast, final=True)
             metrics, per_class = self.score(images, labels, seed=seed)
             out.append(GuidanceResult(w, {"guidance": w, **metrics}, per_class, images, labels))
         return out
+
+
+def _judge(extractor: FeatureExtractor, reference: FeatureSet, num_classes: int,
+           cache_dir: str | os.PathLike | None) -> Judge | None:
+    """The class judge calibrated on the reference (held out from the digits CNN's training), cached on disk; None
+    when the extractor's logits do not classify the data set's classes (Inception on CIFAR)."""
+    if reference.logits is None or reference.logits.shape[1] != num_classes:
+        return None
+    return load_or_calibrate_judge(reference.features, reference.logits, reference.labels, num_classes,
+                                   extractor=extractor.identity, cache_dir=cache_dir)
+
+
+def _floor_pool(cfg: Config, extractor: FeatureExtractor, cache_dir: str | os.PathLike | None,
+                progress: bool) -> tuple[FeatureSet | None, str | None]:
+    """Features of the floor data set (``build_floor_dataset``), cached like the reference's; or a note."""
+    try:
+        data = build_floor_dataset(cfg.data.dataset, root=cfg.data.root, download=cfg.data.download)
+    except (OSError, ValueError) as exc:
+        return None, f"no noise floor: the floor data set is unavailable ({exc})"
+    return reference_features(extractor, data, cache_dir, progress=progress), None
+
+
+def _rows_with_floors(rows: list[dict[str, Any]], floors: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-class rows with the floors of their FID, KID, consistency and reject rate."""
+    return [{**row, **{f"{key}_floor": floors.get(f"{key}_class_{row['label']}_floor")
+                       for key in ("fid", "kid", "consistency", "reject_rate")}} for row in rows]
 
 
 def best_by_fid(results: Sequence[GuidanceResult]) -> GuidanceResult:
@@ -110,8 +216,14 @@ def best_by_fid(results: Sequence[GuidanceResult]) -> GuidanceResult:
     return min(results, key=lambda r: r.metrics["fid"])
 
 
+HEADLINE_KEYS = ("fid", "is_mean", "precision", "recall", "f8", "f1_8", "fid_head", "fid_tail", "kid", "kid_head",
+                 "kid_tail", "consistency_mean", "consistency_head", "consistency_tail", "tail_to_head_confusion",
+                 "reject_rate", "reject_rate_head", "reject_rate_tail")
+
+
 def headline(result: GuidanceResult) -> dict[str, float | None]:
-    """The metrics a search ranks and tables show, from one guidance value's scores."""
-    keys = ("fid", "is_mean", "precision", "recall", "f8", "f1_8", "fid_head", "fid_tail", "consistency_mean",
-            "consistency_head", "consistency_tail", "tail_to_head_confusion")
-    return {k: result.metrics.get(k) for k in keys}
+    """The metrics a search ranks and tables show, from one guidance value's scores, each with its noise floor
+    (``<metric>_floor``) and the floor's spread over the real draws (``<metric>_floor_std``)."""
+    out = {k: result.metrics.get(k) for k in HEADLINE_KEYS}
+    out.update({f"{k}_floor{s}": result.metrics.get(f"{k}_floor{s}") for k in HEADLINE_KEYS for s in ("", "_std")})
+    return out

@@ -15,12 +15,14 @@ budget, data, sampler and evaluation):
 ("+pd", "+reweight" and "+tsa" are accepted for pd, reweight and tsa.)
 
 Each run trains with ``pdcbdm.training.Trainer`` (train.seed = the seed) for the budget, then scores the EMA network
-with ``pdcbdm.evaluation.Evaluator`` at the config's sample.guidance (with --grid also at every eval.guidance_grid
-value) on eval.num_samples samples whose sampling seed is the run's seed, so that every variant is judged on the
-same noise. The data set (data.seed) is the same for every run.
+with ``pdcbdm.evaluation.Evaluator`` at one fixed guidance scale, eval.proxy_guidance (with --grid also at every
+eval.guidance_grid value, and the grid's best w is recorded as best_guidance; the table stays at the fixed w), on
+eval.num_samples samples whose sampling seed is the run's seed, so that every variant is judged on the same noise
+and the same head/tail classes (eval.split_ratio). The data set (data.seed) is the same for every run.
 
 Writes into --out:
-  ablation.parquet       one row per variant x seed: status, timings, every headline metric (fid_w{w} with --grid)
+  ablation.parquet       one row per variant x seed: status, timings, every headline metric at the fixed w
+                         (guidance), with --grid also fid_w{w} and best_guidance
   summary.csv            mean and standard deviation (over seeds) of FID, recall, F_8, tail FID, tail-to-head
                          confusion and tail consistency per variant (also printed)
   ablation.png           bar chart of the same with error bars (one standard deviation)
@@ -196,27 +198,30 @@ def _train(cfg: Config, seed: int) -> tuple[Any, list[dict[str, float]], float]:
 
 
 def _evaluate(trainer: Any, spec: RunSpec, folder: Path) -> tuple[dict[str, Any], float]:
-    """Score the EMA network with classifier-free guidance at sample.guidance (and at the grid's values).
+    """Score the EMA network with classifier-free guidance at the fixed eval.proxy_guidance (and at the grid's
+    values), on the evaluation's head/tail split (eval.split_ratio).
 
     Args:
-        trainer: the trained run (its EMA network, head/tail split and autocast are used).
+        trainer: the trained run (its EMA network, class counts and autocast are used).
         spec: the run (its seed is the sampling seed, so every variant is scored on the same noise and labels).
         folder: where per_class.parquet and samples_w{w}.png go.
 
     Returns:
-        (headline metrics at sample.guidance plus fid_w{w} with the grid, evaluation seconds).
+        (headline metrics at eval.proxy_guidance plus fid_w{w} and best_guidance with the grid, evaluation seconds).
     """
     from pdcbdm.config import parse_float_list
-    from pdcbdm.evaluation import Evaluator
+    from pdcbdm.evaluation import Evaluator, best_by_fid, evaluation_split
     from pdcbdm.viz import save_grid
 
     cfg = trainer.cfg
     start = time.perf_counter()
-    evaluator = Evaluator.build(cfg, num_classes=trainer.num_classes, head=trainer.split.head,
-                                tail=trainer.split.tail, device=trainer.device, cache_dir=spec.cache_dir)
-    grid = [cfg.sample.guidance]
+    split = evaluation_split(cfg, trainer.counts)
+    evaluator = Evaluator.build(cfg, num_classes=trainer.num_classes, head=split.head, tail=split.tail,
+                                device=trainer.device, cache_dir=spec.cache_dir)
+    w = cfg.eval.proxy_guidance
+    grid = [w]
     if spec.grid:
-        grid = sorted({cfg.sample.guidance, *parse_float_list(cfg.eval.guidance_grid, "eval.guidance_grid")})
+        grid = sorted({w, *parse_float_list(cfg.eval.guidance_grid, "eval.guidance_grid")})
     results = evaluator.evaluate_grid(trainer.ema.module, grid, seed=spec.seed, autocast=trainer.autocast)
     rows = []
     for r in results:
@@ -224,10 +229,12 @@ def _evaluate(trainer: Any, spec: RunSpec, folder: Path) -> tuple[dict[str, Any]
         save_grid(_grid_order(r.images, trainer.num_classes), folder / f"samples_w{r.guidance:g}.png",
                   nrow=_per_class(r.images, trainer.num_classes), scale=max(1, 64 // r.images.shape[-1]))
     _write_parquet(pd.DataFrame(rows), folder / "per_class.parquet")
-    main_result = next(r for r in results if r.guidance == cfg.sample.guidance)
+    main_result = next(r for r in results if r.guidance == w)
     metrics = {k: main_result.metrics.get(k) for k in ROW_METRICS}
-    metrics.update({f"fid_w{r.guidance:g}": r.metrics["fid"] for r in results} if spec.grid else {})
-    metrics["guidance"] = cfg.sample.guidance
+    if spec.grid:
+        metrics.update({f"fid_w{r.guidance:g}": r.metrics["fid"] for r in results})
+        metrics["best_guidance"] = best_by_fid(results).guidance
+    metrics["guidance"] = w
     return metrics, time.perf_counter() - start
 
 
@@ -251,6 +258,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     """
     import torch
 
+    from pdcbdm.evaluation import evaluation_split
     from pdcbdm.training import NonFiniteLossError
 
     cfg = Config.from_dict(spec.cfg)
@@ -268,9 +276,10 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     metrics, eval_s = _evaluate(trainer, spec, folder)
     if spec.checkpoint:
         trainer.save(folder / "checkpoint.pt")
+    split = evaluation_split(cfg, trainer.counts)  # the classes the head/tail metrics measure
     result.update(status="finished", error=None, metrics=metrics, history=history, train_seconds=train_s,
-                  eval_seconds=eval_s, steps=trainer.step, head_classes=list(trainer.split.head),
-                  tail_classes=list(trainer.split.tail))
+                  eval_seconds=eval_s, steps=trainer.step, head_classes=list(split.head),
+                  tail_classes=list(split.tail))
     write_json_atomic(folder / "result.json", result)
     return result
 
@@ -463,8 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="runs trained at once in separate processes, each with (cores / jobs) torch threads "
                         "(default: the number of cores, one thread each)")
-    p.add_argument("--grid", action="store_true", help="also score every eval.guidance_grid value (fid_w{w}); the "
-                   "table always uses sample.guidance")
+    p.add_argument("--grid", action="store_true", help="also score every eval.guidance_grid value (fid_w{w}, and "
+                   "the grid's best w as best_guidance); the table always uses the fixed eval.proxy_guidance")
     p.add_argument("--out", default=None, help="output folder (default: ablations/NAME)")
     p.add_argument("--name", default=None, help="MLflow parent run name (default: ablation-PRESET-YYYYmmdd-HHMMSS)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
@@ -522,16 +531,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
 def warm_caches(plan: Plan) -> None:
     """Build the evaluator once here, so that its cached digits network and reference features exist before the
     workers start (otherwise every worker would train the digits network at the same time)."""
-    from pdcbdm.data import head_tail_split
-    from pdcbdm.evaluation import Evaluator
+    from pdcbdm.evaluation import Evaluator, evaluation_split
     from pdcbdm.train import load_data
 
     try:
         data = load_data(plan.base)
     except (FileNotFoundError, ValueError) as exc:
         raise AblationError(f"data set {plan.base.data.dataset!r}: {exc}") from None
-    split = head_tail_split(data.counts(), plan.base.loss.split_ratio, mode=plan.base.loss.split_mode,
-                            seed=plan.base.data.seed)
+    split = evaluation_split(plan.base, data.counts())
     Evaluator.build(plan.base, num_classes=len(data.counts()), head=split.head, tail=split.tail,
                     cache_dir=plan.args.cache_dir)
 

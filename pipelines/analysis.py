@@ -339,16 +339,17 @@ def per_class_table(results: SearchResults, trial: pd.Series) -> pd.DataFrame | 
 
 
 def _groups(results: SearchResults, trial: pd.Series, labels: pd.Series) -> list[str]:
-    """"head"/"tail" per label from the trial's split (Eq. 10's head/tail classes), "" when unavailable."""
+    """"head"/"tail" per label from the evaluation's split (``eval.split_ratio``, the classes the trial's head and
+    tail metrics were computed on), "" when unavailable."""
     try:
         from pdcbdm.config import Config
-        from pdcbdm.data import head_tail_split
+        from pdcbdm.evaluation import evaluation_split
         from pdcbdm.train import load_data
 
         path = _download(results.tracking_uri, trial["mlflow_run_id"], "config.json")
         cfg = Config.load_json(path) if path else Config.from_dict(results.meta["config"])
         counts = load_data(cfg).counts()
-        split = head_tail_split(counts, cfg.loss.split_ratio, mode=cfg.loss.split_mode, seed=cfg.data.seed)
+        split = evaluation_split(cfg, counts)
         return [split.group_of(int(k)) for k in labels]
     except Exception:  # noqa: BLE001 - the data set may be absent here (e.g. CIFAR on another machine)
         return [""] * len(labels)

@@ -882,7 +882,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric-n", type=_positive, default=None, help="features per set for precision/recall and PRD "
                    "(2000 / 10000)")
     p.add_argument("--feature-dim", type=_positive, default=2048, help="feature dimension (2048, Inception's)")
-    p.add_argument("--prd-clusters", type=_positive, default=200, help="PRD k-means clusters (200 = 20 x 10 classes)")
+    p.add_argument("--prd-clusters", type=_positive, default=200,
+                   help="PRD k-means clusters (200 = 20 x 10 classes; at most --metric-n / 10)")
     p.add_argument("--prd-runs", type=_positive, default=None, help="PRD clusterings averaged (2 / 10, paper: 10)")
     p.add_argument("--prd-n-init", type=_positive, default=None, help="k-means initialisations per PRD run "
                    "(2 / 10, Sajjadi et al.: 10)")
@@ -922,10 +923,10 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
                             ("--guidance", args.guidance, args.guidance >= 0),
                             ("--job-timeout", args.job_timeout, args.job_timeout > 0),
                             ("--metric-n", metric_n, metric_n > 5),
-                            ("--prd-clusters", args.prd_clusters, args.prd_clusters <= 2 * metric_n)]:
+                            ("--prd-clusters", args.prd_clusters, args.prd_clusters <= metric_n // 10)]:
         if not ok:
             raise ValueError(f"{flag} got {value}: must be >= 0 (--threads, --warmup, --guidance), > 0 "
-                             "(--job-timeout), > 5 = k (--metric-n), <= 2 x --metric-n (--prd-clusters)")
+                             "(--job-timeout), > 5 = k (--metric-n), <= --metric-n / 10 (--prd-clusters)")
     explicit_grid = args.variants is not None or args.precisions is not None
     return BenchSettings(
         quick=q, device=resolve_device(args.device), threads=args.threads, sections=tuple(args.sections),

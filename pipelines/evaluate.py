@@ -37,9 +37,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pdcbdm.config import Config, ConfigError, apply_overrides, parse_float_list, write_json_atomic
-from pdcbdm.data import HeadTailSplit, head_tail_split, to_unit_range
+from pdcbdm.data import HeadTailSplit, to_unit_range
 from pdcbdm.diffusion import GaussianDiffusion
-from pdcbdm.evaluation import Evaluator, GuidanceResult, best_by_fid, headline
+from pdcbdm.evaluation import Evaluator, GuidanceResult, best_by_fid, evaluation_split, headline
 from pdcbdm.noise_error import noise_error
 from pdcbdm.train import load_data
 from pdcbdm.training import CheckpointError, load_model, resolve_device, resolve_precision
@@ -335,11 +335,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *
 
 def _build_evaluator(cfg: Config, data: dict[str, Any], device: torch.device,
                      cache_dir: str | os.PathLike | None, progress: bool) -> tuple[Evaluator, HeadTailSplit]:
-    """The Evaluator with the head/tail split recomputed exactly as the Trainer does (Eq. 10's groups)."""
+    """The Evaluator with the evaluation's head/tail split (``eval.split_ratio`` over the checkpoint's class
+    counts), the same for every checkpoint whatever its loss.split_ratio."""
     counts = [int(c) for c in data.get("class_counts") or []]
     if len(counts) != int(data["num_classes"]):
         raise CheckpointError(f"checkpoint lacks class_counts for its {data['num_classes']} classes")
-    split = head_tail_split(counts, cfg.loss.split_ratio, mode=cfg.loss.split_mode, seed=cfg.data.seed)
+    split = evaluation_split(cfg, counts)
     evaluator = Evaluator.build(cfg, num_classes=len(counts), head=split.head, tail=split.tail, device=device,
                                 cache_dir=cache_dir, progress=progress)
     if tuple(evaluator.image_shape) != tuple(data["image_shape"]):
@@ -361,6 +362,7 @@ def _summary(checkpoint: str | os.PathLike, which: str, cfg: Config, data: dict[
         "tail_classes": list(split.tail), "guidance_values": [r.guidance for r in results],
         "guidance": {w_name(r.guidance): r.metrics for r in results},
         "best_guidance": best.guidance, "best": headline(best), "noise_error": noise,
+        "eval_protocol": cfg.eval.protocol,
     }
 
 

@@ -43,6 +43,8 @@ def test_overrides_convert_types_and_keep_search_names():
     ("data.imbalance=0.5", "data.imbalance must be >= 1"),
     ("train.precision=fp16", "train.precision must be 'fp32', 'bf16' or 'auto'"),
     ("eval.guidance_grid=a,b", "eval.guidance_grid must be comma-separated numbers"),
+    ("eval.split_ratio=0", "eval.split_ratio must be in (0, 1)"),
+    ("eval.proxy_guidance=-0.5", "eval.proxy_guidance must be >= 0"),
 ])
 def test_bad_values_name_the_field(item, message):
     with pytest.raises(ConfigError) as err:

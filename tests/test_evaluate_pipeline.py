@@ -19,7 +19,8 @@ from pdcbdm.train import train
 from pipelines.evaluate import UsageError, grid_of_classes, main, parse_guidance
 
 ROOT = Path(__file__).resolve().parents[1]
-METRIC_KEYS = ("fid", "precision", "recall", "f8", "f1_8", "fid_tail", "tail_to_head_confusion", "is_mean")
+METRIC_KEYS = ("fid", "precision", "recall", "f8", "f1_8", "fid_tail", "kid", "reject_rate", "is_mean", "fid_floor",
+               "fid_tail_floor", "kid_floor", "f8_floor", "reject_rate_floor", "tail_to_head_confusion_floor")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,11 @@ def test_metrics_json_scores_every_guidance_value(evaluated, checkpoint):
         assert metrics["guidance"] == float(w)
         for key in METRIC_KEYS:
             assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), (w, key, metrics[key])
-        assert metrics["fid"] > 0 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["tail_to_head_confusion"] <= 1
+        assert metrics["fid"] > 0 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["reject_rate"] <= 1
+        # confusion counts confident decisions only: None when the judge reads no tail sample of this 10-step model
+        confusion = metrics["tail_to_head_confusion"]
+        assert (confusion is None and metrics["reject_rate_tail"] == 1.0) or 0 <= confusion <= 1
+        assert metrics["fid"] > metrics["fid_floor"] > 0 and metrics["reject_rate_floor"] < 0.1
         assert metrics["num_generated"] == 40
     assert summary["best_guidance"] in (0.0, 1.0)
     best = summary["guidance"][f"{summary['best_guidance']:g}"]["fid"]
@@ -80,15 +85,30 @@ def test_metrics_json_scores_every_guidance_value(evaluated, checkpoint):
     assert sorted(summary["head_classes"] + summary["tail_classes"]) == list(range(10))
 
 
-def test_head_tail_split_matches_the_trainer(evaluated, checkpoint):
+def test_head_tail_split_is_the_evaluation_split(evaluated, checkpoint):
+    from pdcbdm.evaluation import evaluation_split
     from pdcbdm.train import load_data
-    from pdcbdm.training import Trainer, load_model
+    from pdcbdm.training import load_model
 
     _, cfg, _ = load_model(checkpoint)
-    trainer = Trainer(cfg, load_data(cfg))
+    split = evaluation_split(cfg, load_data(cfg).counts())
     summary = json.loads((evaluated[1] / "metrics.json").read_text())
-    assert tuple(summary["head_classes"]) == trainer.split.head
-    assert tuple(summary["tail_classes"]) == trainer.split.tail
+    assert tuple(summary["head_classes"]) == split.head and len(split.head) == 7  # eval.split_ratio 0.7
+    assert tuple(summary["tail_classes"]) == split.tail
+
+
+def test_evaluation_split_ignores_the_loss_split_ratio():
+    """Runs whose PD loss splits differently (a searched loss.split_ratio) are scored on the same classes."""
+    from pdcbdm.data import head_tail_split, longtail_counts
+    from pdcbdm.evaluation import evaluation_split
+
+    counts = longtail_counts(120, 10, 10)
+    splits = [evaluation_split(apply_overrides(preset("smoke"), [f"loss.split_ratio={r}"]), counts)
+              for r in (0.5, 0.7, 0.9)]
+    assert splits[0] == splits[1] == splits[2] == head_tail_split(counts, 0.7)
+    assert splits[0].tail == (7, 8, 9)
+    # the evaluation's own ratio decides
+    assert evaluation_split(apply_overrides(preset("smoke"), ["eval.split_ratio=0.6"]), counts).tail == (6, 7, 8, 9)
 
 
 def test_noise_error_is_a_positive_float(evaluated):

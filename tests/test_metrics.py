@@ -1,4 +1,4 @@
-"""The metric math: FID, IS, improved precision/recall, PRD F-scores, class-wise metrics, evaluate_features."""
+"""The metric math: FID, IS, improved precision/recall, PRD F-scores, KID, class-wise metrics, evaluate_features."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ import pytest
 import scipy.linalg
 import torch
 
-from pdcbdm.metrics import (EvalResult, FeatureSet, class_consistency, evaluate_features, feature_statistics,
-                            fid_from_features, frechet_distance, group_fid, improved_precision_recall,
-                            inception_score, knn_radii, manifold_membership, max_f_beta, per_class_fid, prd_curve,
-                            prd_f_scores, tail_to_head_confusion)
+from torch_fidelity.metric_kid import kid_features_to_metric
+
+from pdcbdm.metrics import (REJECT, EvalResult, FeatureSet, Judge, class_consistency, equal_size_sets,
+                            evaluate_features, feature_statistics, fid_from_features, frechet_distance,
+                            group_consistency, group_fid, group_kid, improved_precision_recall, inception_score,
+                            kid_from_features, knn_radii, manifold_membership, max_f_beta, per_class_fid,
+                            prd_cluster_count, prd_curve, prd_f_scores, reject_rate, tail_to_head_confusion)
+from pdcbdm.metrics import prd as prd_module
 from pdcbdm.metrics.reference import load_feature_set, save_feature_set
 
 
@@ -214,6 +218,27 @@ def test_prd_is_deterministic_for_a_seed_and_checks_clusters():
         prd_f_scores(x, y, num_clusters=1000, num_runs=1)
 
 
+def test_prd_subsamples_the_larger_set_and_caps_clusters_at_a_tenth(monkeypatch):
+    x, _ = _blobs(np.eye(3, 5) * 10.0, 100, 1.0, seed=21)      # 300 points
+    y = x[:120] + 0.1                                           # 120 points
+    a, b = equal_size_sets(x, y, seed=4)
+    assert a.shape == b.shape == (120, 5) and b is y
+    assert {tuple(r) for r in a} <= {tuple(r) for r in x}      # a subsample of rows, no duplicates
+    assert len({tuple(r) for r in a}) == 120
+    assert np.array_equal(a, equal_size_sets(x, y, seed=4)[0]) and not np.array_equal(a, equal_size_sets(x, y, 5)[0])
+    seen = []
+    real = prd_module._cluster_histograms
+    monkeypatch.setattr(prd_module, "_cluster_histograms",
+                        lambda g, r, c, s, n: seen.append((len(g), len(r), c)) or real(g, r, c, s, n))
+    prd_f_scores(x, y, num_clusters=12, num_runs=2)
+    assert seen == [(120, 120, 12)] * 2
+    with pytest.raises(ValueError, match="at most one cluster per 10 points"):
+        prd_f_scores(x, y, num_clusters=13, num_runs=1)
+    # 20 x classes is the cap when N allows, else N // 10; under 2 clusters there is no PRD
+    assert prd_cluster_count(200, 10) == 20 and prd_cluster_count(5000, 10) == 200 and prd_cluster_count(40, 10) == 4
+    assert prd_cluster_count(19, 10) == 0
+
+
 # ---------------------------------------------------------------- class-wise metrics
 
 def _class_features(shift: np.ndarray, per_class: int = 40, seed: int = 14):
@@ -247,7 +272,96 @@ def test_class_consistency_and_tail_to_head_confusion():
     assert tail_to_head_confusion(labels, predicted, (0,), (3,)) is None
 
 
+def test_rejected_decisions_count_in_reject_rate_only():
+    labels = np.array([0] * 4 + [1] * 4 + [2] * 4)
+    predicted = np.array([0, 0, REJECT, REJECT, 1, REJECT, REJECT, REJECT, REJECT, REJECT, REJECT, REJECT])
+    assert class_consistency(labels, predicted, 3) == [1.0, 1.0, None]
+    assert reject_rate(labels, predicted, [0]) == 0.5 and reject_rate(labels, predicted, [1, 2]) == pytest.approx(7 / 8)
+    # unreadable tail samples are neither consistent nor confused: no confident tail decision at all
+    assert tail_to_head_confusion(labels, predicted, (0,), (1, 2)) == 0.0
+    assert tail_to_head_confusion(labels, predicted, (0,), (2,)) is None
+    predicted[8] = 0  # one confident tail decision, naming the head
+    assert tail_to_head_confusion(labels, predicted, (0,), (1, 2)) == 0.5
+    assert group_consistency(labels, predicted, [0, 1, 2]) == pytest.approx(3 / 4)  # pooled: 3 of 4 confident
+    assert reject_rate(labels, predicted, [3]) is None
+
+
+# ---------------------------------------------------------------- KID
+
+def test_kid_matches_torch_fidelity_on_the_same_features():
+    rng = np.random.default_rng(22)
+    x, y = rng.normal(size=(150, 16)), rng.normal(size=(150, 16)) * 1.1 + 0.2
+    # one subset holding every point: torch-fidelity's estimate over the whole sets (a permutation changes nothing)
+    theirs = kid_features_to_metric(torch.from_numpy(x), torch.from_numpy(y), kid_subsets=1, kid_subset_size=150,
+                                    kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
+                                    kid_kernel_poly_coef0=1, rng_seed=0, verbose=False)
+    assert kid_from_features(x, y) == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-9)
+    # unequal sizes: the unbiased formula written out
+    z = y[:70]
+    k = lambda a, b: (a @ b.T / 16 + 1.0) ** 3  # noqa: E731
+    kxx, kzz = k(x, x), k(z, z)
+    expected = ((kxx.sum() - np.trace(kxx)) / (150 * 149) + (kzz.sum() - np.trace(kzz)) / (70 * 69)
+                - 2 * k(x, z).mean())
+    assert kid_from_features(x, z) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="at least 2 points"):
+        kid_from_features(x[:1], z)
+
+
+def test_kid_in_row_blocks_equals_the_whole_matrix(monkeypatch):
+    from pdcbdm.metrics import kid as kid_module
+
+    rng = np.random.default_rng(25)
+    x, y, labels = rng.normal(size=(40, 6)), rng.normal(size=(33, 6)), np.arange(40) % 4
+    whole = kid_from_features(x, y), kid_from_features(x, y[:32], gen_labels=labels, ref_labels=labels[:32])
+    monkeypatch.setattr(kid_module, "_BLOCK_ROWS", 7)
+    blocked = kid_from_features(x, y), kid_from_features(x, y[:32], gen_labels=labels, ref_labels=labels[:32])
+    assert blocked == pytest.approx(whole, rel=1e-12)
+
+
+def test_kid_is_unbiased_for_two_draws_of_one_distribution():
+    rng = np.random.default_rng(23)
+    kids, biased = [], []
+    for _ in range(300):
+        x, y = rng.normal(size=(20, 8)), rng.normal(size=(20, 8))
+        kids.append(kid_from_features(x, y))
+        k = lambda a, b: (a @ b.T / 8 + 1.0) ** 3  # noqa: E731
+        biased.append(k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean())
+    kids, biased = np.array(kids), np.array(biased)
+    se = kids.std() / np.sqrt(len(kids))
+    assert abs(kids.mean()) < 3 * se            # unbiased: 0 on average at N = 20
+    assert biased.mean() > 20 * se              # the V-statistic is not
+    assert (kids < 0).any()
+
+
+def test_class_stratified_kid_removes_the_fixed_count_bias():
+    """Sets drawn with a fixed count per class (as the evaluation's): the plain estimate is biased low, the
+    stratified one (labels given) is not."""
+    rng = np.random.default_rng(24)
+    centres = rng.normal(size=(5, 8)) * 3.0
+    labels = np.repeat(np.arange(5), 6)
+    plain, strat = [], []
+    for _ in range(300):
+        x = centres[labels] + rng.normal(size=(30, 8))
+        y = centres[labels] + rng.normal(size=(30, 8))
+        plain.append(kid_from_features(x, y))
+        strat.append(kid_from_features(x, y, gen_labels=labels, ref_labels=labels))
+        # one class: the stratified estimate is the plain one
+        assert kid_from_features(x[:6], y[:6], gen_labels=labels[:6], ref_labels=labels[:6]) == pytest.approx(
+            kid_from_features(x[:6], y[:6]), rel=1e-9)
+    plain, strat = np.array(plain), np.array(strat)
+    se = strat.std() / np.sqrt(len(strat))
+    assert abs(strat.mean()) < 3 * se and plain.mean() < -10 * se
+    assert group_kid(x, labels, y, labels, [0, 1]) == pytest.approx(
+        kid_from_features(x[:12], y[:12], gen_labels=labels[:12], ref_labels=labels[:12]), rel=1e-12)
+    assert group_kid(x[:7], labels[:7], y, labels, [1]) is None  # one generated sample of class 1
+
+
 # ---------------------------------------------------------------- evaluate_features
+
+def _accept_all(num_classes: int, dim: int) -> Judge:
+    """A judge that reads every sample (isolates the counting from the rejection rule)."""
+    return Judge(0.0, np.inf, np.zeros((num_classes, dim)), np.ones(dim), 0.5, 1.0, 0)
+
 
 def _labelled_set(seed: int, logits_width: int | None) -> FeatureSet:
     feats, labels = _blobs(np.eye(4, 6) * 10.0, 30, 1.0, seed=seed)
@@ -270,11 +384,17 @@ def test_evaluate_features_on_identical_sets():
     assert res.inception_score == inception_score(gen.logits, 10) and res.inception_score_note is None
     assert 3.0 < res.inception_score[0] <= 4.0
     assert res.consistency_mean == 1.0 and res.consistency_tail == 1.0 and res.tail_to_head_confusion == 0.0
+    # the judge calibrated on `ref` keeps 98% of it (its leave-one-out calibration)
+    assert 0.0 < res.reject_rate <= 0.03
+    assert abs(res.kid) < 1e-2 * abs(kid_from_features(gen.features, gen.features + 5.0))
+    assert res.kid_head is not None and res.kid_tail is not None
+    assert res.prd_n == 120 and res.prd_clusters == 12  # min(20 x 4 classes, 120 // 10)
     assert [row["n"] for row in res.per_class] == [30, 30, 30, 30]
     flat = res.to_dict()
     json.dumps(flat)
     assert all(v is None or type(v) in (int, float, str) for v in flat.values())
     assert flat["fid_class_3"] == res.per_class[3]["fid"] and flat["consistency_class_0"] == 1.0
+    assert flat["kid_class_2"] == res.per_class[2]["kid"] and flat["reject_rate_class_1"] is not None
     assert flat["is_mean"] == res.inception_score[0]
 
 
@@ -282,19 +402,31 @@ def test_evaluate_features_reports_confusion_and_missing_classifier():
     ref = _labelled_set(16, 4)
     gen = _labelled_set(17, 4)
     logits = gen.logits.copy()
+    feats = gen.features.copy()
     tail3 = np.flatnonzero(gen.labels == 3)[:15]
     logits[tail3] = 0.0
-    logits[tail3, 0] = 20.0  # half of class 3 reads as head class 0
-    confused = FeatureSet(gen.features, logits, gen.labels, extractor="test-net")
-    res = evaluate_features(confused, ref, head_classes=(0, 1), tail_classes=(2, 3), num_classes=4, prd_runs=1)
+    logits[tail3, 0] = 20.0  # half of class 3 reads as head class 0 ...
+    feats[tail3] = gen.features[gen.labels == 0][:15]  # ... because it looks like class 0
+    confused = FeatureSet(feats, logits, gen.labels, extractor="test-net")
+    res = evaluate_features(confused, ref, head_classes=(0, 1), tail_classes=(2, 3), num_classes=4, prd_runs=1,
+                            judge=_accept_all(4, 6))
     assert res.per_class[3]["consistency"] == 0.5 and res.consistency_head == 1.0
     assert res.consistency_tail == pytest.approx(0.75) and res.tail_to_head_confusion == pytest.approx(0.25)
+    assert res.reject_rate == 0.0
+    # the calibrated judge reads these as class 0 too (the features agree with the logits)
+    judged = evaluate_features(confused, ref, head_classes=(0, 1), tail_classes=(2, 3), num_classes=4, prd_runs=1)
+    assert judged.tail_to_head_confusion > 0.2 and judged.reject_rate < 0.05
+    # logits that disagree with the features (class-3 features, class-0 logits) are not readable: rejected
+    odd = FeatureSet(gen.features, logits, gen.labels, extractor="test-net")
+    res = evaluate_features(odd, ref, head_classes=(0, 1), tail_classes=(2, 3), num_classes=4, prd_runs=1)
+    assert res.per_class[3]["reject_rate"] >= 0.5 and res.tail_to_head_confusion < 0.05
 
     # 1008-way (Inception-like) logits are not a classifier over these 4 classes; no logits means no IS.
     wide = evaluate_features(_labelled_set(17, 1008), ref, head_classes=(0, 1), tail_classes=(2, 3), num_classes=4,
                              prd_runs=1)
     assert wide.inception_score is not None and wide.consistency_mean is None and wide.consistency_note
-    assert all(row["consistency"] is None for row in wide.per_class)
+    assert all(row["consistency"] is None and row["reject_rate"] is None for row in wide.per_class)
+    assert wide.reject_rate is None
     bare = FeatureSet(gen.features, None, gen.labels, extractor="test-net", logits_note="pool3 only")
     res = evaluate_features(bare, ref, head_classes=(0, 1), tail_classes=(2, 3), num_classes=4, prd_runs=1)
     assert res.inception_score is None and res.inception_score_note == "pool3 only"

@@ -34,20 +34,43 @@ def test_smoke_search_records_every_trial(smoke_search):
             assert key in run.data.params
         assert "proxy_fid" in run.data.metrics and "loss" in run.data.metrics
         assert run.data.tags["pdcbdm.precision"] == "fp32" and run.data.tags["pdcbdm.device"] == "cpu"
+        assert run.data.tags["pdcbdm.eval_protocol"] == "fast"
+        assert "pd_grad_share" in run.data.metrics  # the PD term's gradient share, logged every log_every steps
         files = artifact_paths(uri, run.info.run_id)
         assert "config.json" in files and any(f.startswith("samples/") and f.endswith(".png") for f in files)
     done = [r for r in runs if table.set_index("mlflow_run_id").loc[r.info.run_id, "status"] == "completed"]
     assert done, "the best trial runs to the end"
     for run in done:
-        for key in ("fid", "recall", "precision", "f8", "f1_8", "fid_head", "fid_tail", "best_guidance",
-                    "tail_to_head_confusion", "consistency_mean", "is_mean", "noise_error"):
+        # consistency and tail-to-head confusion count only samples the judge can read (None, so not logged, when
+        # a 40-step smoke model draws none); the reject rate says how many it could not, the floors what real
+        # images score at the same size
+        for key in ("fid", "recall", "precision", "f8", "f1_8", "fid_head", "fid_tail", "best_guidance", "reject_rate",
+                    "fid_floor", "recall_floor", "is_mean", "noise_error", "objective"):
             assert key in run.data.metrics, key
         files = artifact_paths(uri, run.info.run_id)
         assert "checkpoint/checkpoint.pt" in files and "evaluation/per_class.parquet" in files
     ranked = table[table["status"] == "completed"]
     assert list(ranked["fid"]) == sorted(ranked["fid"])
 
+    # every completed trial was scored over eval.guidance_grid ("0,1") and reports its best w, also in the table
+    assert ranked["best_guidance"].notna().all() and set(ranked["best_guidance"]) <= {0.0, 1.0}
+    assert "best_w" in proc.stdout and "sample.guidance" not in table.columns  # w is not searched
+
     study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'searches' / 'e2e' / 'optuna.db'}")
     assert len(study.trials) == 3
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert study.trials[0].params["loss.label_dist"] == "inverted"  # the preset is evaluated first
+    # Optuna and the table agree: completed trials COMPLETE with the final FID, ASHA-stopped ones PRUNED with
+    # their proxy FIDs keyed by training step, and the study's best trial is rank 1
+    by_id = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    assert set(by_id) == set(table["trial_id"])
+    state = {"completed": optuna.trial.TrialState.COMPLETE, "stopped": optuna.trial.TrialState.PRUNED}
+    for row in table.itertuples():
+        trial = by_id[row.trial_id]
+        assert trial.state == state[row.status], (row.trial_id, row.status, trial.state)
+        assert set(trial.intermediate_values) <= {20}  # steps, not Tune's iterations (which would be 1, 2)
+        if row.status == "completed":
+            assert trial.value == pytest.approx(row.fid)
+        else:
+            assert trial.intermediate_values == {20: pytest.approx(row.proxy_fid)}
+    assert table.iloc[0]["status"] == "completed"
+    assert study.best_trial.user_attrs["tune_trial_id"] == table.iloc[0]["trial_id"]

@@ -25,7 +25,8 @@ def test_every_suggestion_is_a_valid_config(name):
         space(trial)
         assert set(trial.params) == set(SEARCHED)
         cfg = apply_overrides(base, trial.params)
-        assert cfg.loss.pd_weight > 0 and 0 < cfg.loss.split_ratio < 1 and cfg.sample.guidance > 0
+        assert cfg.loss.pd_weight > 0 and 0 < cfg.loss.split_ratio < 1
+        assert cfg.sample.guidance == base.sample.guidance  # w is scored, never searched
         seen_tsa.add(cfg.model.tsa_resolutions)
         study.tell(trial, cfg.loss.pd_weight)
     for tsa in seen_tsa:  # every placement builds a network
@@ -38,8 +39,17 @@ def test_every_suggestion_is_a_valid_config(name):
 def test_pinned_fields_are_not_searched_and_the_default_point_is_in_the_space():
     study = optuna.create_study()
     trial = study.ask()
-    search_space(trial, fixed=("loss.pd_weight", "sample.guidance"))
-    assert "loss.pd_weight" not in trial.params and "sample.guidance" not in trial.params
+    search_space(trial, fixed=("loss.pd_weight", "loss.split_ratio"))
+    assert "loss.pd_weight" not in trial.params and "loss.split_ratio" not in trial.params
+    assert set(trial.params) == set(SEARCHED) - {"loss.pd_weight", "loss.split_ratio"}
     point = config_point(preset("digits").flat())
     assert set(point) == set(SEARCHED)
     assert point["model.tsa_resolutions"] in tsa_choices(MODEL_PRESETS["small"].resolutions)
+
+
+def test_guidance_and_evaluation_fields_are_not_searched():
+    """w needs no retraining and the evaluation's split and proxy w must be the same for every trial."""
+    trial = optuna.create_study().ask()
+    search_space(trial)
+    for key in ("sample.guidance", "eval.proxy_guidance", "eval.split_ratio", "eval.guidance_grid"):
+        assert key not in SEARCHED and key not in trial.params

@@ -47,7 +47,8 @@ def test_short_training_on_digits_lt_lowers_the_loss(digits):
     after = _fixed_loss(trainer)
     assert after < 0.7 * before, (before, after)
     assert all(set(h) >= {"loss", "dm", "cbdm", "pd", "pd_kl", "grad_norm", "lr"} for h in history)
-    assert any(h["pd"] < 0 for h in history) and any(h["cbdm"] > 0 for h in history)
+    # the distance form is 0 at the true posteriors' separation, positive below it: it acts whenever it is not 0
+    assert any(h["pd"] != 0 for h in history) and any(h["cbdm"] > 0 for h in history)
 
 
 def test_checkpoint_round_trip_gives_bit_equal_outputs(digits, tmp_path):
@@ -169,7 +170,7 @@ def test_default_pd_term_carries_a_real_share_of_the_gradient(digits):
 
     cfg = apply_overrides(preset("digits"), ["train.precision=fp32"])
     trainer = Trainer(cfg, digits)
-    for _ in range(10):
+    for _ in range(30):  # as the issue measured: 30 steps into training, batch 16
         trainer.train_step()
     for lo, hi in ((0, 100), (100, 400), (400, 700)):
         shares = [term_gradient_norms(trainer.net, trainer.diffusion, trainer.next_batch(), cfg.loss,

@@ -14,7 +14,7 @@ from tune.space import SEARCHED
 
 METRIC_COLUMNS = ("fid", "is_mean", "precision", "recall", "f8", "f1_8", "fid_head", "fid_tail",
                   "consistency_mean", "consistency_tail", "tail_to_head_confusion", "noise_error", "best_guidance", "proxy_fid",
-                  "proxy_fid_tail", "step")
+                  "proxy_fid_tail", "step", "fid_floor", "fid_tail_floor", "reject_rate")
 
 
 def trial_rows(results: Iterable[Any], max_steps: int, run_ids: dict[str, str] | None = None) -> pd.DataFrame:

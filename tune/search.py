@@ -64,10 +64,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db); http://host:port for a server")
     p.add_argument("--experiment", default="pdcbdm", help="MLflow experiment name (default: pdcbdm)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler (same seed, same configs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler (same seed, same configs); its "
+                   "random start-up is a quarter of --trials, at least 2")
     p.add_argument("--no-asha", action="store_true", help="run every trial to the end (no early stopping)")
     p.add_argument("--multi-objective", action="store_true",
-                   help="Optuna optimises proxy FID and tail-class proxy FID together (Pareto front)")
+                   help="Optuna (multi-objective TPE) optimises the final FID and tail-class FID together (a "
+                        "Pareto front of the completed trials; ASHA still stops trials on the proxy FID)")
     p.add_argument("--max-trial-failures", type=int, default=0, help="retries of a trial that raises")
     p.add_argument("--address", default="local",
                    help="Ray cluster: 'local' (default: a private cluster on this machine), 'auto' (the running "
@@ -101,10 +103,17 @@ def check_data(cfg: Config) -> None:
         raise SearchError(f"data set {cfg.data.dataset!r}: {exc}") from None
 
 
-def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_db: Path) -> Any:
-    """Seeded TPE through Ray's OptunaSearch, the study persisted in sqlite; the first trial is the preset."""
+def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_db: Path, trials: int) -> Any:
+    """Seeded TPE (multi-objective TPE with --multi-objective), its random start-up sized to the budget, through
+    ``StepOptunaSearch``; the study persisted in sqlite; the first trial is the preset.
+
+    Optuna optimises ``objective`` (and ``objective_tail``): the worker's proxy FID at intermediate evaluations
+    (intermediate values, keyed by step; an ASHA-stopped trial is PRUNED) and the final FID at the best w at the
+    end (a COMPLETE trial's value), the order trials.parquet ranks completed trials by.
+    """
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
+
+    from tune.searcher import StepOptunaSearch, startup_trials
 
     fixed = tuple(k for k in SEARCHED if any(o.split("=", 1)[0].strip() == k for o in args.overrides))
     levels = MODEL_PRESETS[cfg.model.preset].resolutions
@@ -112,22 +121,35 @@ def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_db: P
     point = config_point(cfg.flat(), fixed)
     if "model.tsa_resolutions" in point and point["model.tsa_resolutions"] not in tsa_choices(levels):
         point.pop("model.tsa_resolutions")
-    metric, mode = (["proxy_fid", "proxy_fid_tail"], ["min", "min"]) if args.multi_objective else ("proxy_fid", "min")
+    metric, mode = (["objective", "objective_tail"], ["min", "min"]) if args.multi_objective else ("objective", "min")
     storage = optuna.storages.RDBStorage(f"sqlite:///{study_db}")
-    sampler = optuna.samplers.TPESampler(seed=args.seed) if not args.multi_objective else \
-        optuna.samplers.NSGAIISampler(seed=args.seed)
-    return OptunaSearch(space=space, metric=metric, mode=mode, points_to_evaluate=[point] if point else None,
-                        sampler=sampler, study_name=name, storage=storage)
+    # one sampler for one or several objectives: Optuna's TPE is multi-objective (MOTPE) when the study is
+    sampler = optuna.samplers.TPESampler(n_startup_trials=startup_trials(trials), seed=args.seed)
+    return StepOptunaSearch(space=space, metric=metric, mode=mode, points_to_evaluate=[point] if point else None,
+                            sampler=sampler, study_name=name, storage=storage, max_steps=cfg.train.steps)
+
+
+def grace_period(cfg: Config) -> int:
+    """ASHA's first rung: the first evaluation step at which the EMA network is meaningful (``ema_ready_step``),
+    so that no trial is stopped on an average still dominated by its first networks."""
+    from pdcbdm.training import ema_ready_step
+
+    every = cfg.train.eval_every
+    first = max(every, ema_ready_step(cfg.train.ema_decay))
+    return -(-first // every) * every
 
 
 def build_scheduler(args: argparse.Namespace, cfg: Config) -> Any:
+    """ASHA on the proxy FID from ``grace_period`` on; FIFO (no early stopping) with --no-asha or when the grace
+    period reaches the budget."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    if args.no_asha or cfg.train.eval_every >= cfg.train.steps:
+    grace = grace_period(cfg)
+    if args.no_asha or grace >= cfg.train.steps:
         return FIFOScheduler()
     # time_attr is the training step: after a restore Tune's training_iteration restarts while Train resumes
     return ASHAScheduler(time_attr="step", metric="proxy_fid", mode="min", max_t=cfg.train.steps,
-                         grace_period=cfg.train.eval_every, reduction_factor=2)
+                         grace_period=grace, reduction_factor=2)
 
 
 @dataclass
@@ -313,7 +335,8 @@ def execute(p: SearchPlan, concurrency: int) -> Any:
     else:
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=build_searcher(a, cfg, p.name, p.search_dir / "optuna.db"),
+            tune_config=tune.TuneConfig(search_alg=build_searcher(a, cfg, p.name, p.search_dir / "optuna.db",
+                                                                  p.trials),
                                         scheduler=build_scheduler(a, cfg), num_samples=p.trials,
                                         max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name="tune", storage_path=p.storage, verbose=0,

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 SEARCHED = (
     "loss.pd_weight", "loss.cbdm_tau", "loss.cbdm_gamma", "loss.label_dist", "loss.split_ratio",
-    "model.tsa_resolutions", "sample.guidance",
+    "model.tsa_resolutions",
 )
 LABEL_DISTS = ("cbdm", "inverted", "uniform", "power:0.5")
 
@@ -21,14 +21,16 @@ def tsa_choices(levels: Sequence[int]) -> tuple[str, ...]:
 
 
 def search_space(trial: Any, fixed: Sequence[str] = (), tsa: Sequence[str] = ("", "8", "4", "8,4")) -> None:
-    """Define-by-run space over the PD-CBDM knobs (Eq. 9-14 and the guidance scale w).
+    """Define-by-run space over the PD-CBDM training knobs (Eq. 9-14).
 
     ``fixed`` names fields the user pinned with ``--set`` (not searched); ``tsa`` lists the placements valid for
-    the preset's U-Net. PD weight lambda is searched on a log scale; the head/tail ratio on the paper's 0.1 grid
-    (6:4, 7:3, 8:2 and neighbours); w on the paper's 0.2 grid.
+    the preset's U-Net. PD weight lambda is searched on a log scale around the default 0.1, from 0.01 to 1 (the
+    PD term's gradient share of L_DM's from under 1% to about its size, pipelines/pd_gradients.py); the head/tail
+    ratio on the paper's 0.1 grid (6:4, 7:3, 8:2 and neighbours). The guidance scale w is not searched: it needs no retraining, so every trial
+    is scored at the same fixed w (``eval.proxy_guidance``) and over ``eval.guidance_grid``.
     """
     if "loss.pd_weight" not in fixed:
-        trial.suggest_float("loss.pd_weight", 1e-4, 0.3, log=True)
+        trial.suggest_float("loss.pd_weight", 0.01, 1.0, log=True)
     if "loss.cbdm_tau" not in fixed:
         trial.suggest_float("loss.cbdm_tau", 0.1, 2.0)
     if "loss.cbdm_gamma" not in fixed:
@@ -39,8 +41,6 @@ def search_space(trial: Any, fixed: Sequence[str] = (), tsa: Sequence[str] = (""
         trial.suggest_float("loss.split_ratio", 0.5, 0.9, step=0.1)
     if "model.tsa_resolutions" not in fixed:
         trial.suggest_categorical("model.tsa_resolutions", list(tsa))
-    if "sample.guidance" not in fixed:
-        trial.suggest_float("sample.guidance", 0.2, 2.0, step=0.2)
     return None
 
 

@@ -13,8 +13,8 @@ import ray.train
 import ray.train.torch
 import torch
 
-from pdcbdm.config import Config, write_json_atomic
-from pdcbdm.evaluation import Evaluator, best_by_fid, headline
+from pdcbdm.config import Config, parse_float_list, write_json_atomic
+from pdcbdm.evaluation import Evaluator, best_by_fid, evaluation_split, headline
 from pdcbdm.noise_error import noise_error
 from pdcbdm.train import load_data
 from pdcbdm.training import NonFiniteLossError, Trainer
@@ -47,6 +47,12 @@ class RankZeroLogger:
             tracking.log_artifacts(self.uri, self.run_id, paths, artifact_path)
 
 
+def window_means(window: list[dict[str, float]]) -> dict[str, float]:
+    """Each key's mean over the steps that carry it (the gradient diagnostics come only at log steps)."""
+    keys = dict.fromkeys(k for values in window for k in values)
+    return {k: sum(v[k] for v in window if k in v) / sum(k in v for v in window) for k in keys}
+
+
 def _restore(trainer: Trainer) -> bool:
     """Continue from the run's latest checkpoint (after a worker restart or a resumed search)."""
     checkpoint = ray.train.get_checkpoint()
@@ -64,9 +70,10 @@ def _grid_png(images: torch.Tensor, num_classes: int, path: Path) -> Path:
 
 
 def _final_evaluation(trainer: Trainer, evaluator: Evaluator, folder: Path, log: RankZeroLogger) -> dict[str, Any]:
-    """Score the EMA network over the guidance grid (plus the trial's own w); log tables, grids and JSON."""
+    """Score the EMA network over ``eval.guidance_grid`` (the same w for every trial); log tables, grids and JSON.
+    The headline metrics are those of the best w (lowest FID), reported as ``best_guidance``."""
     cfg = trainer.cfg
-    grid = sorted({*[float(w) for w in cfg.eval.guidance_grid.split(",") if w.strip()], cfg.sample.guidance})
+    grid = sorted(set(parse_float_list(cfg.eval.guidance_grid, "eval.guidance_grid")))
     results = evaluator.evaluate_grid(trainer.ema.module, grid, seed=cfg.train.seed, autocast=trainer.autocast)
     best = best_by_fid(results)
     rows = []
@@ -95,14 +102,23 @@ def _noise_error(trainer: Trainer) -> dict[str, float]:
 
 
 def _evaluate(trainer: Trainer, evaluator: Evaluator, folder: Path, log: RankZeroLogger, final: bool) -> dict[str, Any]:
-    """Proxy FID (and the tail's) with a sample grid at every evaluation; the full evaluation at the end."""
+    """Proxy FID (and the tail's) at ``eval.proxy_guidance`` with a sample grid at every evaluation; the full
+    evaluation at the end.
+
+    ``objective`` / ``objective_tail`` are what Optuna optimises: the proxy FIDs at intermediate evaluations (the
+    values a pruned trial is judged by) and the final FIDs at the best w at the end, the value the trials table
+    ranks completed trials by, so that the study's best trial is the table's first.
+    """
     cfg = trainer.cfg
-    images, _, out = evaluator.proxy(trainer.ema.module, guidance=cfg.sample.guidance, seed=cfg.train.seed,
+    images, _, out = evaluator.proxy(trainer.ema.module, guidance=cfg.eval.proxy_guidance, seed=cfg.train.seed,
                                      autocast=trainer.autocast)
     grid = _grid_png(images, trainer.num_classes, folder / f"samples_step{trainer.step:07d}.png")
     log.files([grid], "samples")
+    out.update(objective=out["proxy_fid"], objective_tail=out["proxy_fid_tail"])
     if final:
         out.update(_final_evaluation(trainer, evaluator, folder, log))
+        tail = out.get("fid_tail")
+        out.update(objective=out["fid"], objective_tail=out["fid"] if tail is None else tail)
     return out
 
 
@@ -143,7 +159,7 @@ def _diverged(trainer: Trainer, exc: NonFiniteLossError, log: "RankZeroLogger", 
     function turns it into a failed trial, without Train restarting the workers into the same divergence."""
     log.metrics({"diverged": 1.0}, trainer.step)
     # the searcher and scheduler read their metrics from every result: report the worst value
-    worst = {"proxy_fid": float("inf"), "proxy_fid_tail": float("inf")}
+    worst = {k: float("inf") for k in ("proxy_fid", "proxy_fid_tail", "objective", "objective_tail")}
     _report(trainer, {"step": trainer.step, "diverged": 1.0, "error": str(exc), **worst}, rank)
 
 
@@ -157,14 +173,16 @@ def train_loop(config: dict[str, Any]) -> None:
     wrap = ray.train.torch.prepare_model if world > 1 else None
     trainer = Trainer(cfg, load_data(cfg), device=device, rank=rank, world_size=world, wrap_model=wrap)
     log = RankZeroLogger(config.get("mlflow_uri"), config.get("run_id")) if rank == 0 else RankZeroLogger(None, None)
-    # train.precision may be "auto": record what this hardware resolved it to
-    log.tags({"pdcbdm.precision": trainer.precision, "pdcbdm.device": str(device)})
+    # train.precision may be "auto": record what this hardware resolved it to; and how final scores sample
+    log.tags({"pdcbdm.precision": trainer.precision, "pdcbdm.device": str(device),
+              "pdcbdm.eval_protocol": cfg.eval.protocol})
     if _restore(trainer):
         log.metrics({"resumed_from_step": trainer.step}, trainer.step)
     evaluator = None
     if rank == 0:
-        evaluator = Evaluator.build(cfg, num_classes=trainer.num_classes, head=trainer.split.head,
-                                    tail=trainer.split.tail, device=device, cache_dir=config.get("cache_dir"))
+        split = evaluation_split(cfg, trainer.counts)  # eval.split_ratio, not the trial's loss.split_ratio
+        evaluator = Evaluator.build(cfg, num_classes=trainer.num_classes, head=split.head, tail=split.tail,
+                                    device=device, cache_dir=config.get("cache_dir"))
     work = Path(tempfile.mkdtemp(prefix="pdcbdm-trial-"))
     window: list[dict[str, float]] = []
     while trainer.step < cfg.train.steps:
@@ -175,7 +193,7 @@ def train_loop(config: dict[str, Any]) -> None:
             return _diverged(trainer, exc, log, rank)
         window.append(values)
         if trainer.step % cfg.train.log_every == 0:
-            log.metrics({k: sum(v[k] for v in window) / len(window) for k in values}, trainer.step)
+            log.metrics(window_means(window), trainer.step)
             window = []
         final = trainer.step == cfg.train.steps
         if trainer.step % cfg.train.eval_every == 0 or final:

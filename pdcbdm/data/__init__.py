@@ -1,6 +1,6 @@
 """Data sets for PD-CBDM: long-tailed CIFAR and digits, head/tail class splits, group samplers, Parquet storage.
 
-Entry points: `build_dataset`, `build_reference_dataset`, `head_tail_split`, `ClassGroupSampler`,
+Entry points: `build_dataset`, `build_reference_dataset`, `build_floor_dataset`, `head_tail_split`, `ClassGroupSampler`,
 `ParquetImageDataset`, `write_parquet`. Nothing here imports ray, mlflow or optuna.
 """
 
@@ -11,12 +11,12 @@ from .dataset import ImageDataset, to_unit_range
 from .digits import load_digits_uint8
 from .longtail import longtail_counts, longtail_indices
 from .parquet import ParquetImageDataset, WriteReport, write_parquet
-from .registry import (DATASET_NAMES, DEFAULT_IMBALANCE, build_dataset, build_reference_dataset, is_longtail,
-                       resolve_imbalance)
+from .registry import (DATASET_NAMES, DEFAULT_IMBALANCE, build_dataset, build_floor_dataset, build_reference_dataset,
+                       is_longtail, resolve_imbalance)
 from .split import SPLIT_MODES, ClassGroupSampler, HeadTailSplit, head_tail_split
 
 __all__ = [
-    "ImageDataset", "to_unit_range", "build_dataset", "build_reference_dataset", "DATASET_NAMES",
+    "ImageDataset", "to_unit_range", "build_dataset", "build_reference_dataset", "build_floor_dataset", "DATASET_NAMES",
     "DEFAULT_IMBALANCE", "is_longtail", "resolve_imbalance", "longtail_counts", "longtail_indices",
     "head_tail_split", "HeadTailSplit", "SPLIT_MODES", "ClassGroupSampler", "ParquetImageDataset",
     "write_parquet", "WriteReport", "load_cifar", "load_digits_uint8",

@@ -1,4 +1,5 @@
-"""Named data sets: `build_dataset` (training / test data) and `build_reference_dataset` (FID reference).
+"""Named data sets: `build_dataset` (training / test data), `build_reference_dataset` (FID reference) and
+`build_floor_dataset` (real images for the metrics' real-vs-real noise floors).
 
 Names: "digits-lt" (the download-free default), "digits", "cifar10-lt", "cifar100-lt", "cifar10", "cifar100".
 The "-lt" names apply the long-tail formula n_k = int(n_max * rho^(-k/(K-1))) (METHOD.md, "Data") to the train
@@ -15,7 +16,7 @@ from .digits import digits_pool_and_heldout, load_digits_uint8
 from .longtail import check_imbalance, longtail_counts, longtail_indices
 
 __all__ = ["DATASET_NAMES", "SPLITS", "DEFAULT_IMBALANCE", "build_dataset", "build_reference_dataset",
-           "resolve_imbalance", "is_longtail"]
+           "build_floor_dataset", "resolve_imbalance", "is_longtail"]
 
 DATASET_NAMES = ("digits-lt", "digits", "cifar10-lt", "cifar100-lt", "cifar10", "cifar100")
 SPLITS = ("train", "test")
@@ -123,3 +124,22 @@ def build_reference_dataset(name: str, *, root: str | Path | None = None, downlo
     data = _cifar(name, root, "train", download)
     data.hflip = False
     return data
+
+
+def build_floor_dataset(name: str, *, root: str | Path | None = None, download: bool = False) -> ImageDataset:
+    """Real images, disjoint from `build_reference_dataset(name)`, that the evaluation's noise floors are drawn from
+    (pdcbdm.metrics.floor: each metric computed for real images against the reference at the generated set's size).
+
+    Digits names: the whole training pool outside the held-out reference (about 130 images per class), never its
+    long-tailed subset; the floor draws the same count from every class. CIFAR names: the test split (1,000 or 100
+    images per class), disjoint from the training-set reference. Never flipped.
+
+    Args:
+        name: one of DATASET_NAMES.
+        root: CIFAR folder (ignored for digits).
+        download: fetch CIFAR with torchvision when the files are missing.
+    """
+    _check_name(name)
+    if name.startswith("digits"):
+        return _digits("train")
+    return _cifar(name, root, "test", download)

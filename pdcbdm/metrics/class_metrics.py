@@ -4,6 +4,10 @@ The paper targets head/tail confusion (tail-class samples that look like head cl
 visible: FID per class and per group (head / tail, from a head/tail split as in the PD loss, Eq. 10), the share of
 samples generated for class k that a classifier assigns to k, and the share of tail-class samples it assigns to a
 head class.
+
+A classifier decision may be REJECT (-1, judge.py: the classifier cannot read the sample). Consistency and
+confusion count only the other, confident decisions; `reject_rate` reports the rejected share on its own, so an
+unreadable sample lowers neither consistency nor raises confusion but shows up there.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 from .fid import fid_from_features
 
 __all__ = ["check_split", "per_class_fid", "group_fid", "class_consistency", "tail_to_head_confusion",
-           "group_mean"]
+           "group_consistency", "reject_rate"]
 
 
 def check_split(head_classes: Sequence[int], tail_classes: Sequence[int], num_classes: int) -> tuple[tuple[int, ...],
@@ -59,37 +63,53 @@ def per_class_fid(gen_features: np.ndarray, gen_labels: np.ndarray, ref_features
     return [group_fid(gen_features, gen_labels, ref_features, ref_labels, [k]) for k in range(num_classes)]
 
 
-def class_consistency(gen_labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> list[float | None]:
-    """Share of the samples generated for class k that the classifier assigns to k, for each k.
-
-    Args:
-        gen_labels: [M] class each sample was generated for.
-        predicted: [M] classifier decision (argmax of its logits) for each sample.
-        num_classes: K.
-
-    Returns:
-        K entries, None for a class with no generated sample.
-    """
+def _as_pair(gen_labels: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     gen_labels, predicted = np.asarray(gen_labels), np.asarray(predicted)
     if gen_labels.shape != predicted.shape:
         raise ValueError(f"gen_labels shape {gen_labels.shape} differs from predicted shape {predicted.shape}")
+    return gen_labels, predicted
+
+
+def class_consistency(gen_labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> list[float | None]:
+    """Share of the confident decisions on samples generated for class k that say k, for each k.
+
+    Args:
+        gen_labels: [M] class each sample was generated for.
+        predicted: [M] classifier decision for each sample; negative (judge.REJECT) = not readable, not counted.
+        num_classes: K.
+
+    Returns:
+        K entries, None for a class with no confident decision (no sample, or every sample rejected).
+    """
+    gen_labels, predicted = _as_pair(gen_labels, predicted)
     out: list[float | None] = []
     for k in range(num_classes):
-        mask = gen_labels == k
+        mask = (gen_labels == k) & (predicted >= 0)
         out.append(float((predicted[mask] == k).mean()) if mask.any() else None)
     return out
 
 
+def group_consistency(gen_labels: np.ndarray, predicted: np.ndarray, classes: Sequence[int]) -> float | None:
+    """Share of all confident decisions on samples of the group `classes` that match their label (pooled over
+    the group's samples, None when there is none)."""
+    gen_labels, predicted = _as_pair(gen_labels, predicted)
+    mask = np.isin(gen_labels, list(classes)) & (predicted >= 0)
+    return float((predicted[mask] == gen_labels[mask]).mean()) if mask.any() else None
+
+
+def reject_rate(gen_labels: np.ndarray, predicted: np.ndarray, classes: Sequence[int]) -> float | None:
+    """Share of the samples generated for the group `classes` that the classifier rejected (None: no sample)."""
+    gen_labels, predicted = _as_pair(gen_labels, predicted)
+    mask = np.isin(gen_labels, list(classes))
+    return float((predicted[mask] < 0).mean()) if mask.any() else None
+
+
 def tail_to_head_confusion(gen_labels: np.ndarray, predicted: np.ndarray, head_classes: Sequence[int],
                            tail_classes: Sequence[int]) -> float | None:
-    """Share of tail-class samples the classifier assigns to a head class (None when there is no tail sample)."""
-    tail_mask = np.isin(np.asarray(gen_labels), list(tail_classes))
+    """Share of the confident decisions on tail-class samples that name a head class (None when there is none;
+    rejected samples are not counted)."""
+    gen_labels, predicted = _as_pair(gen_labels, predicted)
+    tail_mask = np.isin(gen_labels, list(tail_classes)) & (predicted >= 0)
     if not tail_mask.any():
         return None
-    return float(np.isin(np.asarray(predicted)[tail_mask], list(head_classes)).mean())
-
-
-def group_mean(values: Sequence[float | None], classes: Sequence[int]) -> float | None:
-    """Mean of `values[k]` over `classes`, skipping None entries (None when nothing is left)."""
-    kept = [values[k] for k in classes if values[k] is not None]
-    return float(np.mean(kept)) if kept else None
+    return float(np.isin(predicted[tail_mask], list(head_classes)).mean())

@@ -1,7 +1,9 @@
 """One call that scores generated samples against reference statistics: `evaluate_features`.
 
-All metrics of METHOD.md "Metrics" (FID, IS, improved precision/recall with k = 5, PRD F_8 / F_1/8) plus the
-long-tail diagnostics of class_metrics.py, from features computed once by a FeatureExtractor.
+All metrics of METHOD.md "Metrics" (FID, IS, improved precision/recall with k = 5, PRD F_8 / F_1/8) plus KID
+(unbiased at small N, kid.py) and the long-tail diagnostics of class_metrics.py, from features computed once by a
+FeatureExtractor. Class consistency counts only the decisions a calibrated judge can read (judge.py); the share it
+cannot read is `reject_rate`. PRD runs on equal-size sets with at most N / 10 clusters (prd.py).
 """
 
 from __future__ import annotations
@@ -13,16 +15,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from .class_metrics import (check_split, class_consistency, group_fid, group_mean, per_class_fid,
-                            tail_to_head_confusion)
+from .class_metrics import (check_split, class_consistency, group_consistency, group_fid, per_class_fid,
+                            reject_rate, tail_to_head_confusion)
 from .fid import as_float64, fid_from_features
 from .inception_score import inception_score
-from .prd import prd_f_scores
+from .judge import Judge, calibrate_judge
+from .kid import group_kid, per_class_kid
+from .prd import PRD_CLUSTERS_PER_CLASS, prd_cluster_count, prd_f_scores
 from .precision_recall import improved_precision_recall
 
-__all__ = ["FeatureSet", "EvalResult", "evaluate_features", "PRD_CLUSTERS_PER_CLASS"]
+__all__ = ["FeatureSet", "EvalResult", "evaluate_features", "PRD_CLUSTERS_PER_CLASS", "KID_MAX_REFERENCE",
+           "PER_CLASS_KEYS", "METRICS_VERSION"]
 
-PRD_CLUSTERS_PER_CLASS = 20
+# KID's reference side is a seeded subsample of at most this many points: the estimate stays unbiased and the
+# reference-reference kernel sum of a 50,000-image reference (5e12 multiply-adds at 2048-d) is avoided.
+KID_MAX_REFERENCE = 10_000
+# Bump when a metric's definition changes: cached noise floors (floor.py) are keyed by it.
+METRICS_VERSION = 2
+# Per-class row entries, flattened by EvalResult.to_dict as f"{key}_class_{k}".
+PER_CLASS_KEYS = ("fid", "kid", "consistency", "reject_rate", "n")
 
 
 @dataclass(frozen=True)
@@ -72,37 +83,51 @@ class FeatureSet:
 
 @dataclass
 class EvalResult:
-    """Every metric of one evaluation. None means "not computable here"; the matching *_note says why."""
+    """Every metric of one evaluation. None means "not computable here"; the matching *_note says why.
+
+    consistency_* are shares of the judge's confident decisions (pooled over the group's samples) that match the
+    label; reject_rate_* the shares of samples it could not read; tail_to_head_confusion the share of confident
+    decisions on tail samples that name a head class. prd_n and prd_clusters record the equal set size and the
+    clusters PRD used.
+    """
 
     fid: float
     inception_score: tuple[float, float] | None
     inception_score_note: str | None
     precision: float
     recall: float
-    f8: float
-    f1_8: float
+    f8: float | None
+    f1_8: float | None
     fid_head: float | None
     fid_tail: float | None
+    kid: float | None = None
+    kid_head: float | None = None
+    kid_tail: float | None = None
     per_class: list[dict[str, Any]] = field(default_factory=list)
     consistency_mean: float | None = None
     consistency_head: float | None = None
     consistency_tail: float | None = None
     tail_to_head_confusion: float | None = None
+    reject_rate: float | None = None
+    reject_rate_head: float | None = None
+    reject_rate_tail: float | None = None
     consistency_note: str | None = None
+    prd_n: int = 0
+    prd_clusters: int = 0
+    prd_note: str | None = None
     num_generated: int = 0
     num_reference: int = 0
     extractor: str = ""
 
     def to_dict(self) -> dict[str, float | int | str | None]:
         """Flat, JSON-friendly view: Python floats/ints/strings/None only; per-class rows become fid_class_{k},
-        consistency_class_{k}, n_class_{k}; the IS pair becomes is_mean / is_std."""
+        kid_class_{k}, consistency_class_{k}, reject_rate_class_{k}, n_class_{k}; the IS pair becomes is_mean /
+        is_std."""
         flat = {k: v for k, v in asdict(self).items() if k not in ("per_class", "inception_score")}
         flat["is_mean"], flat["is_std"] = self.inception_score if self.inception_score else (None, None)
         for row in self.per_class:
-            k = row["label"]
-            flat[f"fid_class_{k}"] = row["fid"]
-            flat[f"consistency_class_{k}"] = row["consistency"]
-            flat[f"n_class_{k}"] = row["n"]
+            for key in PER_CLASS_KEYS:
+                flat[f"{key}_class_{row['label']}"] = row.get(key)
         return {k: _plain(v) for k, v in flat.items()}
 
 
@@ -132,37 +157,90 @@ def _inception_score(gen: FeatureSet, splits: int) -> tuple[tuple[float, float] 
     return inception_score(gen.logits, splits), None
 
 
-def _consistency(gen: FeatureSet, num_classes: int, head: tuple[int, ...],
-                 tail: tuple[int, ...]) -> tuple[list[float | None], dict[str, Any]]:
-    """Per-class consistency and its summaries; all None when the logits do not classify the data set's classes."""
+def _judge_for(ref: FeatureSet, num_classes: int, judge: Judge | None) -> tuple[Judge | None, str | None]:
+    """The judge to use: the given one, or one calibrated on the reference (its logits must be K-way)."""
+    if judge is not None:
+        return judge, None
+    if ref.logits is None or ref.logits.shape[1] != num_classes:
+        return None, "no judge given and the reference has no K-way logits to calibrate one on"
+    counts = np.bincount(ref.labels, minlength=num_classes)
+    if counts.min() < 2:
+        return None, f"no judge given and the reference has < 2 images of some class (counts {counts.tolist()})"
+    return calibrate_judge(ref.features, ref.logits, ref.labels, num_classes, extractor=ref.extractor), None
+
+
+def _consistency(gen: FeatureSet, ref: FeatureSet, num_classes: int, head: tuple[int, ...], tail: tuple[int, ...],
+                 judge: Judge | None) -> tuple[list[float | None], list[float | None], dict[str, Any]]:
+    """Per-class consistency and reject rate plus their summaries; all None when the logits do not classify the
+    data set's classes."""
+    none: list[float | None] = [None] * num_classes
     if gen.logits is None or gen.logits.shape[1] != num_classes:
         width = None if gen.logits is None else gen.logits.shape[1]
         note = (f"no classifier over the {num_classes} data classes (logits width {width}); "
                 "class consistency needs the digits network or another matching classifier")
-        return [None] * num_classes, {"consistency_note": note}
-    predicted = gen.logits.argmax(axis=1)
-    per_class = class_consistency(gen.labels, predicted, num_classes)
-    return per_class, {
-        "consistency_mean": group_mean(per_class, range(num_classes)),
-        "consistency_head": group_mean(per_class, head),
-        "consistency_tail": group_mean(per_class, tail),
-        "tail_to_head_confusion": tail_to_head_confusion(gen.labels, predicted, head, tail),
+        return none, none, {"consistency_note": note}
+    judge, note = _judge_for(ref, num_classes, judge)
+    if judge is None:
+        return none, none, {"consistency_note": note}
+    decided, labels, every = judge.decide(gen.features, gen.logits), gen.labels, range(num_classes)
+    summary = {
+        "consistency_mean": group_consistency(labels, decided, every),
+        "consistency_head": group_consistency(labels, decided, head),
+        "consistency_tail": group_consistency(labels, decided, tail),
+        "tail_to_head_confusion": tail_to_head_confusion(labels, decided, head, tail),
+        "reject_rate": reject_rate(labels, decided, every),
+        "reject_rate_head": reject_rate(labels, decided, head),
+        "reject_rate_tail": reject_rate(labels, decided, tail),
     }
+    rejected = [reject_rate(labels, decided, [k]) for k in every]
+    return class_consistency(labels, decided, num_classes), rejected, summary
 
 
-def _per_class_rows(gen: FeatureSet, ref: FeatureSet, num_classes: int,
-                    consistency: list[float | None]) -> list[dict[str, Any]]:
+def _kid_reference(ref: FeatureSet, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference features and labels for KID: all of them, or a seeded subsample of KID_MAX_REFERENCE."""
+    if len(ref) <= KID_MAX_REFERENCE:
+        return ref.features, ref.labels
+    keep = np.sort(np.random.default_rng(seed).choice(len(ref), size=KID_MAX_REFERENCE, replace=False))
+    return ref.features[keep], ref.labels[keep]
+
+
+def _kid(gen: FeatureSet, ref: FeatureSet, num_classes: int, head: tuple[int, ...], tail: tuple[int, ...],
+         seed: int) -> tuple[list[float | None], dict[str, float | None]]:
+    """Per-class KID and KID of the whole set and of each group."""
+    ref_feats, ref_labels = _kid_reference(ref, seed)
+    groups = {f"kid_{name}": group_kid(gen.features, gen.labels, ref_feats, ref_labels, classes)
+              for name, classes in (("head", head), ("tail", tail))}
+    overall = group_kid(gen.features, gen.labels, ref_feats, ref_labels, range(num_classes))
+    return per_class_kid(gen.features, gen.labels, ref_feats, ref_labels, num_classes), {"kid": overall, **groups}
+
+
+def _prd(gen: FeatureSet, ref: FeatureSet, clusters: int | None, runs: int, seed: int,
+         n_init: int) -> dict[str, Any]:
+    """F_8 and F_1/8 on equal-size sets with at most N / 10 clusters (None, with a note, when N < 20)."""
+    n = min(len(gen), len(ref))
+    count = clusters or prd_cluster_count(n, len(np.unique(gen.labels)))
+    if count == 0:
+        return {"f8": None, "f1_8": None, "prd_n": n, "prd_clusters": 0,
+                "prd_note": f"PRD needs >= 2 clusters of 10 points; the equal-size sets hold {n} points"}
+    f8, f1_8 = prd_f_scores(gen.features, ref.features, num_clusters=count, num_runs=runs, seed=seed,
+                            n_init=n_init)
+    return {"f8": f8, "f1_8": f1_8, "prd_n": n, "prd_clusters": count}
+
+
+def _per_class_rows(gen: FeatureSet, ref: FeatureSet, num_classes: int, kid: list[float | None],
+                    consistency: list[float | None], rejected: list[float | None]) -> list[dict[str, Any]]:
     fids = per_class_fid(gen.features, gen.labels, ref.features, ref.labels, num_classes)
     counts = np.bincount(gen.labels, minlength=num_classes)
-    return [{"label": k, "fid": fids[k], "consistency": consistency[k], "n": int(counts[k])}
-            for k in range(num_classes)]
+    return [{"label": k, "fid": fids[k], "kid": kid[k], "consistency": consistency[k], "reject_rate": rejected[k],
+             "n": int(counts[k])} for k in range(num_classes)]
 
 
 def evaluate_features(gen: FeatureSet | Sequence[Any], ref: FeatureSet | Sequence[Any], *,
                       head_classes: Sequence[int], tail_classes: Sequence[int], num_classes: int, k: int = 5,
                       prd_runs: int = 10, seed: int = 0, prd_clusters: int | None = None, prd_n_init: int = 10,
-                      is_splits: int = 10, device: torch.device | str = "cpu") -> EvalResult:
-    """Score generated features against reference features with every metric of METHOD.md "Metrics".
+                      is_splits: int = 10, device: torch.device | str = "cpu",
+                      judge: Judge | None = None) -> EvalResult:
+    """Score generated features against reference features with every metric of METHOD.md "Metrics" plus KID.
 
     Args:
         gen: generated samples' FeatureSet (labels = the class each was generated for) or a 3-tuple.
@@ -171,29 +249,31 @@ def evaluate_features(gen: FeatureSet | Sequence[Any], ref: FeatureSet | Sequenc
         num_classes: K, the data set's number of classes.
         k: neighbourhood size of improved precision/recall (paper: 5).
         prd_runs: k-means runs averaged for PRD (paper: 10).
-        seed: seed of the PRD clusterings.
-        prd_clusters: PRD clusters; None = 20 x the number of distinct classes in `gen` (paper).
+        seed: seed of the PRD subsample and clusterings and of KID's reference subsample (large references only).
+        prd_clusters: PRD clusters; None = min(20 x the number of distinct classes in `gen` (paper), N // 10) with
+            N = the smaller set's size (prd.py); an explicit value above N // 10 raises ValueError.
         prd_n_init: k-means++ initialisations per PRD run (10 as Sajjadi et al.'s code; fewer is faster).
         is_splits: Inception Score splits (paper: 10).
         device: where precision/recall distances are computed.
+        judge: the calibrated reading rule of class consistency (judge.py); None calibrates one on `ref` (which
+            should then be images the classifier was not trained on, as the digits reference is).
 
     Returns:
-        An EvalResult. IS is None (with a note) when `gen` has no logits; consistency entries are None when the
-        logits are not a K-way classifier (e.g. Inception's 1008 ImageNet classes on CIFAR).
+        An EvalResult. IS is None (with a note) when `gen` has no logits; consistency and reject-rate entries are
+        None when the logits are not a K-way classifier (e.g. Inception's 1008 ImageNet classes on CIFAR).
     """
     gen, ref = FeatureSet.coerce(gen), FeatureSet.coerce(ref)
     _check_pair(gen, ref, num_classes)
     head, tail = check_split(head_classes, tail_classes, num_classes)
-    clusters = prd_clusters or PRD_CLUSTERS_PER_CLASS * len(np.unique(gen.labels))
     precision, recall = improved_precision_recall(ref.features, gen.features, k=k, device=device)
-    f8, f1_8 = prd_f_scores(gen.features, ref.features, num_clusters=clusters, num_runs=prd_runs, seed=seed,
-                            n_init=prd_n_init)
     is_value, is_note = _inception_score(gen, is_splits)
-    consistency, summary = _consistency(gen, num_classes, head, tail)
+    consistency, rejected, summary = _consistency(gen, ref, num_classes, head, tail, judge)
+    kid_per_class, kid = _kid(gen, ref, num_classes, head, tail, seed)
     return EvalResult(
         fid=fid_from_features(gen.features, ref.features), inception_score=is_value, inception_score_note=is_note,
-        precision=precision, recall=recall, f8=f8, f1_8=f1_8,
+        precision=precision, recall=recall,
         fid_head=group_fid(gen.features, gen.labels, ref.features, ref.labels, head),
         fid_tail=group_fid(gen.features, gen.labels, ref.features, ref.labels, tail),
-        per_class=_per_class_rows(gen, ref, num_classes, consistency), num_generated=len(gen),
-        num_reference=len(ref), extractor=gen.extractor or ref.extractor, **summary)
+        per_class=_per_class_rows(gen, ref, num_classes, kid_per_class, consistency, rejected),
+        num_generated=len(gen), num_reference=len(ref), extractor=gen.extractor or ref.extractor,
+        **_prd(gen, ref, prd_clusters, prd_runs, seed, prd_n_init), **kid, **summary)

@@ -1,0 +1,105 @@
+"""The search's Optuna searcher, driven through Ray's searcher API (suggest / on_trial_result / on_trial_complete)
+without a Ray cluster, on a real Optuna study in sqlite; and ASHA's grace period."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from pdcbdm.config import apply_overrides, preset
+from tune.search import build_scheduler, build_searcher, grace_period, parse_args
+from tune.searcher import TUNE_TRIAL_ATTR, StepOptunaSearch, startup_trials
+
+STEPS = 40
+
+
+def _searcher(tmp_path, *flags: str, trials: int = 3) -> StepOptunaSearch:
+    args = parse_args(["--preset", "smoke", "--trials", str(trials), *flags])
+    cfg = apply_overrides(preset("smoke"), [f"train.steps={STEPS}", "train.eval_every=20"])
+    return build_searcher(args, cfg, "s", tmp_path / "optuna.db", trials)
+
+
+def _study(tmp_path) -> optuna.Study:
+    return optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
+def _by_tune_id(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
+    return {t.user_attrs[TUNE_TRIAL_ATTR]: t for t in study.trials}
+
+
+def test_stopped_trials_are_pruned_and_completed_ones_carry_the_final_objective(tmp_path):
+    searcher = _searcher(tmp_path)
+    for trial_id in ("done", "stopped", "broken"):
+        assert searcher.suggest(trial_id)
+    # Tune's training_iteration restarts at 1 after a restore; the training step does not
+    searcher.on_trial_result("done", {"step": 20, "training_iteration": 1, "objective": 30.0, "proxy_fid": 30.0})
+    searcher.on_trial_result("broken", {"step": 20, "training_iteration": 1, "objective": 40.0, "proxy_fid": 40.0})
+    final = {"step": STEPS, "training_iteration": 1, "objective": 12.0, "proxy_fid": 28.0, "fid": 12.0}
+    searcher.on_trial_result("done", final)
+    searcher.on_trial_complete("done", final)
+    # Tune's order when ASHA stops a trial: its last result goes to on_trial_complete only
+    searcher.on_trial_complete("stopped", {"step": 20, "training_iteration": 1, "objective": 25.0, "proxy_fid": 25.0})
+    searcher.on_trial_complete("broken", {"step": 20, "objective": 40.0}, error=True)
+
+    trials = _by_tune_id(_study(tmp_path))
+    assert set(trials) == {"done", "stopped", "broken"}
+    assert trials["done"].state == TrialState.COMPLETE and trials["done"].value == 12.0  # the final FID
+    assert trials["done"].intermediate_values == {20: 30.0}  # proxies by step; the last step is the value
+    assert trials["stopped"].state == TrialState.PRUNED and trials["stopped"].intermediate_values == {20: 25.0}
+    assert trials["broken"].state == TrialState.FAIL
+    assert trials["done"].params["loss.label_dist"] == "inverted"  # the preset is the first point
+    study = _study(tmp_path)
+    assert study.best_trial.user_attrs[TUNE_TRIAL_ATTR] == "done"  # a better proxy of a pruned trial does not win
+
+
+def test_searcher_state_survives_save_and_restore(tmp_path):
+    searcher = _searcher(tmp_path)
+    searcher.suggest("a")
+    searcher.on_trial_result("a", {"step": 20, "objective": 9.0})
+    searcher.save_to_dir(str(tmp_path), session_str="x")  # what Tune does for --resume
+    restored = StepOptunaSearch(space=lambda t: None, metric="objective", mode="min", max_steps=1)
+    restored.restore_from_dir(str(tmp_path))
+    assert isinstance(restored, StepOptunaSearch) and restored._max_steps == STEPS
+    restored.on_trial_result("a", {"step": 20, "training_iteration": 1, "objective": 99.0})  # the same step again
+    restored.on_trial_complete("a", {"step": 20, "objective": 9.0})
+    (trial,) = _study(tmp_path).trials
+    assert trial.state == TrialState.PRUNED and trial.intermediate_values == {20: 9.0}
+
+
+def test_multi_objective_uses_tpe_and_prunes_stopped_trials(tmp_path):
+    searcher = _searcher(tmp_path, "--multi-objective", trials=8)
+    searcher.suggest("a")
+    searcher.suggest("b")
+    final = {"step": STEPS, "objective": 12.0, "objective_tail": 20.0}
+    searcher.on_trial_result("a", {"step": 20, "objective": 30.0, "objective_tail": 50.0})
+    searcher.on_trial_complete("a", final)
+    searcher.on_trial_complete("b", {"step": 20, "objective": 25.0, "objective_tail": 45.0})
+    study = _study(tmp_path)
+    assert len(study.directions) == 2
+    assert isinstance(searcher._ot_study.sampler, optuna.samplers.TPESampler)
+    assert searcher._ot_study.sampler._n_startup_trials == 2
+    trials = _by_tune_id(study)
+    assert trials["a"].state == TrialState.COMPLETE and trials["a"].values == [12.0, 20.0]
+    assert trials["b"].state == TrialState.PRUNED
+
+
+@pytest.mark.parametrize("trials, startup", [(1, 2), (3, 2), (8, 2), (12, 3), (32, 8), (100, 25)])
+def test_tpe_start_up_is_sized_to_the_budget(tmp_path, trials, startup):
+    assert startup_trials(trials) == startup
+    searcher = _searcher(tmp_path, trials=trials)
+    assert searcher._ot_study.sampler._n_startup_trials == startup
+
+
+def test_asha_grace_period_waits_for_the_ema():
+    smoke, digits = preset("smoke"), preset("digits")
+    assert grace_period(smoke) == 30  # EMA ready at 20, first evaluation at 30
+    assert grace_period(apply_overrides(smoke, ["train.steps=40", "train.eval_every=20"])) == 20
+    assert grace_period(digits) == 300  # EMA 0.99 is ready at 200: the second evaluation (150, 300)
+    args = parse_args(["--preset", "digits"])
+    asha = build_scheduler(args, digits)
+    assert isinstance(asha, ASHAScheduler) and min(t for t, _ in asha._brackets[0]._rungs) == 300  # first rung
+    # the grace period reaches the budget: no early stopping
+    assert isinstance(build_scheduler(args, apply_overrides(digits, ["train.steps=300"])), FIFOScheduler)
+    assert isinstance(build_scheduler(parse_args(["--no-asha"]), digits), FIFOScheduler)
