@@ -150,7 +150,7 @@ def test_ema_warm_up_tracks_the_network_not_the_init(digits):
 
     assert ema_decay_at(0, 0.999) == 0.1 and ema_decay_at(10**6, 0.999) == 0.999
     assert ema_ready_step(0.99) == 200 and ema_ready_step(0.9999) == 20000
-    trainer = Trainer(_cfg("train.ema_decay=0.9999"), digits)
+    trainer = Trainer(_cfg("train.ema_decay=0.9999", "train.batch_size=8", "loss.pd_weight=0"), digits)
     init = [p.detach().clone() for p in trainer.net.parameters()]
     for _ in range(20):
         trainer.train_step()
