@@ -21,6 +21,11 @@ Sections (``--sections``, default all three):
             two separate forwards and against an unguided one; full DDIM runs of S steps (both guidance modes);
             DDPM ancestral steps (timed on a short schedule, whose steps cost what a T=1000 step costs, and
             extrapolated to T = 1000).
+  quality   (opt-in: ``--sections quality``, tens of minutes) ``pipelines.quality`` on the digits preset: each
+            variant's time-to-quality curve (FID, head consistency and reject rate every ``eval_every`` steps, each
+            beside its real-vs-real floor; the first step and training seconds at which head consistency reaches
+            0.9 and FID 3x its floor) and the samplers compared on its last network (FID, reject rate, seconds
+            per sample), with pictures in ``--quality-out``.
   metrics   features/s of the digits CNN and, when its weights are on disk, the FID Inception (no download is
             tried); improved precision/recall (k = 5) and PRD (F_8, F_1/8) on random 2048-d features, 10k x 10k
             (``--quick``: 2k x 2k), with their time and peak memory.
@@ -68,6 +73,7 @@ __all__ = [
 ]
 
 SECTIONS = ("train", "sampling", "metrics")
+OPT_IN_SECTIONS = ("quality",)  # tens of minutes: run only when named in --sections
 PRESETS = ("small", "cifar")
 PRECISIONS = ("fp32", "bf16")
 # name -> (cbdm_tau, pd_weight, use TSA at the preset's resolution)
@@ -112,6 +118,8 @@ class BenchSettings:
         feature_images, inception_images, extractors: the feature-extractor throughput jobs.
         job_timeout: seconds after which a job is stopped and recorded as an error.
         skip: training jobs left out, as "preset/precision/variant" (see QUICK_SKIP).
+        quality_*: the opt-in quality section (``pipelines.quality``): variants, training steps, steps between
+            curve points, samples per score, samplers compared and the folder for its pictures.
     """
 
     quick: bool
@@ -140,6 +148,12 @@ class BenchSettings:
     extractors: tuple[str, ...]
     job_timeout: float
     skip: tuple[str, ...] = ()
+    quality_variants: tuple[str, ...] = ("ddpm", "pd-cbdm")
+    quality_steps: int | None = None
+    quality_every: int | None = None
+    quality_samples: int | None = None
+    quality_samplers: tuple[str, ...] = ("ddim:20:1", "ddim:20:0", "ddim:50:1", "ddpm:1000")
+    quality_out: str = "runs/bench-quality"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -489,9 +503,26 @@ def prd_job(spec: dict[str, Any]) -> dict[str, Any]:
             "device": "cpu", "seconds": sec, "cpu_s": cpu, **out, **memory.stop()}
 
 
+def quality_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time-to-quality of the default preset's variants and the samplers on their last networks
+    (``pipelines.quality``; pictures into ``spec["out"]``)."""
+    from pathlib import Path as _Path
+
+    from pdcbdm.config import apply_overrides, preset
+    from pipelines.quality import VARIANTS as QUALITY_VARIANTS
+    from pipelines.quality import parse_sampler, run_quality
+
+    base = preset("digits")
+    if spec["steps"]:
+        base = apply_overrides(base, {"train.steps": spec["steps"]})
+    cfgs = {v: apply_overrides(base, QUALITY_VARIANTS[v]) for v in spec["variants"]}
+    return run_quality(cfgs, [parse_sampler(x) for x in spec["samplers"]], _Path(spec["out"]),
+                       every=spec["every"], samples=spec["samples"])
+
+
 JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "train": train_job, "sampling": sampling_job, "features": features_job,
-    "precision_recall": precision_recall_job, "prd": prd_job,
+    "precision_recall": precision_recall_job, "prd": prd_job, "quality": quality_job,
 }
 
 
@@ -684,6 +715,15 @@ def run_sampling_section(runner: JobRunner, s: BenchSettings) -> dict[str, Any]:
     return runner.run("sampling", spec)
 
 
+def run_quality_section(runner: JobRunner, s: BenchSettings) -> dict[str, Any]:
+    """The opt-in quality job: time-to-quality curves and the sampler comparison (``pipelines.quality``)."""
+    _log(f"[quality] digits preset, {', '.join(s.quality_variants)}; samplers {', '.join(s.quality_samplers)}")
+    spec = {**_base_spec(s), "variants": list(s.quality_variants), "steps": s.quality_steps,
+            "every": s.quality_every, "samples": s.quality_samples, "samplers": list(s.quality_samplers),
+            "out": s.quality_out}
+    return runner.run("quality", spec)
+
+
 def run_metrics_section(runner: JobRunner, s: BenchSettings) -> dict[str, Any]:
     """Extractor throughput, then precision/recall and PRD at metric_n x metric_n."""
     features = []
@@ -762,6 +802,16 @@ def sampling_tables(section: dict[str, Any]) -> list[str]:
     title = (f"Sampling ({section['preset']} preset with TSA, batch {section['batch']}, "
              f"guidance w={section['guidance']:g}, fp32)")
     return [format_table(title, ["what", "seconds", "cpu s", "s/step", "images/s"], rows)]
+
+
+def quality_tables(section: dict[str, Any]) -> list[str]:
+    """The sampler comparison and the time-to-quality lines (or the job's error)."""
+    if "error" in section:
+        return [f"Quality: {_error_cell(section)}"]
+    from pipelines.quality import reached_lines, sampler_table
+
+    return ["Samplers on the last network of each variant (score (real-vs-real floor at the same N))\n"
+            + sampler_table(section["samplers"]), "Time to quality\n" + "\n".join(reached_lines(section))]
 
 
 def metrics_tables(section: dict[str, Any]) -> list[str]:
@@ -860,8 +910,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "their defaults); on a machine shared with other jobs use 1: two OpenMP threads competing with "
                    "other processes ran some steps tens of times slower there")
     p.add_argument("--out", default="bench.json", help="JSON file written atomically (default bench.json)")
-    p.add_argument("--sections", type=_csv(str, SECTIONS), default=SECTIONS, help="comma-separated subset of "
-                   "train,sampling,metrics (default all)")
+    p.add_argument("--sections", type=_csv(str, SECTIONS + OPT_IN_SECTIONS), default=SECTIONS,
+                   help="comma-separated subset of train,sampling,metrics,quality (default train,sampling,metrics; "
+                        "quality, tens of minutes, trains the digits preset's variants and runs only when named)")
+    p.add_argument("--quality-variants", type=_csv(str, ("ddpm", "cbdm", "pd-cbdm")), default=("ddpm", "pd-cbdm"),
+                   help="quality section: variants trained (ddpm,pd-cbdm)")
+    p.add_argument("--quality-steps", type=_positive, default=None,
+                   help="quality section: training steps (default: the digits preset's)")
+    p.add_argument("--quality-every", type=_positive, default=None,
+                   help="quality section: steps between curve points (default: train.eval_every)")
+    p.add_argument("--quality-samples", type=_positive, default=None,
+                   help="quality section: samples per score (default: eval.num_samples)")
+    p.add_argument("--quality-samplers", type=_csv(str), default=("ddim:20:1", "ddim:20:0", "ddim:50:1", "ddpm:1000"),
+                   help="quality section: samplers compared, ddim:STEPS:ETA or ddpm:T")
+    p.add_argument("--quality-out", default="runs/bench-quality", help="quality section: folder for its pictures")
     p.add_argument("--presets", type=_csv(str, PRESETS), default=PRESETS, help="training presets (small,cifar)")
     p.add_argument("--variants", type=_csv(str, tuple(VARIANTS)), default=None,
                    help=f"training variants, from {','.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)})")
@@ -942,6 +1004,9 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         prd_n_init=_pick(args.prd_n_init, q, 2, 10), feature_images=_pick(args.feature_images, q, 2000, 10000),
         inception_images=_pick(args.inception_images, q, 16, 200), extractors=tuple(args.extractors),
         job_timeout=args.job_timeout, skip=QUICK_SKIP if q and not (explicit_grid or args.full_grid) else (),
+        quality_variants=tuple(args.quality_variants), quality_steps=args.quality_steps,
+        quality_every=args.quality_every, quality_samples=args.quality_samples,
+        quality_samplers=tuple(args.quality_samplers), quality_out=args.quality_out,
     )
 
 
@@ -951,8 +1016,9 @@ def run_benchmark(s: BenchSettings) -> dict[str, Any]:
     report: dict[str, Any] = {"schema": 1, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                               "machine": machine_info(s.device, s.threads), "settings": s.to_dict()}
     runner = JobRunner(s.job_timeout)
-    sections = {"train": run_train_section, "sampling": run_sampling_section, "metrics": run_metrics_section}
-    for name in SECTIONS:
+    sections = {"train": run_train_section, "sampling": run_sampling_section, "metrics": run_metrics_section,
+                "quality": run_quality_section}
+    for name in (*SECTIONS, *OPT_IN_SECTIONS):
         if name in s.sections:
             report[name] = sections[name](runner, s)
     report["machine"]["load_average_end"] = list(os.getloadavg())
@@ -967,7 +1033,8 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"{m['device_name']} | {m['usable_cpus']} CPUs | torch {m['torch']} | threads {m['threads']} | "
           f"load {m['load_average_start'][0]:.1f} -> {m['load_average_end'][0]:.1f} | {report['wall_s']:.0f} s wall, "
           f"{report['jobs_cpu_s']:.0f} s CPU in jobs")
-    tables = {"train": train_tables, "sampling": sampling_tables, "metrics": metrics_tables}
+    tables = {"train": train_tables, "sampling": sampling_tables, "metrics": metrics_tables,
+              "quality": quality_tables}
     for name, make in tables.items():
         if name in report:
             for table in make(report[name]):
@@ -997,6 +1064,7 @@ def _jobs(report: dict[str, Any]) -> list[dict[str, Any]]:
     found += [report["sampling"]] if "sampling" in report else []
     metrics = report.get("metrics", {})
     found += list(metrics.get("features", [])) + [metrics[k] for k in ("precision_recall", "prd") if k in metrics]
+    found += [report["quality"]] if "quality" in report else []
     return found
 
 

@@ -165,35 +165,49 @@ def configs(args: argparse.Namespace) -> dict[str, Config]:
     return {v: apply_overrides(base, VARIANTS[v]) for v in names}
 
 
+def run_quality(cfgs: dict[str, Config], specs: Sequence[dict[str, Any]], out: Path, *, every: int | None = None,
+                samples: int | None = None, ddpm_samples: int = 100, also_guidance: Sequence[float] = (),
+                consistency: float = 0.9, fid_factor: float = 3.0) -> dict[str, Any]:
+    """Curves, time-to-quality and the sampler comparison for each variant's config; pictures go into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"curves": {}, "reached": {}, "samplers": [], "targets": {
+        "head_consistency": consistency, "fid_factor": fid_factor}}
+    for name, cfg in cfgs.items():
+        data = load_data(cfg)
+        split = evaluation_split(cfg, data.counts())
+        evaluator = Evaluator.build(cfg, num_classes=len(data.counts()), head=split.head, tail=split.tail)
+        step_every, n = every or cfg.train.eval_every, samples or cfg.eval.num_samples
+        print(f"{name}: {cfg.train.steps} steps, a curve point every {step_every}", flush=True)
+        trainer, rows = train_curve(cfg, evaluator, every=step_every, samples=n, progress=True)
+        report["curves"][name] = rows
+        report["reached"][name] = first_reaching(rows, consistency=consistency, fid_factor=fid_factor)
+        report["samplers"] += compare_samplers(trainer, evaluator, specs, samples=n, ddpm_samples=ddpm_samples,
+                                               folder=out, variant=name, guidances=also_guidance)
+        save_curves(rows, [*CURVE_KEYS, "fid_floor"], out / f"curves_{name}.png", title=name)
+    return report
+
+
+def reached_lines(report: dict[str, Any]) -> list[str]:
+    t = report["targets"]
+    return [f"{name}: head consistency >= {t['head_consistency']}: {hit['head_consistency']}; "
+            f"FID <= {t['fid_factor']:g} x floor: {hit['fid']}" for name, hit in report["reached"].items()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfgs, specs = configs(args), [parse_sampler(s) for s in args.samplers.split(",") if s.strip()]
+        also = [float(w) for w in args.also_guidance.split(",") if w.strip()]
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"curves": {}, "reached": {}, "samplers": []}
-    for name, cfg in cfgs.items():
-        data = load_data(cfg)
-        split = evaluation_split(cfg, data.counts())
-        evaluator = Evaluator.build(cfg, num_classes=len(data.counts()), head=split.head, tail=split.tail)
-        every, samples = args.every or cfg.train.eval_every, args.samples or cfg.eval.num_samples
-        print(f"{name}: {cfg.train.steps} steps, a curve point every {every}", flush=True)
-        trainer, rows = train_curve(cfg, evaluator, every=every, samples=samples, progress=True)
-        report["curves"][name] = rows
-        report["reached"][name] = first_reaching(rows, consistency=args.consistency_target, fid_factor=args.fid_factor)
-        report["samplers"] += compare_samplers(trainer, evaluator, specs, samples=samples,
-                                               ddpm_samples=args.ddpm_samples, folder=out, variant=name,
-                                               guidances=[float(w) for w in args.also_guidance.split(",") if w.strip()])
-        save_curves(rows, [*CURVE_KEYS, "fid_floor"], out / f"curves_{name}.png", title=f"{name} ({args.preset})")
+    report = run_quality(cfgs, specs, out, every=args.every, samples=args.samples, ddpm_samples=args.ddpm_samples,
+                         also_guidance=also, consistency=args.consistency_target, fid_factor=args.fid_factor)
     print("\n" + sampler_table(report["samplers"]))
-    for name, hit in report["reached"].items():
-        print(f"{name}: head consistency >= {args.consistency_target}: {hit['head_consistency']}; "
-              f"FID <= {args.fid_factor:g} x floor: {hit['fid']}")
+    print("\n".join(reached_lines(report)))
     write_json_atomic(out / "quality.json", report)
     return 0
 

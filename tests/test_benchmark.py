@@ -104,6 +104,20 @@ def test_one_section_only(tmp_path):
     assert "metrics" in data and "train" not in data and "sampling" not in data
 
 
+def test_quality_section_is_opt_in_and_reports_time_to_quality(tmp_path):
+    out, pictures = tmp_path / "q.json", tmp_path / "pictures"
+    done = _run("--sections", "quality", "--quality-variants", "ddpm", "--quality-steps", "4", "--quality-every", "2",
+                "--quality-samples", "20", "--quality-samplers", "ddim:3:1", "--quality-out", str(pictures),
+                "--threads", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    data = json.loads(out.read_text())
+    assert set(data) >= {"quality", "settings"} and "train" not in data
+    assert [r["step"] for r in data["quality"]["curves"]["ddpm"]] == [2, 4]
+    assert set(data["quality"]["reached"]["ddpm"]) == {"head_consistency", "fid"}
+    assert "Time to quality" in done.stdout and "| ddpm | ddim3-eta1 |" in done.stdout
+    assert (pictures / "curves_ddpm.png").is_file()
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--sections", "train,bogus"], "bogus"),
     (["--variants", "ddpm+cfg,+nope"], "+nope"),
