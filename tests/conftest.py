@@ -14,11 +14,19 @@ import pytest  # noqa: E402
 def smoke_search(tmp_path_factory):
     """One smoke search (3 trials, sqlite MLflow, local Ray) shared by the tests that inspect a search's output.
 
-    Returns (out folder, search name, completed process)."""
+    The search runs with its own system temp folder (TMPDIR; Ray's session stays in /tmp/ray) so that the tests
+    can check that no trial leaves files there. Returns (out folder, search name, completed process); the temp
+    folder is ``out / "tmpdir"`` (a link: Ray's socket paths must stay short)."""
+    import tempfile
+    from pathlib import Path
+
     from tests.searchutil import TINY, run_search
 
     out = tmp_path_factory.mktemp("smoke-search")
-    proc = run_search(out, "e2e", "--trials", "3", "--seed", "1", *TINY)
+    tmpdir = Path(tempfile.mkdtemp(prefix="pdt-", dir="/tmp"))
+    (out / "tmpdir").symlink_to(tmpdir)
+    proc = run_search(out, "e2e", "--trials", "3", "--seed", "1", *TINY,
+                      env={"TMPDIR": str(tmpdir), "RAY_TMPDIR": "/tmp"})
     return out, "e2e", proc
 
 

@@ -27,7 +27,9 @@ def _loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = Config.from_dict(config["cfg"])
     wrap = ray.train.torch.prepare_model if world > 1 else None
-    trainer = Trainer(cfg, load_data(cfg), device="cpu", rank=rank, world_size=world, wrap_model=wrap)
+    data = load_data(cfg)
+    data.hflip = config["hflip"]  # flips drawn for the global batch and sliced, as every other draw
+    trainer = Trainer(cfg, data, device="cpu", rank=rank, world_size=world, wrap_model=wrap)
     losses = [trainer.train_step()["loss"] for _ in range(STEPS)]
     # the loss of a rank is the mean over its slice; the global loss is the mean over ranks
     mean = torch.tensor(losses)
@@ -43,7 +45,7 @@ def _run(workers: int, out: Path, cfg) -> list[float]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
-        _loop, train_loop_config={"cfg": cfg.to_dict(), "out": str(out)},
+        _loop, train_loop_config={"cfg": cfg.to_dict(), "out": str(out), "hflip": True},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(name=f"dist-{workers}", storage_path=str(out.parent / "ray")),
@@ -52,7 +54,7 @@ def _run(workers: int, out: Path, cfg) -> list[float]:
     return json.loads(out.read_text())
 
 
-def test_two_workers_match_one_worker(tmp_path):
+def test_two_workers_match_one_worker_with_flips(tmp_path):
     import ray
 
     from pdcbdm.config import apply_overrides, preset
@@ -71,3 +73,41 @@ def test_two_workers_match_one_worker(tmp_path):
     for a, b in zip(one, two):
         assert abs(a - b) <= 1e-3 * max(1.0, abs(a)), (one, two)
     assert one[0] != one[-1]  # it trained
+
+
+def _rng_rank(rank: int, world: int, folder: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from pdcbdm.config import apply_overrides, preset
+    from pdcbdm.train import load_data
+    from pdcbdm.training import Trainer
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        cfg = apply_overrides(preset("smoke"), ["train.batch_size=4"])
+        trainer = Trainer(cfg, load_data(cfg), rank=rank, world_size=world)
+        torch.manual_seed(100 + rank)  # each rank's dropout stream, as the worker seeds it
+        torch.rand(3)
+        states = trainer.rng_states()  # a collective: every rank calls it
+        own = torch.get_rng_state()
+        if rank == 0:
+            trainer.save(f"{folder}/checkpoint.pt", states)
+        dist.barrier()
+        torch.manual_seed(999)  # the restarted worker's state
+        trainer.load(f"{folder}/checkpoint.pt")
+        torch.save({"own": own, "loaded": torch.get_rng_state()}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_gets_its_own_rng_state_back(tmp_path):
+    """Dropout draws from each rank's global RNG; a restore gives each rank its own state, not rank 0's."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rng_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert not torch.equal(ranks[0]["own"], ranks[1]["own"])
+    for r in ranks:
+        assert torch.equal(r["loaded"], r["own"])

@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
 
 from tests.searchutil import ROOT, TINY, run_search, search_cmd, trial_runs
 from tune.search import main
@@ -60,6 +61,19 @@ def test_divergence_fails_one_trial_and_a_worker_crash_resumes(tmp_path):
     study = optuna.load_study(study_name="faults", storage=f"sqlite:///{tmp_path / 'searches/faults/optuna.db'}")
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "FAIL"]
 
+    # a resume keeps an errored trial errored (not re-run, as resume_errored=True did: its run could end
+    # FINISHED in MLflow while Optuna holds it FAIL): Tune, Optuna and MLflow agree on every trial
+    again = run_search(tmp_path, "ignored", "--resume", str(tmp_path / "searches" / "faults"))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    resumed = pd.read_parquet(tmp_path / "searches" / "faults" / "trials.parquet").set_index("trial_id")
+    assert resumed["status"].to_dict() == table.set_index("trial_id")["status"].to_dict()
+    runs = {r.info.run_id: r for r in trial_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "faults")}
+    assert len(runs) == 2 and runs[failed["mlflow_run_id"]].info.status == "FAILED"
+    assert "resumed_from_step" not in runs[failed["mlflow_run_id"]].data.metrics  # not run again
+    study = optuna.load_study(study_name="faults", storage=f"sqlite:///{tmp_path / 'searches/faults/optuna.db'}")
+    state = {t.user_attrs["tune_trial_id"]: t.state.name for t in study.trials}
+    assert state == {row.Index: {"completed": "COMPLETE", "failed": "FAIL"}[row.status] for row in resumed.itertuples()}
+
 
 def _wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
@@ -76,11 +90,11 @@ def test_sigkill_then_resume_completes_every_trial_once(tmp_path):
     log = tmp_path / "first.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(tmp_path / "cache")}
     cmd = search_cmd(tmp_path, "killed", "--trials", "3", "--no-asha", "--concurrency", "2",
-                     "--set", "train.steps=60", "--set", "train.eval_every=20", "--set", "train.log_every=10")
+                     *TINY)  # 40 steps, an evaluation (and checkpoint) every 20
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        _wait_for(proc, log, "step 20/60", timeout=400)
+        _wait_for(proc, log, "step 20/40", timeout=400)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
         proc.wait()
@@ -92,9 +106,39 @@ def test_sigkill_then_resume_completes_every_trial_once(tmp_path):
     runs = trial_runs(uri, "killed")
     assert len(runs) == 3 and len({r.data.tags["pdcbdm.trial_id"] for r in runs}) == 3  # no duplicate runs
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert all(r.data.metrics.get("step") == 60 for r in runs)
+    assert all(r.data.metrics.get("step") == 40 for r in runs)
     assert any(r.data.metrics.get("resumed_from_step", 0) >= 20 for r in runs)  # continued from a checkpoint
     table = pd.read_parquet(tmp_path / "searches" / "killed" / "trials.parquet")
     assert len(table) == 3 and set(table["status"]) == {"completed"}
     study = optuna.load_study(study_name="killed", storage=f"sqlite:///{tmp_path / 'searches/killed/optuna.db'}")
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3
+    assert not [t.number for t in study.trials if t.state.name == "RUNNING"]  # no orphan left to TPE's liar
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_unfinished_runs_killed_and_prints_the_resume_command(tmp_path):
+    """Tune returns normally on SIGINT: the search must still end non-zero, with the parent and the interrupted
+    trials' runs KILLED (not FINISHED, not RUNNING) and the exact command that resumes it."""
+    log = tmp_path / "search.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(tmp_path / "cache")}
+    cmd = search_cmd(tmp_path, "cut", "--trials", "2", "--no-asha", "--concurrency", "2", *TINY)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        _wait_for(proc, log, "step 20/40", timeout=400)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C reaches the driver
+        code = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert code == 130, text[-3000:]
+    assert f"python tune/search.py --resume {tmp_path / 'searches' / 'cut'}" in text, text[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = trial_runs(uri, "cut")
+    assert runs and all(r.info.status == "KILLED" for r in runs if r.data.metrics.get("step", 0) < 40)
+    assert not any(r.info.status in ("RUNNING", "FINISHED") and r.data.metrics.get("step", 0) < 40 for r in runs)
+    (parent,) = MlflowClient(uri).search_runs([runs[0].info.experiment_id], "tags.`pdcbdm.kind` = 'search'")
+    assert parent.info.status == "KILLED"
+    assert not (tmp_path / "searches" / "cut" / "trials.parquet").exists()  # no table of "stopped" trials

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import re
 
+from pathlib import Path
+
 import optuna
 import pandas as pd
 import pytest
+import torch
+from mlflow.tracking import MlflowClient
 
 from tests.searchutil import artifact_paths, trial_runs
 from tune.space import SEARCHED
@@ -30,6 +34,7 @@ def test_smoke_search_records_every_trial(smoke_search):
     assert set(table["mlflow_run_id"]) == {r.info.run_id for r in runs}
     for run in runs:
         assert run.info.status == "FINISHED"  # ASHA-stopped trials too; none left RUNNING
+        assert run.data.tags["pdcbdm.ray_checkpoints"].endswith(f"/train-{run.data.tags['pdcbdm.trial_id']}")
         for key in SEARCHED:
             assert key in run.data.params
         assert "proxy_fid" in run.data.metrics and "loss" in run.data.metrics
@@ -49,6 +54,18 @@ def test_smoke_search_records_every_trial(smoke_search):
             assert key in run.data.metrics, key
         files = artifact_paths(uri, run.info.run_id)
         assert "checkpoint/checkpoint.pt" in files and "evaluation/per_class.parquet" in files
+        # MLflow holds the EMA network for sampling; the training checkpoint stays in Ray's storage (tagged)
+        model = torch.load(MlflowClient(uri).download_artifacts(run.info.run_id, "checkpoint/checkpoint.pt",
+                                                                str(tmp_path / run.info.run_id)), weights_only=True)
+        assert model["weights"] == "ema" and "optimizer" not in model and model["step"] == 40
+        ray_ckpt = Path(run.data.tags["pdcbdm.ray_checkpoint"])
+        assert (ray_ckpt / "checkpoint.pt").is_file() and ray_ckpt.parent == Path(run.data.tags["pdcbdm.ray_checkpoints"])
+        assert "optimizer" in torch.load(ray_ckpt / "checkpoint.pt", weights_only=True)
+    # no trial left files in the system temp folder (samples, tables, checkpoints; libraries' own caches such as
+    # torchinductor_* or multiprocessing's pymp-* are not the trials')
+    tmpdir = (tmp_path / "tmpdir").resolve()
+    left = [p for p in tmpdir.rglob("*") if p.name.startswith("pdcbdm") or p.suffix in (".png", ".parquet", ".pt")]
+    assert left == [], left[:20]
     ranked = table[table["status"] == "completed"]
     assert list(ranked["fid"]) == sorted(ranked["fid"])
 

@@ -103,3 +103,68 @@ def test_asha_grace_period_waits_for_the_ema():
     # the grace period reaches the budget: no early stopping
     assert isinstance(build_scheduler(args, apply_overrides(digits, ["train.steps=300"])), FIFOScheduler)
     assert isinstance(build_scheduler(parse_args(["--no-asha"]), digits), FIFOScheduler)
+
+
+def test_resume_fails_trials_asked_after_the_last_searcher_save(tmp_path):
+    """A SIGKILL between ``study.ask()`` and Tune's next save of the searcher leaves a RUNNING trial nobody owns;
+    TPE's constant liar would count it forever. The restored searcher marks it FAIL and keeps its own."""
+    searcher = _searcher(tmp_path, trials=4)
+    searcher.suggest("owned")
+    searcher.save_to_dir(str(tmp_path), session_str="x")
+    searcher.suggest("lost")  # asked, then the driver is killed before the next save
+    restored = StepOptunaSearch(space=lambda t: None, metric="objective", mode="min", max_steps=1)
+    restored.restore_from_dir(str(tmp_path))
+    trials = _by_tune_id(_study(tmp_path))
+    assert trials["lost"].state == TrialState.FAIL
+    assert trials["owned"].state == TrialState.RUNNING  # Tune resumes it and reports to it
+    restored.on_trial_complete("owned", {"step": STEPS, "objective": 5.0})
+    assert _by_tune_id(_study(tmp_path))["owned"].state == TrialState.COMPLETE
+    assert restored.fail_orphans() == []
+
+
+def test_reconcile_tells_optuna_the_end_tune_recorded(tmp_path):
+    from tune.searcher import reconcile
+
+    searcher = _searcher(tmp_path, trials=4)
+    for trial_id in ("done", "stopped", "failed", "other"):
+        searcher.suggest(trial_id)
+    study = _study(tmp_path)
+    told = reconcile(study, {"done": ("completed", [7.0]), "stopped": ("stopped", None), "failed": ("failed", None)})
+    assert len(told) == 3
+    trials = _by_tune_id(_study(tmp_path))
+    assert trials["done"].state == TrialState.COMPLETE and trials["done"].value == 7.0
+    assert trials["stopped"].state == TrialState.PRUNED and trials["failed"].state == TrialState.FAIL
+    assert trials["other"].state == TrialState.RUNNING  # not in Tune's table: left alone
+
+
+def test_optuna_storage_may_be_a_journal_file(tmp_path):
+    from tune.search import optuna_storage, plan
+
+    journal = tmp_path / "shared" / "study.log"
+    args = parse_args(["--preset", "smoke", "--trials", "3", "--optuna-storage", str(journal)])
+    cfg = apply_overrides(preset("smoke"), [f"train.steps={STEPS}", "train.eval_every=20"])
+    p = plan(parse_args(["--preset", "smoke", "--out", str(tmp_path / "out"), "--optuna-storage", str(journal)]))
+    assert p.optuna_storage == str(journal) and p.meta()["optuna_storage"] == str(journal)
+    searcher = build_searcher(args, cfg, "j", p.optuna_storage, 3)
+    searcher.suggest("a")
+    searcher.save_to_dir(str(tmp_path), session_str="x")  # the storage is pickled with Tune's state
+    restored = StepOptunaSearch(space=lambda t: None, metric="objective", mode="min", max_steps=1)
+    restored.restore_from_dir(str(tmp_path))
+    restored.on_trial_complete("a", {"step": STEPS, "objective": 3.0})
+    study = optuna.load_study(study_name="j", storage=optuna_storage(str(journal)))
+    assert journal.is_file() and [t.value for t in study.trials] == [3.0]
+    rdb = f"sqlite:///{tmp_path / 'other.db'}"
+    assert isinstance(optuna_storage(rdb), optuna.storages.RDBStorage)
+
+
+def test_a_checkpoint_keeps_the_metrics_reported_with_it(tmp_path):
+    """What a trial killed after its last report reports again when it is resumed."""
+    from pdcbdm.train import load_data
+    from pdcbdm.training import Trainer
+    from tune.worker import stored_metrics, write_checkpoint
+
+    cfg = apply_overrides(preset("smoke"), ["train.batch_size=4"])
+    metrics = {"step": 40, "fid": 12.5, "objective": 12.5, "proxy_fid": float("inf")}
+    folder = write_checkpoint(Trainer(cfg, load_data(cfg)), metrics, tmp_path)
+    assert (folder / "checkpoint.pt").is_file() and stored_metrics(folder) == metrics
+    assert stored_metrics(tmp_path / "none") == {}

@@ -14,9 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import shlex
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +34,7 @@ import torch  # noqa: E402
 
 from pdcbdm.config import PRESETS, Config, ConfigError, apply_overrides, preset, write_json_atomic  # noqa: E402
 from pdcbdm.models import PRESETS as MODEL_PRESETS  # noqa: E402
+from tune import cluster  # noqa: E402
 from tune import results as results_mod  # noqa: E402
 from tune import tracking  # noqa: E402
 from tune.space import SEARCHED, config_point, search_space, tsa_choices  # noqa: E402
@@ -57,7 +62,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPUs per worker (default: 1 if this machine has CUDA, else 0 = CPU with gloo)")
     p.add_argument("--concurrency", type=int, default=None,
-                   help="trials at once (default: what the cluster's CPUs or GPUs hold)")
+                   help="trials at once (default: the fewest of what the CPUs (--cpus-per-worker per worker, counted "
+                        "from this process's CPU affinity on a local cluster) and the GPUs hold)")
     p.add_argument("--out", default=".", help="folder for everything the search writes (default: .)")
     p.add_argument("--name", default=None, help="search name: MLflow parent run, Optuna study, folder "
                    "(default: PRESET-YYYYmmdd-HHMMSS)")
@@ -83,6 +89,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "MLflow runs continue; the other flags are taken from DIR/search.json")
     p.add_argument("--max-worker-failures", type=int, default=1,
                    help="restarts of a trial's worker group from its last checkpoint after a worker dies")
+    p.add_argument("--optuna-storage", default=None, metavar="URL",
+                   help="where the Optuna study lives (default: sqlite OUT/searches/NAME/optuna.db): an RDB URL "
+                        "(postgresql://..., mysql://..., sqlite:////abs/path.db) or a journal file path "
+                        "(*.log / *.journal, e.g. on shared storage), for studies that must outlive this disk")
     return p.parse_args(argv)
 
 
@@ -103,7 +113,7 @@ def check_data(cfg: Config) -> None:
         raise SearchError(f"data set {cfg.data.dataset!r}: {exc}") from None
 
 
-def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_db: Path, trials: int) -> Any:
+def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_storage: str | Path, trials: int) -> Any:
     """Seeded TPE (multi-objective TPE with --multi-objective), its random start-up sized to the budget, through
     ``StepOptunaSearch``; the study persisted in sqlite; the first trial is the preset.
 
@@ -122,11 +132,26 @@ def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_db: P
     if "model.tsa_resolutions" in point and point["model.tsa_resolutions"] not in tsa_choices(levels):
         point.pop("model.tsa_resolutions")
     metric, mode = (["objective", "objective_tail"], ["min", "min"]) if args.multi_objective else ("objective", "min")
-    storage = optuna.storages.RDBStorage(f"sqlite:///{study_db}")
+    storage = optuna_storage(study_storage)
     # one sampler for one or several objectives: Optuna's TPE is multi-objective (MOTPE) when the study is
     sampler = optuna.samplers.TPESampler(n_startup_trials=startup_trials(trials), seed=args.seed)
     return StepOptunaSearch(space=space, metric=metric, mode=mode, points_to_evaluate=[point] if point else None,
                             sampler=sampler, study_name=name, storage=storage, max_steps=cfg.train.steps)
+
+
+def optuna_storage(spec: str | Path) -> Any:
+    """Optuna's storage for a location: an RDB URL (``sqlite:///``, ``postgresql://``, ...), or a journal file
+    (any other path; Optuna's file journal, safe on shared storage; a ``.db`` path is a sqlite file)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    spec = str(spec)
+    if "://" in spec:
+        return optuna.storages.RDBStorage(spec)
+    if spec.endswith(".db"):
+        return optuna.storages.RDBStorage(f"sqlite:///{Path(spec).resolve()}")
+    Path(spec).parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(spec))
 
 
 def grace_period(cfg: Config) -> int:
@@ -154,7 +179,9 @@ def build_scheduler(args: argparse.Namespace, cfg: Config) -> Any:
 
 @dataclass
 class SearchPlan:
-    """Everything a search needs, resolved and validated before Ray or MLflow is touched."""
+    """Everything a search needs, resolved and validated before Ray or MLflow is touched. ``name``, ``out``,
+    ``storage``, ``uri`` and ``optuna_storage`` are resolved (absolute) and saved in search.json, so that
+    ``--resume`` finds the same search from any working directory."""
 
     args: argparse.Namespace
     cfg: Config
@@ -164,52 +191,136 @@ class SearchPlan:
     storage: str
     uri: str
     resume: bool = False
+    out: Path = Path(".")
+    optuna_storage: str = ""
+
+    @property
+    def tune_path(self) -> str:
+        return f"{self.storage}/tune"
+
+    def meta(self) -> dict[str, Any]:
+        """search.json: the command line and everything resolved from it."""
+        return {"args": vars(self.args), "config": self.cfg.to_dict(), "trials": self.trials, "name": self.name,
+                "out": str(self.out), "search_dir": str(self.search_dir), "storage": self.storage,
+                "tracking_uri": self.uri, "optuna_storage": self.optuna_storage}
+
+    def resume_command(self) -> str:
+        """The exact command that continues this search."""
+        cmd = f"python tune/search.py --resume {shlex.quote(str(self.search_dir))}"
+        return cmd if self.args.address == "local" else f"{cmd} --address {shlex.quote(self.args.address)}"
 
 
 def plan(args: argparse.Namespace) -> SearchPlan:
-    """Validate the command line (config overrides, data, tracking store, resume folder) without side effects."""
-    resume = args.resume is not None
-    if resume:
-        args = resumed_args(args)
+    """Validate the command line (config overrides, data, tracking store, resume folder) without side effects
+    (the only one: OUT is created for a new search's default sqlite store)."""
+    if args.resume is not None:
+        return plan_resume(args)
+    cfg, trials = check_args(args)
+    out = Path(args.out).resolve()
+    name = args.name or f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    search_dir = out / "searches" / name
+    if (search_dir / "search.json").exists():
+        raise SearchError(f"search {name!r} already exists in {search_dir}; resume it with --resume {search_dir} "
+                          f"or choose another --name")
+    storage = f"{absolute_location(args.storage_path)}/{name}" if args.storage_path else str(search_dir)
+    uri = tracking.absolute_uri(args.tracking_uri) if args.tracking_uri else tracking.default_tracking_uri(out)
+    optuna_storage = study_location(args.optuna_storage, search_dir)
+    check_tracking(uri, create=out if args.tracking_uri is None else None)
+    return SearchPlan(args, cfg, name, trials, search_dir, storage, uri, False, out, optuna_storage)
+
+
+def plan_resume(args: argparse.Namespace) -> SearchPlan:
+    """The search in ``args.resume`` as it was started (its search.json), checked to be restorable before
+    anything (MLflow included) is touched. search.json of older versions (name null, out relative) is read with
+    the folder's own name and location."""
+    folder = Path(args.resume).resolve()
+    saved = read_meta(folder)
+    args = resumed_args(args, folder, saved["args"])
+    cfg, trials = check_args(args)
+    name = saved.get("name") or folder.name
+    out = Path(saved["out"]) if saved.get("out") else (
+        folder.parents[1] if folder.parent.name == "searches" else Path(args.out).resolve())
+    storage = saved.get("storage") or (f"{absolute_location(args.storage_path)}/{name}" if args.storage_path
+                                       else str(folder))
+    if storage == saved.get("search_dir"):  # the default storage is the search folder, wherever it is now
+        storage = str(folder)
+    uri = saved.get("tracking_uri") or tracking.default_tracking_uri(out)
+    optuna_storage = saved.get("optuna_storage") or study_location(None, folder)
+    p = SearchPlan(args, cfg, name, trials, folder, storage, uri, True, out, optuna_storage)
+    check_restorable(p)
+    check_tracking(uri)
+    return p
+
+
+def check_args(args: argparse.Namespace) -> tuple[Config, int]:
+    """The trial config and the number of trials; resources and data checked."""
     cfg = resolve_config(args)
     if args.gpus_per_worker is None:
         args.gpus_per_worker = 1.0 if torch.cuda.is_available() else 0.0
     if args.gpus_per_worker < 0 or args.cpus_per_worker <= 0 or args.workers_per_trial < 1:
         raise SearchError("--workers-per-trial must be >= 1, --cpus-per-worker > 0 and --gpus-per-worker >= 0")
+    if args.workers_per_trial > 1 and 0 < args.gpus_per_worker < 1:
+        raise SearchError(f"--gpus-per-worker {args.gpus_per_worker} with --workers-per-trial "
+                          f"{args.workers_per_trial}: a fractional GPU would put two NCCL ranks of one trial on one "
+                          f"GPU; use whole GPUs per worker, or one worker per trial")
     if cfg.train.device == "auto" and args.gpus_per_worker == 0:
         cfg = apply_overrides(cfg, {"train.device": "cpu"})
     trials = DEFAULT_TRIALS[args.preset] if args.trials is None else args.trials
     if trials < 1:
         raise SearchError(f"--trials must be >= 1, got {trials}")
     check_data(cfg)
-    out = Path(args.out).resolve()
-    name = args.name or f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    search_dir = out / "searches" / name
-    if not resume and (search_dir / "search.json").exists():
-        raise SearchError(f"search {name!r} already exists in {search_dir}; resume it with --resume {search_dir} "
-                          f"or choose another --name")
-    storage = args.storage_path.rstrip("/") + f"/{name}" if args.storage_path else str(search_dir)
-    uri = args.tracking_uri or tracking.default_tracking_uri(out)
-    if args.tracking_uri is None:
-        out.mkdir(parents=True, exist_ok=True)
+    return cfg, trials
+
+
+def absolute_location(path: str) -> str:
+    """A storage location as every later command sees it: URIs as given, local paths absolute."""
+    path = path.rstrip("/") or "/"
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def study_location(spec: str | None, search_dir: Path) -> str:
+    """The Optuna storage: an RDB URL (a relative sqlite path made absolute), a journal file path (absolute), or
+    by default sqlite in the search folder."""
+    if not spec:
+        return f"sqlite:///{search_dir / 'optuna.db'}"
+    if "://" in spec:
+        return tracking.absolute_uri(spec)
+    return str(Path(spec).resolve())
+
+
+def check_tracking(uri: str, create: Path | None = None) -> None:
+    if create is not None:
+        create.mkdir(parents=True, exist_ok=True)
     try:
         tracking.check_tracking_uri(uri)
     except tracking.TrackingError as exc:
         raise SearchError(str(exc)) from None
-    return SearchPlan(args, cfg, name, trials, search_dir, storage, uri, resume)
 
 
-def resumed_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The original command line of the search in ``args.resume`` (its search.json), with --address kept."""
-    folder = Path(args.resume).resolve()
+def check_restorable(p: SearchPlan) -> None:
+    """Fail before MLflow or Ray is touched when the Tune state of a --resume is missing."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(p.tune_path):
+        raise SearchError(f"--resume {p.search_dir}: no restorable Tune state at {p.tune_path} (the search was "
+                          f"killed before its first trial started, or its storage moved)")
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
     meta = folder / "search.json"
     if not meta.is_file():
         raise SearchError(f"--resume {folder}: not a search folder (no search.json); a search folder is "
                           f"OUT/searches/NAME as printed when the search started")
     try:
-        saved = json.loads(meta.read_text())["args"]
-    except (ValueError, KeyError) as exc:
+        saved = json.loads(meta.read_text())
+        saved["args"]
+    except (ValueError, KeyError, TypeError) as exc:
         raise SearchError(f"--resume {folder}: search.json is unreadable ({exc})") from None
+    return saved
+
+
+def resumed_args(args: argparse.Namespace, folder: Path, saved: dict[str, Any]) -> argparse.Namespace:
+    """The original command line of the search (search.json), with --address and --concurrency kept."""
     restored = argparse.Namespace(**{**vars(parse_args([])), **saved})
     restored.resume, restored.address = str(folder), args.address
     if args.concurrency:
@@ -222,8 +333,8 @@ def connect_ray(p: SearchPlan) -> int:
     import ray
 
     a = p.args
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           **tracking.env_for_workers()}
+    # no credentials here: a runtime env is shown on the dashboard; they reach the trials in TrialSettings
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a diverged trial's last report has no FID
@@ -231,7 +342,7 @@ def connect_ray(p: SearchPlan) -> int:
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     if a.address == "local":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+        cpus, gpus = usable_cpus(), torch.cuda.device_count()
         fit = fits(a, cpus, gpus)
         # Train's placement-group cleaner finds the cluster through the state API, which refuses to guess when
         # several Ray instances run on one machine (two searches, a notebook): point it at this one's dashboard.
@@ -242,6 +353,10 @@ def connect_ray(p: SearchPlan) -> int:
                  runtime_env={"env_vars": env}, **quiet)
         return fit
     check_address(a.address)
+    try:
+        cluster.check_tracking_for_cluster(p.uri, a.address)
+    except cluster.ClusterError as exc:
+        raise SearchError(str(exc)) from None
     runtime_env = {"env_vars": env, "working_dir": str(REPO), "excludes": RUNTIME_EXCLUDES}
     try:
         ray.init(address=a.address, runtime_env=runtime_env, **quiet)
@@ -254,7 +369,12 @@ def connect_ray(p: SearchPlan) -> int:
         raise SearchError(f"the Ray cluster at {a.address} has no 'train_driver' resource; start its head with "
                           f"`ray start --head --resources='{{\"train_driver\": 8}}'` (the number of trials that may "
                           f"run at once)")
-    return min(drivers, fits(a, int(res.get("CPU", 0)), int(res.get("GPU", 0))))
+    try:
+        cluster.check_storage_for_cluster(p.storage, a.address)
+    except cluster.ClusterError as exc:
+        ray.shutdown()
+        raise SearchError(str(exc)) from None
+    return min(drivers, fits(a, res.get("CPU", 0), res.get("GPU", 0)))
 
 
 def _free_port() -> int:
@@ -266,18 +386,29 @@ def _free_port() -> int:
 RUNTIME_EXCLUDES = [".venv/", ".git/", "searches/", "runs/", "mlartifacts/", "mlflow.db", "*.pt", "notebooks/"]
 
 
-def fits(a: argparse.Namespace, cpus: int, gpus: int) -> int:
-    """Trials that fit at once: GPUs (or CPUs) divided by one trial's workers' share, capped by --concurrency."""
-    if a.gpus_per_worker > 0:
-        if a.gpus_per_worker * a.workers_per_trial > gpus:
-            raise SearchError(f"one trial needs {a.workers_per_trial} x {a.gpus_per_worker} GPU but the cluster "
-                              f"has {gpus} GPU(s)")
-        fit = int(gpus // (a.workers_per_trial * a.gpus_per_worker))
-    else:
-        fit = int(cpus // (a.workers_per_trial * a.cpus_per_worker))
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (a container's or taskset's share), not the host's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def fits(a: argparse.Namespace, cpus: float, gpus: float) -> int:
+    """Trials that fit at once: the fewest of what the CPUs hold (every worker takes --cpus-per-worker, on GPUs
+    too) and what the GPUs hold, capped by --concurrency."""
+    per_trial_cpu = a.workers_per_trial * a.cpus_per_worker
+    fit = math.floor(cpus / per_trial_cpu + 1e-9)
     if fit < 1:
         raise SearchError(f"one trial needs {a.workers_per_trial} worker(s) x {a.cpus_per_worker} CPU but the "
-                          f"cluster has {cpus} CPUs")
+                          f"cluster has {cpus:g} CPUs")
+    if a.gpus_per_worker > 0:
+        per_trial_gpu = a.workers_per_trial * a.gpus_per_worker
+        by_gpu = math.floor(gpus / per_trial_gpu + 1e-9)
+        if by_gpu < 1:
+            raise SearchError(f"one trial needs {a.workers_per_trial} x {a.gpus_per_worker} GPU but the cluster "
+                              f"has {gpus:g} GPU(s)")
+        fit = min(fit, by_gpu)
     return max(1, min(a.concurrency or fit, fit))
 
 
@@ -307,52 +438,114 @@ def run_search(args: argparse.Namespace) -> Any:
         ray.shutdown()
 
 
+class SearchInterrupted(RuntimeError):
+    """The search was stopped by Ctrl-C (SIGINT) or SIGUSR1 before every trial ended; its state is saved."""
+
+
 def execute(p: SearchPlan, concurrency: int) -> Any:
+    """Create (or find again) the MLflow runs, run or restore the Tuner, and summarise. Whatever stops the
+    driver before the end (Ctrl-C, an exception) leaves no run RUNNING: the unfinished trial runs and the parent
+    are marked KILLED and the command that resumes the search is printed."""
+    a = p.args
+    p.search_dir.mkdir(parents=True, exist_ok=True)
+    if not p.resume:
+        write_json_atomic(p.search_dir / "search.json", p.meta())
+    experiment_id = tracking.ensure_experiment(p.uri, a.experiment, p.out / "mlartifacts")
+    parent = tracking.parent_run(p.uri, experiment_id, p.name, {"preset": a.preset, "trials": p.trials,
+                                                                "overrides": " ".join(a.overrides), **p.cfg.flat()})
+    print(f"search {p.name}: {p.trials} trials, {concurrency} at a time, {a.workers_per_trial} worker(s) per trial "
+          f"({'GPU' if a.gpus_per_worker else 'CPU'}); MLflow {p.uri}; folder {p.search_dir}", flush=True)
+    try:
+        tuner = build_tuner(p, concurrency, experiment_id, parent)
+        with SigintWatch() as watch:
+            grid = tuner.fit()
+        if watch.fired or len(grid) < p.trials:
+            raise SearchInterrupted("interrupted")
+        return summarise(grid, p, experiment_id, parent)
+    except BaseException as exc:
+        stop_search(p, experiment_id, parent, exc)
+        raise
+
+
+def build_tuner(p: SearchPlan, concurrency: int, experiment_id: str, parent: str) -> Any:
+    """A new Tuner, or the restored one of a --resume (errored trials stay errored: Tune, Optuna and MLflow all
+    hold them as failed; unfinished ones continue from their last checkpoint)."""
     from ray import tune
 
     from tune.trainable import MlflowStatusCallback, ProgressPrinter, TrialSettings, run_trial
 
     a, cfg = p.args, p.cfg
-    p.search_dir.mkdir(parents=True, exist_ok=True)
-    if not p.resume:
-        write_json_atomic(p.search_dir / "search.json", {"args": vars(a), "config": cfg.to_dict(),
-                                                         "trials": p.trials, "tracking_uri": p.uri, "name": p.name})
-    experiment_id = tracking.ensure_experiment(p.uri, a.experiment, Path(a.out).resolve() / "mlartifacts")
-    parent = tracking.parent_run(p.uri, experiment_id, p.name, {"preset": a.preset, "trials": p.trials,
-                                                                "overrides": " ".join(a.overrides), **cfg.flat()})
     settings = TrialSettings(base=cfg.to_dict(), search=p.name, storage=f"{p.storage}/train", tracking_uri=p.uri,
                              experiment_id=experiment_id, parent_run_id=parent, workers=a.workers_per_trial,
                              cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
                              worker_failures=a.max_worker_failures, env=tracking.env_for_workers())
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": 0, "train_driver": 1})
-    print(f"search {p.name}: {p.trials} trials, {concurrency} at a time, {a.workers_per_trial} worker(s) per trial "
-          f"({'GPU' if a.gpus_per_worker else 'CPU'}); MLflow {p.uri}; folder {p.search_dir}", flush=True)
-    tune_path = f"{p.storage}/tune"
     if p.resume:
-        if not tune.Tuner.can_restore(tune_path):
-            raise SearchError(f"--resume {p.search_dir}: no restorable Tune state at {tune_path}")
-        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(p.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=build_searcher(a, cfg, p.name, p.optuna_storage, p.trials),
+                                    scheduler=build_scheduler(a, cfg), num_samples=p.trials,
+                                    max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name="tune", storage_path=p.storage, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=a.max_trial_failures),
+                                  callbacks=[MlflowStatusCallback(p.uri, experiment_id),
+                                             ProgressPrinter(cfg.train.steps)]),
+    )
+
+
+class SigintWatch:
+    """Tells whether ``Tuner.fit`` was stopped by Ctrl-C (or SIGUSR1), after which Tune returns normally.
+
+    Tune installs its own SIGINT handler for the run and, when the signal comes, puts back the handler it
+    found and ends the run. The handler installed here is the one it finds: if it is in place after ``fit``, the
+    signal came. It raises KeyboardInterrupt itself (a second Ctrl-C while Tune saves its state)."""
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._previous: Any = None
+        self._active = threading.current_thread() is threading.main_thread()
+
+    @staticmethod
+    def _handler(sig: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "SigintWatch":
+        if self._active:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._active:
+            tune_handler_gone = signal.getsignal(signal.SIGINT) is self._handler
+            self.fired = tune_handler_gone and not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def stop_search(p: SearchPlan, experiment_id: str, parent: str, exc: BaseException) -> None:
+    """After an interruption or a driver error: every unfinished run of the search (trials and parent) KILLED,
+    and the command that resumes it printed. Never masks ``exc``."""
+    why = "was interrupted" if isinstance(exc, (SearchInterrupted, KeyboardInterrupt)) else \
+        f"stopped on an error in the driver ({type(exc).__name__}: {exc})"
+    try:
+        killed = tracking.kill_unfinished(p.uri, experiment_id, p.name, parent)
+    except Exception as err:  # noqa: BLE001 - the store may be what failed
+        killed = f"could not mark its MLflow runs KILLED ({type(err).__name__}: {err})"
     else:
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=build_searcher(a, cfg, p.name, p.search_dir / "optuna.db",
-                                                                  p.trials),
-                                        scheduler=build_scheduler(a, cfg), num_samples=p.trials,
-                                        max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name="tune", storage_path=p.storage, verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=a.max_trial_failures),
-                                      callbacks=[MlflowStatusCallback(p.uri, experiment_id),
-                                                 ProgressPrinter(cfg.train.steps)]),
-        )
-    grid = tuner.fit()
-    return summarise(grid, cfg, p.name, p.search_dir, p.uri, experiment_id, parent)
+        killed = f"{killed} unfinished trial run(s) and the parent run marked KILLED in MLflow"
+    print(f"\nsearch {p.name} {why}; {killed}. Tune saved its state: continue it with\n  {p.resume_command()}",
+          file=sys.stderr, flush=True)
 
 
-def summarise(grid: Any, cfg: Config, name: str, search_dir: Path, uri: str, experiment_id: str, parent: str) -> Any:
-    """Ranked table (printed and saved as trials.parquet), parent run closed with the best trial's metrics."""
-    runs = {r.data.tags.get(tracking.TRIAL_TAG): r.info.run_id for r in tracking.runs_of_search(uri, experiment_id, name)}
+def summarise(grid: Any, p: SearchPlan, experiment_id: str, parent: str) -> Any:
+    """Ranked table (printed and saved as trials.parquet), Optuna and MLflow brought in line with it, parent run
+    closed with the best trial's metrics."""
+    cfg, uri = p.cfg, p.uri
+    found = tracking.runs_of_search(uri, experiment_id, p.name)
+    runs = {r.data.tags.get(tracking.TRIAL_TAG): r.info.run_id for r in found}
     table = results_mod.trial_rows(grid, cfg.train.steps, runs)
-    path = results_mod.write_parquet(table, search_dir / "trials.parquet")
+    reconcile_records(p, table, {r.info.run_id: r.info.status for r in found})
+    path = results_mod.write_parquet(table, p.search_dir / "trials.parquet")
     tracking.log_artifacts(uri, parent, [path])
     done = table[table["status"] == "completed"] if not table.empty else table
     if not done.empty:
@@ -366,6 +559,36 @@ def summarise(grid: Any, cfg: Config, name: str, search_dir: Path, uri: str, exp
     return table
 
 
+def reconcile_records(p: SearchPlan, table: Any, run_status: dict[str, str]) -> None:
+    """Every trial ends in the same state in Tune (the table), Optuna and MLflow, also after a resume whose
+    driver died between a trial's end and the bookkeeping of it: an Optuna trial still RUNNING is told its end,
+    an MLflow run not yet ended is set FINISHED (completed or stopped) or FAILED."""
+    import optuna
+
+    from tune.searcher import reconcile
+
+    study = optuna.load_study(study_name=p.name, storage=optuna_storage(p.optuna_storage))
+    multi = len(study.directions) > 1
+    outcomes = {}
+    for row in table.itertuples():
+        fid, tail = _number(getattr(row, "fid", None)), _number(getattr(row, "fid_tail", None))
+        values = None if fid is None else ([fid, fid if tail is None else tail] if multi else [fid])
+        outcomes[row.trial_id] = (row.status, values)
+        run_id = row.mlflow_run_id
+        if run_id and run_status.get(run_id) in ("RUNNING", "SCHEDULED", "KILLED"):
+            error = row.error if row.status == "failed" and isinstance(row.error, str) else None
+            tracking.finish_run(p.uri, run_id, "FAILED" if row.status == "failed" else "FINISHED", error)
+    reconcile(study, outcomes)
+
+
+def _number(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -373,6 +596,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SearchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (SearchInterrupted, KeyboardInterrupt):
+        return 130
     return 0 if not table.empty and (table["status"] != "failed").any() else 1
 
 

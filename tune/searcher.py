@@ -71,6 +71,25 @@ class StepOptunaSearch(OptunaSearch):
         if value is not None:
             self._ot_trials[trial_id].report(value, step)
 
+    def restore(self, checkpoint_path: str) -> None:
+        """Tune's restore of the searcher (--resume), then ``fail_orphans``."""
+        super().restore(checkpoint_path)
+        self.fail_orphans()
+
+    def fail_orphans(self) -> list[int]:
+        """Mark FAIL the study's RUNNING trials that no Tune trial owns: asked (``study.ask``) after Tune's last
+        save of this searcher, then lost with the driver. TPE's constant liar would otherwise count them as
+        permanent pessimistic results. Returns their numbers."""
+        owned = {t._trial_id for t in self._ot_trials.values()}
+        orphans = [t for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if t._trial_id not in owned]
+        for t in orphans:
+            self._ot_study.tell(t.number, state=TrialState.FAIL)
+        if orphans:
+            logger.warning("Optuna trials %s were started but never run (driver killed): marked FAIL",
+                           [t.number for t in orphans])
+        return [t.number for t in orphans]
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
@@ -93,6 +112,24 @@ class StepOptunaSearch(OptunaSearch):
         except Exception as exc:  # noqa: BLE001 - e.g. a trial already finished in the storage
             logger.warning("could not tell Optuna the end of trial %s: %s", trial_id, exc)
         self._completed_trials.add(trial_id)
+
+
+def reconcile(study: Any, outcomes: dict[str, tuple[str, list[float] | None]]) -> list[int]:
+    """Bring the study in line with Tune's final states after a resumed search: ``outcomes`` maps a Tune trial id
+    to (status, values) with status ``completed``, ``stopped`` or ``failed``; an Optuna trial of one of them still
+    RUNNING (its end was never told: the driver died between Tune's end of the trial and the searcher's save) is
+    told COMPLETE (values), PRUNED or FAIL. Returns the numbers of the trials told."""
+    state = {"completed": TrialState.COMPLETE, "stopped": TrialState.PRUNED, "failed": TrialState.FAIL}
+    told = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        status, values = outcomes.get(t.user_attrs.get(TUNE_TRIAL_ATTR), (None, None))
+        if status is None:
+            continue
+        if status == "completed" and not values:
+            status = "failed"
+        study.tell(t.number, values if status == "completed" else None, state=state[status])
+        told.append(t.number)
+    return told
 
 
 def _finite(value: Any) -> float | None:

@@ -28,6 +28,15 @@ def default_tracking_uri(out: Path) -> str:
     return f"sqlite:///{(out / 'mlflow.db').resolve()}"
 
 
+def absolute_uri(uri: str) -> str:
+    """A sqlite URI with a relative path (sqlite:///rel.db) made absolute, so that it names the same file from
+    any working directory (a resumed search, a worker process); other URIs as given."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return f"{prefix}{Path(uri[len(prefix):]).resolve()}"
+    return uri
+
+
 def ui_command(uri: str) -> str:
     """The command that opens the MLflow UI on this store."""
     if uri.startswith(("http://", "https://")):
@@ -75,15 +84,17 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
         return exp.experiment_id
 
 
-def _find_run(client: MlflowClient, experiment_id: str, tag: str, value: str) -> str | None:
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1)
+def _find_run(client: MlflowClient, experiment_id: str, tag: str, value: str, kind: str) -> str | None:
+    query = f"tags.`{tag}` = '{value}' and tags.`{KIND_TAG}` = '{kind}'"
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=1)
     return runs[0].info.run_id if runs else None
 
 
 def parent_run(uri: str, experiment_id: str, search: str, params: Mapping[str, Any]) -> str:
-    """The search's parent run: found by the search name (resume) or created."""
+    """The search's parent run: found by the search name (resume; its kind tag tells it from the trial runs,
+    which carry the search name too) or created."""
     client = MlflowClient(uri)
-    run_id = _find_run(client, experiment_id, SEARCH_TAG, search)
+    run_id = _find_run(client, experiment_id, SEARCH_TAG, search, "search")
     if run_id is None:
         run = client.create_run(experiment_id, run_name=search, tags={SEARCH_TAG: search, KIND_TAG: "search"})
         run_id = run.info.run_id
@@ -97,7 +108,7 @@ def trial_run(uri: str, experiment_id: str, parent_id: str, search: str, trial_i
               params: Mapping[str, Any]) -> str:
     """The trial's child run: the existing one of this trial id (a resumed or retried trial), or a new one."""
     client = MlflowClient(uri)
-    run_id = _find_run(client, experiment_id, TRIAL_TAG, trial_id)
+    run_id = _find_run(client, experiment_id, TRIAL_TAG, trial_id, "trial")
     if run_id is None:
         tags = {TRIAL_TAG: trial_id, SEARCH_TAG: search, KIND_TAG: "trial", "mlflow.parentRunId": parent_id}
         run_id = client.create_run(experiment_id, run_name=trial_name, tags=tags).info.run_id
@@ -145,8 +156,19 @@ def finish_run(uri: str, run_id: str, status: str, error: str | None = None) -> 
     client.set_terminated(run_id, status=status)
 
 
+def kill_unfinished(uri: str, experiment_id: str, search: str, parent_id: str) -> int:
+    """Mark the search's trial runs that are still RUNNING (or SCHEDULED) KILLED, then its parent run; returns the
+    number of trial runs marked. A resumed search sets them RUNNING again when it continues them."""
+    client = MlflowClient(uri)
+    unfinished = [r for r in runs_of_search(uri, experiment_id, search) if r.info.status in ("RUNNING", "SCHEDULED")]
+    for run in unfinished:
+        client.set_terminated(run.info.run_id, status="KILLED")
+    client.set_terminated(parent_id, status="KILLED")
+    return len(unfinished)
+
+
 def trial_run_id(uri: str, experiment_id: str, trial_id: str) -> str | None:
-    return _find_run(MlflowClient(uri), experiment_id, TRIAL_TAG, trial_id)
+    return _find_run(MlflowClient(uri), experiment_id, TRIAL_TAG, trial_id, "trial")
 
 
 def runs_of_search(uri: str, experiment_id: str, search: str) -> list[Any]:

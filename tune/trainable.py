@@ -4,6 +4,7 @@ callbacks that print progress and set each trial's MLflow run status (ASHA-stopp
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -11,15 +12,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 from ray import tune
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from pdcbdm.config import Config, apply_overrides
 from pdcbdm.training import NonFiniteLossError
 from tune import tracking
 from tune.worker import train_loop
+
+
+CHECKPOINTS_TAG = "pdcbdm.ray_checkpoints"  # the trial's Train run folder in Ray's storage (its checkpoint_* folders)
+CHECKPOINT_TAG = "pdcbdm.ray_checkpoint"  # its last training checkpoint, set when the trial ends
 
 
 @dataclass(frozen=True)
@@ -56,17 +62,23 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     """Tune function trainable: one TorchTrainer (gloo on CPU, nccl on GPU) per trial; results flow back to Tune
     through ``TuneReportCallback``; a restored trial resumes from its Train run's latest checkpoint."""
     cfg = trial_config(settings, config)
+    # the tracking credentials came in the pickled settings (object store), never in a runtime env (the dashboard
+    # shows those); the workers get them through an object reference
+    os.environ.update(settings.env)
+    secrets = ray.put(dict(settings.env)) if settings.env else None
     ctx = tune.get_context()
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
     run_id = tracking.trial_run(settings.tracking_uri, settings.experiment_id, settings.parent_run_id,
                                 settings.search, trial_id, trial_name, cfg.flat())
     _log_config(settings, run_id, cfg)
+    train_dir = f"{settings.storage}/train-{trial_id}"
+    tracking.set_tags(settings.tracking_uri, run_id, {CHECKPOINTS_TAG: train_dir})
     use_gpu = settings.gpus_per_worker > 0
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": settings.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "mlflow_uri": settings.tracking_uri, "run_id": run_id,
-                           "cache_dir": settings.cache_dir},
+                           "cache_dir": settings.cache_dir, "secrets": secrets},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=settings.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
@@ -75,7 +87,6 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=settings.worker_failures),
             callbacks=[TuneReportCallback()],
-            worker_runtime_env={"env_vars": settings.env} if settings.env else None,
         ),
     )
     result = trainer.fit()
@@ -84,7 +95,9 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
 
 
 class MlflowStatusCallback(tune.Callback):
-    """Driver side: sets each trial's run FINISHED (completed or stopped early) or FAILED (with the error)."""
+    """Driver side: sets each trial's run FINISHED (completed or stopped early) or FAILED (with the error), and
+    tags it with its last training checkpoint in Ray's storage (``CHECKPOINT_TAG``; MLflow holds only the EMA
+    network for sampling)."""
 
     def __init__(self, uri: str, experiment_id: str) -> None:
         self.uri, self.experiment_id = uri, experiment_id
@@ -92,6 +105,9 @@ class MlflowStatusCallback(tune.Callback):
     def _finish(self, trial: Any, status: str, error: str | None = None) -> None:
         run_id = tracking.trial_run_id(self.uri, self.experiment_id, trial.trial_id)
         if run_id:
+            path = (trial.last_result or {}).get(CHECKPOINT_PATH_KEY)
+            if path:
+                tracking.set_tags(self.uri, run_id, {CHECKPOINT_TAG: path})
             tracking.finish_run(self.uri, run_id, status, error)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

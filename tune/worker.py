@@ -1,14 +1,16 @@
 """The per-worker Ray Train loop: the library's Trainer, reports with checkpoints at each evaluation, and rank 0's
-evaluation and MLflow logging (metric histories, sample grids, per-class tables, config, best checkpoint)."""
+evaluation and MLflow logging (metric histories, sample grids, per-class tables, config, the final EMA network)."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -17,11 +19,12 @@ from pdcbdm.config import Config, parse_float_list, write_json_atomic
 from pdcbdm.evaluation import Evaluator, best_by_fid, evaluation_split, headline
 from pdcbdm.noise_error import noise_error
 from pdcbdm.train import load_data
-from pdcbdm.training import NonFiniteLossError, Trainer
+from pdcbdm.training import NonFiniteLossError, Trainer, save_checkpoint
 from pdcbdm.viz import save_grid
 from tune import tracking
 
 CKPT = "checkpoint.pt"
+METRICS = "metrics.json"
 
 
 class RankZeroLogger:
@@ -53,14 +56,31 @@ def window_means(window: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(v[k] for v in window if k in v) / sum(k in v for v in window) for k in keys}
 
 
-def _restore(trainer: Trainer) -> bool:
-    """Continue from the run's latest checkpoint (after a worker restart or a resumed search)."""
+def _restore(trainer: Trainer) -> dict[str, Any] | None:
+    """Continue from the run's latest checkpoint (after a worker restart or a resumed search); returns the
+    metrics reported with it ({} for a checkpoint without them), or None without a checkpoint."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return False
+        return None
     with checkpoint.as_directory() as folder:
         trainer.load(Path(folder) / CKPT)
-    return True
+        return stored_metrics(Path(folder))
+
+
+def stored_metrics(folder: Path) -> dict[str, Any]:
+    """The metrics reported with the checkpoint in ``folder`` (``write_checkpoint``)."""
+    path = Path(folder) / METRICS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_checkpoint(trainer: Trainer, metrics: dict[str, Any], folder: Path,
+                     rng_states: list[dict[str, torch.Tensor]] | None = None) -> Path:
+    """A checkpoint folder: the training state (with every rank's RNG state) and the metrics reported with it,
+    so that a trial whose driver died after its last report can report them again when it is resumed (it has
+    nothing left to train)."""
+    trainer.save(Path(folder) / CKPT, rng_states)
+    write_json_atomic(Path(folder) / METRICS, metrics)
+    return Path(folder)
 
 
 def _grid_png(images: torch.Tensor, num_classes: int, path: Path) -> Path:
@@ -101,34 +121,42 @@ def _noise_error(trainer: Trainer) -> dict[str, float]:
     return {"noise_error": value}
 
 
-def _evaluate(trainer: Trainer, evaluator: Evaluator, folder: Path, log: RankZeroLogger, final: bool) -> dict[str, Any]:
+def _evaluate(trainer: Trainer, evaluator: Evaluator, log: RankZeroLogger, final: bool) -> dict[str, Any]:
     """Proxy FID (and the tail's) at ``eval.proxy_guidance`` with a sample grid at every evaluation; the full
-    evaluation at the end.
+    evaluation at the end, with the EMA network for sampling (``sampling_payload``: no optimiser state; the
+    training checkpoint stays in Ray's storage, whose path the driver tags on the run).
 
     ``objective`` / ``objective_tail`` are what Optuna optimises: the proxy FIDs at intermediate evaluations (the
     values a pruned trial is judged by) and the final FIDs at the best w at the end, the value the trials table
     ranks completed trials by, so that the study's best trial is the table's first.
+
+    The files go through a temporary folder removed as soon as they are uploaded: a trial leaves nothing in the
+    system temp folder (its checkpoints live in Ray's storage, its records in MLflow).
     """
     cfg = trainer.cfg
-    images, _, out = evaluator.proxy(trainer.ema.module, guidance=cfg.eval.proxy_guidance, seed=cfg.train.seed,
-                                     autocast=trainer.autocast)
-    grid = _grid_png(images, trainer.num_classes, folder / f"samples_step{trainer.step:07d}.png")
-    log.files([grid], "samples")
-    out.update(objective=out["proxy_fid"], objective_tail=out["proxy_fid_tail"])
-    if final:
-        out.update(_final_evaluation(trainer, evaluator, folder, log))
-        tail = out.get("fid_tail")
-        out.update(objective=out["fid"], objective_tail=out["fid"] if tail is None else tail)
+    with tempfile.TemporaryDirectory(prefix="pdcbdm-eval-") as tmp:
+        folder = Path(tmp)
+        images, _, out = evaluator.proxy(trainer.ema.module, guidance=cfg.eval.proxy_guidance, seed=cfg.train.seed,
+                                         autocast=trainer.autocast)
+        grid = _grid_png(images, trainer.num_classes, folder / f"samples_step{trainer.step:07d}.png")
+        log.files([grid], "samples")
+        out.update(objective=out["proxy_fid"], objective_tail=out["proxy_fid_tail"])
+        if final:
+            out.update(_final_evaluation(trainer, evaluator, folder, log))
+            tail = out.get("fid_tail")
+            out.update(objective=out["fid"], objective_tail=out["fid"] if tail is None else tail)
+            log.files([save_checkpoint(folder / CKPT, trainer.sampling_payload())], "checkpoint")
     return out
 
 
 def _report(trainer: Trainer, metrics: dict[str, Any], rank: int) -> None:
-    """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint, with every rank's RNG state (gathered)."""
+    rng_states = trainer.rng_states()
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:
-            trainer.save(Path(folder) / CKPT)
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
+            checkpoint = ray.train.Checkpoint.from_directory(write_checkpoint(trainer, metrics, Path(folder),
+                                                                              rng_states))
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
@@ -165,6 +193,8 @@ def _diverged(trainer: Trainer, exc: NonFiniteLossError, log: "RankZeroLogger", 
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry: ``config`` holds the resolved config dict and the trial's MLflow run (uri, run_id)."""
+    if config.get("secrets") is not None:  # tracking credentials, kept out of the runtime env (dashboard)
+        os.environ.update(ray.get(config["secrets"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = Config.from_dict(config["cfg"])
@@ -176,14 +206,17 @@ def train_loop(config: dict[str, Any]) -> None:
     # train.precision may be "auto": record what this hardware resolved it to; and how final scores sample
     log.tags({"pdcbdm.precision": trainer.precision, "pdcbdm.device": str(device),
               "pdcbdm.eval_protocol": cfg.eval.protocol})
-    if _restore(trainer):
+    stored = _restore(trainer)
+    if stored is not None:
         log.metrics({"resumed_from_step": trainer.step}, trainer.step)
+        if trainer.step >= cfg.train.steps:  # killed after its last report: report it again (every rank: a barrier)
+            ray.train.report(stored or {"step": trainer.step})
+            return
     evaluator = None
     if rank == 0:
         split = evaluation_split(cfg, trainer.counts)  # eval.split_ratio, not the trial's loss.split_ratio
         evaluator = Evaluator.build(cfg, num_classes=trainer.num_classes, head=split.head, tail=split.tail,
                                     device=device, cache_dir=config.get("cache_dir"))
-    work = Path(tempfile.mkdtemp(prefix="pdcbdm-trial-"))
     window: list[dict[str, float]] = []
     while trainer.step < cfg.train.steps:
         _inject_fault(trainer, rank)
@@ -199,9 +232,6 @@ def train_loop(config: dict[str, Any]) -> None:
         if trainer.step % cfg.train.eval_every == 0 or final:
             metrics: dict[str, Any] = {"step": trainer.step, "loss": values["loss"], "dm": values["dm"]}
             if rank == 0:
-                metrics.update(_evaluate(trainer, evaluator, work, log, final))
+                metrics.update(_evaluate(trainer, evaluator, log, final))
                 log.metrics(metrics, trainer.step)
-                if final:
-                    trainer.save(work / CKPT)
-                    log.files([work / CKPT], "checkpoint")
             _report(trainer, metrics, rank)

@@ -142,23 +142,31 @@ class Trainer:
 
     # -- data -----------------------------------------------------------------------------------------------
     def _next_indices(self) -> torch.Tensor:
-        """This rank's slice of the next global batch; the data are reshuffled each epoch (same order on all ranks)."""
+        """The next global batch's indices (every rank alike); the data are reshuffled each epoch."""
         batch = self.cfg.train.batch_size
         if self._order is None or self._cursor + batch > len(self._order):
             self._order = torch.randperm(len(self.dataset), generator=self.generator)
             self._cursor = 0
         idx = self._order[self._cursor:self._cursor + batch]
         self._cursor += batch
-        return idx[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
+        return idx
+
+    def _gather(self, indices: torch.Tensor, n_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of the global batch at ``indices``: the flips (``hflip``) are drawn for the global
+        batch and sliced like every other draw, so a run is the same with any number of workers."""
+        x, y = self.dataset.batch(indices, generator=self.generator)
+        rows = slice(self.rank * n_local, (self.rank + 1) * n_local)
+        return x[rows], y[rows]
 
     def next_batch(self) -> Batch:
-        x0, y = self.dataset.batch(self._next_indices(), generator=self.generator)
+        x0, y = self._gather(self._next_indices(), self.local_batch)
         batch = Batch(x0.to(self.device), y.to(self.device))
         if self.cfg.loss.pd_weight > 0:
-            head = self.shard.take(lambda n: self.head_sampler.sample(n, self.generator), self.local_pairs)
-            tail = self.shard.take(lambda n: self.tail_sampler.sample(n, self.generator), self.local_pairs)
-            hx, hy = self.dataset.batch(head, generator=self.generator)
-            tx, ty = self.dataset.batch(tail, generator=self.generator)
+            n = self.local_pairs * self.world_size
+            head = self.head_sampler.sample(n, self.generator)
+            tail = self.tail_sampler.sample(n, self.generator)
+            hx, hy = self._gather(head, self.local_pairs)
+            tx, ty = self._gather(tail, self.local_pairs)
             batch.head = (hx.to(self.device), hy.to(self.device))
             batch.tail = (tx.to(self.device), ty.to(self.device))
         return batch
@@ -204,8 +212,23 @@ class Trainer:
                                    null_label=self.num_classes, generator=generator, autocast=self.autocast)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
-    def state_payload(self) -> dict[str, Any]:
+    def rng_states(self) -> list[dict[str, torch.Tensor]]:
+        """Every rank's global RNG state (CPU, and CUDA on a GPU; dropout draws from it and it differs per rank),
+        gathered from all ranks: a collective when ``world_size > 1``, which every rank must call."""
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return [state]
+        states: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(states, state)
+        return [{k: v.cpu() for k, v in s.items()} for s in states]
+
+    def state_payload(self, rng_states: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+        """The training state; ``rng_states`` (``rng_states()``, gathered by every rank) gives each rank its own
+        RNG state back on ``load``, else only this rank's is kept."""
         return {
+            "rng_ranks": rng_states or [{"cpu": torch.get_rng_state()}],
             "config": self.cfg.to_dict(), "num_classes": self.num_classes, "class_counts": list(self.counts),
             "image_shape": list(self.dataset.image_shape), "class_names": list(self.dataset.class_names),
             "step": self.step, "net": self.net.state_dict(), "ema": self.ema.module.state_dict(),
@@ -215,8 +238,19 @@ class Trainer:
             "data_cursor": self._cursor,
         }
 
-    def save(self, path: str | Path) -> Path:
-        return save_checkpoint(path, self.state_payload())
+    def sampling_payload(self) -> dict[str, Any]:
+        """What sampling and evaluation need (``load_model``): config, data shape and classes, step and the EMA
+        network; no optimiser state, no training network (``weights: "ema"``). ``net`` names the same tensors as
+        ``ema`` (every checkpoint has both keys; ``torch.save`` stores shared tensors once)."""
+        ema = self.ema.module.state_dict()
+        return {
+            "config": self.cfg.to_dict(), "num_classes": self.num_classes, "class_counts": list(self.counts),
+            "image_shape": list(self.dataset.image_shape), "class_names": list(self.dataset.class_names),
+            "step": self.step, "ema": ema, "net": ema, "weights": "ema",
+        }
+
+    def save(self, path: str | Path, rng_states: list[dict[str, torch.Tensor]] | None = None) -> Path:
+        return save_checkpoint(path, self.state_payload(rng_states))
 
     def load(self, path: str | Path) -> None:
         """Resume network, EMA, optimiser, schedule, RNG and step from a checkpoint of the same network."""
@@ -230,12 +264,32 @@ class Trainer:
             self.scheduler.load_state_dict(data["scheduler"])
         if "generator" in data:
             self.generator.set_state(data["generator"].cpu())
-        if "torch_rng" in data:  # dropout draws from the global generator
-            torch.set_rng_state(data["torch_rng"].cpu())
+        self._load_rng(data)
         if "data_order" in data and len(data["data_order"]):
             self._order, self._cursor = data["data_order"].cpu(), int(data["data_cursor"])
         self.step = int(data["step"])
         self.ema.updates = self.step
+
+    def _load_rng(self, data: dict[str, Any]) -> None:
+        """Each rank's global RNG (dropout draws from it) as it was at the checkpoint; a checkpoint of another
+        worker count gives each rank a distinct stream (seed, rank and step) instead of rank 0's for all."""
+        state = _rng_of_rank(data, self.rank, self.world_size)
+        if state is None:
+            torch.manual_seed(self.cfg.train.seed + 1_000_003 * self.rank + int(data["step"]))
+            return
+        torch.set_rng_state(state["cpu"].cpu())
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"].cpu(), self.device)
+
+
+def _rng_of_rank(data: dict[str, Any], rank: int, world_size: int) -> dict[str, torch.Tensor] | None:
+    """The RNG state a rank continues with: its own when the checkpoint has every rank's (same world size)."""
+    ranks = data.get("rng_ranks") or []
+    if len(ranks) == world_size:
+        return ranks[rank]
+    if rank == 0 and "torch_rng" in data:
+        return {"cpu": data["torch_rng"]}
+    return None
 
 
 def load_model(path: str | Path, *, which: str = "ema", device: torch.device | str = "cpu") -> tuple[nn.Module, Config, dict[str, Any]]:

@@ -1,0 +1,90 @@
+"""Checks for a search on a multi-node Ray cluster (--address other than local): what every node must share.
+
+A trial's rank 0 runs on any node: it must reach the same MLflow store (a server, not a sqlite file or a folder
+of the driver's disk), and Ray's trial folders and checkpoints must be on storage every node reads and writes
+(a URI such as s3://, or a folder mounted on every node, checked by a marker written and read on each node).
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+class ClusterError(RuntimeError):
+    """The search cannot run as asked on this cluster; the message names the fix."""
+
+
+def is_local(address: str) -> bool:
+    return address == "local"
+
+
+def check_tracking_for_cluster(uri: str, address: str) -> None:
+    """Refuse a tracking store that is a file on the driver's disk when trials may run on other nodes: rank 0
+    on another node would open (and create) a different database there."""
+    if is_local(address):
+        return
+    scheme = urlparse(uri).scheme
+    if scheme in ("sqlite", "file", ""):
+        raise ClusterError(
+            f"--tracking-uri {uri} with --address {address}: a trial's rank 0 on another node would open a "
+            f"different database there. Run an MLflow server every node reaches (`mlflow server --backend-store-uri "
+            f"sqlite:////shared/mlflow.db --artifacts-destination /shared/mlartifacts --host 0.0.0.0 --port 5000`) "
+            f"and pass --tracking-uri http://HEAD:5000")
+
+
+def check_storage_for_cluster(storage: str, address: str, timeout: float = 120.0) -> None:
+    """With a non-local cluster, ``storage`` (Ray's trial folders and checkpoints) must be a URI (s3://, gs://,
+    ...) or a folder every node shares: a task on each alive node reads a marker the driver wrote and writes its
+    own, which the driver reads back. Needs ``ray.init`` done."""
+    if is_local(address) or "://" in storage:
+        return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    folder = Path(storage)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ClusterError(f"--storage-path {storage}: cannot create it on the driver's node ({exc})") from None
+    token = uuid.uuid4().hex
+    (folder / f".pdcbdm-shared-{token}").write_text(token)
+    nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    probe = ray.remote(num_cpus=0, max_retries=0)(probe_node)
+    try:
+        refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                .remote(str(folder), token, node) for node in nodes]
+        replies = dict(zip(nodes, ray.get(refs, timeout=timeout)))
+        problems = unshared(folder, token, replies)
+    finally:
+        for path in folder.glob(f".pdcbdm-shared-{token}*"):
+            path.unlink(missing_ok=True)
+    if problems:
+        detail = "; ".join(f"node {nodes[node]} ({node[:8]}): {why}" for node, why in problems.items())
+        raise ClusterError(f"--storage-path {storage} is not shared by every node of the cluster at {address} "
+                           f"({detail}); mount one folder on every node at the same path, or pass a URI such as "
+                           f"s3://bucket/prefix")
+
+
+def unshared(folder: Path, token: str, replies: dict[str, str]) -> dict[str, str]:
+    """The nodes whose probe failed, or whose marker the driver cannot see in ``folder``, with the reason."""
+    problems = {}
+    for node, reply in replies.items():
+        if reply != "ok":
+            problems[node] = reply
+        elif not (folder / f".pdcbdm-shared-{token}-{node}").is_file():
+            problems[node] = "the marker it wrote is not visible on the driver's node"
+    return problems
+
+
+def probe_node(folder: str, token: str, node: str) -> str:
+    """Run on one node: read the driver's marker, write this node's own; "ok" or what went wrong."""
+    path = Path(folder) / f".pdcbdm-shared-{token}"
+    try:
+        if path.read_text() != token:
+            return "the driver's marker has other contents there"
+        (Path(folder) / f".pdcbdm-shared-{token}-{node}").write_text(token)
+    except OSError as exc:
+        return f"cannot read the driver's marker or write its own there ({exc.strerror or exc})"
+    return "ok"
