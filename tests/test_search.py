@@ -55,8 +55,9 @@ def test_smoke_search_records_every_trial(smoke_search):
         files = artifact_paths(uri, run.info.run_id)
         assert "checkpoint/checkpoint.pt" in files and "evaluation/per_class.parquet" in files
         # MLflow holds the EMA network for sampling; the training checkpoint stays in Ray's storage (tagged)
-        model = torch.load(MlflowClient(uri).download_artifacts(run.info.run_id, "checkpoint/checkpoint.pt",
-                                                                str(tmp_path / run.info.run_id)), weights_only=True)
+        local = MlflowClient(uri).download_artifacts(run.info.run_id, "checkpoint/checkpoint.pt",
+                                                     str(tmp_path / run.info.run_id))
+        model = torch.load(local, weights_only=True)
         assert model["weights"] == "ema" and "optimizer" not in model and model["step"] == 40
         ray_ckpt = Path(run.data.tags["pdcbdm.ray_checkpoint"])
         assert (ray_ckpt / "checkpoint.pt").is_file() and ray_ckpt.parent == Path(run.data.tags["pdcbdm.ray_checkpoints"])
