@@ -565,13 +565,13 @@ def reconcile_records(p: SearchPlan, table: Any, run_status: dict[str, str]) -> 
     an MLflow run not yet ended is set FINISHED (completed or stopped) or FAILED."""
     import optuna
 
-    from tune.searcher import reconcile
+    from tune.searcher import finite, reconcile
 
     study = optuna.load_study(study_name=p.name, storage=optuna_storage(p.optuna_storage))
     multi = len(study.directions) > 1
     outcomes = {}
     for row in table.itertuples():
-        fid, tail = _number(getattr(row, "fid", None)), _number(getattr(row, "fid_tail", None))
+        fid, tail = finite(getattr(row, "fid", None)), finite(getattr(row, "fid_tail", None))
         values = None if fid is None else ([fid, fid if tail is None else tail] if multi else [fid])
         outcomes[row.trial_id] = (row.status, values)
         run_id = row.mlflow_run_id
@@ -579,14 +579,6 @@ def reconcile_records(p: SearchPlan, table: Any, run_status: dict[str, str]) -> 
             error = row.error if row.status == "failed" and isinstance(row.error, str) else None
             tracking.finish_run(p.uri, run_id, "FAILED" if row.status == "failed" else "FINISHED", error)
     reconcile(study, outcomes)
-
-
-def _number(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

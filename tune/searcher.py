@@ -67,7 +67,7 @@ class StepOptunaSearch(OptunaSearch):
         # a step seen before (a trial resumed from a checkpoint) keeps its first value, as Optuna would
         if isinstance(self.metric, list) or step >= self._max_steps or step <= previous:
             return
-        value = _finite(result.get(self.metric))
+        value = finite(result.get(self.metric))
         if value is not None:
             self._ot_trials[trial_id].report(value, step)
 
@@ -98,7 +98,7 @@ class StepOptunaSearch(OptunaSearch):
         self._report(trial_id, result)
         step = self._last_step.get(trial_id)
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-        values = [_finite(result.get(m)) for m in metrics]
+        values = [finite(result.get(m)) for m in metrics]
         if error or result.get("diverged"):
             state, told = "FAIL", None
         elif step is None or int(step) < self._max_steps:
@@ -132,7 +132,8 @@ def reconcile(study: Any, outcomes: dict[str, tuple[str, list[float] | None]]) -
     return told
 
 
-def _finite(value: Any) -> float | None:
+def finite(value: Any) -> float | None:
+    """``value`` as a float, or None when it is missing, not a number, NaN or infinite."""
     try:
         f = float(value)
     except (TypeError, ValueError):
