@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from pdcbdm.config import Config, DiffusionConfig, parse_float_list
@@ -24,7 +26,7 @@ from pdcbdm.metrics import FeatureExtractor, FeatureSet, build_extractor, evalua
 from pdcbdm.metrics import fid_from_features, group_fid, reference_features
 from pdcbdm.metrics import (FLOOR_SEEDS, FloorUnavailable, Judge, floor_data_key, load_or_calibrate_judge, noise_floor,
                             proxy_noise_floor)
-from pdcbdm.sampling import generate, uniform_labels
+from pdcbdm.sampling import generate, share_indices, uniform_labels
 
 
 def evaluation_split(cfg: Config, counts: Sequence[int]) -> HeadTailSplit:
@@ -68,6 +70,120 @@ class GuidanceResult:
 
 
 @dataclass
+class Samples:
+    """One generated set in the order one worker would draw it: uint8 images, labels and their features."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    features: FeatureSet
+
+
+@dataclass
+class SampleSource:
+    """What every worker needs for its share of an evaluation: the config's samplers and the feature extractor.
+
+    The reference statistics, judge and floors stay with rank 0's ``Evaluator``: the other workers only sample
+    their rows of each batch, extract features and send them to rank 0 (``shared_samples``)."""
+
+    cfg: Config
+    extractor: FeatureExtractor
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    device: torch.device
+
+    @classmethod
+    def build(cls, cfg: Config, *, num_classes: int, image_shape: Sequence[int], device: torch.device | str = "cpu",
+              cache_dir: str | os.PathLike | None = None) -> "SampleSource":
+        """The config's feature extractor (``eval.extractor``, read from ``cache_dir`` as ``Evaluator.build``)."""
+        device = torch.device(device)
+        extractor = build_extractor(cfg.eval.extractor, weights_path=cfg.eval.inception_weights, device=device,
+                                    cache_dir=cache_dir)
+        return cls(cfg, extractor, num_classes, tuple(image_shape), device)
+
+    def sample(self, net: nn.Module, guidance: float, n: int, *, seed: int = 0, progress: bool = False,
+               autocast: Callable[[], Any] | None = None, final: bool = False, rank: int = 0,
+               world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """This worker's share of n samples (uint8) with labels uniform over classes (all of them with one worker):
+        with the config's sampler and steps, except for a ``final`` evaluation under ``eval.protocol=paper`` (see
+        ``final_sampling``). The share's global positions are ``share_indices(n, eval.batch_size, rank, world)``."""
+        labels = uniform_labels(n, self.num_classes).to(self.device)
+        kw = {"autocast": autocast} if autocast else {}
+        diffusion_cfg, sampling = (final_sampling(self.cfg) if final
+                                   else (self.cfg.diffusion, sampler_settings(self.cfg)))
+        images = generate(net, GaussianDiffusion(diffusion_cfg), labels, self.image_shape, guidance=guidance,
+                          null_label=self.num_classes, batch_size=self.cfg.eval.batch_size, seed=seed,
+                          progress=progress, rank=rank, world=world, **sampling, **kw)
+        return images, labels.cpu()[share_indices(n, self.cfg.eval.batch_size, rank, world)]
+
+    def features(self, images: torch.Tensor, labels: torch.Tensor) -> FeatureSet:
+        feats, logits = self._extract(images)
+        return FeatureSet(feats, logits, labels.numpy(), extractor=self.extractor.identity,
+                          logits_note=getattr(self.extractor, "logits_note", ""))
+
+    def _extract(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Features and logits; empty arrays of the right width for an empty share."""
+        if images.shape[0] > 0:
+            return extract_all(self.extractor, images, batch_size=self.cfg.eval.batch_size, progress=False)
+        width = self.extractor.num_classes_logits
+        return np.zeros((0, self.extractor.feature_dim)), None if width is None else np.zeros((0, width))
+
+    def shared_samples(self, net: nn.Module, guidance: float, n: int, *, seed: int = 0, progress: bool = False,
+                       autocast: Callable[[], Any] | None = None, final: bool = False, rank: int = 0,
+                       world: int = 1) -> Samples | None:
+        """n samples drawn by ``world`` workers together (every rank calls it: a collective): each samples its
+        rows and extracts their features, rank 0 gathers them in the one-worker order and returns them; the
+        other ranks return None. With one worker, the plain sampling."""
+        images, labels = self.sample(net, guidance, n, seed=seed, progress=progress, autocast=autocast, final=final,
+                                     rank=rank, world=world)
+        if world == 1:
+            return Samples(images, labels, self.features(images, labels))
+        feats, logits = self._extract(images)
+        part = {"index": share_indices(n, self.cfg.eval.batch_size, rank, world), "images": images,
+                "features": torch.from_numpy(feats), "logits": None if logits is None else torch.from_numpy(logits),
+                "extractor": self.extractor.identity}
+        parts = gather_to_rank0(part, self.device)
+        return None if parts is None else self._assemble(parts, n)
+
+    def _assemble(self, parts: list[dict[str, Any]], n: int) -> Samples:
+        """The workers' shares in global order; refused when a worker used another feature network."""
+        for rank, part in enumerate(parts):
+            if part["extractor"] != self.extractor.identity:
+                raise ValueError(f"evaluation worker {rank} extracted features with {part['extractor']!r}, rank 0 "
+                                 f"with {self.extractor.identity!r}: every worker must score in one feature space "
+                                 f"(give every node the same eval.inception_weights and feature cache)")
+        order = torch.cat([p["index"] for p in parts]).argsort()
+        if not torch.equal(torch.cat([p["index"] for p in parts])[order], torch.arange(n)):
+            raise ValueError(f"the workers' shares do not cover the {n} samples exactly once")
+        images = torch.cat([p["images"] for p in parts])[order]
+        feats = torch.cat([p["features"] for p in parts])[order].numpy()
+        logits = None if parts[0]["logits"] is None else torch.cat([p["logits"] for p in parts])[order].numpy()
+        labels = uniform_labels(n, self.num_classes)
+        return Samples(images, labels, FeatureSet(feats, logits, labels.numpy(), extractor=self.extractor.identity,
+                                                  logits_note=getattr(self.extractor, "logits_note", "")))
+
+    def grid_samples(self, net: nn.Module, guidances: Sequence[float], n: int, *, seed: int = 0,
+                     progress: bool = False, autocast: Callable[[], Any] | None = None, rank: int = 0,
+                     world: int = 1) -> list[Samples] | None:
+        """A final evaluation's samples at each guidance value (``shared_samples``; every rank calls it): the
+        gathered sets on rank 0, None on the others."""
+        out = [self.shared_samples(net, w, n, seed=seed, progress=progress, autocast=autocast, final=True, rank=rank,
+                                   world=world) for w in guidances]
+        return None if rank != 0 else out
+
+
+def gather_to_rank0(part: dict[str, Any], device: torch.device) -> list[dict[str, Any]] | None:
+    """Every rank's ``part`` (tensors, strings, None) on rank 0, in rank order; None on the other ranks.
+
+    Read back with ``weights_only`` (tensors and plain values only). NCCL moves the bytes through the current CUDA
+    device, hence the device context."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parts: list[Any] | None = [None] * world if rank == 0 else None
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        dist.gather_object(part, parts, dst=0, weights_only=True)
+    return parts
+
+
+@dataclass
 class Evaluator:
     """Everything needed to score a network: feature extractor, cached reference features, head/tail split."""
 
@@ -103,22 +219,19 @@ class Evaluator:
                    judge=_judge(extractor, reference, num_classes, cache_dir), floor_pool=pool, floor_note=note,
                    cache_dir=cache_dir)
 
+    @property
+    def source(self) -> SampleSource:
+        """The sampling and feature side of this evaluator (what the other workers of a trial hold too)."""
+        return SampleSource(self.cfg, self.extractor, self.num_classes, self.image_shape, self.device)
+
     def sample(self, net: nn.Module, guidance: float, n: int, *, seed: int = 0, progress: bool = False,
                autocast: Callable[[], Any] | None = None, final: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """n samples (uint8) with labels uniform over classes: with the config's sampler and steps, except for a
         ``final`` evaluation under ``eval.protocol=paper`` (see ``final_sampling``)."""
-        labels = uniform_labels(n, self.num_classes).to(self.device)
-        kw = {"autocast": autocast} if autocast else {}
-        diffusion_cfg, sampling = final_sampling(self.cfg) if final else (self.cfg.diffusion, sampler_settings(self.cfg))
-        images = generate(net, GaussianDiffusion(diffusion_cfg), labels, self.image_shape, guidance=guidance,
-                          null_label=self.num_classes, batch_size=self.cfg.eval.batch_size, seed=seed,
-                          progress=progress, **sampling, **kw)
-        return images, labels.cpu()
+        return self.source.sample(net, guidance, n, seed=seed, progress=progress, autocast=autocast, final=final)
 
     def features(self, images: torch.Tensor, labels: torch.Tensor) -> FeatureSet:
-        feats, logits = extract_all(self.extractor, images, batch_size=self.cfg.eval.batch_size, progress=False)
-        return FeatureSet(feats, logits, labels.numpy(), extractor=self.extractor.identity,
-                          logits_note=getattr(self.extractor, "logits_note", ""))
+        return self.source.features(images, labels)
 
     def proxy(self, net: nn.Module, *, guidance: float, seed: int = 0,
               autocast: Callable[[], Any] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
@@ -138,7 +251,10 @@ class Evaluator:
         Flat floors: ``<metric>_floor`` and ``<metric>_floor_std`` of every whole-set and group metric (or a
         ``floor_note`` when there is no floor); per-class rows get fid_floor, kid_floor, consistency_floor and
         reject_rate_floor."""
-        feats = self.features(images, labels)
+        return self.score_features(self.features(images, labels), seed=seed)
+
+    def score_features(self, feats: FeatureSet, *, seed: int = 0) -> tuple[dict[str, Any], list[dict]]:
+        """``score`` of a sample set whose features are already extracted."""
         result = evaluate_features(feats, self.reference, head_classes=self.head, tail_classes=self.tail,
                                    num_classes=self.num_classes, seed=seed, judge=self.judge)
         floors = self.floors(feats.labels)
@@ -169,17 +285,21 @@ class Evaluator:
             return {} if proxy else {"floor_note": str(exc)}
 
     def evaluate_grid(self, net: nn.Module, guidances: Sequence[float] | None = None, *, n: int | None = None,
-                      seed: int = 0, progress: bool = False,
-                      autocast: Callable[[], Any] | None = None) -> list[GuidanceResult]:
+                      seed: int = 0, progress: bool = False, autocast: Callable[[], Any] | None = None,
+                      world: int = 1) -> list[GuidanceResult]:
         """One sampling per guidance value (the grid of ``eval.guidance_grid`` by default), each fully scored; the
-        samples follow ``eval.protocol`` (``final_sampling``)."""
+        samples follow ``eval.protocol`` (``final_sampling``).
+
+        ``world`` > 1: this is rank 0 of ``world`` workers that split the sampling (the others call
+        ``SampleSource.grid_samples`` with the same arguments and their rank); their samples' features are
+        gathered here and scored as the one-worker samples would be."""
         grid = list(guidances) if guidances is not None else list(parse_float_list(self.cfg.eval.guidance_grid, "eval.guidance_grid"))
         n = n or self.cfg.eval.num_samples
+        sets = self.source.grid_samples(net, grid, n, seed=seed, progress=progress, autocast=autocast, world=world)
         out = []
-        for w in grid:
-            images, labels = self.sample(net, w, n, seed=seed, progress=progress, autocast=autocast, final=True)
-            metrics, per_class = self.score(images, labels, seed=seed)
-            out.append(GuidanceResult(w, {"guidance": w, **metrics}, per_class, images, labels))
+        for w, got in zip(grid, sets):
+            metrics, per_class = self.score_features(got.features, seed=seed)
+            out.append(GuidanceResult(w, {"guidance": w, **metrics}, per_class, got.images, got.labels))
         return out
 
 

@@ -111,3 +111,93 @@ def test_every_rank_gets_its_own_rng_state_back(tmp_path):
     assert not torch.equal(ranks[0]["own"], ranks[1]["own"])
     for r in ranks:
         assert torch.equal(r["loaded"], r["own"])
+
+
+# -- the final evaluation's sampling split over the ranks, features gathered on rank 0 ------------------------------
+
+EVAL_N, EVAL_GRID, EVAL_SEED = 29, (0.0, 1.0), 3
+# batches of 7: 7, 7, 7, 7, 1; with 2 ranks the shares are 3 and 4 rows, and rank 0's share of the last is empty
+EVAL_SET = ["eval.batch_size=7", "sample.steps=4"]
+
+
+def _eval_setup(cache: str):
+    """The config, a seeded (untrained) network and the one-worker Evaluator without floors (not under test)."""
+    import dataclasses
+
+    import torch
+
+    from pdcbdm.config import apply_overrides, preset
+    from pdcbdm.evaluation import Evaluator
+    from pdcbdm.training.trainer import build_network
+
+    torch.set_num_threads(1)
+    cfg = apply_overrides(preset("smoke"), EVAL_SET)
+    torch.manual_seed(0)
+    net = build_network(cfg, 10, (1, 16, 16)).eval()
+    evaluator = Evaluator.build(cfg, num_classes=10, head=range(7), tail=(7, 8, 9), cache_dir=cache)
+    return cfg, net, dataclasses.replace(evaluator, floor_pool=None, floor_note="off")
+
+
+def _eval_rank(rank: int, world: int, folder: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from pdcbdm.evaluation import SampleSource
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        cfg, net, evaluator = _eval_setup(f"{folder}/cache")
+        if rank == 0:
+            results = evaluator.evaluate_grid(net, EVAL_GRID, n=EVAL_N, seed=EVAL_SEED, world=world)
+            torch.save({"metrics": json.dumps([r.metrics for r in results]),
+                        "images": torch.stack([r.images for r in results])}, f"{folder}/split.pt")
+        else:
+            source = SampleSource.build(cfg, num_classes=10, image_shape=(1, 16, 16), cache_dir=f"{folder}/cache")
+            assert source.grid_samples(net, EVAL_GRID, EVAL_N, seed=EVAL_SEED, rank=rank, world=world) is None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shares_of_a_sampling_are_the_one_worker_samples():
+    """Each rank's rows, put back in place, are the one-worker images: the noise is drawn whole and sliced."""
+    import torch
+
+    from pdcbdm.config import apply_overrides, preset
+    from pdcbdm.diffusion import GaussianDiffusion
+    from pdcbdm.sampling import generate, share_indices, uniform_labels
+    from pdcbdm.training.trainer import build_network
+
+    cfg = apply_overrides(preset("smoke"), EVAL_SET)
+    torch.manual_seed(0)
+    net = build_network(cfg, 10, (1, 16, 16)).eval()
+    labels = uniform_labels(EVAL_N, 10)
+    kw = dict(sampler="ddim", steps=4, eta=1.0, guidance=1.0, null_label=10, batch_size=7, seed=EVAL_SEED)
+    whole = generate(net, GaussianDiffusion(cfg.diffusion), labels, (1, 16, 16), **kw)
+    for world in (2, 3):
+        parts = [generate(net, GaussianDiffusion(cfg.diffusion), labels, (1, 16, 16), rank=r, world=world, **kw)
+                 for r in range(world)]
+        index = torch.cat([share_indices(EVAL_N, 7, r, world) for r in range(world)])
+        assert sorted(index.tolist()) == list(range(EVAL_N))
+        together = torch.zeros_like(whole)
+        together[index] = torch.cat(parts)
+        # the same images up to a rounding step where batch size changes the float sums
+        assert (together.int() - whole.int()).abs().max() <= 1, world
+
+
+def test_two_rank_final_evaluation_scores_as_one_worker(tmp_path):
+    import torch
+    import torch.multiprocessing as mp
+
+    cfg, net, evaluator = _eval_setup(str(tmp_path / "cache"))  # builds the caches (digits network) once
+    one = evaluator.evaluate_grid(net, EVAL_GRID, n=EVAL_N, seed=EVAL_SEED)
+    mp.spawn(_eval_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
+    split = torch.load(tmp_path / "split.pt", weights_only=True)
+    two = json.loads(split["metrics"])
+    assert (split["images"].int() - torch.stack([r.images for r in one]).int()).abs().max() <= 1
+    for a, b in zip([r.metrics for r in one], two):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            if isinstance(value, float):
+                assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+            else:
+                assert b[key] == value, key

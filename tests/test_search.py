@@ -40,6 +40,7 @@ def test_smoke_search_records_every_trial(smoke_search):
         assert "proxy_fid" in run.data.metrics and "loss" in run.data.metrics
         assert run.data.tags["pdcbdm.precision"] == "fp32" and run.data.tags["pdcbdm.device"] == "cpu"
         assert run.data.tags["pdcbdm.eval_protocol"] == "fast"
+        assert run.data.tags["pdcbdm.extractor"].startswith("digits-cnn/sha256:")  # the feature space of its scores
         assert "pd_grad_share" in run.data.metrics  # the PD term's gradient share, logged every log_every steps
         files = artifact_paths(uri, run.info.run_id)
         assert "config.json" in files and any(f.startswith("samples/") and f.endswith(".png") for f in files)

@@ -231,3 +231,35 @@ def test_storage_probe_tells_a_shared_folder_from_a_node_local_one(tmp_path):
     check_storage_for_cluster("s3://bucket/prefix", "auto")  # URIs need no probe
     check_storage_for_cluster(str(tmp_path / "any"), "local")
 
+
+
+def test_asset_probe_tells_a_node_with_its_own_digits_network_apart(tmp_path):
+    """The per-node part of the asset check (Ray runs ``node_assets`` on each node): the driver's digits network
+    is installed where a node lacks it; a node that trained its own (same file name, other weights) or cannot
+    load the data is named."""
+    import io
+
+    import torch
+
+    from pdcbdm.assets import cache_payload
+    from pdcbdm.config import apply_overrides, preset
+    from pdcbdm.metrics._io import atomic_torch_save
+    from tune.cluster import asset_differences, node_assets
+
+    cfg = preset("smoke")
+    payload = cache_payload(cfg, tmp_path / "driver")  # trains the digits network once, in the driver's cache
+    ((name, data),) = payload.items()
+    blob = torch.load(io.BytesIO(data), weights_only=True)
+    blob["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
+    atomic_torch_save(blob, tmp_path / "c" / name)
+    replies = {node: node_assets(cfg.to_dict(), str(tmp_path / node), payload) for node in ("a", "b", "c")}
+    assert (tmp_path / "a" / name).read_bytes() == data  # shipped
+    assert replies["a"] == replies["b"] and replies["a"]["feature extractor"].startswith("digits-cnn/sha256:")
+    assert replies["c"]["feature extractor"] != replies["a"]["feature extractor"]  # its own file was kept
+    assert replies["a"]["training data"].startswith("data/sha256:")
+    problems = asset_differences(replies)
+    assert set(problems) == {"c"} and "its feature extractor is digits-cnn/sha256:" in problems["c"]
+    no_data = apply_overrides(cfg, ["data.dataset=cifar10-lt", f"data.root={tmp_path / 'nothing'}"])
+    missing = node_assets(no_data.to_dict(), str(tmp_path / "a"), {})
+    assert set(missing) == {"error"}
+    assert "cannot load the data" in asset_differences({**replies, "d": missing})["d"]

@@ -3,12 +3,15 @@
 A trial's rank 0 runs on any node: it must reach the same MLflow store (a server, not a sqlite file or a folder
 of the driver's disk), and Ray's trial folders and checkpoints must be on storage every node reads and writes
 (a URI such as s3://, or a folder mounted on every node, checked by a marker written and read on each node).
+Every node must resolve the same data and feature network (checked by a task on each node that returns their
+content hashes; the digits network is shipped from the driver), so that every trial scores in one feature space.
 """
 
 from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 
@@ -88,3 +91,63 @@ def probe_node(folder: str, token: str, node: str) -> str:
     except OSError as exc:
         return f"cannot read the driver's marker or write its own there ({exc.strerror or exc})"
     return "ok"
+
+
+def check_assets_for_cluster(cfg: Any, address: str, cache_dir: str | None = None, timeout: float = 600.0) -> None:
+    """With a non-local cluster, every node must train and score trials on the same data and in the same feature
+    space: a task on each alive node resolves the data sets and the feature network as the trials will
+    (``pdcbdm.assets.evaluation_assets``) and returns their identities, which must agree across the nodes. The
+    digits network is built once here and shipped through Ray's object store to the nodes whose cache lacks it
+    (each node training its own need not give the same network). Needs ``ray.init`` done."""
+    if is_local(address):
+        return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pdcbdm.assets import cache_payload
+
+    try:
+        shipped = ray.put(cache_payload(cfg, cache_dir))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ClusterError(f"cannot build the feature network {cfg.eval.extractor!r} on the driver ({exc})") from None
+    nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    probe = ray.remote(num_cpus=0, max_retries=0)(node_assets)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+            .remote(cfg.to_dict(), cache_dir, shipped) for node in nodes]
+    problems = asset_differences(dict(zip(nodes, ray.get(refs, timeout=timeout))))
+    if problems:
+        detail = "; ".join(f"node {nodes[node]} ({node[:8]}): {why}" for node, why in problems.items())
+        raise ClusterError(f"the nodes of the cluster at {address} would not train or score trials alike ({detail}). "
+                           f"Give every node the same data.root and eval.inception_weights (shared storage) and "
+                           f"the same feature cache ($PDCBDM_CACHE)")
+
+
+def node_assets(cfg: dict[str, Any], cache_dir: str | None, shipped: dict[str, bytes]) -> dict[str, str]:
+    """Run on one node: install the driver's cache files where missing, then the identities of the data sets and
+    the feature network as this node resolves them, or {"error": why} when it cannot load them."""
+    import torch
+
+    from pdcbdm.assets import evaluation_assets, install_cache_files
+    from pdcbdm.config import Config
+
+    torch.set_num_threads(1)  # a zero-CPU task beside running trials
+    try:
+        install_cache_files(shipped, cache_dir)
+        return evaluation_assets(Config.from_dict(cfg), cache_dir)
+    except Exception as exc:  # noqa: BLE001 - any failure to load is the node's answer, reported by name
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def asset_differences(replies: dict[str, dict[str, str]]) -> dict[str, str]:
+    """The nodes that cannot load the assets, or resolve one differently from most nodes, with the reason."""
+    problems = {node: f"cannot load the data or the feature network ({r['error']})"
+                for node, r in replies.items() if "error" in r}
+    answered = {node: r for node, r in replies.items() if "error" not in r}
+    for name in sorted({k for r in answered.values() for k in r}):
+        values = [r.get(name) for r in answered.values()]
+        common = max(set(values), key=lambda v: (values.count(v), str(v)))
+        for node, r in answered.items():
+            if r.get(name) != common:
+                problems[node] = "; ".join(filter(None, [problems.get(node), f"its {name} is {r.get(name)}, not "
+                                                         f"{common} as on {values.count(common)} other node(s)"]))
+    return problems

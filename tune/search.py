@@ -371,6 +371,7 @@ def connect_ray(p: SearchPlan) -> int:
                           f"run at once)")
     try:
         cluster.check_storage_for_cluster(p.storage, a.address)
+        cluster.check_assets_for_cluster(p.cfg, a.address)
     except cluster.ClusterError as exc:
         ray.shutdown()
         raise SearchError(str(exc)) from None
@@ -467,18 +468,27 @@ def execute(p: SearchPlan, concurrency: int) -> Any:
         raise
 
 
+def trial_settings(p: SearchPlan, experiment_id: str, parent: str) -> Any:
+    """What every trial shares, pickled into the trainable (``tune.with_parameters``: Ray's object store). The
+    tracking credentials of this environment travel here, never in a runtime env, which the dashboard shows."""
+    from tune.trainable import TrialSettings
+
+    a = p.args
+    return TrialSettings(base=p.cfg.to_dict(), search=p.name, storage=f"{p.storage}/train", tracking_uri=p.uri,
+                         experiment_id=experiment_id, parent_run_id=parent, workers=a.workers_per_trial,
+                         cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
+                         worker_failures=a.max_worker_failures, env=tracking.env_for_workers())
+
+
 def build_tuner(p: SearchPlan, concurrency: int, experiment_id: str, parent: str) -> Any:
     """A new Tuner, or the restored one of a --resume (errored trials stay errored: Tune, Optuna and MLflow all
     hold them as failed; unfinished ones continue from their last checkpoint)."""
     from ray import tune
 
-    from tune.trainable import MlflowStatusCallback, ProgressPrinter, TrialSettings, run_trial
+    from tune.trainable import MlflowStatusCallback, ProgressPrinter, run_trial
 
     a, cfg = p.args, p.cfg
-    settings = TrialSettings(base=cfg.to_dict(), search=p.name, storage=f"{p.storage}/train", tracking_uri=p.uri,
-                             experiment_id=experiment_id, parent_run_id=parent, workers=a.workers_per_trial,
-                             cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
-                             worker_failures=a.max_worker_failures, env=tracking.env_for_workers())
+    settings = trial_settings(p, experiment_id, parent)
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": 0, "train_driver": 1})
     if p.resume:
         return tune.Tuner.restore(p.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)

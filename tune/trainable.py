@@ -58,14 +58,19 @@ def _log_config(settings: TrialSettings, run_id: str, cfg: Config) -> None:
         tracking.log_artifacts(settings.tracking_uri, run_id, [path])
 
 
+def share_credentials(env: dict[str, str]) -> Any:
+    """Trial side: the tracking credentials came in the pickled settings (object store), never in a runtime env
+    (the dashboard shows those). Set them in this process and return an object reference that hands them to the
+    workers (``tune.worker.receive_credentials``), or None without credentials."""
+    os.environ.update(env)
+    return ray.put(dict(env)) if env else None
+
+
 def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     """Tune function trainable: one TorchTrainer (gloo on CPU, nccl on GPU) per trial; results flow back to Tune
     through ``TuneReportCallback``; a restored trial resumes from its Train run's latest checkpoint."""
     cfg = trial_config(settings, config)
-    # the tracking credentials came in the pickled settings (object store), never in a runtime env (the dashboard
-    # shows those); the workers get them through an object reference
-    os.environ.update(settings.env)
-    secrets = ray.put(dict(settings.env)) if settings.env else None
+    secrets = share_credentials(settings.env)
     ctx = tune.get_context()
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
     run_id = tracking.trial_run(settings.tracking_uri, settings.experiment_id, settings.parent_run_id,

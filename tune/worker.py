@@ -16,7 +16,7 @@ import ray.train.torch
 import torch
 
 from pdcbdm.config import Config, parse_float_list, write_json_atomic
-from pdcbdm.evaluation import Evaluator, best_by_fid, evaluation_split, headline
+from pdcbdm.evaluation import Evaluator, SampleSource, best_by_fid, evaluation_split, headline
 from pdcbdm.noise_error import noise_error
 from pdcbdm.train import load_data
 from pdcbdm.training import NonFiniteLossError, Trainer, save_checkpoint
@@ -25,6 +25,7 @@ from tune import tracking
 
 CKPT = "checkpoint.pt"
 METRICS = "metrics.json"
+EXTRACTOR_TAG = "pdcbdm.extractor"  # the feature network's identity (its weights' sha256): the space FIDs live in
 
 
 class RankZeroLogger:
@@ -89,12 +90,17 @@ def _grid_png(images: torch.Tensor, num_classes: int, path: Path) -> Path:
     return save_grid(images[order], path, nrow=per_class, scale=max(1, 64 // images.shape[-1]))
 
 
+def _guidance_grid(cfg: Config) -> list[float]:
+    return sorted(set(parse_float_list(cfg.eval.guidance_grid, "eval.guidance_grid")))
+
+
 def _final_evaluation(trainer: Trainer, evaluator: Evaluator, folder: Path, log: RankZeroLogger) -> dict[str, Any]:
     """Score the EMA network over ``eval.guidance_grid`` (the same w for every trial); log tables, grids and JSON.
-    The headline metrics are those of the best w (lowest FID), reported as ``best_guidance``."""
+    The headline metrics are those of the best w (lowest FID), reported as ``best_guidance``. With several
+    workers the sampling is split over them (``_final_share`` on the other ranks) and scored here."""
     cfg = trainer.cfg
-    grid = sorted(set(parse_float_list(cfg.eval.guidance_grid, "eval.guidance_grid")))
-    results = evaluator.evaluate_grid(trainer.ema.module, grid, seed=cfg.train.seed, autocast=trainer.autocast)
+    results = evaluator.evaluate_grid(trainer.ema.module, _guidance_grid(cfg), n=cfg.eval.num_samples,
+                                      seed=cfg.train.seed, autocast=trainer.autocast, world=trainer.world_size)
     best = best_by_fid(results)
     rows = []
     for r in results:
@@ -149,6 +155,31 @@ def _evaluate(trainer: Trainer, evaluator: Evaluator, log: RankZeroLogger, final
     return out
 
 
+def _final_share(trainer: Trainer, source: SampleSource, rank: int) -> None:
+    """Rank > 0's part of the final evaluation: its rows of every guidance value's samples, their features sent
+    to rank 0 (the same calls, in the same order, as rank 0's ``evaluate_grid``)."""
+    cfg = trainer.cfg
+    source.grid_samples(trainer.ema.module, _guidance_grid(cfg), cfg.eval.num_samples, seed=cfg.train.seed,
+                        autocast=trainer.autocast, rank=rank, world=trainer.world_size)
+
+
+def _evaluators(trainer: Trainer, rank: int, cache_dir: str | None) -> tuple[Evaluator | None, SampleSource]:
+    """Rank 0's Evaluator (reference, judge, floors) and every rank's sampling side. Rank 0 builds first, so that
+    the caches (the digits network) it creates on its node are read, not rebuilt, by the ranks beside it."""
+    cfg, device = trainer.cfg, trainer.device
+    evaluator = None
+    if rank == 0:
+        split = evaluation_split(cfg, trainer.counts)  # eval.split_ratio, not the trial's loss.split_ratio
+        evaluator = Evaluator.build(cfg, num_classes=trainer.num_classes, head=split.head, tail=split.tail,
+                                    device=device, cache_dir=cache_dir)
+    if trainer.world_size > 1:
+        torch.distributed.barrier()
+    if evaluator is not None:
+        return evaluator, evaluator.source
+    return None, SampleSource.build(cfg, num_classes=trainer.num_classes, image_shape=trainer.dataset.image_shape,
+                                    device=device, cache_dir=cache_dir)
+
+
 def _report(trainer: Trainer, metrics: dict[str, Any], rank: int) -> None:
     """Every rank reports (a barrier); rank 0 attaches the checkpoint, with every rank's RNG state (gathered)."""
     rng_states = trainer.rng_states()
@@ -191,10 +222,16 @@ def _diverged(trainer: Trainer, exc: NonFiniteLossError, log: "RankZeroLogger", 
     _report(trainer, {"step": trainer.step, "diverged": 1.0, "error": str(exc), **worst}, rank)
 
 
+def receive_credentials(config: dict[str, Any]) -> None:
+    """Worker side of ``tune.trainable.share_credentials``: the tracking credentials behind the object reference
+    ``config["secrets"]`` (kept out of the runtime env, which the dashboard shows) set in this process."""
+    if config.get("secrets") is not None:
+        os.environ.update(ray.get(config["secrets"]))
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry: ``config`` holds the resolved config dict and the trial's MLflow run (uri, run_id)."""
-    if config.get("secrets") is not None:  # tracking credentials, kept out of the runtime env (dashboard)
-        os.environ.update(ray.get(config["secrets"]))
+    receive_credentials(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = Config.from_dict(config["cfg"])
@@ -212,11 +249,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if trainer.step >= cfg.train.steps:  # killed after its last report: report it again (every rank: a barrier)
             ray.train.report(stored or {"step": trainer.step})
             return
-    evaluator = None
-    if rank == 0:
-        split = evaluation_split(cfg, trainer.counts)  # eval.split_ratio, not the trial's loss.split_ratio
-        evaluator = Evaluator.build(cfg, num_classes=trainer.num_classes, head=split.head, tail=split.tail,
-                                    device=device, cache_dir=config.get("cache_dir"))
+    evaluator, source = _evaluators(trainer, rank, config.get("cache_dir"))
+    log.tags({EXTRACTOR_TAG: source.extractor.identity})
     window: list[dict[str, float]] = []
     while trainer.step < cfg.train.steps:
         _inject_fault(trainer, rank)
@@ -234,4 +268,6 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 metrics.update(_evaluate(trainer, evaluator, log, final))
                 log.metrics(metrics, trainer.step)
+            elif final:
+                _final_share(trainer, source, rank)
             _report(trainer, metrics, rank)

@@ -174,14 +174,17 @@ class DigitsExtractor(FeatureExtractor):
         data_key = sha256_text(dataset_identity(train.images, train.labels), dataset_identity(test.images, test.labels))
         path = digits_net_path(cache_dir, config, data_key)
         if path.is_file():
-            return cls._from_file(path, config, device)
-        net, accuracy = train_digits_net(train.images, train.labels, test.images, test.labels, config)
-        if accuracy < config.min_accuracy:
-            raise RuntimeError(f"the digits network reached {accuracy:.3f} held-out accuracy, below min_accuracy="
-                               f"{config.min_accuracy}; not cached")
-        atomic_torch_save({"format": _FORMAT, "config": json.dumps(dataclasses.asdict(config)),
-                           "state_dict": net.state_dict(), "accuracy": accuracy}, path)
-        return cls(net, accuracy, device)
+            extractor = cls._from_file(path, config, device)
+        else:
+            net, accuracy = train_digits_net(train.images, train.labels, test.images, test.labels, config)
+            if accuracy < config.min_accuracy:
+                raise RuntimeError(f"the digits network reached {accuracy:.3f} held-out accuracy, below "
+                                   f"min_accuracy={config.min_accuracy}; not cached")
+            atomic_torch_save({"format": _FORMAT, "config": json.dumps(dataclasses.asdict(config)),
+                               "state_dict": net.state_dict(), "accuracy": accuracy}, path)
+            extractor = cls(net, accuracy, device)
+        extractor.cache_files = (path,)
+        return extractor
 
     @classmethod
     def _from_file(cls, path: Path, config: DigitsNetConfig, device: torch.device | str) -> DigitsExtractor:

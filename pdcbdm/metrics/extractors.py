@@ -36,6 +36,8 @@ class FeatureExtractor(abc.ABC):
         num_classes_logits: C of the logits, or None when the network has no classifier head.
         logits_note: why there are no logits ("" when there are).
         device: where the network runs.
+        cache_files: files of the cache folder that hold this network (a trained one), which another machine can
+            copy into its own cache folder to get the very same network; () when there are none.
     """
 
     name: str
@@ -44,6 +46,7 @@ class FeatureExtractor(abc.ABC):
     num_classes_logits: int | None
     logits_note: str = ""
     device: torch.device
+    cache_files: tuple[os.PathLike[str], ...] = ()
 
     @property
     def has_logits(self) -> bool:
