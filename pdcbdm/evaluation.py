@@ -329,11 +329,21 @@ def _rows_with_floors(rows: list[dict[str, Any]], floors: dict[str, Any]) -> lis
                        for key in ("fid", "kid", "consistency", "reject_rate")}} for row in rows]
 
 
-def best_by_fid(results: Sequence[GuidanceResult]) -> GuidanceResult:
-    """The guidance value with the lowest FID."""
+def best_by_fid(results: Sequence[GuidanceResult], min_consistency: float = 0.0) -> GuidanceResult:
+    """The guidance value with the lowest FID among those whose class consistency (``consistency_mean``, the
+    judge's share of readable samples drawn as their own class) reaches ``min_consistency``; all values when none
+    does or when the extractor has no judge (Inception). Why: FID compares the whole sample set with the
+    reference and is blind to labels, so a sample of the wrong class costs it nothing; on Digits-LT the lowest FID
+    is at w = 0, where 15% of the samples are of another class (``eval.min_consistency``)."""
     if not results:
         raise ValueError("no guidance results to choose from")
-    return min(results, key=lambda r: r.metrics["fid"])
+
+    def consistent(r: GuidanceResult) -> bool:
+        value = r.metrics.get("consistency_mean")
+        return value is None or value >= min_consistency
+
+    pool = [r for r in results if consistent(r)] or list(results)
+    return min(pool, key=lambda r: r.metrics["fid"])
 
 
 HEADLINE_KEYS = ("fid", "is_mean", "precision", "recall", "f8", "f1_8", "fid_head", "fid_tail", "kid", "kid_head",

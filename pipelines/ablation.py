@@ -25,6 +25,9 @@ Writes into --out:
                          (guidance), with --grid also fid_w{w} and best_guidance
   summary.csv            mean and standard deviation (over seeds) of FID, recall, F_8, tail FID, tail-to-head
                          confusion and tail consistency per variant (also printed)
+  paired.csv             each variant against CBDM on the tail metrics (tail FID and KID, tail consistency,
+                         tail-to-head confusion): per-seed differences, their mean and spread, a paired t-test and
+                         the metric's real-vs-real floor spread, with a verdict (pipelines/paired.py; also printed)
   ablation.png           bar chart of the same with error bars (one standard deviation)
   ablation.json          the command line, the base config, the MLflow parent run
   runs/VARIANT-sSEED/    config.json, result.json (metrics, loss history), per_class.parquet, samples_w{w}.png
@@ -55,6 +58,7 @@ import pandas as pd
 
 from pdcbdm.config import PRESETS, Config, ConfigError, apply_overrides, preset
 from pdcbdm.io import atomic_write, atomic_write_bytes, write_json_atomic
+from pipelines.paired import TAIL_METRICS, compare_to_baseline, format_comparison
 
 __all__ = ["VARIANTS", "SUMMARY_METRICS", "Variant", "RunSpec", "parse_variants", "variant_config", "run_one",
            "summarise", "format_summary", "plot_summary", "main"]
@@ -95,8 +99,9 @@ SUMMARY_METRICS: tuple[tuple[str, str, bool], ...] = (
     ("fid", "FID", False), ("recall", "recall", True), ("f8", "F_8", True), ("fid_tail", "tail FID", False),
     ("tail_to_head_confusion", "tail->head confusion", False), ("consistency_tail", "tail consistency", True),
 )
-ROW_METRICS = ("fid", "is_mean", "precision", "recall", "f8", "f1_8", "fid_head", "fid_tail", "consistency_mean",
-               "consistency_head", "consistency_tail", "tail_to_head_confusion")
+ROW_METRICS = ("fid", "is_mean", "precision", "recall", "f8", "f1_8", "fid_head", "fid_tail", "kid_tail",
+               "consistency_mean", "consistency_head", "consistency_tail", "tail_to_head_confusion", "reject_rate",
+               *(f"{k}_floor{s}" for k, _, _ in TAIL_METRICS for s in ("", "_std")))
 
 
 class AblationError(ValueError):
@@ -233,7 +238,7 @@ def _evaluate(trainer: Any, spec: RunSpec, folder: Path) -> tuple[dict[str, Any]
     metrics = {k: main_result.metrics.get(k) for k in ROW_METRICS}
     if spec.grid:
         metrics.update({f"fid_w{r.guidance:g}": r.metrics["fid"] for r in results})
-        metrics["best_guidance"] = best_by_fid(results).guidance
+        metrics["best_guidance"] = best_by_fid(results, cfg.eval.min_consistency).guidance
     metrics["guidance"] = w
     return metrics, time.perf_counter() - start
 
@@ -601,7 +606,9 @@ def report(plan: Plan, tracker: Tracker, results: list[dict[str, Any]]) -> pd.Da
     results = sorted(results, key=lambda r: order[(r["variant"], r["seed"])])
     df = pd.DataFrame([result_row(r, tracker.children.get(f"{r['variant']}-s{r['seed']}")) for r in results])
     summary = summarise(df)
-    files = [_write_parquet(df, plan.out / "ablation.parquet"), _write_csv(summary, plan.out / "summary.csv")]
+    paired = compare_to_baseline(df, "cbdm")
+    files = [_write_parquet(df, plan.out / "ablation.parquet"), _write_csv(summary, plan.out / "summary.csv"),
+             _write_csv(paired, plan.out / "paired.csv")]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -616,7 +623,10 @@ def report(plan: Plan, tracker: Tracker, results: list[dict[str, Any]]) -> pd.Da
     ok = bool((df["status"] == "finished").any())
     tracker.finish(summary, files, "FINISHED" if ok else "FAILED")
     print("\n" + format_summary(summary))
-    print(f"\nresults: {plan.out} (ablation.parquet, summary.csv, ablation.png); MLflow parent run {tracker.parent_id}")
+    print("\nEach variant against CBDM on the tail, paired over seeds (variant - CBDM; two-sided paired t-test; floor "
+          "sd: the real-vs-real spread at the same sample count):\n" + format_comparison(paired, "cbdm"))
+    print(f"\nresults: {plan.out} (ablation.parquet, summary.csv, paired.csv, ablation.png); "
+          f"MLflow parent run {tracker.parent_id}")
     return df
 
 

@@ -166,6 +166,12 @@ def test_tiny_ablation_writes_tables_chart_and_runs(tiny_ablation):
     by_variant = rows.set_index("variant")["fid"]
     assert summary["fid_mean"].tolist() == pytest.approx([by_variant[v] for v in summary["variant"]])
     assert (out / "ablation.png").read_bytes()[:8] == PNG_MAGIC
+    # one seed: the paired comparison has its rows (pd-cbdm against cbdm on each tail metric) but no test
+    paired = pd.read_csv(out / "paired.csv")
+    assert set(paired["variant"]) == {"pd-cbdm"} and "tail FID" in set(paired["metric"])
+    assert (paired["n"] == 1).all() and paired["p_value"].isna().all()
+    assert (paired["verdict"] == "within noise").all() and "paired t-test" in proc.stdout
+    assert {"fid_tail_floor_std", "kid_tail", "reject_rate"} <= set(rows.columns)
     for key in ("cbdm-s0", "pd-cbdm-s0"):
         result = json.loads((out / "runs" / key / "result.json").read_text())
         assert result["status"] == "finished" and result["steps"] == 20

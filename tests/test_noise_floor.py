@@ -214,3 +214,16 @@ def test_noise_floor_command_prints_and_writes_json(cache_dir, tmp_path, capsys)
     assert "--seeds" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--seeds"):
         noise_floor_cli.main(["--seeds", "0"])
+
+
+def test_best_w_is_the_lowest_fid_among_the_class_consistent_values():
+    from pdcbdm.evaluation import GuidanceResult, best_by_fid
+
+    grid = [GuidanceResult(0.0, {"fid": 24.3, "consistency_mean": 0.84}),
+            GuidanceResult(0.5, {"fid": 34.6, "consistency_mean": 0.98}),
+            GuidanceResult(1.0, {"fid": 73.5, "consistency_mean": 0.99})]
+    assert best_by_fid(grid).guidance == 0.0  # FID alone: blind to samples of the wrong class
+    assert best_by_fid(grid, 0.9).guidance == 0.5
+    assert best_by_fid(grid, 0.999).guidance == 0.0  # none consistent enough: the lowest FID of all
+    inception = [GuidanceResult(w, {"fid": f, "consistency_mean": None}) for w, f in ((1.0, 5.0), (1.4, 4.0))]
+    assert best_by_fid(inception, 0.9).guidance == 1.4  # no judge: FID decides

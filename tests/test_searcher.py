@@ -96,7 +96,7 @@ def test_asha_grace_period_waits_for_the_ema():
     smoke, digits = preset("smoke"), preset("digits")
     assert grace_period(smoke) == 30  # EMA ready at 20, first evaluation at 30
     assert grace_period(apply_overrides(smoke, ["train.steps=40", "train.eval_every=20"])) == 20
-    assert grace_period(digits) == 300  # EMA 0.99 is ready at 200: the second evaluation (150, 300)
+    assert grace_period(digits) == 300  # EMA 0.99 is ready at 200: the first evaluation (300)
     args = parse_args(["--preset", "digits"])
     asha = build_scheduler(args, digits)
     assert isinstance(asha, ASHAScheduler) and min(t for t, _ in asha._brackets[0]._rungs) == 300  # first rung

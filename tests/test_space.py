@@ -17,7 +17,8 @@ from tune.space import SEARCHED, config_point, search_space, tsa_choices
 def test_every_suggestion_is_a_valid_config(name):
     base = preset(name)
     levels = MODEL_PRESETS[base.model.preset].resolutions
-    space = functools.partial(search_space, tsa=tsa_choices(levels))
+    space = functools.partial(search_space, tsa=tsa_choices(levels), pd_weight_center=base.loss.pd_weight)
+    low, high = base.loss.pd_weight / 10, base.loss.pd_weight * 10
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     seen_tsa = set()
     for _ in range(40):
@@ -25,7 +26,7 @@ def test_every_suggestion_is_a_valid_config(name):
         space(trial)
         assert set(trial.params) == set(SEARCHED)
         cfg = apply_overrides(base, trial.params)
-        assert cfg.loss.pd_weight > 0 and 0 < cfg.loss.split_ratio < 1
+        assert low <= cfg.loss.pd_weight <= high and 0 < cfg.loss.split_ratio < 1
         assert cfg.sample.guidance == base.sample.guidance  # w is scored, never searched
         seen_tsa.add(cfg.model.tsa_resolutions)
         study.tell(trial, cfg.loss.pd_weight)

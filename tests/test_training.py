@@ -199,3 +199,29 @@ def test_gradient_diagnostics_are_logged_and_leave_the_run_unchanged(digits):
     # to a tolerance and the random states exactly)
     assert torch.equal(a.generator.get_state(), b.generator.get_state())
     assert [v["loss"] for v in va] == pytest.approx([v["loss"] for v in vb], rel=1e-4)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_its_final_fraction_and_survives_a_restore(tmp_path):
+    from pdcbdm.training.trainer import LrFactor
+
+    f = LrFactor(warmup=10, total=110, schedule="cosine", final=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == 1.0
+    assert f(59) == pytest.approx(0.55) and f(109) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(9, 120))
+    flat = LrFactor(warmup=10, total=110)
+    assert flat(4) == pytest.approx(0.5) and flat(9) == flat(109) == 1.0
+
+    cfg = apply_overrides(preset("smoke"), ["train.steps=8", "train.warmup=2", "train.lr_schedule=cosine",
+                                            "train.lr_final=0.25"])
+    data = build_dataset("digits-lt", imbalance=10.0)
+    trainer = Trainer(cfg, data)
+    for _ in range(4):
+        trainer.train_step()
+    trainer.save(tmp_path / "ckpt.pt")
+    lr_at_4 = trainer.optimizer.param_groups[0]["lr"]
+    again = Trainer(cfg, data)
+    again.load(tmp_path / "ckpt.pt")
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(lr_at_4)
+    for _ in range(4):
+        again.train_step()
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.train.lr * 0.25)

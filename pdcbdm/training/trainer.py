@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,8 +63,34 @@ def build_network(cfg: Config, num_classes: int, image_shape: tuple[int, int, in
         overrides["dropout"] = cfg.model.dropout
     if cfg.model.num_heads is not None:
         overrides["num_heads"] = cfg.model.num_heads
+    if cfg.model.ch is not None:
+        overrides["ch"] = cfg.model.ch
     return build_unet(cfg.model.preset, num_classes, tsa_resolutions=cfg.model.tsa_resolutions,
                       image_size=image_shape[1], in_channels=image_shape[0], **overrides)
+
+
+@dataclass(frozen=True)
+class LrFactor:
+    """The learning rate's factor after ``step`` optimiser steps: a linear warm-up over ``warmup`` steps, then 1
+    (``constant``) or a cosine from 1 down to ``final`` at step ``total`` (``cosine``). On a short budget the decay
+    lets the last steps settle instead of jittering at the peak rate, which the EMA alone smooths only in part."""
+
+    warmup: int
+    total: int
+    schedule: str = "constant"
+    final: float = 0.1
+
+    @classmethod
+    def of(cls, train: Any) -> "LrFactor":
+        return cls(train.warmup, train.steps, train.lr_schedule, train.lr_final)
+
+    def __call__(self, step: int) -> float:
+        if step + 1 < self.warmup:
+            return (step + 1) / self.warmup
+        if self.schedule == "constant" or self.total <= self.warmup:
+            return 1.0
+        done = min(1.0, (step + 1 - self.warmup) / (self.total - self.warmup))
+        return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -123,8 +150,7 @@ class Trainer:
         self.ema = EMA(self.net, cfg.train.ema_decay)
         self.model = wrap_model(self.net) if wrap_model else self.net
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.train.lr)
-        warm = max(cfg.train.warmup, 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LrFactor.of(cfg.train))
         self.diffusion = GaussianDiffusion(cfg.diffusion)
         self.label_probs = from_spec(self.counts, cfg.loss.label_dist)
         self.split = head_tail_split(self.counts, cfg.loss.split_ratio, mode=cfg.loss.split_mode, seed=cfg.data.seed)
