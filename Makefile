@@ -1,10 +1,11 @@
 # make search : create .venv if missing, install, run the default search (tune/search.py on Digits-LT)
 # make test   : create .venv if missing, install, run the test suite
+# make ui-check: a smoke search seen in the MLflow UI by headless Chromium (needs `apt-get install -y chromium`)
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: search test smoke install clean-venv
+.PHONY: search test smoke install clean-venv ui-check
 
 install: $(VENV)/.installed
 
@@ -22,6 +23,10 @@ smoke: install
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# screenshots of the pages in the test's tmp folder; the comparison page also into docs/ (docs/mlflow_compare.png)
+ui-check: install
+	PDCBDM_REQUIRE_CHROMIUM=1 PDCBDM_UI_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_ui.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -124,18 +124,26 @@ def _trials_from_mlflow(uri: str | None, name: str, meta: dict[str, Any]) -> pd.
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, filter_string=f"tags.`pdcbdm.search` = '{name}' and tags.`pdcbdm.kind` = 'trial'",
                               max_results=10_000)
-    steps = int(meta.get("config", {}).get("train", {}).get("steps", 0))
     rows = []
     for run in runs:
         m = run.data.metrics
-        status = "failed" if run.info.status == "FAILED" else (
-            "completed" if m.get("step", -1) >= steps and "fid" in m else "stopped")
-        row = {"trial_id": run.data.tags.get("pdcbdm.trial_id", ""), "status": status,
+        row = {"trial_id": run.data.tags.get("pdcbdm.trial_id", ""), "status": _run_status(run),
                **{k: run.data.params.get(k) for k in SEARCHED if k in run.data.params},
                **{k: m.get(k) for k in METRIC_COLUMNS}, "error": run.data.tags.get("pdcbdm.error"),
                "mlflow_run_id": run.info.run_id}
         rows.append(row)
     return rank(_numeric(pd.DataFrame(rows)))
+
+
+def _run_status(run: Any) -> str:
+    """completed, stopped or failed, from the run's outcome tag (``tune.tracking.OUTCOME_TAG``); runs without
+    it: completed when the final FID was logged (only a trial that ran its budget has one)."""
+    outcome = run.data.tags.get("pdcbdm.outcome", "")
+    if run.info.status == "FAILED" or outcome.startswith("failed"):
+        return "failed"
+    if outcome:
+        return "completed" if outcome == "completed" else "stopped"
+    return "completed" if "fid" in run.data.metrics else "stopped"
 
 
 def _with_run_metrics(trials: pd.DataFrame, uri: str) -> pd.DataFrame:
@@ -316,8 +324,19 @@ def best_samples(results: SearchResults, trial: pd.Series) -> Path | None:
         path = _download(uri, run_id, f"samples/final/samples_w{float(w):g}.png")
         if path is not None:
             return path
-    steps = sorted(p for p in _artifact_names(uri, run_id, "samples") if p.endswith(".png"))
-    return _download(uri, run_id, steps[-1]) if steps else None
+    steps = sorted(_grid_steps(_artifact_names(uri, run_id, "images")).items())
+    return _download(uri, run_id, steps[-1][1]) if steps else None
+
+
+def _grid_steps(names: list[str]) -> dict[int, str]:
+    """Step -> artifact path of the proxy grids logged with ``log_image(key="samples", step=...)``: MLflow names
+    them images/samples+step+STEP+timestamp+...png (a compressed .webp copy beside each)."""
+    found = {}
+    for name in names:
+        parts = Path(name).name.split("+")
+        if parts[0] == "samples" and len(parts) > 2 and parts[1] == "step" and name.endswith(".png"):
+            found[int(parts[2])] = name
+    return found
 
 
 def per_class_table(results: SearchResults, trial: pd.Series) -> pd.DataFrame | None:

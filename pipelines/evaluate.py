@@ -2,6 +2,11 @@
 
     python -m pipelines.evaluate --checkpoint runs/smoke/checkpoint.pt --num-samples 500 --guidance 0,1,2 --out D
     python -m pipelines.evaluate --checkpoint C --sampler ddpm --device cuda --extractor inception --out D
+    python -m pipelines.evaluate --checkpoint runs:/RUN_ID/model --tracking-uri sqlite:////abs/mlflow.db --out D
+
+--checkpoint takes a checkpoint file of ``pdcbdm.train`` or the MLflow model of a search's trial (``runs:/RUN_ID/
+model``, ``models:/MODEL_ID``: the EMA network, a pickle-free torch.export graph, see tune/mlflow_model.py);
+--log-to-run writes the metrics back to that trial's run (metrics evaluate_*, evaluate/metrics.json).
 
 For each guidance value w (classifier-free guidance, eps~ = (1 + w) eps(x, t, y) - w eps(x, t, null)) one set of
 samples is drawn with labels spread uniformly over the classes and scored against the reference features (METHOD.md
@@ -69,7 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface; every option explains itself in --help."""
     p = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint.pt written by pdcbdm.train")
+    p.add_argument("--checkpoint", required=True, metavar="PATH|URI",
+                   help="checkpoint.pt written by pdcbdm.train, or a trial's MLflow model: runs:/RUN_ID/model "
+                        "(the EMA network; --which must stay ema)")
+    p.add_argument("--tracking-uri", default=None, metavar="URI",
+                   help="MLflow store of a runs:/ or models:/ --checkpoint (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--log-to-run", action="store_true",
+                   help="with a runs:/RUN_ID/model --checkpoint: log the best w's metrics (evaluate_*) and "
+                        "metrics.json (evaluate/metrics.json) to that run")
     p.add_argument("--out", required=True, metavar="D", help="output folder (created; existing files are replaced)")
     p.add_argument("--which", choices=("ema", "net"), default="ema",
                    help="weights to evaluate: the EMA copy (default, as the paper) or the raw network")
@@ -312,7 +324,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *
     """
     start = time.perf_counter()
     out = Path(out)
-    net, base_cfg, data = load_model(checkpoint, which=which, device="cpu")  # checked before any slow work
+    net, base_cfg, data = _load_network(checkpoint, which)  # checked before any slow work
     cfg = resolve_config(base_cfg, overrides or {}, guidance)
     device = pick_device(cfg.train.device)
     net = net.to(device)
@@ -333,6 +345,38 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *
     return summary
 
 
+def _load_network(checkpoint: str | os.PathLike, which: str) -> tuple[nn.Module, Config, dict[str, Any]]:
+    """(network, config, checkpoint data) of a checkpoint file or of an MLflow model URI (EMA weights only)."""
+    from tune.mlflow_model import ModelLoadError, is_model_uri, load_logged_model
+
+    if not is_model_uri(checkpoint):
+        return load_model(checkpoint, which=which, device="cpu")
+    if which != "ema":
+        raise UsageError(f"--which {which}: an MLflow model holds only the EMA network; use --which ema")
+    try:
+        return load_logged_model(str(checkpoint), device="cpu")
+    except ModelLoadError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def log_to_run(model_uri: str, summary: dict[str, Any]) -> str:
+    """Write an evaluation's results to the run of a runs:/RUN_ID/model URI: the best w's headline metrics as
+    evaluate_* (at the model's training step) and the whole summary as evaluate/metrics.json. Returns the run."""
+    from mlflow.tracking import MlflowClient
+
+    if not model_uri.startswith("runs:/"):
+        raise UsageError(f"--log-to-run needs a runs:/RUN_ID/model --checkpoint, got {model_uri}")
+    run_id = model_uri[len("runs:/"):].split("/", 1)[0]
+    client = MlflowClient()
+    values = {f"evaluate_{k}": v for k, v in summary["best"].items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    values["evaluate_best_guidance"] = summary["best_guidance"]
+    for key, value in values.items():
+        client.log_metric(run_id, key, float(value), step=int(summary["step"]))
+    client.log_dict(run_id, summary, "evaluate/metrics.json")
+    return run_id
+
+
 def _build_evaluator(cfg: Config, data: dict[str, Any], device: torch.device,
                      cache_dir: str | os.PathLike | None, progress: bool) -> tuple[Evaluator, HeadTailSplit]:
     """The Evaluator with the evaluation's head/tail split (``eval.split_ratio`` over the checkpoint's class
@@ -349,14 +393,19 @@ def _build_evaluator(cfg: Config, data: dict[str, Any], device: torch.device,
     return evaluator, split
 
 
+def _source_name(checkpoint: str | os.PathLike) -> str:
+    """An MLflow model URI as given, a checkpoint file as its absolute path."""
+    return str(checkpoint) if ":/" in str(checkpoint) else str(Path(checkpoint).resolve())
+
+
 def _summary(checkpoint: str | os.PathLike, which: str, cfg: Config, data: dict[str, Any], split: HeadTailSplit,
              results: list[GuidanceResult], nerr: tuple[float, int] | None, device: torch.device) -> dict[str, Any]:
     """The metrics.json content (timings are added by the caller)."""
-    best = best_by_fid(results)
+    best = best_by_fid(results, cfg.eval.min_consistency)
     noise = None if nerr is None else {"value": nerr[0], "metric": "mse", "images": nerr[1],
                                        "stride": cfg.eval.noise_error_stride}
     return {
-        "checkpoint": str(Path(checkpoint).resolve()), "which": which, "step": int(data["step"]),
+        "checkpoint": _source_name(checkpoint), "which": which, "step": int(data["step"]),
         "config": cfg.to_dict(), "device": str(device), "num_classes": int(data["num_classes"]),
         "class_counts": [int(c) for c in data["class_counts"]], "head_classes": list(split.head),
         "tail_classes": list(split.tail), "guidance_values": [r.guidance for r in results],
@@ -390,6 +439,10 @@ def format_table(summary: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (None: sys.argv[1:]); returns the exit status (2 on bad input)."""
     args = build_parser().parse_args(argv)
+    if args.tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(args.tracking_uri)
     try:
         guidance = parse_guidance(args.guidance) if args.guidance is not None else None
         if args.inception_weights is not None and not Path(args.inception_weights).is_file():
@@ -397,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = evaluate_checkpoint(args.checkpoint, args.out, which=args.which, guidance=guidance,
                                       overrides=cli_overrides(args), seed=args.seed, cache_dir=args.cache_dir,
                                       save_samples=args.save_samples, progress=not args.no_progress)
+        if args.log_to_run:
+            print(f"logged to MLflow run {log_to_run(args.checkpoint, summary)}")
     except (UsageError, CheckpointError, FileNotFoundError) as exc:  # bad input: a message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,10 +1,12 @@
-"""Prepare a data set as Parquet shards (PNG images), a per-class counts table and meta.json.
+"""Prepare a data set as Parquet shards (PNG images), a per-class counts table and _meta.json.
 
     python -m pipelines.prepare_data --dataset cifar10-lt --root ~/data --imbalance 100 --out data/c10lt
 
 Idempotent: re-running with the same arguments leaves the files untouched; different arguments into a folder that
-already holds a data set stop with an error unless --overwrite. meta.json is written last and marks completion.
-Read the result back with `pdcbdm.data.ParquetImageDataset(out)`.
+already holds a data set stop with an error unless --overwrite. _meta.json is written last and marks completion.
+Read the result back with `pdcbdm.data.ParquetImageDataset(out)` (decoded tensors), or as a table with
+`pandas.read_parquet(out)` / `pyarrow.dataset.dataset(out)` (the side files _meta.json and _counts.parquet start
+with an underscore, which Parquet dataset discovery skips).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS,
                         help=f"images per Parquet shard file (default {DEFAULT_SHARD_ROWS})")
     parser.add_argument("--head-ratio", type=float, default=0.7,
-                        help="ratio r in (0,1) of the head/tail split recorded in counts.parquet (default 0.7, "
+                        help="ratio r in (0,1) of the head/tail split recorded in _counts.parquet (default 0.7, "
                              "the paper's 7:3)")
     parser.add_argument("--head-mode", choices=SPLIT_MODES, default="classes",
                         help="classes: head = first ceil(r K) classes by frequency; samples: head = fewest "

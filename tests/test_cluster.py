@@ -98,9 +98,9 @@ def test_search_on_a_ray_cluster_with_a_remote_mlflow_server(tmp_path, mlflow_se
     for run in runs:
         assert "fid" in run.data.metrics and "loss.pd_weight" in run.data.params
         files = artifact_paths(mlflow_server, run.info.run_id)
-        assert "checkpoint/checkpoint.pt" in files and "evaluation/per_class.parquet" in files
-        assert any(f.startswith("samples/") for f in files)
-    assert any((tmp_path / "server-artifacts").rglob("checkpoint.pt"))  # stored by the server, not the client
+        assert "evaluation/per_class.parquet" in files and any(f.startswith("images/samples+step+") for f in files)
+        assert run.outputs.model_outputs  # the EMA network as the run's MLflow model
+    assert any((tmp_path / "server-artifacts").rglob("model.pt2"))  # stored by the server, not the client
 
 
 # -- the search's own local Ray session: what reaches the nodes, and how -------------------------------------------

@@ -6,6 +6,8 @@ import json
 import pickle
 
 import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -296,16 +298,16 @@ def test_hflip_only_for_cifar_training_data(cifar_root):
 def test_parquet_round_trip_is_exact(tmp_path, channels):
     data = _toy_dataset(n=23, classes=5, channels=channels, hflip=channels == 3)
     report = write_parquet(data, tmp_path / "out", shard_rows=10, meta={"dataset": "toy"})
-    assert report.written[-1] == "meta.json"
+    assert report.written[-1] == "_meta.json"
     back = ParquetImageDataset(tmp_path / "out")
     assert torch.equal(back.images, data.images) and torch.equal(back.labels, data.labels)
     assert back.class_names == data.class_names and back.hflip == data.hflip
-    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    meta = json.loads((tmp_path / "out" / "_meta.json").read_text())
     assert meta["num_rows"] == 23 and [s["rows"] for s in meta["shards"]] == [10, 10, 3]
     assert meta["image_shape"] == [channels, 5, 7] and meta["dataset"] == "toy"
     shard = pq.read_table(tmp_path / "out" / "part-00001.parquet")
     assert shard.schema.field("label").type == "int64" and shard["class_name"][0].as_py() == "c0"
-    counts = pq.read_table(tmp_path / "out" / "counts.parquet").to_pylist()
+    counts = pq.read_table(tmp_path / "out" / "_counts.parquet").to_pylist()
     assert [r["count"] for r in counts] == data.counts()
     assert {r["group"] for r in counts} == {"head", "tail"}
 
@@ -342,8 +344,8 @@ def test_parquet_reader_refuses_incomplete_or_changed_folders(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(ValueError, match="part-00001.*sha256"):
         ParquetImageDataset(out)
-    (out / "meta.json").unlink()  # what an interrupted run leaves
-    with pytest.raises(FileNotFoundError, match="meta.json"):
+    (out / "_meta.json").unlink()  # what an interrupted run leaves
+    with pytest.raises(FileNotFoundError, match="_meta.json"):
         ParquetImageDataset(out)
     with pytest.raises(FileNotFoundError, match="missing_dir"):
         ParquetImageDataset(tmp_path / "missing_dir")
@@ -353,6 +355,21 @@ def test_parquet_reader_refuses_incomplete_or_changed_folders(tmp_path):
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="notes.txt"):
         write_parquet(_toy_dataset(), tmp_path / "foreign", shard_rows=8, meta={"dataset": "toy"})
+
+
+def test_parquet_folder_of_the_earlier_layout_is_read_and_moved(tmp_path):
+    """meta.json and counts.parquet among the shards (the first layout) still read; a rewrite renames them."""
+    out = tmp_path / "old"
+    data = _toy_dataset(n=20)
+    write_parquet(data, out, shard_rows=8, meta={"dataset": "toy"})
+    (out / "_meta.json").rename(out / "meta.json")
+    (out / "_counts.parquet").rename(out / "counts.parquet")
+    assert torch.equal(ParquetImageDataset(out).images, data.images)
+    report = write_parquet(data, out, shard_rows=8, meta={"dataset": "toy"})
+    assert sorted(report.removed) == ["counts.parquet", "meta.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["_counts.parquet", "_meta.json", *[f"part-0000{i}.parquet"
+                                                                                         for i in range(3)]]
+    assert len(pd.read_parquet(out)) == 20 and pads.dataset(out).count_rows() == 20
 
 
 def test_write_parquet_rejects_bad_arguments(tmp_path):

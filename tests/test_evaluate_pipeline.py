@@ -226,3 +226,61 @@ def test_grid_of_classes_pads_short_rows_and_caps_the_classes():
     assert (grid[23:30] == 255).all()
     few, n_few = grid_of_classes(images[:4], torch.tensor([0, 1, 0, 1]), 2)
     assert n_few == 2 and few.shape == (4, 1, 2, 2)
+
+
+# ---------------------------------------------------------------- the MLflow model of a trial
+
+
+def test_mlflow_model_of_the_ema_network_samples_like_the_checkpoint(checkpoint, cache_dir, evaluated, tmp_path):
+    """The EMA network logged as a pt2 MLflow model (as a search's trial does) loads with mlflow.pytorch at any
+    batch size, and `--checkpoint runs:/ID/model` scores exactly what the checkpoint file scores."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pdcbdm.training import load_model
+    from tune.mlflow_model import log_ema_model, model_uri_of_run
+
+    net, cfg, data = load_model(checkpoint)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("models", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    log_ema_model(uri, run_id, net, data)
+    assert client.get_run(run_id).info.status == "RUNNING"  # logging a model does not end the run
+
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"  # the archive must hold no pickle
+    try:
+        loaded = mlflow.pytorch.load_model(model_uri_of_run(run_id))
+    finally:
+        os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
+    for batch in (1, 3, 8):  # sampling calls the network at several batch sizes
+        x, t = torch.randn(batch, *data["image_shape"]), torch.randint(0, 50, (batch,))
+        y = torch.randint(0, data["num_classes"] + 1, (batch,))
+        with torch.no_grad():
+            assert torch.allclose(loaded(x, t, y), net(x, t, y), atol=1e-5)
+
+    out = tmp_path / "out"
+    proc = run_cli("--checkpoint", model_uri_of_run(run_id), "--tracking-uri", uri, "--log-to-run",
+                   "--num-samples", "40", "--guidance", "0,1", "--steps", "3", "--noise-error-images", "4",
+                   "--noise-error-stride", "250", "--device", "cpu", "--out", str(out), cache=cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from_model = json.loads((out / "metrics.json").read_text())
+    from_file = json.loads((evaluated[1] / "metrics.json").read_text())
+    assert from_model["checkpoint"] == model_uri_of_run(run_id) and from_model["step"] == from_file["step"]
+    for w in ("0", "1"):
+        assert from_model["guidance"][w]["fid"] == pytest.approx(from_file["guidance"][w]["fid"], rel=1e-4)
+    run = client.get_run(run_id)
+    assert run.data.metrics["evaluate_fid"] == pytest.approx(from_model["best"]["fid"])
+    assert "evaluate/metrics.json" in [a.path for a in client.list_artifacts(run_id, "evaluate")]
+
+
+def test_an_mlflow_model_uri_that_is_not_there_is_a_clear_error(tmp_path, cache_dir, capsys):
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    try:
+        code = main(["--checkpoint", "runs:/0123456789abcdef/model", "--tracking-uri",
+                     f"sqlite:///{tmp_path / 'mlflow.db'}", "--out", str(tmp_path / "o"), "--no-progress"])
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert code == 2 and "runs:/0123456789abcdef/model" in capsys.readouterr().err

@@ -104,6 +104,17 @@ def test_ablation_notebook_runs_on_a_tiny_ablation(tiny_ablation):
     assert images == 3  # bar chart, head/tail, per-class
 
 
+def test_ablation_table_opens_with_pandas_and_pyarrow(tiny_ablation):
+    """ablation.parquet is a plain Parquet file: both readers see the same rows."""
+    import pandas as pd
+    import pyarrow.dataset as pads
+
+    out, proc = tiny_ablation
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pd.read_parquet(out / "ablation.parquet")
+    assert len(rows) == 2 and pads.dataset(out / "ablation.parquet").to_table().num_rows == len(rows)
+
+
 @pytest.mark.slow
 def test_search_loads_the_same_trials_from_mlflow_and_from_parquet(smoke_search):
     from pipelines import analysis

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -35,17 +37,30 @@ def test_digits_lt_end_to_end_and_idempotent(tmp_path):
     assert f"{len(expected)} rows" in first.stdout and "tail: 3 classes" in first.stdout
     back = ParquetImageDataset(out)
     assert torch.equal(back.images, expected.images) and torch.equal(back.labels, expected.labels)
-    meta = json.loads((out / "meta.json").read_text())
+    meta = json.loads((out / "_meta.json").read_text())
     assert meta["dataset"] == "digits-lt" and meta["params"]["imbalance"] == 10
     assert meta["num_rows"] == len(expected) and len(meta["shards"]) == 3 and meta["image_shape"] == [1, 16, 16]
-    counts = pq.read_table(out / "counts.parquet").to_pylist()
+    counts = pq.read_table(out / "_counts.parquet").to_pylist()
     assert [r["count"] for r in counts] == expected.counts()
     assert [r["group"] for r in counts] == ["head"] * 7 + ["tail"] * 3
+
+    _opens_as_parquet_dataset(out, expected)
 
     before = _snapshot(out)
     again = _run("--dataset", "digits-lt", "--out", str(out), "--shard-rows", "200")
     assert again.returncode == 0 and "nothing written" in again.stdout
     assert _snapshot(out) == before
+
+
+def _opens_as_parquet_dataset(out: Path, expected) -> None:
+    """The folder is a Parquet data set as pandas and pyarrow discover it: the shards' rows, no side file."""
+    table = pd.read_parquet(out)
+    assert list(table.columns) == ["image", "label", "class_name"] and len(table) == len(expected)
+    assert sorted(table["label"]) == sorted(expected.labels.tolist())
+    dataset = pads.dataset(out)
+    assert all(Path(f).name.startswith("part-") for f in dataset.files) and len(dataset.files) == 3
+    assert dataset.count_rows() == len(expected)
+    assert dataset.to_table(filter=pads.field("label") == 9).num_rows == expected.counts()[9]
 
 
 def test_fake_cifar10_lt_end_to_end(tmp_path):
@@ -84,7 +99,7 @@ def test_errors_are_clear(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as stop:
         main([*argv, "--out", str(tmp_path / "x")])
     assert stop.value.code == 2 and message in capsys.readouterr().err
-    assert not (tmp_path / "x" / "meta.json").exists()
+    assert not (tmp_path / "x" / "_meta.json").exists()
 
 
 def test_unknown_dataset_and_help_text(capsys):

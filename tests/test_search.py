@@ -8,11 +8,13 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import pyarrow.dataset as pads
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from tests.searchutil import artifact_paths, trial_runs
+from tune.mlflow_model import load_logged_model, model_uri_of_run
 from tune.space import SEARCHED
 
 pytestmark = pytest.mark.slow
@@ -31,6 +33,7 @@ def test_smoke_search_records_every_trial(smoke_search):
     assert len(runs) == 3
     table = pd.read_parquet(tmp_path / "searches" / "e2e" / "trials.parquet")
     assert len(table) == 3 and set(table["status"]) <= {"completed", "stopped"}
+    assert pads.dataset(tmp_path / "searches" / "e2e" / "trials.parquet").count_rows() == 3  # pyarrow opens it too
     assert set(table["mlflow_run_id"]) == {r.info.run_id for r in runs}
     for run in runs:
         assert run.info.status == "FINISHED"  # ASHA-stopped trials too; none left RUNNING
@@ -43,7 +46,15 @@ def test_smoke_search_records_every_trial(smoke_search):
         assert run.data.tags["pdcbdm.extractor"].startswith("digits-cnn/sha256:")  # the feature space of its scores
         assert "pd_grad_share" in run.data.metrics  # the PD term's gradient share, logged every log_every steps
         files = artifact_paths(uri, run.info.run_id)
-        assert "config.json" in files and any(f.startswith("samples/") and f.endswith(".png") for f in files)
+        assert "config.json" in files
+        # the proxy grids as MLflow's image series "samples" (the run page's step slider): one per evaluation
+        assert any(f.startswith("images/samples+step+20+") and f.endswith(".png") for f in files), files
+        _one_value_per_key_and_step(uri, run)
+        assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == "digits-lt"
+        assert any(k.startswith("system/") for k in run.data.metrics)  # rank 0's system metrics
+        status = table.set_index("mlflow_run_id").loc[run.info.run_id, "status"]
+        outcome = run.data.tags["pdcbdm.outcome"]
+        assert outcome == "completed" if status == "completed" else outcome == "early-stopped by ASHA at step 20"
     done = [r for r in runs if table.set_index("mlflow_run_id").loc[r.info.run_id, "status"] == "completed"]
     assert done, "the best trial runs to the end"
     for run in done:
@@ -54,12 +65,11 @@ def test_smoke_search_records_every_trial(smoke_search):
                     "fid_floor", "recall_floor", "is_mean", "noise_error", "objective"):
             assert key in run.data.metrics, key
         files = artifact_paths(uri, run.info.run_id)
-        assert "checkpoint/checkpoint.pt" in files and "evaluation/per_class.parquet" in files
-        # MLflow holds the EMA network for sampling; the training checkpoint stays in Ray's storage (tagged)
-        local = MlflowClient(uri).download_artifacts(run.info.run_id, "checkpoint/checkpoint.pt",
-                                                     str(tmp_path / run.info.run_id))
-        model = torch.load(local, weights_only=True)
-        assert model["weights"] == "ema" and "optimizer" not in model and model["step"] == 40
+        assert {"evaluation/per_class.parquet", "evaluation/per_class.json", "evaluation/guidance_grid.json",
+                "samples/final/samples_w0.png", "samples/final/samples_w1.png"} <= set(files)
+        assert not any(f.startswith("checkpoint/") for f in files)  # no training state uploaded
+        # MLflow holds the EMA network as a pickle-free pt2 model; the training checkpoint stays in Ray's storage
+        _loads_as_mlflow_model(uri, run.info.run_id)
         ray_ckpt = Path(run.data.tags["pdcbdm.ray_checkpoint"])
         assert (ray_ckpt / "checkpoint.pt").is_file() and ray_ckpt.parent == Path(run.data.tags["pdcbdm.ray_checkpoints"])
         assert "optimizer" in torch.load(ray_ckpt / "checkpoint.pt", weights_only=True)
@@ -93,3 +103,42 @@ def test_smoke_search_records_every_trial(smoke_search):
             assert trial.intermediate_values == {20: pytest.approx(row.proxy_fid)}
     assert table.iloc[0]["status"] == "completed"
     assert study.best_trial.user_attrs["tune_trial_id"] == table.iloc[0]["trial_id"]
+
+
+def _one_value_per_key_and_step(uri: str, run) -> None:
+    """Every metric has at most one value per step; ``step`` is MLflow's axis, not a metric."""
+    client = MlflowClient(uri)
+    assert "step" not in run.data.metrics
+    for key in ("loss", "dm", "proxy_fid"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps and len(steps) == len(set(steps)), (key, steps)
+
+
+def _loads_as_mlflow_model(uri: str, run_id: str) -> None:
+    """runs:/ID/model loads with MLflow (pickle refused) as the step-40 EMA network, at any batch size."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    net, cfg, meta = load_logged_model(model_uri_of_run(run_id))
+    assert meta["step"] == 40 and meta["weights"] == "ema" and cfg.train.steps == 40
+    for batch in (1, 5):
+        x = torch.randn(batch, *meta["image_shape"])
+        t, y = torch.zeros(batch, dtype=torch.long), torch.full((batch,), meta["num_classes"])
+        assert net(x, t, y).shape == x.shape
+
+
+def test_parent_run_summarises_the_search(smoke_search):
+    tmp_path, _, proc = smoke_search
+    assert proc.returncode == 0
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("pdcbdm")
+    parent = client.search_runs([exp.experiment_id], "tags.`pdcbdm.kind` = 'search'")[0]
+    files = set(artifact_paths(uri, parent.info.run_id))
+    assert {"trials.parquet", "trials.json", "optuna/param_importances.png", "optuna/parallel_coordinate.png",
+            "best_trial/command.txt"} <= files
+    assert any(f.startswith("best_trial/samples_w") for f in files)
+    command = parent.data.tags["pdcbdm.best_command"]
+    assert command.startswith("python -m pdcbdm.train --preset smoke --set train.steps=40") and command in proc.stdout
+    table = pd.read_parquet(tmp_path / "searches" / "e2e" / "trials.parquet")
+    assert parent.data.tags["pdcbdm.best_trial"] == table.iloc[0]["trial_id"]

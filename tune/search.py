@@ -1,6 +1,6 @@
 """PD-CBDM hyperparameter search: Ray Train per trial, Ray Tune + Optuna (TPE) with ASHA, MLflow for every trial.
 
-    python tune/search.py                          # the embedded default: Digits-LT, small U-Net, CPU, 8 trials, ~10 min
+    python tune/search.py                          # the embedded default: Digits-LT, small U-Net, CPU, 4 trials, ~15 min
     python tune/search.py --preset smoke           # 3 tiny trials, a few minutes
     python tune/search.py --preset cifar100-lt --set data.root=/data/cifar --gpus-per-worker 1 --trials 32
 
@@ -37,10 +37,11 @@ from pdcbdm.models import PRESETS as MODEL_PRESETS  # noqa: E402
 from tune import cluster  # noqa: E402
 from tune import results as results_mod  # noqa: E402
 from tune import tracking  # noqa: E402
+from tune.report import record_search  # noqa: E402
 from tune.space import SEARCHED, config_point, search_space, tsa_choices  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TRIALS = {"smoke": 3, "digits": 8, "cifar10-lt": 32, "cifar100-lt": 32}
+DEFAULT_TRIALS = {"smoke": 3, "digits": 4, "cifar10-lt": 32, "cifar100-lt": 32}
 
 
 class SearchError(RuntimeError):
@@ -127,7 +128,7 @@ def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_stora
 
     fixed = tuple(k for k in SEARCHED if any(o.split("=", 1)[0].strip() == k for o in args.overrides))
     levels = MODEL_PRESETS[cfg.model.preset].resolutions
-    space = partial(search_space, fixed=fixed, tsa=tsa_choices(levels))
+    space = partial(search_space, fixed=fixed, tsa=tsa_choices(levels), pd_weight_center=cfg.loss.pd_weight or 0.1)
     point = config_point(cfg.flat(), fixed)
     if "model.tsa_resolutions" in point and point["model.tsa_resolutions"] not in tsa_choices(levels):
         point.pop("model.tsa_resolutions")
@@ -499,7 +500,7 @@ def build_tuner(p: SearchPlan, concurrency: int, experiment_id: str, parent: str
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name="tune", storage_path=p.storage, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=a.max_trial_failures),
-                                  callbacks=[MlflowStatusCallback(p.uri, experiment_id),
+                                  callbacks=[MlflowStatusCallback(p.uri, experiment_id, cfg.train.steps),
                                              ProgressPrinter(cfg.train.steps)]),
     )
 
@@ -557,6 +558,7 @@ def summarise(grid: Any, p: SearchPlan, experiment_id: str, parent: str) -> Any:
     reconcile_records(p, table, {r.info.run_id: r.info.status for r in found})
     path = results_mod.write_parquet(table, p.search_dir / "trials.parquet")
     tracking.log_artifacts(uri, parent, [path])
+    command = record_search(uri, parent, table, load_study(p), p.args.preset, p.args.overrides)
     done = table[table["status"] == "completed"] if not table.empty else table
     if not done.empty:
         best = done.iloc[0]
@@ -565,19 +567,26 @@ def summarise(grid: Any, p: SearchPlan, experiment_id: str, parent: str) -> Any:
     tracking.finish_run(uri, parent, "FINISHED")
     print("\n" + results_mod.format_table(table))
     print(f"\ntrials table: {path}")
+    if command:
+        print(f"train the best trial's configuration again: {command}")
     print(f"open the MLflow UI: {tracking.ui_command(uri)}")
     return table
+
+
+def load_study(p: SearchPlan) -> Any:
+    """The search's Optuna study."""
+    import optuna
+
+    return optuna.load_study(study_name=p.name, storage=optuna_storage(p.optuna_storage))
 
 
 def reconcile_records(p: SearchPlan, table: Any, run_status: dict[str, str]) -> None:
     """Every trial ends in the same state in Tune (the table), Optuna and MLflow, also after a resume whose
     driver died between a trial's end and the bookkeeping of it: an Optuna trial still RUNNING is told its end,
     an MLflow run not yet ended is set FINISHED (completed or stopped) or FAILED."""
-    import optuna
-
     from tune.searcher import finite, reconcile
 
-    study = optuna.load_study(study_name=p.name, storage=optuna_storage(p.optuna_storage))
+    study = load_study(p)
     multi = len(study.directions) > 1
     outcomes = {}
     for row in table.itertuples():
@@ -587,8 +596,22 @@ def reconcile_records(p: SearchPlan, table: Any, run_status: dict[str, str]) -> 
         run_id = row.mlflow_run_id
         if run_id and run_status.get(run_id) in ("RUNNING", "SCHEDULED", "KILLED"):
             error = row.error if row.status == "failed" and isinstance(row.error, str) else None
-            tracking.finish_run(p.uri, run_id, "FAILED" if row.status == "failed" else "FINISHED", error)
+            tracking.finish_run(p.uri, run_id, "FAILED" if row.status == "failed" else "FINISHED", error,
+                                row_outcome(row))
     reconcile(study, outcomes)
+
+
+def row_outcome(row: Any) -> str:
+    """The run's outcome tag (``tracking.OUTCOME_TAG``) from its trials-table row."""
+    from tune.searcher import finite
+    from tune.trainable import failure_outcome
+
+    if row.status == "failed":
+        return failure_outcome(row.error if isinstance(row.error, str) else None)
+    if row.status == "stopped":
+        step = finite(getattr(row, "step", None))
+        return f"early-stopped by ASHA at step {int(step)}" if step is not None else "early-stopped by ASHA"
+    return "completed"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

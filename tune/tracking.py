@@ -1,5 +1,10 @@
 """MLflow for the search: one parent run per search, one child run per trial (found again by its trial id, so a
-resumed search continues the same runs), metrics and artifacts logged by rank 0, run status set by the driver."""
+resumed search continues the same runs), metrics and artifacts logged by rank 0, run status set by the driver.
+
+MLflow's own record types are used wherever the UI has a view for them: ``log_image(key=, step=)`` for the sample
+grids during training (the UI's step slider), ``log_table`` (the UI's table view), ``log_dict`` for JSON,
+``log_figure`` for plots, ``log_inputs`` for the training data, and each run's end as the ``OUTCOME_TAG`` tag.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ from mlflow.tracking import MlflowClient
 TRIAL_TAG = "pdcbdm.trial_id"
 SEARCH_TAG = "pdcbdm.search"
 KIND_TAG = "pdcbdm.kind"
+# how a trial's run ended, in words: "completed", "early-stopped by ASHA at step N", "failed: REASON", "killed"
+# (MLflow's status says FINISHED for the first two)
+OUTCOME_TAG = "pdcbdm.outcome"
 
 
 class TrackingError(RuntimeError):
@@ -131,14 +139,72 @@ def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
         client.set_tag(run_id, k, str(v))
 
 
-def log_metrics(uri: str, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
-    """Log the numeric entries of ``metrics`` at ``step`` (None and non-numbers are skipped)."""
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, Any], step: int,
+                synchronous: bool = True) -> list[Any]:
+    """Log the numeric entries of ``metrics`` at ``step`` (None and non-numbers are skipped). With
+    ``synchronous=False`` MLflow's async queue sends them and the returned operations' ``wait()`` confirms it."""
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool)]
     client = MlflowClient(uri)
+    pending = []
     for i in range(0, len(items), 500):
-        client.log_batch(run_id, metrics=items[i:i + 500])
+        op = client.log_batch(run_id, metrics=items[i:i + 500], synchronous=synchronous)
+        if op is not None:
+            pending.append(op)
+    return pending
+
+
+def log_image(uri: str, run_id: str, path: Path, key: str, step: int) -> None:
+    """A PNG as one step of the image series ``key`` (the run page's step slider)."""
+    import mlflow
+
+    MlflowClient(uri).log_image(run_id, mlflow.Image(str(path)), key=key, step=step, synchronous=True)
+
+
+def log_image_file(uri: str, run_id: str, path: Path, artifact_file: str) -> None:
+    """A PNG as a static image artifact (shown in the artifact view)."""
+    import mlflow
+
+    MlflowClient(uri).log_image(run_id, mlflow.Image(str(path)), artifact_file=artifact_file)
+
+
+def log_table(uri: str, run_id: str, table: Any, artifact_file: str) -> None:
+    """A DataFrame as an MLflow table: a JSON artifact the UI shows as a table (MLflow appends the rows to an
+    existing file of the same name)."""
+    MlflowClient(uri).log_table(run_id, data=table, artifact_file=artifact_file)
+
+
+def log_dict(uri: str, run_id: str, data: Any, artifact_file: str) -> None:
+    """A dict or list as a JSON (or YAML, by the file's extension) artifact."""
+    MlflowClient(uri).log_dict(run_id, data, artifact_file)
+
+
+def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    """A text artifact."""
+    MlflowClient(uri).log_text(run_id, text, artifact_file)
+
+
+def log_figure(uri: str, run_id: str, figure: Any, artifact_file: str) -> None:
+    """A matplotlib figure as an image artifact."""
+    MlflowClient(uri).log_figure(run_id, figure, artifact_file)
+
+
+def log_training_data(uri: str, run_id: str, images: Any, labels: Any, name: str, source: Mapping[str, str]) -> None:
+    """The training set as the run's dataset input (context "training"): its name, a digest of every image and
+    label (so two runs on the same data show the same digest), its shapes; the arrays are not uploaded."""
+    import hashlib
+
+    import mlflow.data
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()[:16]
+    # the digest is given, so MLflow only reads the arrays' shapes and dtypes (schema and profile)
+    dataset = mlflow.data.from_numpy(images, targets=labels, name=name, digest=digest,
+                                     source=CodeDatasetSource(tags=dict(source)))
+    tag = InputTag(key="mlflow.data.context", value="training")
+    MlflowClient(uri).log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[tag])])
 
 
 def log_artifacts(uri: str, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
@@ -147,9 +213,12 @@ def log_artifacts(uri: str, run_id: str, paths: Iterable[Path], artifact_path: s
         client.log_artifact(run_id, str(path), artifact_path)
 
 
-def finish_run(uri: str, run_id: str, status: str, error: str | None = None) -> None:
-    """Mark a run FINISHED / FAILED / KILLED; a failure's text goes into a tag and an artifact-free note."""
+def finish_run(uri: str, run_id: str, status: str, error: str | None = None, outcome: str | None = None) -> None:
+    """Mark a run FINISHED / FAILED / KILLED; a failure's text goes into a tag and an artifact-free note;
+    ``outcome`` (how it ended, in words) into ``OUTCOME_TAG``."""
     client = MlflowClient(uri)
+    if outcome:
+        client.set_tag(run_id, OUTCOME_TAG, outcome[:500])
     if error:
         client.set_tag(run_id, "pdcbdm.error", error[:5000])
         client.set_tag(run_id, "mlflow.note.content", f"Trial failed:\n\n```\n{error[:20000]}\n```")
@@ -162,6 +231,7 @@ def kill_unfinished(uri: str, experiment_id: str, search: str, parent_id: str) -
     client = MlflowClient(uri)
     unfinished = [r for r in runs_of_search(uri, experiment_id, search) if r.info.status in ("RUNNING", "SCHEDULED")]
     for run in unfinished:
+        client.set_tag(run.info.run_id, OUTCOME_TAG, "killed")
         client.set_terminated(run.info.run_id, status="KILLED")
     client.set_terminated(parent_id, status="KILLED")
     return len(unfinished)

@@ -3,10 +3,8 @@ callbacks that print progress and set each trial's MLflow run status (ASHA-stopp
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,10 +50,8 @@ def trial_config(settings: TrialSettings, suggested: dict[str, Any]) -> Config:
 
 
 def _log_config(settings: TrialSettings, run_id: str, cfg: Config) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "config.json"
-        path.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
-        tracking.log_artifacts(settings.tracking_uri, run_id, [path])
+    """The trial's resolved config as the run's config.json (``Config.load_json`` reads it back)."""
+    tracking.log_dict(settings.tracking_uri, run_id, cfg.to_dict(), "config.json")
 
 
 def share_credentials(env: dict[str, str]) -> Any:
@@ -100,26 +96,42 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
 
 
 class MlflowStatusCallback(tune.Callback):
-    """Driver side: sets each trial's run FINISHED (completed or stopped early) or FAILED (with the error), and
-    tags it with its last training checkpoint in Ray's storage (``CHECKPOINT_TAG``; MLflow holds only the EMA
-    network for sampling)."""
+    """Driver side: sets each trial's run FINISHED (completed or stopped early) or FAILED (with the error), tags
+    how it ended (``tracking.OUTCOME_TAG``: completed, early-stopped by ASHA at step N, failed: reason) and its
+    last training checkpoint in Ray's storage (``CHECKPOINT_TAG``; MLflow holds only the EMA network as a model)."""
 
-    def __init__(self, uri: str, experiment_id: str) -> None:
-        self.uri, self.experiment_id = uri, experiment_id
+    def __init__(self, uri: str, experiment_id: str, max_steps: int | None = None) -> None:
+        self.uri, self.experiment_id, self.max_steps = uri, experiment_id, max_steps
 
-    def _finish(self, trial: Any, status: str, error: str | None = None) -> None:
+    def _finish(self, trial: Any, status: str, error: str | None = None, outcome: str | None = None) -> None:
         run_id = tracking.trial_run_id(self.uri, self.experiment_id, trial.trial_id)
         if run_id:
             path = (trial.last_result or {}).get(CHECKPOINT_PATH_KEY)
             if path:
                 tracking.set_tags(self.uri, run_id, {CHECKPOINT_TAG: path})
-            tracking.finish_run(self.uri, run_id, status, error)
+            tracking.finish_run(self.uri, run_id, status, error, outcome)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, "FINISHED")
+        step = int((trial.last_result or {}).get("step", 0))
+        # getattr: a search started before max_steps existed restores this callback from its pickled state
+        self._finish(trial, "FINISHED", outcome=completion_outcome(step, getattr(self, "max_steps", None)))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, "FAILED", error_text(trial))
+        text = error_text(trial)
+        self._finish(trial, "FAILED", text, outcome=failure_outcome(text))
+
+
+def completion_outcome(step: int, max_steps: int | None) -> str:
+    """The outcome tag of a trial Tune ended without error: it ran its budget, or the scheduler stopped it."""
+    if max_steps is None or step >= max_steps:
+        return "completed"
+    return f"early-stopped by ASHA at step {step}"
+
+
+def failure_outcome(error: str | None) -> str:
+    """The outcome tag of a failed trial: "failed: " and the error's last line (its type and message)."""
+    lines = (error or "").strip().splitlines()
+    return f"failed: {lines[-1].strip() if lines else 'unknown error'}"[:500]
 
 
 def error_text(trial: Any) -> str:

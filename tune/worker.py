@@ -19,28 +19,45 @@ from pdcbdm.config import Config, parse_float_list, write_json_atomic
 from pdcbdm.evaluation import Evaluator, SampleSource, best_by_fid, evaluation_split, headline
 from pdcbdm.noise_error import noise_error
 from pdcbdm.train import load_data
-from pdcbdm.training import NonFiniteLossError, Trainer, save_checkpoint
+from pdcbdm.training import NonFiniteLossError, Trainer
 from pdcbdm.viz import save_grid
 from tune import tracking
+from tune.mlflow_model import log_ema_model
 
 CKPT = "checkpoint.pt"
 METRICS = "metrics.json"
+SAMPLES_KEY = "samples"  # the image series of the proxy grids, one per evaluation step
+# reported to Tune (the scheduler's time_attr, the progress lines) but never logged at an evaluation step:
+# ``step`` is MLflow's own x axis, loss and dm are logged as window means every train.log_every steps
+REPORT_ONLY = ("step", "loss", "dm")
 EXTRACTOR_TAG = "pdcbdm.extractor"  # the feature network's identity (its weights' sha256): the space FIDs live in
 
 
 class RankZeroLogger:
-    """MLflow logging of one trial's run, done by rank 0 only (other ranks get a no-op instance)."""
+    """MLflow logging of one trial's run, done by rank 0 only (other ranks get a no-op instance).
+
+    Training metrics go through MLflow's asynchronous queue (``metrics(..., wait=False)``), so that a training step
+    never waits on the store; ``flush`` waits for them, which every evaluation does before it reports (the
+    driver reads the runs when a trial ends)."""
 
     def __init__(self, uri: str | None, run_id: str | None) -> None:
         self.uri, self.run_id = uri, run_id
+        self._pending: list[Any] = []
+        self._monitor: Any = None
 
     @property
     def active(self) -> bool:
         return bool(self.uri and self.run_id)
 
-    def metrics(self, values: dict[str, Any], step: int) -> None:
+    def metrics(self, values: dict[str, Any], step: int, wait: bool = True) -> None:
         if self.active:
-            tracking.log_metrics(self.uri, self.run_id, values, step)
+            self._pending += tracking.log_metrics(self.uri, self.run_id, values, step, synchronous=wait)
+
+    def flush(self) -> None:
+        """Wait until every asynchronous metric batch is in the store."""
+        pending, self._pending = self._pending, []
+        for op in pending:
+            op.wait()
 
     def tags(self, values: dict[str, Any]) -> None:
         if self.active:
@@ -49,6 +66,51 @@ class RankZeroLogger:
     def files(self, paths: list[Path], artifact_path: str | None = None) -> None:
         if self.active:
             tracking.log_artifacts(self.uri, self.run_id, paths, artifact_path)
+
+    def image(self, path: Path, key: str, step: int) -> None:
+        if self.active:
+            tracking.log_image(self.uri, self.run_id, path, key, step)
+
+    def image_file(self, path: Path, artifact_file: str) -> None:
+        if self.active:
+            tracking.log_image_file(self.uri, self.run_id, path, artifact_file)
+
+    def table(self, table: pd.DataFrame, artifact_file: str) -> None:
+        if self.active:
+            tracking.log_table(self.uri, self.run_id, table, artifact_file)
+
+    def json_file(self, data: Any, artifact_file: str) -> None:
+        if self.active:
+            tracking.log_dict(self.uri, self.run_id, data, artifact_file)
+
+    def model(self, trainer: Trainer) -> None:
+        """The EMA network as the run's MLflow model (``tune.mlflow_model``)."""
+        if self.active:
+            log_ema_model(self.uri, self.run_id, trainer.ema.module, trainer.sampling_payload())
+
+    def training_data(self, cfg: Config, data: Any) -> None:
+        """The training set as the run's dataset input (a digest, no upload)."""
+        if self.active:
+            source = {"builder": "pdcbdm.data.build_dataset", "dataset": cfg.data.dataset,
+                      "imbalance": str(cfg.data.imbalance), "seed": str(cfg.data.seed)}
+            tracking.log_training_data(self.uri, self.run_id, data.images.numpy(), data.labels.numpy(),
+                                       cfg.data.dataset, source)
+
+    def start_system_metrics(self, interval_s: float = 10.0) -> None:
+        """CPU, memory, disk, network (and GPU) use of this node, sampled in a thread every ``interval_s``."""
+        if self.active and self._monitor is None:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, tracking_uri=self.uri,
+                                                 resume_logging=True)
+            self._monitor.start()
+
+    def close(self) -> None:
+        """Stop the system-metrics thread and wait for the asynchronous metrics."""
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+        self.flush()
 
 
 def window_means(window: list[dict[str, float]]) -> dict[str, float]:
@@ -95,21 +157,26 @@ def _guidance_grid(cfg: Config) -> list[float]:
 
 
 def _final_evaluation(trainer: Trainer, evaluator: Evaluator, folder: Path, log: RankZeroLogger) -> dict[str, Any]:
-    """Score the EMA network over ``eval.guidance_grid`` (the same w for every trial); log tables, grids and JSON.
+    """Score the EMA network over ``eval.guidance_grid`` (the same w for every trial); log the per-class table
+    (an MLflow table for the UI, and Parquet for the notebooks), the grids and the sweep's metrics (JSON).
     The headline metrics are those of the best w (lowest FID), reported as ``best_guidance``. With several
     workers the sampling is split over them (``_final_share`` on the other ranks) and scored here."""
     cfg = trainer.cfg
     results = evaluator.evaluate_grid(trainer.ema.module, _guidance_grid(cfg), n=cfg.eval.num_samples,
                                       seed=cfg.train.seed, autocast=trainer.autocast, world=trainer.world_size)
-    best = best_by_fid(results)
+    best = best_by_fid(results, cfg.eval.min_consistency)
     rows = []
     for r in results:
         rows += [{"guidance": r.guidance, **row} for row in r.per_class]
         _grid_png(r.images, trainer.num_classes, folder / f"samples_w{r.guidance:g}.png")
-    pd.DataFrame(rows).to_parquet(folder / "per_class.parquet")
-    write_json_atomic(folder / "guidance_grid.json", [r.metrics for r in results])
-    log.files([folder / "per_class.parquet", folder / "guidance_grid.json"], "evaluation")
-    log.files(sorted(folder.glob("samples_w*.png")), "samples/final")
+    table = pd.DataFrame(rows)
+    table.to_parquet(folder / "per_class.parquet")
+    log.files([folder / "per_class.parquet"], "evaluation")
+    log.table(table, "evaluation/per_class.json")
+    log.json_file({"best_guidance": best.guidance, "results": [r.metrics for r in results]},
+             "evaluation/guidance_grid.json")
+    for r in results:
+        log.image_file(folder / f"samples_w{r.guidance:g}.png", f"samples/final/samples_w{r.guidance:g}.png")
     for r in results:
         log.metrics({f"fid_w{r.guidance:g}": r.metrics["fid"]}, trainer.step)
     return {**headline(best), "best_guidance": best.guidance, **_noise_error(trainer)}
@@ -129,8 +196,8 @@ def _noise_error(trainer: Trainer) -> dict[str, float]:
 
 def _evaluate(trainer: Trainer, evaluator: Evaluator, log: RankZeroLogger, final: bool) -> dict[str, Any]:
     """Proxy FID (and the tail's) at ``eval.proxy_guidance`` with a sample grid at every evaluation; the full
-    evaluation at the end, with the EMA network for sampling (``sampling_payload``: no optimiser state; the
-    training checkpoint stays in Ray's storage, whose path the driver tags on the run).
+    evaluation at the end, with the EMA network logged as the run's MLflow model (``tune.mlflow_model``: no
+    optimiser state; the training checkpoint stays in Ray's storage, whose path the driver tags on the run).
 
     ``objective`` / ``objective_tail`` are what Optuna optimises: the proxy FIDs at intermediate evaluations (the
     values a pruned trial is judged by) and the final FIDs at the best w at the end, the value the trials table
@@ -145,13 +212,13 @@ def _evaluate(trainer: Trainer, evaluator: Evaluator, log: RankZeroLogger, final
         images, _, out = evaluator.proxy(trainer.ema.module, guidance=cfg.eval.proxy_guidance, seed=cfg.train.seed,
                                          autocast=trainer.autocast)
         grid = _grid_png(images, trainer.num_classes, folder / f"samples_step{trainer.step:07d}.png")
-        log.files([grid], "samples")
+        log.image(grid, SAMPLES_KEY, trainer.step)
         out.update(objective=out["proxy_fid"], objective_tail=out["proxy_fid_tail"])
         if final:
             out.update(_final_evaluation(trainer, evaluator, folder, log))
             tail = out.get("fid_tail")
             out.update(objective=out["fid"], objective_tail=out["fid"] if tail is None else tail)
-            log.files([save_checkpoint(folder / CKPT, trainer.sampling_payload())], "checkpoint")
+            log.model(trainer)
     return out
 
 
@@ -229,6 +296,17 @@ def receive_credentials(config: dict[str, Any]) -> None:
         os.environ.update(ray.get(config["secrets"]))
 
 
+def _start_records(log: RankZeroLogger, trainer: Trainer, resumed: bool) -> None:
+    """Rank 0's records at the start: tags (train.precision may be "auto": what this hardware resolved it to; how
+    final scores sample), the training data as the run's input (a new run only) and the system-metrics thread."""
+    cfg = trainer.cfg
+    log.tags({"pdcbdm.precision": trainer.precision, "pdcbdm.device": str(trainer.device),
+              "pdcbdm.eval_protocol": cfg.eval.protocol})
+    if not resumed:
+        log.training_data(cfg, trainer.dataset)
+    log.start_system_metrics()
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry: ``config`` holds the resolved config dict and the trial's MLflow run (uri, run_id)."""
     receive_credentials(config)
@@ -240,16 +318,24 @@ def train_loop(config: dict[str, Any]) -> None:
     wrap = ray.train.torch.prepare_model if world > 1 else None
     trainer = Trainer(cfg, load_data(cfg), device=device, rank=rank, world_size=world, wrap_model=wrap)
     log = RankZeroLogger(config.get("mlflow_uri"), config.get("run_id")) if rank == 0 else RankZeroLogger(None, None)
-    # train.precision may be "auto": record what this hardware resolved it to; and how final scores sample
-    log.tags({"pdcbdm.precision": trainer.precision, "pdcbdm.device": str(device),
-              "pdcbdm.eval_protocol": cfg.eval.protocol})
     stored = _restore(trainer)
     if stored is not None:
         log.metrics({"resumed_from_step": trainer.step}, trainer.step)
         if trainer.step >= cfg.train.steps:  # killed after its last report: report it again (every rank: a barrier)
             ray.train.report(stored or {"step": trainer.step})
             return
-    evaluator, source = _evaluators(trainer, rank, config.get("cache_dir"))
+    _start_records(log, trainer, resumed=stored is not None)
+    try:
+        _train(trainer, log, rank, config.get("cache_dir"))
+    finally:
+        log.close()
+
+
+def _train(trainer: Trainer, log: RankZeroLogger, rank: int, cache_dir: str | None) -> None:
+    """Train to ``train.steps``: window means of the step values every ``train.log_every`` steps (asynchronous),
+    an evaluation (rank 0) and a report with a checkpoint (every rank) every ``train.eval_every`` and at the end."""
+    cfg = trainer.cfg
+    evaluator, source = _evaluators(trainer, rank, cache_dir)
     log.tags({EXTRACTOR_TAG: source.extractor.identity})
     window: list[dict[str, float]] = []
     while trainer.step < cfg.train.steps:
@@ -260,14 +346,16 @@ def train_loop(config: dict[str, Any]) -> None:
             return _diverged(trainer, exc, log, rank)
         window.append(values)
         if trainer.step % cfg.train.log_every == 0:
-            log.metrics(window_means(window), trainer.step)
+            log.metrics(window_means(window), trainer.step, wait=False)
             window = []
         final = trainer.step == cfg.train.steps
         if trainer.step % cfg.train.eval_every == 0 or final:
             metrics: dict[str, Any] = {"step": trainer.step, "loss": values["loss"], "dm": values["dm"]}
             if rank == 0:
                 metrics.update(_evaluate(trainer, evaluator, log, final))
-                log.metrics(metrics, trainer.step)
+                log.metrics({k: v for k, v in metrics.items() if k not in REPORT_ONLY}, trainer.step)
+                log.flush()  # the driver may read the run as soon as this report ends the trial
             elif final:
                 _final_share(trainer, source, rank)
             _report(trainer, metrics, rank)
+    return None

@@ -1,11 +1,16 @@
-"""Parquet storage of an ImageDataset: PNG-encoded shards, a class-counts table and meta.json.
+"""Parquet storage of an ImageDataset: PNG-encoded shards, a class-counts table and _meta.json.
 
 Folder layout written by `write_parquet`:
     part-00000.parquet ...  columns image (PNG bytes), label (int64), class_name (string)
-    counts.parquet          columns label, class_name, count, group ("head"/"tail", Eq. 10's split)
-    meta.json               written last: its presence marks the folder complete
+    _counts.parquet         columns label, class_name, count, group ("head"/"tail", Eq. 10's split)
+    _meta.json              written last: its presence marks the folder complete
 
-Every file is written atomically, so an interrupted run leaves no meta.json that lists a partial shard. Writing is
+The side files start with an underscore, which Parquet dataset discovery skips: the folder itself is a Parquet
+data set of the shards, so ``pandas.read_parquet(folder)`` and ``pyarrow.dataset.dataset(folder)`` open it
+directly. Folders of the earlier layout (``meta.json`` and ``counts.parquet`` among the shards) are still read,
+and rewriting one moves it to this layout.
+
+Every file is written atomically, so an interrupted run leaves no _meta.json that lists a partial shard. Writing is
 idempotent: files whose bytes would not change are not touched.
 """
 
@@ -34,8 +39,11 @@ __all__ = ["ParquetImageDataset", "write_parquet", "WriteReport", "META_FILE", "
 
 FORMAT = "pdcbdm-parquet-images"
 FORMAT_VERSION = 1
-META_FILE = "meta.json"
-COUNTS_FILE = "counts.parquet"
+META_FILE = "_meta.json"
+COUNTS_FILE = "_counts.parquet"
+# the first layout's names: among the shards they broke pandas/pyarrow dataset discovery; read, never written
+LEGACY_META_FILE = "meta.json"
+LEGACY_COUNTS_FILE = "counts.parquet"
 _SHARD_RE = re.compile(r"part-\d{5}\.parquet")
 _RESERVED = frozenset({"format", "version", "num_rows", "image_shape", "class_names", "counts", "hflip",
                        "head", "tail", "shards", "counts_file"})
@@ -100,9 +108,17 @@ def _counts_bytes(data: ImageDataset, split: HeadTailSplit | None) -> bytes:
     }))
 
 
+def _meta_path(out: Path) -> Path | None:
+    """The folder's meta file: _meta.json, else the earlier layout's meta.json, else None."""
+    for name in (META_FILE, LEGACY_META_FILE):
+        if (out / name).is_file():
+            return out / name
+    return None
+
+
 def _read_meta(out: Path) -> dict[str, Any] | None:
-    path = out / META_FILE
-    if not path.is_file():
+    path = _meta_path(out)
+    if path is None:
         return None
     try:
         meta = json.loads(path.read_text())
@@ -145,7 +161,8 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _is_ours(name: str) -> bool:
-    return bool(_SHARD_RE.fullmatch(name)) or name in (META_FILE, COUNTS_FILE) or is_temp_name(name)
+    return (bool(_SHARD_RE.fullmatch(name)) or name in (META_FILE, COUNTS_FILE, LEGACY_META_FILE, LEGACY_COUNTS_FILE)
+            or is_temp_name(name))
 
 
 def _write_if_changed(path: Path, data: bytes, report: WriteReport) -> None:
@@ -179,16 +196,16 @@ def _full_meta(data: ImageDataset, meta: Mapping[str, Any], shards: dict[str, by
 
 def write_parquet(dataset: ImageDataset, out_dir: str | Path, *, shard_rows: int, meta: Mapping[str, Any],
                   head_tail: HeadTailSplit | None = None, overwrite: bool = False) -> WriteReport:
-    """Write `dataset` to `out_dir` as PNG Parquet shards, counts.parquet and meta.json (last).
+    """Write `dataset` to `out_dir` as PNG Parquet shards, _counts.parquet and _meta.json (last).
 
     Args:
         dataset: the images, labels and class names to store (row order is kept).
         out_dir: output folder (created if needed).
         shard_rows: images per shard file (>= 1).
         meta: JSON-serialisable description of how the data set was made (e.g. {"dataset": ..., "params": ...});
-            stored at the top level of meta.json and compared with an existing meta.json to decide whether the
+            stored at the top level of _meta.json and compared with an existing one to decide whether the
             folder holds the same data set. Must not use the reserved keys (format, shards, counts, ...).
-        head_tail: the head/tail split recorded in counts.parquet; None computes head_tail_split(counts) with its
+        head_tail: the head/tail split recorded in _counts.parquet; None computes head_tail_split(counts) with its
             defaults (ratio 0.7, mode "classes", seed 0). Data sets with one class record every class as "head".
         overwrite: replace a folder that holds another data set or files this writer did not make (only this
             writer's own files are deleted).
@@ -215,18 +232,23 @@ def write_parquet(dataset: ImageDataset, out_dir: str | Path, *, shard_rows: int
 
 
 def _commit(out: Path, shards: dict[str, bytes], counts: bytes, meta_bytes: bytes) -> WriteReport:
-    """Write what changed; meta.json is removed first and rewritten last so a reader never sees a mix."""
+    """Write what changed; _meta.json is removed first and rewritten last so a reader never sees a mix. The
+    earlier layout's meta.json goes first too (a reader would fall back to it), its counts.parquet as stale."""
     report = WriteReport()
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / META_FILE
     files = {**shards, COUNTS_FILE: counts}
-    stale = sorted(p.name for p in out.iterdir() if _is_ours(p.name) and p.name not in files and p.name != META_FILE)
+    stale = sorted(p.name for p in out.iterdir()
+                   if _is_ours(p.name) and p.name not in files and p.name not in (META_FILE, LEGACY_META_FILE))
     up_to_date = meta_path.is_file() and meta_path.read_bytes() == meta_bytes and not stale and all(
         (out / name).is_file() and _sha256((out / name).read_bytes()) == _sha256(b) for name, b in files.items())
     if up_to_date:
         report.unchanged.extend([*files, META_FILE])
         return report
     meta_path.unlink(missing_ok=True)
+    if (out / LEGACY_META_FILE).is_file():
+        (out / LEGACY_META_FILE).unlink()
+        report.removed.append(LEGACY_META_FILE)
     for name, data in files.items():
         _write_if_changed(out / name, data, report)
     for name in stale:
@@ -241,14 +263,15 @@ class ParquetImageDataset(ImageDataset):
     """An ImageDataset read back from a folder written by `write_parquet` / pipelines.prepare_data.
 
     Everything is decoded into memory on construction, so it behaves exactly like the in-memory ImageDataset
-    (`batch`, `subset`, `counts`, flips as recorded in meta.json).
+    (`batch`, `subset`, `counts`, flips as recorded in _meta.json). The shards alone are a plain Parquet data
+    set: ``pandas.read_parquet(path)`` gives their image (PNG bytes), label and class_name columns.
 
     Args:
-        path: the folder holding meta.json and the shards.
-        verify: check every shard's sha256 against meta.json (cheap; catches shards replaced by another run).
+        path: the folder holding _meta.json (or the earlier layout's meta.json) and the shards.
+        verify: check every shard's sha256 against _meta.json (cheap; catches shards replaced by another run).
 
     Attributes:
-        meta: the parsed meta.json.
+        meta: the parsed _meta.json.
         path: the folder.
     """
 
@@ -260,20 +283,20 @@ class ParquetImageDataset(ImageDataset):
         meta = _read_meta(self.path)
         if meta is None:
             raise FileNotFoundError(f"{self.path / META_FILE} not found: {self.path} is not a finished "
-                                    "prepare_data output (an interrupted run leaves no meta.json); run it again")
+                                    "prepare_data output (an interrupted run leaves no _meta.json); run it again")
         self.meta = meta
         shape = tuple(int(s) for s in meta["image_shape"])
         parts = [self._read_shard(entry, shape, verify) for entry in meta["shards"]]
         images = torch.from_numpy(np.concatenate([p[0] for p in parts])) if parts else torch.empty(0, *shape)
         labels = torch.from_numpy(np.concatenate([p[1] for p in parts])) if parts else torch.empty(0)
         if images.shape[0] != meta["num_rows"]:
-            raise ValueError(f"{self.path}: shards hold {images.shape[0]} rows, meta.json says {meta['num_rows']}")
+            raise ValueError(f"{self.path}: shards hold {images.shape[0]} rows, _meta.json says {meta['num_rows']}")
         super().__init__(images.to(torch.uint8), labels.to(torch.int64), meta["class_names"],
                          hflip=bool(meta["hflip"]))
 
     def _read_shard(self, entry: Mapping[str, Any], shape: tuple[int, int, int],
                     verify: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Images uint8 [n, C, H, W] and labels int64 [n] of one shard listed in meta.json."""
+        """Images uint8 [n, C, H, W] and labels int64 [n] of one shard listed in _meta.json."""
         path = self.path / entry["file"]
         if not path.is_file():
             raise FileNotFoundError(f"shard {path} listed in {self.path / META_FILE} is missing")
@@ -292,6 +315,6 @@ class ParquetImageDataset(ImageDataset):
         if labels.size and (labels.min() < 0 or labels.max() >= len(names)):
             raise ValueError(f"shard {path}: labels outside [0, {len(names)})")
         if table["class_name"].to_pylist() != [names[k] for k in labels.tolist()]:
-            raise ValueError(f"shard {path}: class_name column disagrees with the class_names in meta.json")
+            raise ValueError(f"shard {path}: class_name column disagrees with the class_names in _meta.json")
         stack = np.stack(images) if images else np.empty((0, *shape), np.uint8)
         return stack, labels

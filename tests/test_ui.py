@@ -1,0 +1,148 @@
+"""The smoke search as a user sees it: `mlflow server` on its store, pages rendered by headless Chromium.
+
+Reuses the session's smoke search. The pages: the experiment's runs, the best trial's run page and its final sample
+grid in the artifact view, and the comparison of the trials. Screenshots go into the test's tmp folder (and, with
+PDCBDM_UI_SCREENSHOTS=DIR, the comparison page into DIR: how docs/mlflow_compare.png is made). Without a
+`chromium` the test skips, unless PDCBDM_REQUIRE_CHROMIUM=1 (CI and `make ui-check` set it: there it fails).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.searchutil import trial_runs
+from tune.space import SEARCHED
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+PAGE_BUDGET_MS = 15000  # Chromium's virtual time for the app's requests and rendering
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"mlflow server at {url} not healthy after {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(smoke_search, tmp_path_factory):
+    """`mlflow server` on the smoke search's store, on 127.0.0.1, without its job runners; stopped afterwards."""
+    if CHROMIUM is None:
+        if os.environ.get("PDCBDM_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("chromium is not installed (apt-get install -y chromium) and PDCBDM_REQUIRE_CHROMIUM=1")
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    out, name, proc = smoke_search
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("mlflow-server") / "server.log"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # 265 MB instead of 1.8 GB
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+           f"sqlite:///{out / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with open(log, "wb") as sink:
+        server = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        _wait_healthy(url, server)
+        yield url, out, name
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # its own session: the server and the workers it started
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess:
+    cmd = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000",
+           f"--virtual-time-budget={PAGE_BUDGET_MS}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+def _render(url: str, screenshot: Path) -> str:
+    """The page's DOM after the app rendered it; a screenshot of it into ``screenshot``."""
+    dom = _chromium("--dump-dom", url)
+    assert dom.returncode == 0 and "<body" in dom.stdout, dom.stderr[-2000:]
+    shot = _chromium(f"--screenshot={screenshot}", url)
+    assert shot.returncode == 0 and screenshot.is_file() and screenshot.stat().st_size > 10_000, shot.stderr[-2000:]
+    return dom.stdout
+
+
+def _text(dom: str) -> str:
+    """The visible text of a DOM: scripts, styles and tags removed, entities decoded, spaces collapsed."""
+    body = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", body)))
+
+
+def test_the_search_in_the_mlflow_ui(mlflow_server, tmp_path):
+    url, out, name = mlflow_server
+    runs = trial_runs(f"sqlite:///{out / 'mlflow.db'}", name)
+    experiment = runs[0].info.experiment_id
+    table = pd.read_parquet(out / "searches" / name / "trials.parquet").set_index("trial_id")
+    best = next(r for r in runs if r.data.tags["pdcbdm.trial_id"] == table.index[0])
+    shots = {}
+
+    # the experiment's training runs: the search (its trials nest under it, collapsed) and the run count
+    page = _text(_render(f"{url}/#/experiments/{experiment}/runs", tmp_path / "runs.png"))
+    assert name in page and f"{len(runs) + 1} matching runs" in page, page[:2000]
+
+    # the best trial's page: its name, the searched params, the FID among its metrics, how it ended
+    page = _text(_render(f"{url}/#/experiments/{experiment}/runs/{best.info.run_id}", tmp_path / "trial.png"))
+    assert best.info.run_name in page
+    for key in SEARCHED:
+        assert key in page, key
+    assert re.search(r"\bfid [0-9.]+", page), page[:3000]
+
+    # its final sample grid at its best w, shown by the artifact view
+    w = f"{table.iloc[0]['best_guidance']:g}"
+    artifact = f"samples/final/samples_w{w}.png"
+    dom = _render(f"{url}/#/experiments/{experiment}/runs/{best.info.run_id}/artifacts/{artifact}",
+                  tmp_path / "grid.png")
+    assert re.search(rf'<img alt="{re.escape(artifact)}" src="blob:', dom), _text(dom)[:2000]
+
+    # the comparison of the trials: every trial's name, the searched params, the FID row
+    query = urllib.parse.urlencode({"runs": json.dumps([r.info.run_id for r in runs]),
+                                    "experiments": json.dumps([experiment])}, quote_via=urllib.parse.quote)
+    shots["compare"] = tmp_path / "compare.png"
+    page = _text(_render(f"{url}/#/compare-runs?{query}", shots["compare"]))
+    assert f"Comparing {len(runs)} Runs" in page
+    for run in runs:
+        assert run.info.run_name in page
+    for key in SEARCHED:
+        assert key in page, key
+    metrics = page[page.index(" Metrics "):]
+    assert " fid " in metrics and any(f"{run.data.metrics['fid']:.4g}" in metrics for run in runs
+                                      if "fid" in run.data.metrics), metrics[:3000]
+    keep = os.environ.get("PDCBDM_UI_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shots["compare"], Path(keep) / "mlflow_compare.png")
