@@ -97,12 +97,15 @@ def test_asha_grace_period_waits_for_the_ema():
     assert grace_period(smoke) == 30  # EMA ready at 20, first evaluation at 30
     assert grace_period(apply_overrides(smoke, ["train.steps=40", "train.eval_every=20"])) == 20
     assert grace_period(digits) == 300  # EMA 0.99 is ready at 200: the first evaluation (300)
+    assert grace_period(digits, "digits") == 900  # the digits preset waits for half its budget
+    assert grace_period(digits, "digits", asked=400) == 600  # --asha-grace, on an evaluation step
     args = parse_args(["--preset", "digits"])
     asha = build_scheduler(args, digits)
-    assert isinstance(asha, ASHAScheduler) and min(t for t, _ in asha._brackets[0]._rungs) == 300  # first rung
-    # the grace period reaches the budget: no early stopping
-    assert isinstance(build_scheduler(args, apply_overrides(digits, ["train.steps=300"])), FIFOScheduler)
-    assert isinstance(build_scheduler(parse_args(["--no-asha"]), digits), FIFOScheduler)
+    assert isinstance(asha, ASHAScheduler) and min(t for t, _ in asha._brackets[0]._rungs) == 900  # first rung
+    # the grace period reaches the budget: no early stopping (ASHA is a FIFOScheduler subclass: compare types)
+    assert type(build_scheduler(args, apply_overrides(digits, ["train.steps=300"]))) is FIFOScheduler
+    assert type(build_scheduler(args, apply_overrides(digits, ["train.steps=600"]))) is ASHAScheduler
+    assert type(build_scheduler(parse_args(["--no-asha"]), digits)) is FIFOScheduler
 
 
 def test_resume_fails_trials_asked_after_the_last_searcher_save(tmp_path):
