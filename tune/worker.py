@@ -174,11 +174,10 @@ def _final_evaluation(trainer: Trainer, evaluator: Evaluator, folder: Path, log:
     log.files([folder / "per_class.parquet"], "evaluation")
     log.table(table, "evaluation/per_class.json")
     log.json_file({"best_guidance": best.guidance, "results": [r.metrics for r in results]},
-             "evaluation/guidance_grid.json")
+                  "evaluation/guidance_grid.json")
     for r in results:
         log.image_file(folder / f"samples_w{r.guidance:g}.png", f"samples/final/samples_w{r.guidance:g}.png")
-    for r in results:
-        log.metrics({f"fid_w{r.guidance:g}": r.metrics["fid"]}, trainer.step)
+    log.metrics({f"fid_w{r.guidance:g}": r.metrics["fid"] for r in results}, trainer.step)  # one batch, not one per w
     return {**headline(best), "best_guidance": best.guidance, **_noise_error(trainer)}
 
 
