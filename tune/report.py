@@ -14,7 +14,6 @@ from typing import Any, Sequence
 import pandas as pd
 
 from tune import tracking
-from tune.space import SEARCHED
 
 BEST_COMMAND_TAG = "pdcbdm.best_command"
 MIN_TRIALS_TO_RANK = 2  # Optuna's importance evaluator needs two finished trials with different values
@@ -26,7 +25,7 @@ def best_command(preset: str, overrides: Sequence[str], row: pd.Series) -> str:
     parts = ["python", "-m", "pdcbdm.train", "--preset", preset]
     for item in overrides:
         parts += ["--set", item]
-    for key in SEARCHED:
+    for key in [k for k in row.index if "." in k]:  # the searched knobs (config fields)
         value = row.get(key)
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
             parts += ["--set", f"{key}={value}"]

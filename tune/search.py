@@ -3,10 +3,12 @@
     python tune/search.py                          # the embedded default: Digits-LT, small U-Net, CPU, 4 trials, ~15 min
     python tune/search.py --preset smoke           # 3 tiny trials, a few minutes
     python tune/search.py --preset cifar100-lt --set data.root=/data/cifar --gpus-per-worker 1 --trials 32
+    python tune/search.py --space my-space.yaml    # another search space (default: tune/spaces/default.yaml)
 
 Everything the search writes goes under --out (default: the current folder): the MLflow store (mlflow.db and
 mlartifacts/, unless --tracking-uri points elsewhere), and searches/NAME/ with Ray's trial folders, the Optuna
-study (optuna.db), search.json and trials.parquet (one row per trial, for the notebooks).
+study (optuna.db), search.json (the command line, the resolved config and search space) and trials.parquet (one
+row per trial, for the notebooks).
 """
 
 from __future__ import annotations
@@ -33,12 +35,11 @@ if __package__ in (None, ""):  # run as a script: import the repository's packag
 import torch  # noqa: E402
 
 from pdcbdm.config import PRESETS, Config, ConfigError, apply_overrides, preset, write_json_atomic  # noqa: E402
-from pdcbdm.models import PRESETS as MODEL_PRESETS  # noqa: E402
 from tune import cluster  # noqa: E402
+from tune import space_file  # noqa: E402
 from tune import results as results_mod  # noqa: E402
 from tune import tracking  # noqa: E402
 from tune.report import record_search  # noqa: E402
-from tune.space import SEARCHED, config_point, search_space, tsa_choices  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRIALS = {"smoke": 3, "digits": 3, "cifar10-lt": 32, "cifar100-lt": 32}
@@ -96,6 +97,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "MLflow runs continue; the other flags are taken from DIR/search.json")
     p.add_argument("--max-worker-failures", type=int, default=1,
                    help="restarts of a trial's worker group from its last checkpoint after a worker dies")
+    p.add_argument("--space", default=None, metavar="FILE",
+                   help="the search space, a YAML or JSON file: each searched knob's range, scale and step, or its "
+                        f"choices (default: {space_file.DEFAULT_SPACE.relative_to(REPO)}, whose comments describe "
+                        "the format); a knob pinned with --set is not searched")
     p.add_argument("--optuna-storage", default=None, metavar="URL",
                    help="where the Optuna study lives (default: sqlite OUT/searches/NAME/optuna.db): an RDB URL "
                         "(postgresql://..., mysql://..., sqlite:////abs/path.db) or a journal file path "
@@ -120,9 +125,12 @@ def check_data(cfg: Config) -> None:
         raise SearchError(f"data set {cfg.data.dataset!r}: {exc}") from None
 
 
-def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_storage: str | Path, trials: int) -> Any:
+def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_storage: str | Path, trials: int,
+                   space: dict[str, dict] | None = None) -> Any:
     """Seeded TPE (multi-objective TPE with --multi-objective), its random start-up sized to the budget, through
     ``StepOptunaSearch``; the study persisted in sqlite; the first trial is the preset.
+
+    ``space`` is the resolved space (``tune.space_file``; default: the default file against ``cfg``).
 
     Optuna optimises ``objective`` (and ``objective_tail``): the worker's proxy FID at intermediate evaluations
     (intermediate values, keyed by step; an ASHA-stopped trial is PRUNED) and the final FID at the best w at the
@@ -132,18 +140,33 @@ def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_stora
 
     from tune.searcher import StepOptunaSearch, startup_trials
 
-    fixed = tuple(k for k in SEARCHED if any(o.split("=", 1)[0].strip() == k for o in args.overrides))
-    levels = MODEL_PRESETS[cfg.model.preset].resolutions
-    space = partial(search_space, fixed=fixed, tsa=tsa_choices(levels), pd_weight_center=cfg.loss.pd_weight or 0.1)
-    point = config_point(cfg.flat(), fixed)
-    if "model.tsa_resolutions" in point and point["model.tsa_resolutions"] not in tsa_choices(levels):
-        point.pop("model.tsa_resolutions")
+    if space is None:
+        space = space_file.load(space_file.DEFAULT_SPACE, cfg, pinned_knobs(args.overrides))
+    point, outside = space_file.preset_point(space, cfg.flat())
+    if outside:
+        print(f"first trial: the preset's configuration, except {', '.join(outside)} (its value lies outside the "
+              f"search space: sampled)", flush=True)
     metric, mode = (["objective", "objective_tail"], ["min", "min"]) if args.multi_objective else ("objective", "min")
     storage = optuna_storage(study_storage)
     # one sampler for one or several objectives: Optuna's TPE is multi-objective (MOTPE) when the study is
     sampler = optuna.samplers.TPESampler(n_startup_trials=startup_trials(trials), seed=args.seed)
-    return StepOptunaSearch(space=space, metric=metric, mode=mode, points_to_evaluate=[point] if point else None,
-                            sampler=sampler, study_name=name, storage=storage, max_steps=cfg.train.steps)
+    return StepOptunaSearch(space=partial(space_file.suggest, spec=space), metric=metric, mode=mode,
+                            points_to_evaluate=[point] if point else None, sampler=sampler, study_name=name,
+                            storage=storage, max_steps=cfg.train.steps)
+
+
+def pinned_knobs(overrides: Sequence[str]) -> tuple[str, ...]:
+    """The fields set with --set (not searched)."""
+    return tuple(o.split("=", 1)[0].strip() for o in overrides)
+
+
+def load_space(args: argparse.Namespace, cfg: Config) -> tuple[dict[str, dict], str]:
+    """The resolved search space of --space (default: tune/spaces/default.yaml) and the file's absolute path."""
+    path = Path(args.space).resolve() if args.space else space_file.DEFAULT_SPACE
+    try:
+        return space_file.load(path, cfg, pinned_knobs(args.overrides)), str(path)
+    except space_file.SpaceError as exc:
+        raise SearchError(str(exc)) from None
 
 
 def optuna_storage(spec: str | Path) -> Any:
@@ -202,16 +225,23 @@ class SearchPlan:
     resume: bool = False
     out: Path = Path(".")
     optuna_storage: str = ""
+    space: dict[str, dict] | None = None  # the resolved search space (None: a search from before space files)
+    space_file: str = ""
 
     @property
     def tune_path(self) -> str:
         return f"{self.storage}/tune"
 
+    def space_record(self) -> dict[str, Any]:
+        """The search space as recorded (search.json, the parent run's space.json): the file and its knobs
+        resolved against the preset, the pinned ones left out."""
+        return {"file": self.space_file, "knobs": self.space}
+
     def meta(self) -> dict[str, Any]:
         """search.json: the command line and everything resolved from it."""
         return {"args": vars(self.args), "config": self.cfg.to_dict(), "trials": self.trials, "name": self.name,
                 "out": str(self.out), "search_dir": str(self.search_dir), "storage": self.storage,
-                "tracking_uri": self.uri, "optuna_storage": self.optuna_storage}
+                "tracking_uri": self.uri, "optuna_storage": self.optuna_storage, "space": self.space_record()}
 
     def resume_command(self) -> str:
         """The exact command that continues this search."""
@@ -225,6 +255,7 @@ def plan(args: argparse.Namespace) -> SearchPlan:
     if args.resume is not None:
         return plan_resume(args)
     cfg, trials = check_args(args)
+    space, space_path = load_space(args, cfg)
     out = Path(args.out).resolve()
     name = args.name or f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     search_dir = out / "searches" / name
@@ -235,7 +266,8 @@ def plan(args: argparse.Namespace) -> SearchPlan:
     uri = tracking.absolute_uri(args.tracking_uri) if args.tracking_uri else tracking.default_tracking_uri(out)
     optuna_storage = study_location(args.optuna_storage, search_dir)
     check_tracking(uri, create=out if args.tracking_uri is None else None)
-    return SearchPlan(args, cfg, name, trials, search_dir, storage, uri, False, out, optuna_storage)
+    return SearchPlan(args, cfg, name, trials, search_dir, storage, uri, False, out, optuna_storage, space,
+                      space_path)
 
 
 def plan_resume(args: argparse.Namespace) -> SearchPlan:
@@ -255,7 +287,9 @@ def plan_resume(args: argparse.Namespace) -> SearchPlan:
         storage = str(folder)
     uri = saved.get("tracking_uri") or tracking.default_tracking_uri(out)
     optuna_storage = saved.get("optuna_storage") or study_location(None, folder)
-    p = SearchPlan(args, cfg, name, trials, folder, storage, uri, True, out, optuna_storage)
+    space = saved.get("space") or {}  # the saved space: Tune restores the searcher (and its space) pickled
+    p = SearchPlan(args, cfg, name, trials, folder, storage, uri, True, out, optuna_storage, space.get("knobs"),
+                   space.get("file", ""))
     check_restorable(p)
     check_tracking(uri)
     return p
@@ -463,6 +497,7 @@ def execute(p: SearchPlan, concurrency: int) -> Any:
     experiment_id = tracking.ensure_experiment(p.uri, a.experiment, p.out / "mlartifacts")
     parent = tracking.parent_run(p.uri, experiment_id, p.name, {"preset": a.preset, "trials": p.trials,
                                                                 "overrides": " ".join(a.overrides), **p.cfg.flat()})
+    record_space(p, parent)
     print(f"search {p.name}: {p.trials} trials, {concurrency} at a time, {a.workers_per_trial} worker(s) per trial "
           f"({'GPU' if a.gpus_per_worker else 'CPU'}); MLflow {p.uri}; folder {p.search_dir}", flush=True)
     try:
@@ -475,6 +510,15 @@ def execute(p: SearchPlan, concurrency: int) -> Any:
     except BaseException as exc:
         stop_search(p, experiment_id, parent, exc)
         raise
+
+
+def record_space(p: SearchPlan, parent: str) -> None:
+    """The search space (resolved) on the parent run: space.json, and the file as a param. A search from before
+    space files (a resume) has none to record."""
+    if p.space is None:
+        return
+    tracking.log_dict(p.uri, parent, p.space_record(), "space.json")
+    tracking.log_params(p.uri, parent, {"space_file": p.space_file})
 
 
 def trial_settings(p: SearchPlan, experiment_id: str, parent: str) -> Any:
@@ -503,7 +547,7 @@ def build_tuner(p: SearchPlan, concurrency: int, experiment_id: str, parent: str
         return tune.Tuner.restore(p.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=build_searcher(a, cfg, p.name, p.optuna_storage, p.trials),
+        tune_config=tune.TuneConfig(search_alg=build_searcher(a, cfg, p.name, p.optuna_storage, p.trials, p.space),
                                     scheduler=build_scheduler(a, cfg), num_samples=p.trials,
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name="tune", storage_path=p.storage, verbose=0,
