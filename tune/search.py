@@ -4,6 +4,7 @@
     python tune/search.py --preset smoke           # 3 tiny trials, a few minutes
     python tune/search.py --preset cifar100-lt --set data.root=/data/cifar --gpus-per-worker 1 --trials 32
     python tune/search.py --space my-space.yaml    # another search space (default: tune/spaces/default.yaml)
+    python tune/search.py --warm-start searches/digits-20261130-101500   # TPE starts from an earlier search
 
 Everything the search writes goes under --out (default: the current folder): the MLflow store (mlflow.db and
 mlartifacts/, unless --tracking-uri points elsewhere), and searches/NAME/ with Ray's trial folders, the Optuna
@@ -24,7 +25,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +38,7 @@ import torch  # noqa: E402
 from pdcbdm.config import PRESETS, Config, ConfigError, apply_overrides, preset, write_json_atomic  # noqa: E402
 from tune import cluster  # noqa: E402
 from tune import space_file  # noqa: E402
+from tune import warm_start as warm_mod  # noqa: E402
 from tune import results as results_mod  # noqa: E402
 from tune import tracking  # noqa: E402
 from tune.report import record_search  # noqa: E402
@@ -101,6 +103,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="the search space, a YAML or JSON file: each searched knob's range, scale and step, or its "
                         f"choices (default: {space_file.DEFAULT_SPACE.relative_to(REPO)}, whose comments describe "
                         "the format); a knob pinned with --set is not searched")
+    p.add_argument("--warm-start", dest="warm_start", action="append", default=[], metavar="SEARCH_DIR",
+                   help="put the finished trials (COMPLETE and PRUNED) of an earlier search (OUT/searches/NAME) "
+                        "whose params fit this search's space into its Optuna study before the first trial "
+                        "(repeatable); they do not count towards --trials")
     p.add_argument("--optuna-storage", default=None, metavar="URL",
                    help="where the Optuna study lives (default: sqlite OUT/searches/NAME/optuna.db): an RDB URL "
                         "(postgresql://..., mysql://..., sqlite:////abs/path.db) or a journal file path "
@@ -126,11 +132,13 @@ def check_data(cfg: Config) -> None:
 
 
 def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_storage: str | Path, trials: int,
-                   space: dict[str, dict] | None = None) -> Any:
+                   space: dict[str, dict] | None = None, warm: Sequence[Any] = ()) -> Any:
     """Seeded TPE (multi-objective TPE with --multi-objective), its random start-up sized to the budget, through
     ``StepOptunaSearch``; the study persisted in sqlite; the first trial is the preset.
 
-    ``space`` is the resolved space (``tune.space_file``; default: the default file against ``cfg``).
+    ``space`` is the resolved space (``tune.space_file``; default: the default file against ``cfg``), ``warm``
+    the warm-start trials (``tune.warm_start.WarmStart``) added before the first proposal. TPE's start-up counts
+    the warm-start trials (Optuna counts every COMPLETE and PRUNED trial of the study).
 
     Optuna optimises ``objective`` (and ``objective_tail``): the worker's proxy FID at intermediate evaluations
     (intermediate values, keyed by step; an ASHA-stopped trial is PRUNED) and the final FID at the best w at the
@@ -150,9 +158,13 @@ def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_stora
     storage = optuna_storage(study_storage)
     # one sampler for one or several objectives: Optuna's TPE is multi-objective (MOTPE) when the study is
     sampler = optuna.samplers.TPESampler(n_startup_trials=startup_trials(trials), seed=args.seed)
-    return StepOptunaSearch(space=partial(space_file.suggest, spec=space), metric=metric, mode=mode,
-                            points_to_evaluate=[point] if point else None, sampler=sampler, study_name=name,
-                            storage=storage, max_steps=cfg.train.steps)
+    searcher = StepOptunaSearch(space=partial(space_file.suggest, spec=space), metric=metric, mode=mode,
+                                points_to_evaluate=[point] if point else None, sampler=sampler, study_name=name,
+                                storage=storage, max_steps=cfg.train.steps)
+    for source in warm:
+        searcher.add_trials(source.trials)
+        print(source.summary(), flush=True)
+    return searcher
 
 
 def pinned_knobs(overrides: Sequence[str]) -> tuple[str, ...]:
@@ -167,6 +179,24 @@ def load_space(args: argparse.Namespace, cfg: Config) -> tuple[dict[str, dict], 
         return space_file.load(path, cfg, pinned_knobs(args.overrides)), str(path)
     except space_file.SpaceError as exc:
         raise SearchError(str(exc)) from None
+
+
+def load_warm_starts(args: argparse.Namespace, cfg: Config, space: dict[str, dict]) -> list[Any]:
+    """The trials of each --warm-start folder that fit this search (``tune.warm_start``), read before Ray or
+    MLflow is touched."""
+    dists = space_file.distributions(space)
+    directions = ["minimize"] * (2 if args.multi_objective else 1)
+    out, seen = [], set()
+    for folder in args.warm_start:
+        folder = Path(folder).resolve()
+        if folder in seen:
+            continue
+        seen.add(folder)
+        try:
+            out.append(warm_mod.load(folder, dists, directions, cfg.flat(), optuna_storage))
+        except warm_mod.WarmStartError as exc:
+            raise SearchError(str(exc)) from None
+    return out
 
 
 def optuna_storage(spec: str | Path) -> Any:
@@ -227,6 +257,7 @@ class SearchPlan:
     optuna_storage: str = ""
     space: dict[str, dict] | None = None  # the resolved search space (None: a search from before space files)
     space_file: str = ""
+    warm: list[Any] = field(default_factory=list)  # tune.warm_start.WarmStart per --warm-start folder
 
     @property
     def tune_path(self) -> str:
@@ -241,7 +272,8 @@ class SearchPlan:
         """search.json: the command line and everything resolved from it."""
         return {"args": vars(self.args), "config": self.cfg.to_dict(), "trials": self.trials, "name": self.name,
                 "out": str(self.out), "search_dir": str(self.search_dir), "storage": self.storage,
-                "tracking_uri": self.uri, "optuna_storage": self.optuna_storage, "space": self.space_record()}
+                "tracking_uri": self.uri, "optuna_storage": self.optuna_storage, "space": self.space_record(),
+                "warm_start": {str(w.source): len(w.trials) for w in self.warm}}
 
     def resume_command(self) -> str:
         """The exact command that continues this search."""
@@ -256,6 +288,7 @@ def plan(args: argparse.Namespace) -> SearchPlan:
         return plan_resume(args)
     cfg, trials = check_args(args)
     space, space_path = load_space(args, cfg)
+    warm = load_warm_starts(args, cfg, space)
     out = Path(args.out).resolve()
     name = args.name or f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     search_dir = out / "searches" / name
@@ -267,7 +300,7 @@ def plan(args: argparse.Namespace) -> SearchPlan:
     optuna_storage = study_location(args.optuna_storage, search_dir)
     check_tracking(uri, create=out if args.tracking_uri is None else None)
     return SearchPlan(args, cfg, name, trials, search_dir, storage, uri, False, out, optuna_storage, space,
-                      space_path)
+                      space_path, warm)
 
 
 def plan_resume(args: argparse.Namespace) -> SearchPlan:
@@ -513,12 +546,15 @@ def execute(p: SearchPlan, concurrency: int) -> Any:
 
 
 def record_space(p: SearchPlan, parent: str) -> None:
-    """The search space (resolved) on the parent run: space.json, and the file as a param. A search from before
-    space files (a resume) has none to record."""
+    """The search space (resolved) and the warm-start sources on the parent run: space.json, and the file as a
+    param. A search from before space files (a resume) has none to record."""
     if p.space is None:
         return
     tracking.log_dict(p.uri, parent, p.space_record(), "space.json")
-    tracking.log_params(p.uri, parent, {"space_file": p.space_file})
+    params = {"space_file": p.space_file}
+    if p.warm:
+        params["warm_start"] = ", ".join(f"{w.source} ({len(w.trials)})" for w in p.warm)[:6000]
+    tracking.log_params(p.uri, parent, params)
 
 
 def trial_settings(p: SearchPlan, experiment_id: str, parent: str) -> Any:
@@ -547,7 +583,8 @@ def build_tuner(p: SearchPlan, concurrency: int, experiment_id: str, parent: str
         return tune.Tuner.restore(p.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=build_searcher(a, cfg, p.name, p.optuna_storage, p.trials, p.space),
+        tune_config=tune.TuneConfig(search_alg=build_searcher(a, cfg, p.name, p.optuna_storage, p.trials, p.space,
+                                                              p.warm),
                                     scheduler=build_scheduler(a, cfg), num_samples=p.trials,
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name="tune", storage_path=p.storage, verbose=0,

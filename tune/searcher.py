@@ -5,6 +5,7 @@ is restored) and tells Optuna COMPLETE for a trial that ASHA stopped early. ``St
 training step the worker reports, tells Optuna PRUNED for a trial that ended before ``train.steps`` and COMPLETE
 (with its final objective) for one that ran to the end, FAIL for an errored one, and records the Tune trial id on
 each Optuna trial (user attribute ``tune_trial_id``) so that the study and the trials table can be matched.
+``add_trials`` puts warm-start trials (tune/warm_start.py) into the study before the first proposal.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ class StepOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._max_steps = int(max_steps)
         self._last_step: dict[str, int] = {}
+
+    def add_trials(self, trials: list[Any]) -> None:
+        """Finished trials of earlier searches (warm start), added to the study before the first ``suggest``.
+        The preset's point, enqueued when the study was set up, is still the first trial proposed (Optuna asks
+        WAITING trials first)."""
+        self._ot_study.add_trials(trials)
 
     def suggest(self, trial_id: str) -> dict | None:
         params = super().suggest(trial_id)
