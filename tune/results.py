@@ -10,6 +10,7 @@ import pandas as pd
 
 from pdcbdm.io import atomic_write
 
+from tune.budget import STOPPED_KEY
 
 METRIC_COLUMNS = ("fid", "is_mean", "precision", "recall", "f8", "f1_8", "fid_head", "fid_tail",
                   "consistency_mean", "consistency_tail", "tail_to_head_confusion", "noise_error", "best_guidance", "proxy_fid",
@@ -17,8 +18,9 @@ METRIC_COLUMNS = ("fid", "is_mean", "precision", "recall", "f8", "f1_8", "fid_he
 
 
 def trial_rows(results: Iterable[Any], max_steps: int, run_ids: dict[str, str] | None = None) -> pd.DataFrame:
-    """A DataFrame of trials from a Tune ResultGrid: status is completed, stopped (early, by ASHA) or failed; one
-    column per searched knob (the config fields a trial's config holds)."""
+    """A DataFrame of trials from a Tune ResultGrid: status is completed, stopped (early: ``stopped_by`` says by
+    ASHA or by the time budget) or failed; one column per searched knob (the config fields a trial's config
+    holds)."""
     rows = []
     for res in results:
         metrics = dict(res.metrics or {})
@@ -27,6 +29,7 @@ def trial_rows(results: Iterable[Any], max_steps: int, run_ids: dict[str, str] |
         row: dict[str, Any] = {"trial_id": trial_id, "status": status}
         row.update({k: v for k, v in (res.config or {}).items() if "." in k})
         row.update({k: metrics.get(k) for k in METRIC_COLUMNS})
+        row["stopped_by"] = None if status != "stopped" else "time budget" if metrics.get(STOPPED_KEY) else "ASHA"
         row["error"] = str(res.error).strip().splitlines()[-1][:300] if res.error else None
         row["mlflow_run_id"] = (run_ids or {}).get(trial_id)
         rows.append(row)
@@ -63,10 +66,11 @@ def format_table(df: pd.DataFrame) -> str:
         return "(no trials)"
     knobs = knob_columns(df)
     short = {k: k.split(".")[-1] for k in knobs}
-    cols = ["rank", "trial_id", "status", *knobs, "fid", "is_mean", "recall",
+    cols = ["rank", "trial_id", "status", "stopped_by", *knobs, "fid", "is_mean", "recall",
             "fid_head", "fid_tail", "tail_to_head_confusion", "best_guidance", "proxy_fid"]
-    view = df[[c for c in cols if c in df]].rename(columns={**short, "tail_to_head_confusion": "t2h_conf",
-                                                            "best_guidance": "best_w", "is_mean": "IS"})
+    shown = [c for c in cols if c in df and not (c == "stopped_by" and df[c].isna().all())]
+    view = df[shown].rename(columns={**short, "tail_to_head_confusion": "t2h_conf", "best_guidance": "best_w",
+                                     "is_mean": "IS"})
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3g}".format):
         return view.to_string(index=False)
 

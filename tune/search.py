@@ -5,11 +5,12 @@
     python tune/search.py --preset cifar100-lt --set data.root=/data/cifar --gpus-per-worker 1 --trials 32
     python tune/search.py --space my-space.yaml    # another search space (default: tune/spaces/default.yaml)
     python tune/search.py --warm-start searches/digits-20261130-101500   # TPE starts from an earlier search
+    python tune/search.py --time-budget 60         # no new trial after an hour; running ones stop at their next report
 
 Everything the search writes goes under --out (default: the current folder): the MLflow store (mlflow.db and
 mlartifacts/, unless --tracking-uri points elsewhere), and searches/NAME/ with Ray's trial folders, the Optuna
-study (optuna.db), search.json (the command line, the resolved config and search space) and trials.parquet (one
-row per trial, for the notebooks).
+study (optuna.db), search.json (the command line, the resolved config and search space), budget.json (the time
+budget and whether it cut the search) and trials.parquet (one row per trial, for the notebooks).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: import the repository's packag
 import torch  # noqa: E402
 
 from pdcbdm.config import PRESETS, Config, ConfigError, apply_overrides, preset, write_json_atomic  # noqa: E402
+from tune import budget as budget_mod  # noqa: E402
 from tune import cluster  # noqa: E402
 from tune import space_file  # noqa: E402
 from tune import warm_start as warm_mod  # noqa: E402
@@ -107,6 +109,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="put the finished trials (COMPLETE and PRUNED) of an earlier search (OUT/searches/NAME) "
                         "whose params fit this search's space into its Optuna study before the first trial "
                         "(repeatable); they do not count towards --trials")
+    p.add_argument("--time-budget", dest="time_budget", type=float, default=None, metavar="MINUTES",
+                   help="no new trial starts after MINUTES; running trials stop at their next report, recorded as "
+                        "stopped early (exit status 0). A --resume runs with the --time-budget given to it, "
+                        "counted from the resume, or none")
     p.add_argument("--optuna-storage", default=None, metavar="URL",
                    help="where the Optuna study lives (default: sqlite OUT/searches/NAME/optuna.db): an RDB URL "
                         "(postgresql://..., mysql://..., sqlite:////abs/path.db) or a journal file path "
@@ -132,13 +138,15 @@ def check_data(cfg: Config) -> None:
 
 
 def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_storage: str | Path, trials: int,
-                   space: dict[str, dict] | None = None, warm: Sequence[Any] = ()) -> Any:
+                   space: dict[str, dict] | None = None, warm: Sequence[Any] = (),
+                   budget_file: str | None = None) -> Any:
     """Seeded TPE (multi-objective TPE with --multi-objective), its random start-up sized to the budget, through
     ``StepOptunaSearch``; the study persisted in sqlite; the first trial is the preset.
 
     ``space`` is the resolved space (``tune.space_file``; default: the default file against ``cfg``), ``warm``
-    the warm-start trials (``tune.warm_start.WarmStart``) added before the first proposal. TPE's start-up counts
-    the warm-start trials (Optuna counts every COMPLETE and PRUNED trial of the study).
+    the warm-start trials (``tune.warm_start.WarmStart``) added before the first proposal, ``budget_file`` the
+    search's budget.json (``tune.budget``) after whose deadline no trial is proposed. TPE's start-up counts the
+    warm-start trials (Optuna counts every COMPLETE and PRUNED trial of the study).
 
     Optuna optimises ``objective`` (and ``objective_tail``): the worker's proxy FID at intermediate evaluations
     (intermediate values, keyed by step; an ASHA-stopped trial is PRUNED) and the final FID at the best w at the
@@ -160,7 +168,7 @@ def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_stora
     sampler = optuna.samplers.TPESampler(n_startup_trials=startup_trials(trials), seed=args.seed)
     searcher = StepOptunaSearch(space=partial(space_file.suggest, spec=space), metric=metric, mode=mode,
                                 points_to_evaluate=[point] if point else None, sampler=sampler, study_name=name,
-                                storage=storage, max_steps=cfg.train.steps)
+                                storage=storage, max_steps=cfg.train.steps, budget_file=budget_file)
     for source in warm:
         searcher.add_trials(source.trials)
         print(source.summary(), flush=True)
@@ -263,6 +271,10 @@ class SearchPlan:
     def tune_path(self) -> str:
         return f"{self.storage}/tune"
 
+    @property
+    def budget_file(self) -> str:
+        return str(self.search_dir / budget_mod.BUDGET_FILE)
+
     def space_record(self) -> dict[str, Any]:
         """The search space as recorded (search.json, the parent run's space.json): the file and its knobs
         resolved against the preset, the pinned ones left out."""
@@ -344,6 +356,9 @@ def check_args(args: argparse.Namespace) -> tuple[Config, int]:
     trials = DEFAULT_TRIALS[args.preset] if args.trials is None else args.trials
     if trials < 1:
         raise SearchError(f"--trials must be >= 1, got {trials}")
+    minutes = getattr(args, "time_budget", None)  # getattr: search.json of older versions has no such flag
+    if minutes is not None and not (minutes > 0 and math.isfinite(minutes)):
+        raise SearchError(f"--time-budget must be a positive number of minutes, got {args.time_budget:g}")
     check_data(cfg)
     return cfg, trials
 
@@ -396,9 +411,11 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 
 def resumed_args(args: argparse.Namespace, folder: Path, saved: dict[str, Any]) -> argparse.Namespace:
-    """The original command line of the search (search.json), with --address and --concurrency kept."""
+    """The original command line of the search (search.json), with --address, --concurrency and --time-budget
+    taken from this command."""
     restored = argparse.Namespace(**{**vars(parse_args([])), **saved})
     restored.resume, restored.address = str(folder), args.address
+    restored.time_budget = args.time_budget  # a resume runs with its own budget (or none), never the spent one
     if args.concurrency:
         restored.concurrency = args.concurrency
     return restored
@@ -535,11 +552,15 @@ def execute(p: SearchPlan, concurrency: int) -> Any:
           f"({'GPU' if a.gpus_per_worker else 'CPU'}); MLflow {p.uri}; folder {p.search_dir}", flush=True)
     try:
         tuner = build_tuner(p, concurrency, experiment_id, parent)
+        budget_mod.start(p.search_dir, getattr(a, "time_budget", None))
         with SigintWatch() as watch:
             grid = tuner.fit()
-        if watch.fired or len(grid) < p.trials:
+        # fewer trials than asked is an interruption, unless the time budget ended the proposals
+        if watch.fired or (len(grid) < p.trials and not budget_mod.reached(p.search_dir)):
             raise SearchInterrupted("interrupted")
-        return summarise(grid, p, experiment_id, parent)
+        table = summarise(grid, p, experiment_id, parent)
+        report_budget(p, parent, table)
+        return table
     except BaseException as exc:
         stop_search(p, experiment_id, parent, exc)
         raise
@@ -555,6 +576,14 @@ def record_space(p: SearchPlan, parent: str) -> None:
     if p.warm:
         params["warm_start"] = ", ".join(f"{w.source} ({len(w.trials)})" for w in p.warm)[:6000]
     tracking.log_params(p.uri, parent, params)
+
+
+def report_budget(p: SearchPlan, parent: str, table: Any) -> None:
+    """Print and tag (``pdcbdm.time_budget``) what the time budget cut, when it cut anything."""
+    line = budget_mod.summary(p.search_dir, table, p.trials)
+    if line:
+        print(line, flush=True)
+        tracking.set_tags(p.uri, parent, {"pdcbdm.time_budget": line})
 
 
 def trial_settings(p: SearchPlan, experiment_id: str, parent: str) -> Any:
@@ -574,7 +603,7 @@ def build_tuner(p: SearchPlan, concurrency: int, experiment_id: str, parent: str
     hold them as failed; unfinished ones continue from their last checkpoint)."""
     from ray import tune
 
-    from tune.trainable import MlflowStatusCallback, ProgressPrinter, run_trial
+    from tune.trainable import BudgetStopper, MlflowStatusCallback, ProgressPrinter, run_trial
 
     a, cfg = p.args, p.cfg
     settings = trial_settings(p, experiment_id, parent)
@@ -584,10 +613,11 @@ def build_tuner(p: SearchPlan, concurrency: int, experiment_id: str, parent: str
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=build_searcher(a, cfg, p.name, p.optuna_storage, p.trials, p.space,
-                                                              p.warm),
+                                                              p.warm, p.budget_file),
                                     scheduler=build_scheduler(a, cfg), num_samples=p.trials,
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name="tune", storage_path=p.storage, verbose=0,
+                                  stop=BudgetStopper(p.budget_file, cfg.train.steps),
                                   failure_config=tune.FailureConfig(max_failures=a.max_trial_failures),
                                   callbacks=[MlflowStatusCallback(p.uri, experiment_id, cfg.train.steps),
                                              ProgressPrinter(cfg.train.steps)]),
@@ -699,7 +729,9 @@ def row_outcome(row: Any) -> str:
         return failure_outcome(row.error if isinstance(row.error, str) else None)
     if row.status == "stopped":
         step = finite(getattr(row, "step", None))
-        return f"early-stopped by ASHA at step {int(step)}" if step is not None else "early-stopped by ASHA"
+        what = ("stopped by the time budget" if getattr(row, "stopped_by", None) == "time budget"
+                else "early-stopped by ASHA")
+        return f"{what} at step {int(step)}" if step is not None else what
     return "completed"
 
 
