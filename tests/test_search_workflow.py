@@ -97,6 +97,14 @@ def test_warm_start_takes_the_finished_trials_that_fit(tmp_path):
     pruned = next(t for t in got.trials if t.state == TrialState.PRUNED)
     assert pruned.intermediate_values == {20: 40.0}  # TPE ranks pruned trials by them
     assert sorted(t.value for t in got.trials if t.state == TrialState.COMPLETE) == [25.0, 30.0]
+    # an earlier search with another budget: its values are on another scale, which the summary says
+    meta = json.loads((src / "search.json").read_text())
+    other = preset("smoke").to_dict()
+    other["train"]["steps"] = 99
+    other["loss"]["pd_weight"] = 0.5  # searched there: compared per trial, not here
+    (src / "search.json").write_text(json.dumps({**meta, "config": other}))
+    again = warm_start.load(src, space_file.distributions(spec), ["minimize"], preset("smoke").flat(), _storage)
+    assert again.differs == ["train.steps"] and "base config differs in train.steps" in again.summary()
 
 
 def _storage(location: str):

@@ -44,6 +44,7 @@ class WarmStart:
     source: Path
     trials: list[Any] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
+    differs: list[str] = field(default_factory=list)  # fixed fields whose value differs between the two searches
 
     def summary(self) -> str:
         """``warm start: 5 trials from searches/X (2 skipped: 1 failed, 1 outside the space)``"""
@@ -51,12 +52,15 @@ class WarmStart:
         if self.skipped:
             reasons = ", ".join(f"{n} {why}" for why, n in self.skipped.most_common())
             text += f" ({sum(self.skipped.values())} skipped: {reasons})"
+        if self.differs:
+            text += (f"; note: its base config differs in {', '.join(self.differs[:5])}"
+                     f"{' and more' if len(self.differs) > 5 else ''} (its values are taken as they are)")
         return text
 
 
-def source_study(folder: Path, open_storage: Callable[[str], Any]) -> Any:
-    """The Optuna study of the search in ``folder``, refused with a message naming the folder when it is no
-    search or its study cannot be read."""
+def source_study(folder: Path, open_storage: Callable[[str], Any]) -> tuple[Any, dict]:
+    """The Optuna study of the search in ``folder`` and its search.json, refused with a message naming the folder
+    when it is no search or its study cannot be read."""
     import optuna
 
     meta_path = folder / "search.json"
@@ -74,7 +78,7 @@ def source_study(folder: Path, open_storage: Callable[[str], Any]) -> Any:
     if location.startswith("sqlite:///") and not Path(location[len("sqlite:///"):]).is_file():
         raise WarmStartError(f"--warm-start {folder}: its Optuna study {location} does not exist")
     try:
-        return optuna.load_study(study_name=name, storage=open_storage(location))
+        return optuna.load_study(study_name=name, storage=open_storage(location)), meta
     except Exception as exc:  # noqa: BLE001 - KeyError (no such study), SQLAlchemy and journal errors
         raise WarmStartError(f"--warm-start {folder}: cannot read its Optuna study {name!r} at {location} "
                              f"({type(exc).__name__}: {exc})") from None
@@ -85,13 +89,13 @@ def load(folder: str | Path, dists: Mapping[str, Any], directions: Sequence[str]
     """The trials of the search in ``folder`` that fit a new search: its space's ``dists`` (knob -> Optuna
     distribution), its study ``directions`` ("minimize" per objective) and ``fixed`` (its base config, flat)."""
     folder = Path(folder).resolve()
-    study = source_study(folder, open_storage)
+    study, meta = source_study(folder, open_storage)
     theirs = [d.name.lower() for d in study.directions]
     if theirs != [d.lower() for d in directions]:
         raise WarmStartError(f"--warm-start {folder}: its study optimises {len(theirs)} objective(s) "
                              f"({', '.join(theirs)}), this search {len(directions)} ({', '.join(directions)}); "
                              f"warm-start a --multi-objective search only from --multi-objective searches")
-    out = WarmStart(folder)
+    out = WarmStart(folder, differs=config_differences(meta, fixed, dists))
     for trial in study.get_trials(deepcopy=False):
         why = skip_reason(trial, dists, fixed)
         if why:
@@ -99,6 +103,20 @@ def load(folder: str | Path, dists: Mapping[str, Any], directions: Sequence[str]
         else:
             out.trials.append(copy_trial(trial, dists, folder))
     return out
+
+
+def config_differences(meta: Mapping[str, Any], fixed: Mapping[str, Any], dists: Mapping[str, Any]) -> list[str]:
+    """The fields searched by neither search whose value differs between the earlier search's base config (its
+    search.json) and this one's (a different budget or evaluation puts its values on another scale); the fields
+    it searched are checked per trial (``skip_reason``)."""
+    from tune.space import SEARCHED
+
+    theirs = meta.get("config")
+    if not isinstance(theirs, dict):
+        return []
+    flat = {f"{s}.{k}": v for s, sec in theirs.items() if isinstance(sec, dict) for k, v in sec.items()}
+    searched = set((meta.get("space") or {}).get("knobs") or SEARCHED)  # before space files: the six knobs
+    return [k for k in fixed if k in flat and k not in dists and k not in searched and not _same(flat[k], fixed[k])]
 
 
 def skip_reason(trial: Any, dists: Mapping[str, Any], fixed: Mapping[str, Any]) -> str | None:
