@@ -54,3 +54,123 @@ def test_guidance_and_evaluation_fields_are_not_searched():
     search_space(trial)
     for key in ("sample.guidance", "eval.proxy_guidance", "eval.split_ratio", "eval.guidance_grid"):
         assert key not in SEARCHED and key not in trial.params
+
+
+# --- the space file (--space): pure parsing and resolution, no Ray ---
+
+import json  # noqa: E402
+import pickle  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from tune import space_file  # noqa: E402
+from tune.space_file import SpaceError  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["digits", "cifar100-lt"])
+def test_default_file_is_the_former_space(name):
+    """tune/spaces/default.yaml resolves, for each preset, to the space the search used before space files:
+    the same distributions in the same order, so a seeded TPE proposes the same configs."""
+    base = preset(name)
+    spec = space_file.load(space_file.DEFAULT_SPACE, base)
+    former = functools.partial(search_space, tsa=tsa_choices(MODEL_PRESETS[base.model.preset].resolutions),
+                               pd_weight_center=base.loss.pd_weight)
+    proposals = []
+    for space in (former, pickle.loads(pickle.dumps(functools.partial(space_file.suggest, spec=spec)))):
+        study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=3, n_startup_trials=2))
+        for i in range(6):
+            trial = study.ask()
+            space(trial)
+            study.tell(trial, float(i % 4))
+        proposals.append([(t.params, t.distributions) for t in study.trials])
+    assert proposals[0] == proposals[1]
+    assert list(spec) == list(SEARCHED)
+    assert space_file.distributions(spec) == proposals[1][-1][1]
+    assert spec["loss.pd_weight"]["low"] == pytest.approx(base.loss.pd_weight / 10)
+    point, outside = space_file.preset_point(spec, base.flat())
+    assert point == config_point(base.flat()) and outside == []
+
+
+def _write(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_custom_file_searches_what_it_names(tmp_path):
+    """Only the file's knobs are searched, pinned ones are left out, integers stay integers, JSON is read too,
+    and a preset value outside the space leaves the first point (Optuna samples it)."""
+    base = preset("smoke")
+    path = _write(tmp_path, "loss.cbdm_tau: {range: [1.5, 2.0]}\nloss.pd_pairs: {range: [0, 8], step: 2}\n"
+                            "train.lr: {range: [0.0001, 0.01], scale: log}\n"
+                            "model.tsa_resolutions: {choices: ['', 8, '8,4']}\nloss.split_ratio: {range: [0.5, 0.9]}\n")
+    spec = space_file.load(path, base, fixed=("loss.split_ratio",))
+    assert list(spec) == ["loss.cbdm_tau", "loss.pd_pairs", "train.lr", "model.tsa_resolutions"]
+    assert spec["loss.pd_pairs"] == {"type": "int", "low": 0, "high": 8, "log": False, "step": 2}
+    assert spec["model.tsa_resolutions"]["choices"] == ["", "8", "8,4"]  # text, as the field and the preset hold
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        space_file.suggest(trial, spec)
+        assert set(trial.params) == set(spec)
+        cfg = apply_overrides(base, trial.params)
+        assert cfg.loss.pd_pairs in (0, 2, 4, 6, 8) and 1e-4 <= cfg.train.lr <= 1e-2
+        study.tell(trial, 1.0)
+    point, outside = space_file.preset_point(spec, base.flat())
+    assert outside == ["loss.cbdm_tau"] and point == {"loss.pd_pairs": 0, "train.lr": base.train.lr,
+                                                      "model.tsa_resolutions": "8"}
+    as_json = _write(tmp_path, json.dumps({"loss.cbdm_gamma": {"range": [0.1, 0.5]}}), "space.json")
+    assert space_file.load(as_json, base) == {"loss.cbdm_gamma": {"type": "float", "low": 0.1, "high": 0.5,
+                                                                  "log": False, "step": None}}
+
+
+@pytest.mark.parametrize("text, says", [
+    ("loss.nope: {range: [0, 1]}", "not a config field"),
+    ("eval.proxy_guidance: {range: [0, 2]}", "cannot be searched"),
+    ("train.steps: {range: [10, 20]}", "cannot be searched"),
+    ("loss.cbdm_tau: {range: [2.0, 0.1]}", "empty or inverted range"),
+    ("loss.cbdm_tau: {range: [1.0, 1.0]}", "empty or inverted range"),
+    ("loss.cbdm_tau: {range: [0.1]}", "range must be [LOW, HIGH]"),
+    ("loss.cbdm_tau: {range: [0.1, 2.0], scale: cubic}", "scale must be linear or log"),
+    ("loss.cbdm_gamma: {range: [0.0, 1.0], scale: log}", "log scale needs LOW > 0"),
+    ("loss.split_ratio: {range: [0.5, 0.9], step: 0.3}", "does not fit the range"),
+    ("loss.split_ratio: {range: [0.5, 0.9], step: 0.1, scale: log}", "cannot be combined with a log scale"),
+    ("loss.label_dist: {choices: []}", "non-empty list"),
+    ("loss.label_dist: {choices: [cbdm, cbdm]}", "repeat"),
+    ("loss.label_dist: {choices: [cbdm, zipf]}", "'zipf' is not a valid value"),
+    ("loss.label_dist: {range: [0, 1]}", "not a number"),
+    ("loss.split_ratio: {range: [0.5, 1.5]}", "1.5 is not a valid value"),
+    ("loss.pd_pairs: {range: [1.5, 4]}", "must hold integers"),
+    ("loss.pd_weight: {range_around_preset: 0.5}", "number > 1"),
+    ("loss.cbdm_tau: {choices: auto}", "only for model.tsa_resolutions"),
+    ("model.tsa_resolutions: {choices: ['8', '32']}", "does not have"),
+    ("loss.cbdm_tau: {range: [0.1, 2.0], choices: [1]}", "exactly one of"),
+    ("loss.cbdm_tau: {rnage: [0.1, 2.0]}", "unknown key"),
+    ("loss.cbdm_tau: 0.5", "expected a mapping"),
+    ("", "expected a mapping of knob names"),
+    ("loss.cbdm_tau: {range: [0.1, 2.0]\n", "not valid YAML"),
+])
+def test_bad_files_are_refused_naming_the_file_and_the_entry(tmp_path, text, says):
+    path = _write(tmp_path, text)
+    with pytest.raises(SpaceError) as err:
+        space_file.load(path, preset("smoke"))
+    assert says in str(err.value) and str(path) in str(err.value)
+    knob = text.split(":", 1)[0].strip()
+    if knob.startswith(("loss.", "model.", "eval.", "train.")) and "YAML" not in says:
+        assert f"entry {knob!r}" in str(err.value)
+
+
+def test_a_bad_space_file_stops_the_search_before_ray_or_mlflow(tmp_path, capsys):
+    """Exit status 2, the file and the entry named, nothing written: the check runs before the tracking store
+    or Ray is touched."""
+    import ray
+
+    from tune.search import main
+
+    path = _write(tmp_path, "model.tsa_resolutions: {choices: ['8', '32']}\n")
+    out = tmp_path / "out"
+    assert main(["--preset", "smoke", "--space", str(path), "--out", str(out), "--name", "bad"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "'model.tsa_resolutions'" in err and "does not have" in err
+    assert not out.exists() and not ray.is_initialized()
+    assert main(["--preset", "smoke", "--space", str(tmp_path / "missing.yaml"), "--out", str(out)]) == 2
+    assert "cannot be read" in capsys.readouterr().err and not out.exists()

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from tune import tracking
-from tune.space import SEARCHED
+from tune.warm_start import own_trials
 
 BEST_COMMAND_TAG = "pdcbdm.best_command"
 MIN_TRIALS_TO_RANK = 2  # Optuna's importance evaluator needs two finished trials with different values
@@ -26,7 +26,7 @@ def best_command(preset: str, overrides: Sequence[str], row: pd.Series) -> str:
     parts = ["python", "-m", "pdcbdm.train", "--preset", preset]
     for item in overrides:
         parts += ["--set", item]
-    for key in SEARCHED:
+    for key in [k for k in row.index if "." in k]:  # the searched knobs (config fields)
         value = row.get(key)
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
             parts += ["--set", f"{key}={value}"]
@@ -46,8 +46,9 @@ def _message_figure(title: str, text: str) -> Any:
 
 
 def optuna_figures(study: Any) -> dict[str, Any]:
-    """Artifact name -> matplotlib figure: Optuna's parameter importances and parallel coordinates, or a figure
-    that says the study has too few finished trials to draw them."""
+    """Artifact name -> matplotlib figure: Optuna's parameter importances and parallel coordinates of this
+    search's own trials (warm-start trials copied from earlier searches left out), or a figure that says the
+    study has too few finished trials to draw them."""
     import warnings
 
     import matplotlib
@@ -56,6 +57,10 @@ def optuna_figures(study: Any) -> dict[str, Any]:
     import optuna
     from optuna.visualization import matplotlib as ovm
 
+    if len(own_trials(study)) < len(study.trials):  # the plots take a study: an in-memory one of our trials
+        ours = optuna.create_study(directions=study.directions)
+        ours.add_trials(own_trials(study))
+        study = ours
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     figures: dict[str, Any] = {}
     plots = {"optuna/param_importances.png": ("parameter importance", ovm.plot_param_importances),

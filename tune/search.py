@@ -3,10 +3,14 @@
     python tune/search.py                          # the embedded default: Digits-LT, small U-Net, CPU, 4 trials, ~15 min
     python tune/search.py --preset smoke           # 3 tiny trials, a few minutes
     python tune/search.py --preset cifar100-lt --set data.root=/data/cifar --gpus-per-worker 1 --trials 32
+    python tune/search.py --space my-space.yaml    # another search space (default: tune/spaces/default.yaml)
+    python tune/search.py --warm-start searches/digits-20261130-101500   # TPE starts from an earlier search
+    python tune/search.py --time-budget 60         # no new trial after an hour; running ones stop at their next report
 
 Everything the search writes goes under --out (default: the current folder): the MLflow store (mlflow.db and
 mlartifacts/, unless --tracking-uri points elsewhere), and searches/NAME/ with Ray's trial folders, the Optuna
-study (optuna.db), search.json and trials.parquet (one row per trial, for the notebooks).
+study (optuna.db), search.json (the command line, the resolved config and search space), budget.json (the time
+budget and whether it cut the search) and trials.parquet (one row per trial, for the notebooks).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,12 +37,13 @@ if __package__ in (None, ""):  # run as a script: import the repository's packag
 import torch  # noqa: E402
 
 from pdcbdm.config import PRESETS, Config, ConfigError, apply_overrides, preset, write_json_atomic  # noqa: E402
-from pdcbdm.models import PRESETS as MODEL_PRESETS  # noqa: E402
+from tune import budget as budget_mod  # noqa: E402
 from tune import cluster  # noqa: E402
+from tune import space_file  # noqa: E402
+from tune import warm_start as warm_mod  # noqa: E402
 from tune import results as results_mod  # noqa: E402
 from tune import tracking  # noqa: E402
 from tune.report import record_search  # noqa: E402
-from tune.space import SEARCHED, config_point, search_space, tsa_choices  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRIALS = {"smoke": 3, "digits": 3, "cifar10-lt": 32, "cifar100-lt": 32}
@@ -96,6 +101,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "MLflow runs continue; the other flags are taken from DIR/search.json")
     p.add_argument("--max-worker-failures", type=int, default=1,
                    help="restarts of a trial's worker group from its last checkpoint after a worker dies")
+    p.add_argument("--space", default=None, metavar="FILE",
+                   help="the search space, a YAML or JSON file: each searched knob's range, scale and step, or its "
+                        f"choices (default: {space_file.DEFAULT_SPACE.relative_to(REPO)}, whose comments describe "
+                        "the format); a knob pinned with --set is not searched")
+    p.add_argument("--warm-start", dest="warm_start", action="append", default=[], metavar="SEARCH_DIR",
+                   help="put the finished trials (COMPLETE and PRUNED) of an earlier search (OUT/searches/NAME) "
+                        "whose params fit this search's space into its Optuna study before the first trial "
+                        "(repeatable); they do not count towards --trials")
+    p.add_argument("--time-budget", dest="time_budget", type=float, default=None, metavar="MINUTES",
+                   help="no new trial starts after MINUTES; running trials stop at their next report, recorded as "
+                        "stopped early (exit status 0). A --resume runs with the --time-budget given to it, "
+                        "counted from the resume, or none")
     p.add_argument("--optuna-storage", default=None, metavar="URL",
                    help="where the Optuna study lives (default: sqlite OUT/searches/NAME/optuna.db): an RDB URL "
                         "(postgresql://..., mysql://..., sqlite:////abs/path.db) or a journal file path "
@@ -120,9 +137,16 @@ def check_data(cfg: Config) -> None:
         raise SearchError(f"data set {cfg.data.dataset!r}: {exc}") from None
 
 
-def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_storage: str | Path, trials: int) -> Any:
+def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_storage: str | Path, trials: int,
+                   space: dict[str, dict] | None = None, warm: Sequence[Any] = (),
+                   budget_file: str | None = None) -> Any:
     """Seeded TPE (multi-objective TPE with --multi-objective), its random start-up sized to the budget, through
     ``StepOptunaSearch``; the study persisted in sqlite; the first trial is the preset.
+
+    ``space`` is the resolved space (``tune.space_file``; default: the default file against ``cfg``), ``warm``
+    the warm-start trials (``tune.warm_start.WarmStart``) added before the first proposal, ``budget_file`` the
+    search's budget.json (``tune.budget``) after whose deadline no trial is proposed. TPE's start-up counts the
+    warm-start trials (Optuna counts every COMPLETE and PRUNED trial of the study).
 
     Optuna optimises ``objective`` (and ``objective_tail``): the worker's proxy FID at intermediate evaluations
     (intermediate values, keyed by step; an ASHA-stopped trial is PRUNED) and the final FID at the best w at the
@@ -132,18 +156,55 @@ def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_stora
 
     from tune.searcher import StepOptunaSearch, startup_trials
 
-    fixed = tuple(k for k in SEARCHED if any(o.split("=", 1)[0].strip() == k for o in args.overrides))
-    levels = MODEL_PRESETS[cfg.model.preset].resolutions
-    space = partial(search_space, fixed=fixed, tsa=tsa_choices(levels), pd_weight_center=cfg.loss.pd_weight or 0.1)
-    point = config_point(cfg.flat(), fixed)
-    if "model.tsa_resolutions" in point and point["model.tsa_resolutions"] not in tsa_choices(levels):
-        point.pop("model.tsa_resolutions")
+    if space is None:
+        space = space_file.load(space_file.DEFAULT_SPACE, cfg, pinned_knobs(args.overrides))
+    point, outside = space_file.preset_point(space, cfg.flat())
+    if outside:
+        print(f"first trial: the preset's configuration, except {', '.join(outside)} (its value lies outside the "
+              f"search space: sampled)", flush=True)
     metric, mode = (["objective", "objective_tail"], ["min", "min"]) if args.multi_objective else ("objective", "min")
     storage = optuna_storage(study_storage)
     # one sampler for one or several objectives: Optuna's TPE is multi-objective (MOTPE) when the study is
     sampler = optuna.samplers.TPESampler(n_startup_trials=startup_trials(trials), seed=args.seed)
-    return StepOptunaSearch(space=space, metric=metric, mode=mode, points_to_evaluate=[point] if point else None,
-                            sampler=sampler, study_name=name, storage=storage, max_steps=cfg.train.steps)
+    searcher = StepOptunaSearch(space=partial(space_file.suggest, spec=space), metric=metric, mode=mode,
+                                points_to_evaluate=[point] if point else None, sampler=sampler, study_name=name,
+                                storage=storage, max_steps=cfg.train.steps, budget_file=budget_file)
+    for source in warm:
+        searcher.add_trials(source.trials)
+        print(source.summary(), flush=True)
+    return searcher
+
+
+def pinned_knobs(overrides: Sequence[str]) -> tuple[str, ...]:
+    """The fields set with --set (not searched)."""
+    return tuple(o.split("=", 1)[0].strip() for o in overrides)
+
+
+def load_space(args: argparse.Namespace, cfg: Config) -> tuple[dict[str, dict], str]:
+    """The resolved search space of --space (default: tune/spaces/default.yaml) and the file's absolute path."""
+    path = Path(args.space).resolve() if args.space else space_file.DEFAULT_SPACE
+    try:
+        return space_file.load(path, cfg, pinned_knobs(args.overrides)), str(path)
+    except space_file.SpaceError as exc:
+        raise SearchError(str(exc)) from None
+
+
+def load_warm_starts(args: argparse.Namespace, cfg: Config, space: dict[str, dict]) -> list[Any]:
+    """The trials of each --warm-start folder that fit this search (``tune.warm_start``), read before Ray or
+    MLflow is touched."""
+    dists = space_file.distributions(space)
+    directions = ["minimize"] * (2 if args.multi_objective else 1)
+    out, seen = [], set()
+    for folder in args.warm_start:
+        folder = Path(folder).resolve()
+        if folder in seen:
+            continue
+        seen.add(folder)
+        try:
+            out.append(warm_mod.load(folder, dists, directions, cfg.flat(), optuna_storage))
+        except warm_mod.WarmStartError as exc:
+            raise SearchError(str(exc)) from None
+    return out
 
 
 def optuna_storage(spec: str | Path) -> Any:
@@ -202,16 +263,29 @@ class SearchPlan:
     resume: bool = False
     out: Path = Path(".")
     optuna_storage: str = ""
+    space: dict[str, dict] | None = None  # the resolved search space (None: a search from before space files)
+    space_file: str = ""
+    warm: list[Any] = field(default_factory=list)  # tune.warm_start.WarmStart per --warm-start folder
 
     @property
     def tune_path(self) -> str:
         return f"{self.storage}/tune"
 
+    @property
+    def budget_file(self) -> str:
+        return str(self.search_dir / budget_mod.BUDGET_FILE)
+
+    def space_record(self) -> dict[str, Any]:
+        """The search space as recorded (search.json, the parent run's space.json): the file and its knobs
+        resolved against the preset, the pinned ones left out."""
+        return {"file": self.space_file, "knobs": self.space}
+
     def meta(self) -> dict[str, Any]:
         """search.json: the command line and everything resolved from it."""
         return {"args": vars(self.args), "config": self.cfg.to_dict(), "trials": self.trials, "name": self.name,
                 "out": str(self.out), "search_dir": str(self.search_dir), "storage": self.storage,
-                "tracking_uri": self.uri, "optuna_storage": self.optuna_storage}
+                "tracking_uri": self.uri, "optuna_storage": self.optuna_storage, "space": self.space_record(),
+                "warm_start": {str(w.source): len(w.trials) for w in self.warm}}
 
     def resume_command(self) -> str:
         """The exact command that continues this search."""
@@ -225,6 +299,8 @@ def plan(args: argparse.Namespace) -> SearchPlan:
     if args.resume is not None:
         return plan_resume(args)
     cfg, trials = check_args(args)
+    space, space_path = load_space(args, cfg)
+    warm = load_warm_starts(args, cfg, space)
     out = Path(args.out).resolve()
     name = args.name or f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     search_dir = out / "searches" / name
@@ -235,7 +311,8 @@ def plan(args: argparse.Namespace) -> SearchPlan:
     uri = tracking.absolute_uri(args.tracking_uri) if args.tracking_uri else tracking.default_tracking_uri(out)
     optuna_storage = study_location(args.optuna_storage, search_dir)
     check_tracking(uri, create=out if args.tracking_uri is None else None)
-    return SearchPlan(args, cfg, name, trials, search_dir, storage, uri, False, out, optuna_storage)
+    return SearchPlan(args, cfg, name, trials, search_dir, storage, uri, False, out, optuna_storage, space,
+                      space_path, warm)
 
 
 def plan_resume(args: argparse.Namespace) -> SearchPlan:
@@ -255,7 +332,9 @@ def plan_resume(args: argparse.Namespace) -> SearchPlan:
         storage = str(folder)
     uri = saved.get("tracking_uri") or tracking.default_tracking_uri(out)
     optuna_storage = saved.get("optuna_storage") or study_location(None, folder)
-    p = SearchPlan(args, cfg, name, trials, folder, storage, uri, True, out, optuna_storage)
+    space = saved.get("space") or {}  # the saved space: Tune restores the searcher (and its space) pickled
+    p = SearchPlan(args, cfg, name, trials, folder, storage, uri, True, out, optuna_storage, space.get("knobs"),
+                   space.get("file", ""))
     check_restorable(p)
     check_tracking(uri)
     return p
@@ -277,6 +356,9 @@ def check_args(args: argparse.Namespace) -> tuple[Config, int]:
     trials = DEFAULT_TRIALS[args.preset] if args.trials is None else args.trials
     if trials < 1:
         raise SearchError(f"--trials must be >= 1, got {trials}")
+    minutes = getattr(args, "time_budget", None)  # getattr: search.json of older versions has no such flag
+    if minutes is not None and not (minutes > 0 and math.isfinite(minutes)):
+        raise SearchError(f"--time-budget must be a positive number of minutes, got {args.time_budget:g}")
     check_data(cfg)
     return cfg, trials
 
@@ -329,9 +411,11 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 
 def resumed_args(args: argparse.Namespace, folder: Path, saved: dict[str, Any]) -> argparse.Namespace:
-    """The original command line of the search (search.json), with --address and --concurrency kept."""
+    """The original command line of the search (search.json), with --address, --concurrency and --time-budget
+    taken from this command."""
     restored = argparse.Namespace(**{**vars(parse_args([])), **saved})
     restored.resume, restored.address = str(folder), args.address
+    restored.time_budget = args.time_budget  # a resume runs with its own budget (or none), never the spent one
     if args.concurrency:
         restored.concurrency = args.concurrency
     return restored
@@ -463,18 +547,43 @@ def execute(p: SearchPlan, concurrency: int) -> Any:
     experiment_id = tracking.ensure_experiment(p.uri, a.experiment, p.out / "mlartifacts")
     parent = tracking.parent_run(p.uri, experiment_id, p.name, {"preset": a.preset, "trials": p.trials,
                                                                 "overrides": " ".join(a.overrides), **p.cfg.flat()})
+    record_space(p, parent)
     print(f"search {p.name}: {p.trials} trials, {concurrency} at a time, {a.workers_per_trial} worker(s) per trial "
           f"({'GPU' if a.gpus_per_worker else 'CPU'}); MLflow {p.uri}; folder {p.search_dir}", flush=True)
     try:
         tuner = build_tuner(p, concurrency, experiment_id, parent)
+        budget_mod.start(p.search_dir, getattr(a, "time_budget", None))
         with SigintWatch() as watch:
             grid = tuner.fit()
-        if watch.fired or len(grid) < p.trials:
+        # fewer trials than asked is an interruption, unless the time budget ended the proposals
+        if watch.fired or (len(grid) < p.trials and not budget_mod.reached(p.search_dir)):
             raise SearchInterrupted("interrupted")
-        return summarise(grid, p, experiment_id, parent)
+        table = summarise(grid, p, experiment_id, parent)
+        report_budget(p, parent, table)
+        return table
     except BaseException as exc:
         stop_search(p, experiment_id, parent, exc)
         raise
+
+
+def record_space(p: SearchPlan, parent: str) -> None:
+    """The search space (resolved) and the warm-start sources on the parent run: space.json, and the file as a
+    param. A search from before space files (a resume) has none to record."""
+    if p.space is None:
+        return
+    tracking.log_dict(p.uri, parent, p.space_record(), "space.json")
+    params = {"space_file": p.space_file}
+    if p.warm:
+        params["warm_start"] = ", ".join(f"{w.source} ({len(w.trials)})" for w in p.warm)[:6000]
+    tracking.log_params(p.uri, parent, params)
+
+
+def report_budget(p: SearchPlan, parent: str, table: Any) -> None:
+    """Print and tag (``pdcbdm.time_budget``) what the time budget cut, when it cut anything."""
+    line = budget_mod.summary(p.search_dir, table, p.trials)
+    if line:
+        print(line, flush=True)
+        tracking.set_tags(p.uri, parent, {"pdcbdm.time_budget": line})
 
 
 def trial_settings(p: SearchPlan, experiment_id: str, parent: str) -> Any:
@@ -494,7 +603,7 @@ def build_tuner(p: SearchPlan, concurrency: int, experiment_id: str, parent: str
     hold them as failed; unfinished ones continue from their last checkpoint)."""
     from ray import tune
 
-    from tune.trainable import MlflowStatusCallback, ProgressPrinter, run_trial
+    from tune.trainable import BudgetStopper, MlflowStatusCallback, ProgressPrinter, run_trial
 
     a, cfg = p.args, p.cfg
     settings = trial_settings(p, experiment_id, parent)
@@ -503,10 +612,12 @@ def build_tuner(p: SearchPlan, concurrency: int, experiment_id: str, parent: str
         return tune.Tuner.restore(p.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=build_searcher(a, cfg, p.name, p.optuna_storage, p.trials),
+        tune_config=tune.TuneConfig(search_alg=build_searcher(a, cfg, p.name, p.optuna_storage, p.trials, p.space,
+                                                              p.warm, p.budget_file),
                                     scheduler=build_scheduler(a, cfg), num_samples=p.trials,
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name="tune", storage_path=p.storage, verbose=0,
+                                  stop=BudgetStopper(p.budget_file, cfg.train.steps),
                                   failure_config=tune.FailureConfig(max_failures=a.max_trial_failures),
                                   callbacks=[MlflowStatusCallback(p.uri, experiment_id, cfg.train.steps),
                                              ProgressPrinter(cfg.train.steps)]),
@@ -618,7 +729,9 @@ def row_outcome(row: Any) -> str:
         return failure_outcome(row.error if isinstance(row.error, str) else None)
     if row.status == "stopped":
         step = finite(getattr(row, "step", None))
-        return f"early-stopped by ASHA at step {int(step)}" if step is not None else "early-stopped by ASHA"
+        what = ("stopped by the time budget" if getattr(row, "stopped_by", None) == "time budget"
+                else "early-stopped by ASHA")
+        return f"{what} at step {int(step)}" if step is not None else what
     return "completed"
 
 

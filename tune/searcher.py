@@ -4,7 +4,9 @@ Ray's ``OptunaSearch`` keys intermediate values by Tune's ``training_iteration``
 is restored) and tells Optuna COMPLETE for a trial that ASHA stopped early. ``StepOptunaSearch`` keys them by the
 training step the worker reports, tells Optuna PRUNED for a trial that ended before ``train.steps`` and COMPLETE
 (with its final objective) for one that ran to the end, FAIL for an errored one, and records the Tune trial id on
-each Optuna trial (user attribute ``tune_trial_id``) so that the study and the trials table can be matched.
+each Optuna trial (user attribute ``tune_trial_id``) so that the study and the trials table can be matched. With a
+time budget (tune/budget.py) it proposes no trial after the deadline; ``add_trials`` puts warm-start trials
+(tune/warm_start.py) into the study before the first proposal.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import math
 from typing import Any
 
 from optuna.trial import TrialState
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
+
+from tune import budget
 
 logger = logging.getLogger(__name__)
 
@@ -35,18 +40,32 @@ class StepOptunaSearch(OptunaSearch):
             intermediate evaluations, the final FID at the end).
         max_steps: the training budget (``train.steps``); a trial whose last reported step is below it was stopped
             early.
+        budget_file: the search's budget.json (``tune.budget``): once its deadline has passed, ``suggest`` says
+            the search is finished (no new trial starts); None: no time budget.
 
     Intermediate values are reported (single objective only: Optuna has none for several objectives) at every
     evaluation before the last step; the last step's value is the trial's value, not an intermediate one. Stays
     picklable: Tune saves the searcher with the experiment state for ``--resume``.
     """
 
-    def __init__(self, *args: Any, max_steps: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_steps: int, budget_file: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._max_steps = int(max_steps)
         self._last_step: dict[str, int] = {}
+        self._budget_file = budget_file
 
-    def suggest(self, trial_id: str) -> dict | None:
+    def add_trials(self, trials: list[Any]) -> None:
+        """Finished trials of earlier searches (warm start), added to the study before the first ``suggest``.
+        The preset's point, enqueued when the study was set up, is still the first trial proposed (Optuna asks
+        WAITING trials first)."""
+        self._ot_study.add_trials(trials)
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        # getattr: a searcher pickled before budgets existed is restored by --resume without the attribute
+        path = getattr(self, "_budget_file", None)
+        if trial_id not in self._ot_trials and budget.passed(path):
+            budget.mark_reached(path)
+            return Searcher.FINISHED
         params = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None:

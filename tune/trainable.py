@@ -1,5 +1,6 @@
 """The Tune side of a trial: a function trainable that builds one TorchTrainer per trial, and the driver-side
-callbacks that print progress and set each trial's MLflow run status (ASHA-stopped trials end FINISHED)."""
+callbacks that print progress and set each trial's MLflow run status (ASHA-stopped trials end FINISHED), and the
+stopper that ends trials at the time budget (tune/budget.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 
 from pdcbdm.config import Config, apply_overrides
 from pdcbdm.training import NonFiniteLossError
-from tune import tracking
+from tune import budget, tracking
 from tune.worker import train_loop
 
 
@@ -112,20 +113,46 @@ class MlflowStatusCallback(tune.Callback):
             tracking.finish_run(self.uri, run_id, status, error, outcome)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        step = int((trial.last_result or {}).get("step", 0))
+        last = trial.last_result or {}
         # getattr: a search started before max_steps existed restores this callback from its pickled state
-        self._finish(trial, "FINISHED", outcome=completion_outcome(step, getattr(self, "max_steps", None)))
+        self._finish(trial, "FINISHED", outcome=completion_outcome(int(last.get("step", 0)),
+                                                                   getattr(self, "max_steps", None),
+                                                                   bool(last.get(budget.STOPPED_KEY))))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         text = error_text(trial)
         self._finish(trial, "FAILED", text, outcome=failure_outcome(text))
 
 
-def completion_outcome(step: int, max_steps: int | None) -> str:
-    """The outcome tag of a trial Tune ended without error: it ran its budget, or the scheduler stopped it."""
+def completion_outcome(step: int, max_steps: int | None, by_budget: bool = False) -> str:
+    """The outcome tag of a trial Tune ended without error: it ran its budget, or the scheduler (or the search's
+    time budget) stopped it."""
     if max_steps is None or step >= max_steps:
         return "completed"
-    return f"early-stopped by ASHA at step {step}"
+    return f"stopped by the time budget at step {step}" if by_budget else f"early-stopped by ASHA at step {step}"
+
+
+class BudgetStopper(tune.Stopper):
+    """Stops each trial at its first report after the search's deadline (``tune.budget``; read from
+    ``budget_file`` on every result, so that a resumed search uses its own budget), and marks that result with
+    ``budget.STOPPED_KEY``: Tune keeps the result it stopped on as the trial's last, so the table, the MLflow
+    callback and the progress lines see why it ended. A trial's final report (the end of its training) is left
+    alone. ``stop_all`` stays False: running trials end at their next report, not at the deadline."""
+
+    def __init__(self, budget_file: str, max_steps: int) -> None:
+        self.budget_file, self.max_steps = budget_file, int(max_steps)
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        if int(result.get("step", 0)) >= self.max_steps or result.get("diverged"):
+            return False
+        if not budget.passed(self.budget_file):
+            return False
+        result[budget.STOPPED_KEY] = True
+        budget.mark_reached(self.budget_file)
+        return True
+
+    def stop_all(self) -> bool:
+        return False
 
 
 def failure_outcome(error: str | None) -> str:
@@ -169,7 +196,8 @@ class ProgressPrinter(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         step = (trial.last_result or {}).get("step", 0)
-        how = "finished" if step >= self.max_steps else f"stopped early at step {step} (ASHA)"
+        why = "time budget" if (trial.last_result or {}).get(budget.STOPPED_KEY) else "ASHA"
+        how = "finished" if step >= self.max_steps else f"stopped early at step {step} ({why})"
         self._say(f"{trial.trial_id} {how}; {_counts(trials, trial, 'TERMINATED')}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -1,0 +1,245 @@
+"""The search space as a file (``--space FILE``, YAML or JSON; the default is ``tune/spaces/default.yaml``).
+
+A file names each searched knob (a config field) with its range, scale and step, or its choices (the file's own
+comments describe the format). ``resolve`` checks it against the search's base config and turns it into a plain
+``{knob: entry}`` dict with every relative part made explicit (``range_around_preset`` as numbers, ``choices:
+auto`` as the placements valid for the preset's U-Net). That dict is what search.json and the parent MLflow run
+record, what ``--resume`` reads back, and what ``suggest`` (the define-by-run space, a module-level function that
+Ray pickles with the searcher) and ``distributions`` (Optuna's view of it, for warm-start checks) are built from.
+
+No Ray or MLflow here: a bad file fails in the driver before either is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pdcbdm.config import Config, ConfigError, apply_overrides, parse_resolution_list
+from pdcbdm.models import PRESETS as MODEL_PRESETS
+from tune.space import tsa_choices
+
+DEFAULT_SPACE = Path(__file__).resolve().parent / "spaces" / "default.yaml"
+SEARCHABLE_SECTIONS = ("model", "diffusion", "loss", "train")
+# fields every trial of a search must share: the budget and evaluation schedule (ASHA and Optuna compare trials
+# at the same steps), the network family (TSA choices are resolved against it), where and how a trial runs
+SHARED_FIELDS = ("model.preset", "train.steps", "train.eval_every", "train.log_every", "train.device",
+                 "train.threads")
+ENTRY_KEYS = ("range", "range_around_preset", "choices", "scale", "step")
+TSA_KNOB = "model.tsa_resolutions"
+
+
+class SpaceError(ValueError):
+    """A space file that cannot be used; the message names the file and the entry."""
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """The file's top-level mapping (JSON for ``.json``, YAML otherwise), refused when unreadable or not a
+    non-empty mapping of knob names."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except OSError as exc:
+        raise SpaceError(f"space file {path}: cannot be read ({exc.strerror or exc})") from None
+    except (ValueError, yaml.YAMLError) as exc:  # json.JSONDecodeError is a ValueError
+        raise SpaceError(f"space file {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} "
+                         f"({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict) or not data:
+        raise SpaceError(f"space file {path}: expected a mapping of knob names (such as loss.pd_weight) to "
+                         f"their range or choices, got {type(data).__name__ if data else 'nothing'}")
+    return data
+
+
+def resolve(data: Mapping[str, Any], cfg: Config, fixed: Sequence[str] = (), source: str = "") -> dict[str, dict]:
+    """The searched knobs of a space file, in file order, checked against ``cfg`` (the search's base config) and
+    made explicit; knobs in ``fixed`` (pinned with ``--set``) are left out. ``source`` names the file in errors.
+
+    An entry resolves to ``{"type": "float"|"int", "low", "high", "log", "step"}`` or ``{"type":
+    "categorical", "choices"}``."""
+    flat = cfg.flat()
+    out: dict[str, dict] = {}
+    for knob, entry in data.items():
+        where = f"space file {source}, entry {knob!r}"
+        check_knob(knob, flat, where)
+        if knob in fixed:
+            continue
+        if not isinstance(entry, dict):
+            raise SpaceError(f"{where}: expected a mapping with range, range_around_preset or choices, "
+                             f"got {entry!r}")
+        unknown = sorted(set(entry) - set(ENTRY_KEYS))
+        if unknown:
+            raise SpaceError(f"{where}: unknown key(s) {unknown}; valid: {list(ENTRY_KEYS)}")
+        kinds = [k for k in ("range", "range_around_preset", "choices") if k in entry]
+        if len(kinds) != 1:
+            raise SpaceError(f"{where}: give exactly one of range, range_around_preset or choices, got "
+                             f"{kinds or 'none'}")
+        resolved = (_choices(knob, entry, cfg, where) if kinds == ["choices"]
+                    else _numeric(knob, entry, flat[knob], where))
+        _check_values(knob, resolved, cfg, where)
+        out[knob] = resolved
+    return out
+
+
+def check_knob(knob: Any, flat: Mapping[str, Any], where: str) -> None:
+    """A knob must be a config field of a searchable section and not one every trial shares."""
+    if not isinstance(knob, str) or knob not in flat:
+        raise SpaceError(f"{where}: not a config field (SECTION.FIELD as --set takes it, e.g. loss.pd_weight)")
+    if knob.split(".", 1)[0] not in SEARCHABLE_SECTIONS or knob in SHARED_FIELDS:
+        raise SpaceError(f"{where}: cannot be searched: every trial of a search shares the data, sampling and "
+                         f"evaluation settings (w is scored over eval.guidance_grid, never searched) and "
+                         f"{', '.join(SHARED_FIELDS)}; searchable: fields of {', '.join(SEARCHABLE_SECTIONS)}")
+
+
+def _numeric(knob: str, entry: Mapping[str, Any], current: Any, where: str) -> dict:
+    """A ``range`` or ``range_around_preset`` entry as explicit bounds, scale and step."""
+    if isinstance(current, bool) or not isinstance(current, (int, float)):
+        raise SpaceError(f"{where}: the field holds {current!r}, not a number: give choices instead of a range")
+    is_int = isinstance(current, int)
+    if "range" in entry:
+        bounds = entry["range"]
+        if not (isinstance(bounds, list) and len(bounds) == 2 and all(_is_number(b) for b in bounds)):
+            raise SpaceError(f"{where}: range must be [LOW, HIGH] (two numbers), got {bounds!r}")
+        low, high = bounds
+    else:
+        low, high = _around_preset(entry["range_around_preset"], current, where)
+    scale = entry.get("scale", "linear")
+    if scale not in ("linear", "log"):
+        raise SpaceError(f"{where}: scale must be linear or log, got {scale!r}")
+    step = entry.get("step")
+    if not low < high:
+        raise SpaceError(f"{where}: empty or inverted range [{low}, {high}] (LOW must be below HIGH)")
+    if scale == "log" and low <= 0:
+        raise SpaceError(f"{where}: a log scale needs LOW > 0, got [{low}, {high}]")
+    if step is not None:
+        _check_step(step, low, high, scale, is_int, where)
+    if is_int and not all(float(b).is_integer() for b in (low, high)):
+        raise SpaceError(f"{where}: the field is an integer, so the range must hold integers, got [{low}, {high}]")
+    kind = "int" if is_int else "float"
+    cast = int if is_int else float
+    return {"type": kind, "low": cast(low), "high": cast(high), "log": scale == "log",
+            "step": None if step is None else cast(step)}
+
+
+def _around_preset(factor: Any, current: float, where: str) -> tuple[float, float]:
+    """[preset / F, preset x F]: a range that follows the preset (and --set of other fields) it is used with."""
+    if not _is_number(factor) or factor <= 1:
+        raise SpaceError(f"{where}: range_around_preset must be a number > 1 (the factor either side of the "
+                         f"preset's value), got {factor!r}")
+    if current <= 0:
+        raise SpaceError(f"{where}: range_around_preset needs a positive preset value, the preset holds "
+                         f"{current!r}; give range: [LOW, HIGH] instead")
+    return current / factor, current * factor
+
+
+def _check_step(step: Any, low: float, high: float, scale: str, is_int: bool, where: str) -> None:
+    if not _is_number(step) or step <= 0:
+        raise SpaceError(f"{where}: step must be a positive number, got {step!r}")
+    if scale == "log":
+        raise SpaceError(f"{where}: step cannot be combined with a log scale (Optuna has no stepped log scale)")
+    if is_int and not float(step).is_integer():
+        raise SpaceError(f"{where}: the field is an integer, so step must be one, got {step!r}")
+    steps = (high - low) / step
+    if abs(steps - round(steps)) > 1e-9 * max(1.0, abs(steps)):
+        raise SpaceError(f"{where}: step {step} does not fit the range [{low}, {high}] ({steps:.4g} steps; "
+                         f"HIGH - LOW must be a whole number of steps)")
+
+
+def _choices(knob: str, entry: Mapping[str, Any], cfg: Config, where: str) -> dict:
+    """A ``choices`` entry as an explicit list (``auto`` only for the TSA placements)."""
+    if "scale" in entry or "step" in entry:
+        raise SpaceError(f"{where}: scale and step apply to ranges, not to choices")
+    choices = entry["choices"]
+    if choices == "auto":
+        if knob != TSA_KNOB:
+            raise SpaceError(f"{where}: choices: auto exists only for {TSA_KNOB}")
+        return {"type": "categorical", "choices": list(tsa_choices(MODEL_PRESETS[cfg.model.preset].resolutions))}
+    if not isinstance(choices, list) or not choices:
+        raise SpaceError(f"{where}: choices must be a non-empty list{' or auto' if knob == TSA_KNOB else ''}, "
+                         f"got {choices!r}")
+    if isinstance(cfg.flat()[knob], str):  # YAML reads `8` as a number; the field (and Optuna's choice) is text
+        choices = [str(c) if _is_number(c) else c for c in choices]
+    bad = [c for c in choices if c is not None and not isinstance(c, (bool, int, float, str))]
+    if bad:
+        raise SpaceError(f"{where}: choices must be strings, numbers or booleans, got {bad[0]!r}")
+    if len(set(map(repr, choices))) != len(choices):
+        raise SpaceError(f"{where}: choices repeat a value: {choices!r}")
+    return {"type": "categorical", "choices": list(choices)}
+
+
+def _check_values(knob: str, entry: Mapping[str, Any], cfg: Config, where: str) -> None:
+    """Every choice and both bounds make a valid config (the config's own checks), and every TSA placement
+    exists in the preset's U-Net."""
+    values = entry["choices"] if entry["type"] == "categorical" else [entry["low"], entry["high"]]
+    for value in values:
+        try:
+            apply_overrides(cfg, {knob: value})
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise SpaceError(f"{where}: {value!r} is not a valid value ({exc})") from None
+        if knob == TSA_KNOB:
+            _check_tsa(value, cfg, where)
+
+
+def _check_tsa(value: Any, cfg: Config, where: str) -> None:
+    levels = MODEL_PRESETS[cfg.model.preset].resolutions
+    bad = [r for r in parse_resolution_list(value, TSA_KNOB) if r not in levels]
+    if bad:
+        raise SpaceError(f"{where}: TSA choice {value!r} names resolution(s) {bad} that the {cfg.model.preset!r} "
+                         f"U-Net does not have (its levels: {list(levels)})")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def suggest(trial: Any, spec: Mapping[str, Mapping[str, Any]]) -> None:
+    """Define-by-run space over a resolved spec (``resolve``): only suggests, in the spec's order. Module-level
+    and over plain data, so that ``functools.partial(suggest, spec=...)`` pickles with Ray's searcher."""
+    for knob, e in spec.items():
+        if e["type"] == "categorical":
+            trial.suggest_categorical(knob, list(e["choices"]))
+        elif e["type"] == "int":
+            trial.suggest_int(knob, e["low"], e["high"], step=e["step"] or 1, log=e["log"])
+        else:
+            trial.suggest_float(knob, e["low"], e["high"], step=e["step"], log=e["log"])
+    return None
+
+
+def distributions(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Optuna's distribution of each knob, the same as ``suggest`` asks for."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out: dict[str, Any] = {}
+    for knob, e in spec.items():
+        if e["type"] == "categorical":
+            out[knob] = CategoricalDistribution(list(e["choices"]))
+        elif e["type"] == "int":
+            out[knob] = IntDistribution(e["low"], e["high"], step=e["step"] or 1, log=e["log"])
+        else:
+            out[knob] = FloatDistribution(e["low"], e["high"], step=e["step"], log=e["log"])
+    return out
+
+
+def contains(distribution: Any, value: Any) -> bool:
+    """Whether ``value`` lies in an Optuna distribution (a choice of it, or inside its range and on its step)."""
+    try:
+        return bool(distribution._contains(distribution.to_internal_repr(value)))
+    except (ValueError, TypeError):
+        return False
+
+
+def preset_point(spec: Mapping[str, Mapping[str, Any]], flat: Mapping[str, Any]) -> tuple[dict, list[str]]:
+    """The first trial's point: the base config's value of each searched knob, and the knobs left out of it
+    because their value lies outside the space (Optuna samples those)."""
+    dists = distributions(spec)
+    point = {k: flat[k] for k in spec if contains(dists[k], flat[k])}
+    return point, [k for k in spec if k not in point]
+
+
+def load(path: str | Path, cfg: Config, fixed: Sequence[str] = ()) -> dict[str, dict]:
+    """``read_file`` then ``resolve``: the searched knobs of the file at ``path`` against ``cfg``."""
+    return resolve(read_file(path), cfg, fixed, str(path))
