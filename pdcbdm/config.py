@@ -410,14 +410,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval.noise_error_images": 4, "eval.noise_error_stride": 250,
     },
     # measured on 2 CPU cores (README, Presets): ch 24 without dropout learns faster per second than ch 32 with it;
-    # lambda 0.1 distorts the tail within this budget, 0.025 does not
+    # lambda 0.1 distorts the tail within this budget, 0.025 does not; proxies at w = 0.5: at w = 1 a plain DDPM's
+    # FID stays above 60 (5x its floor) to step 1,800 while its head consistency is 1 from step 600 (guidance
+    # narrows the samples), at w = 0 about 15% of samples are of another class
     "digits": {
         "data.dataset": "digits-lt", "data.imbalance": 8.0, "model.ch": 24, "model.dropout": 0.0,
         "train.steps": 1800, "train.batch_size": 16, "train.lr": 1e-3, "train.warmup": 50, "train.ema_decay": 0.99,
         "train.log_every": 100, "train.eval_every": 300, "train.precision": "auto",
         "loss.pd_weight": 0.025, "loss.pd_pairs": 4,
         "sample.steps": 20, "sample.eta": 1.0, "eval.num_samples": 200, "eval.proxy_samples": 100,
-        "eval.guidance_grid": "0,0.5,1,2",
+        "eval.guidance_grid": "0,0.5,1,2", "eval.proxy_guidance": 0.5,
     },
     "cifar10-lt": {**_CIFAR, "data.dataset": "cifar10-lt", "data.imbalance": 100.0, "train.steps": 800_000},
     "cifar100-lt": {**_CIFAR, "data.dataset": "cifar100-lt", "data.imbalance": 100.0, "sample.guidance": 1.4,

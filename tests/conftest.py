@@ -31,6 +31,18 @@ def smoke_search(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def search_cache(smoke_search):
+    """The feature cache the smoke search filled (digits network, reference statistics, judge, floors of the smoke
+    preset at the TINY budget), for ``searchutil.run_search(cache=...)``: later searches copy it instead of
+    computing it again. The smoke search's own tests still see a cold start."""
+    out, _, proc = smoke_search
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cache = out / "cache"
+    assert any(cache.glob("digits-cnn-*.pt")), "the smoke search left no digits network in its cache"
+    return cache
+
+
+@pytest.fixture(scope="session")
 def tiny_ablation(tmp_path_factory):
     """One tiny ablation (smoke preset, variants cbdm and pd-cbdm, 1 seed, 20 steps) shared by the ablation and
     notebook tests. Returns (out folder, completed process)."""

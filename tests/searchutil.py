@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,16 @@ def search_cmd(out: Path, name: str, *extra: str) -> list[str]:
             "--name", name, *extra]
 
 
-def run_search(out: Path, name: str, *extra: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def seed_cache(out: Path, cache: Path | None) -> None:
+    """Copy a filled feature cache (the digits network, reference statistics, floors: the ``search_cache`` fixture)
+    into ``out/cache``, so that a test's search does not train and compute them again (about 40 s a search)."""
+    if cache is not None:
+        shutil.copytree(cache, out / "cache", dirs_exist_ok=True)
+
+
+def run_search(out: Path, name: str, *extra: str, timeout: int = 600, env: dict | None = None,
+               cache: Path | None = None) -> subprocess.CompletedProcess:
+    seed_cache(out, cache)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(out / "cache"), **(env or {})}
     return subprocess.run(search_cmd(out, name, *extra), cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=full_env)

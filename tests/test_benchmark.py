@@ -113,7 +113,7 @@ def test_quality_section_is_opt_in_and_reports_time_to_quality(tmp_path):
     data = json.loads(out.read_text())
     assert set(data) >= {"quality", "settings"} and "train" not in data
     assert [r["step"] for r in data["quality"]["curves"]["ddpm"]] == [2, 4]
-    assert set(data["quality"]["reached"]["ddpm"]) == {"head_consistency", "fid"}
+    assert set(data["quality"]["reached"]["ddpm"]) == {"head_consistency", "fid", "head_consistency_held", "fid_held"}
     assert "Time to quality" in done.stdout and "| ddpm | ddim3-eta1 |" in done.stdout
     assert (pictures / "curves_ddpm.png").is_file()
 

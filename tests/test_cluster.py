@@ -83,12 +83,12 @@ def _stop_cluster(temp: str) -> None:
             pass
 
 
-def test_search_on_a_ray_cluster_with_a_remote_mlflow_server(tmp_path, mlflow_server, ray_head):
+def test_search_on_a_ray_cluster_with_a_remote_mlflow_server(tmp_path, mlflow_server, ray_head, search_cache):
     out = tmp_path / "out"
     shared = tmp_path / "shared-storage"
     proc = run_search(out, "cluster", "--trials", "2", "--no-asha", "--address", ray_head,
                       "--tracking-uri", mlflow_server, "--storage-path", str(shared), *TINY,
-                      env={"RAY_AUTH_MODE": "disabled"})
+                      env={"RAY_AUTH_MODE": "disabled"}, cache=search_cache)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"open the MLflow UI: open {mlflow_server}" in proc.stdout
     assert not (out / "mlflow.db").exists()  # everything went to the server

@@ -22,9 +22,18 @@ def test_first_reaching_finds_the_first_row_meeting_each_target():
             {"step": 200, "train_seconds": 20.0, "consistency_head": 0.92, "fid": 40.0, "fid_floor": 10.0},
             {"step": 300, "train_seconds": 30.0, "consistency_head": 0.95, "fid": 29.0, "fid_floor": 10.0}]
     hit = first_reaching(rows, consistency=0.9, fid_factor=3.0)
-    assert hit["head_consistency"] == {"step": 200, "train_seconds": 20.0}
-    assert hit["fid"] == {"step": 300, "train_seconds": 30.0}
-    assert first_reaching(rows[:1], consistency=0.9, fid_factor=3.0) == {"head_consistency": None, "fid": None}
+    assert hit["head_consistency"] == {"step": 200, "train_seconds": 20.0, "train_cpu_seconds": None}
+    assert hit["fid"] == {"step": 300, "train_seconds": 30.0, "train_cpu_seconds": None}
+    assert hit["head_consistency_held"]["step"] == 200 and hit["fid_held"]["step"] == 300
+    none = {"head_consistency": None, "fid": None, "head_consistency_held": None, "fid_held": None}
+    assert first_reaching(rows[:1], consistency=0.9, fid_factor=3.0) == none
+    # a noisy curve: FID meets 3x its floor at 200, misses it at 300, meets it again at 400
+    swing = rows + [{"step": 400, "train_seconds": 40.0, "consistency_head": 0.97, "fid": 25.0, "fid_floor": 10.0}]
+    swing[2] = {**swing[2], "fid": 31.0}
+    swing[1] = {**swing[1], "fid": 29.0}
+    hit = first_reaching(swing, consistency=0.9, fid_factor=3.0)
+    assert hit["fid"]["step"] == 200 and hit["fid_held"]["step"] == 400
+    assert first_reaching(swing[:3], consistency=0.9, fid_factor=3.0)["fid_held"] is None
 
 
 def test_tiny_quality_run_writes_curves_tables_and_grids(tmp_path, capsys):
@@ -33,6 +42,8 @@ def test_tiny_quality_run_writes_curves_tables_and_grids(tmp_path, capsys):
     assert code == 0
     report = json.loads((tmp_path / "quality.json").read_text())
     assert [r["step"] for r in report["curves"]["ddpm"]] == [3, 6]
+    curve = report["curves"]["ddpm"]
+    assert 0 < curve[0]["train_cpu_seconds"] < curve[1]["train_cpu_seconds"]  # training CPU time, cumulative
     assert {(r["sampler"], r["guidance"]) for r in report["samplers"]} == {("ddim3-eta1", 1.0), ("ddim3-eta0", 1.0),
                                                                           ("ddim3-eta1", 0.0)}
     assert all(r["fid_floor"] and r["seconds_per_sample"] > 0 for r in report["samplers"])

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.searchutil import ROOT, TINY, run_search, search_cmd, trial_runs
+from tests.searchutil import ROOT, TINY, run_search, search_cmd, seed_cache, trial_runs
 from tune.search import main
 
 BAD_INPUTS = [
@@ -37,44 +37,6 @@ def test_bad_input_fails_before_any_trial(tmp_path, capsys, argv, message):
     assert not (tmp_path / "searches" / "bad").exists()
 
 
-@pytest.mark.slow
-def test_divergence_fails_one_trial_and_a_worker_crash_resumes(tmp_path):
-    faults = tmp_path / "faults"
-    faults.mkdir()
-    env = {"PDCBDM_FAULTS": "nan@25,kill@30", "PDCBDM_FAULT_DIR": str(faults)}
-    proc = run_search(tmp_path, "faults", "--trials", "2", "--no-asha", "--concurrency", "2", *TINY, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]  # the search went on
-    assert sorted(p.name for p in faults.iterdir()) == ["kill@30", "nan@25"]
-    assert "FAILED: " in proc.stdout and "non-finite loss at step 26" in proc.stdout
-
-    table = pd.read_parquet(tmp_path / "searches" / "faults" / "trials.parquet")
-    assert sorted(table["status"]) == ["completed", "failed"]
-    failed = table[table["status"] == "failed"].iloc[0]
-    assert "non-finite loss" in failed["error"]
-
-    runs = {r.info.run_id: r for r in trial_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "faults")}
-    bad, good = runs[failed["mlflow_run_id"]], runs[table[table["status"] == "completed"].iloc[0]["mlflow_run_id"]]
-    assert bad.info.status == "FAILED" and "non-finite loss at step 26" in bad.data.tags["pdcbdm.error"]
-    assert good.info.status == "FINISHED" and "fid" in good.data.metrics
-    assert good.data.metrics["resumed_from_step"] == 20  # restarted from the step-20 checkpoint, not from 0
-
-    study = optuna.load_study(study_name="faults", storage=f"sqlite:///{tmp_path / 'searches/faults/optuna.db'}")
-    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "FAIL"]
-
-    # a resume keeps an errored trial errored (not re-run, as resume_errored=True did: its run could end
-    # FINISHED in MLflow while Optuna holds it FAIL): Tune, Optuna and MLflow agree on every trial
-    again = run_search(tmp_path, "ignored", "--resume", str(tmp_path / "searches" / "faults"))
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    resumed = pd.read_parquet(tmp_path / "searches" / "faults" / "trials.parquet").set_index("trial_id")
-    assert resumed["status"].to_dict() == table.set_index("trial_id")["status"].to_dict()
-    runs = {r.info.run_id: r for r in trial_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "faults")}
-    assert len(runs) == 2 and runs[failed["mlflow_run_id"]].info.status == "FAILED"
-    assert "resumed_from_step" not in runs[failed["mlflow_run_id"]].data.metrics  # not run again
-    study = optuna.load_study(study_name="faults", storage=f"sqlite:///{tmp_path / 'searches/faults/optuna.db'}")
-    state = {t.user_attrs["tune_trial_id"]: t.state.name for t in study.trials}
-    assert state == {row.Index: {"completed": "COMPLETE", "failed": "FAIL"}[row.status] for row in resumed.itertuples()}
-
-
 def _wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -86,41 +48,60 @@ def _wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float) -> N
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_completes_every_trial_once(tmp_path):
+def test_divergence_sigkill_and_a_worker_crash_then_resume_finish_every_trial_once(tmp_path, search_cache):
+    """One search meets every fault (one Ray search and one resume instead of two of each): trial A diverges at
+    step 15 and fails; the driver is killed with SIGKILL while trial B is at step 20; on --resume, A stays failed
+    (Tune, Optuna and MLflow agree; it is not re-run), B continues from its step-20 checkpoint, its worker crashes
+    at step 30 and Ray Train restarts it from that checkpoint again; every trial has one MLflow run."""
     log = tmp_path / "first.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(tmp_path / "cache")}
-    cmd = search_cmd(tmp_path, "killed", "--trials", "2", "--no-asha", "--concurrency", "2",
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    fault_env = {"PDCBDM_FAULTS": "nan@15,kill@30", "PDCBDM_FAULT_DIR": str(faults)}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(tmp_path / "cache"), **fault_env}
+    seed_cache(tmp_path, search_cache)
+    cmd = search_cmd(tmp_path, "faults", "--trials", "2", "--no-asha", "--concurrency", "2",
                      *TINY)  # 40 steps, an evaluation (and checkpoint) every 20
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
+        _wait_for(proc, log, "non-finite loss at step 16", timeout=500)
         _wait_for(proc, log, "step 20/40", timeout=400)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
         proc.wait()
+    assert "FAILED: " in log.read_text()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert any(r.info.status == "RUNNING" for r in trial_runs(uri, "killed"))
+    assert any(r.info.status == "RUNNING" for r in trial_runs(uri, "faults"))
 
-    resumed = run_search(tmp_path, "ignored", "--resume", str(tmp_path / "searches" / "killed"))
+    resumed = run_search(tmp_path, "ignored", "--resume", str(tmp_path / "searches" / "faults"), env=fault_env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    runs = trial_runs(uri, "killed")
-    assert len(runs) == 2 and len({r.data.tags["pdcbdm.trial_id"] for r in runs}) == 2  # no duplicate runs
-    assert all(r.info.status == "FINISHED" for r in runs)
-    assert all("fid" in r.data.metrics and r.data.tags["pdcbdm.outcome"] == "completed" for r in runs)
-    assert any(r.data.metrics.get("resumed_from_step", 0) >= 20 for r in runs)  # continued from a checkpoint
-    table = pd.read_parquet(tmp_path / "searches" / "killed" / "trials.parquet")
-    assert len(table) == 2 and set(table["status"]) == {"completed"}
-    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{tmp_path / 'searches/killed/optuna.db'}")
-    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 2
+    assert sorted(p.name for p in faults.iterdir()) == ["kill@30", "nan@15"]  # the crash came after the resume
+
+    table = pd.read_parquet(tmp_path / "searches" / "faults" / "trials.parquet")
+    assert sorted(table["status"]) == ["completed", "failed"]
+    failed, done = (table[table["status"] == s].iloc[0] for s in ("failed", "completed"))
+    assert "non-finite loss at step 16" in failed["error"]
+    runs = {r.info.run_id: r for r in trial_runs(uri, "faults")}
+    assert len(runs) == 2 and len({r.data.tags["pdcbdm.trial_id"] for r in runs.values()}) == 2  # no duplicates
+    bad, good = runs[failed["mlflow_run_id"]], runs[done["mlflow_run_id"]]
+    assert bad.info.status == "FAILED" and "non-finite loss at step 16" in bad.data.tags["pdcbdm.error"]
+    assert "resumed_from_step" not in bad.data.metrics  # an errored trial is not run again by a resume
+    assert good.info.status == "FINISHED" and "fid" in good.data.metrics
+    assert good.data.tags["pdcbdm.outcome"] == "completed"
+    assert good.data.metrics["resumed_from_step"] == 20  # after the SIGKILL and after the crash: from step 20
+    study = optuna.load_study(study_name="faults", storage=f"sqlite:///{tmp_path / 'searches/faults/optuna.db'}")
+    state = {t.user_attrs["tune_trial_id"]: t.state.name for t in study.trials}
+    assert state == {row.trial_id: {"completed": "COMPLETE", "failed": "FAIL"}[row.status] for row in table.itertuples()}
     assert not [t.number for t in study.trials if t.state.name == "RUNNING"]  # no orphan left to TPE's liar
 
 
 @pytest.mark.slow
-def test_ctrl_c_marks_unfinished_runs_killed_and_prints_the_resume_command(tmp_path):
+def test_ctrl_c_marks_unfinished_runs_killed_and_prints_the_resume_command(tmp_path, search_cache):
     """Tune returns normally on SIGINT: the search must still end non-zero, with the parent and the interrupted
     trials' runs KILLED (not FINISHED, not RUNNING) and the exact command that resumes it."""
     log = tmp_path / "search.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(tmp_path / "cache")}
+    seed_cache(tmp_path, search_cache)
     cmd = search_cmd(tmp_path, "cut", "--trials", "2", "--no-asha", "--concurrency", "2", *TINY)
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)

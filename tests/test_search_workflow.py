@@ -23,7 +23,7 @@ from optuna.trial import TrialState, create_trial
 
 from pdcbdm.config import preset
 from pdcbdm.io import write_json_atomic
-from tests.searchutil import ROOT, TINY, artifact_paths, search_cmd, trial_runs
+from tests.searchutil import ROOT, TINY, artifact_paths, search_cmd, seed_cache, trial_runs
 from tune import budget, space_file, warm_start
 
 SPACE = """# a narrower space than the default: three knobs, the others stay at the preset's values
@@ -205,10 +205,11 @@ def run_cut_by_budget(out: Path, name: str, *extra: str, timeout: float = 600) -
 
 
 @pytest.fixture(scope="module")
-def workflow_search(tmp_path_factory):
+def workflow_search(tmp_path_factory, search_cache):
     """3 smoke trials over SPACE, warm-started from an earlier search, cut by the time budget: the two trials
     that start at once stop at their first report, the third never starts."""
     out = tmp_path_factory.mktemp("workflow")
+    seed_cache(out, search_cache)
     src = earlier_search(out / "searches" / "src")
     space = out / "space.yaml"
     space.write_text(SPACE)

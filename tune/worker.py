@@ -318,6 +318,11 @@ def train_loop(config: dict[str, Any]) -> None:
     trainer = Trainer(cfg, load_data(cfg), device=device, rank=rank, world_size=world, wrap_model=wrap)
     log = RankZeroLogger(config.get("mlflow_uri"), config.get("run_id")) if rank == 0 else RankZeroLogger(None, None)
     stored = _restore(trainer)
+    if stored is not None and stored.get("diverged"):
+        # it diverged before the driver died and Tune's saved state missed the failure: fail it again from its
+        # report, rather than train on from the last finite state as if it had not failed
+        ray.train.report(stored)
+        return
     if stored is not None:
         log.metrics({"resumed_from_step": trainer.step}, trainer.step)
         if trainer.step >= cfg.train.steps:  # killed after its last report: report it again (every rank: a barrier)
