@@ -287,14 +287,15 @@ def make_plan(args: argparse.Namespace) -> Any:
 
 def fixed_w_rows(plan: Any, rows: pd.DataFrame) -> pd.DataFrame:
     """ablation.parquet: one row per variant x seed with the metrics at the fixed w (eval.proxy_guidance) taken
-    from each run's guidance sweep (the runs' headline metrics are at their best w)."""
+    from each run's guidance sweep (the runs' headline metrics are at their best w: every metric scored per w is
+    replaced, ROW_METRICS are NaN for a failed run)."""
     from tune.grid import guidance_metrics
 
     w = plan.cfg.eval.proxy_guidance
     out = []
     for row in rows.to_dict("records"):
         at_w = guidance_metrics(plan.uri, row.get("mlflow_run_id"), w) if row["status"] == "finished" else {}
-        row.update({k: _float(at_w.get(k)) for k in ROW_METRICS}, guidance=w)
+        row.update({k: _float(at_w.get(k)) for k in {*ROW_METRICS, *at_w} - {"guidance"}}, guidance=w)
         out.append({"variant": row["variant"], "label": VARIANTS[row["variant"]].label, **row})
     return pd.DataFrame(out).drop(columns=["cell"])
 
