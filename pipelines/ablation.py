@@ -2,7 +2,7 @@
 
     python -m pipelines.ablation --preset digits --seeds 3                  # Digits-LT, 6 variants x 3 seeds
     python -m pipelines.ablation --preset smoke --seeds 1 --variants cbdm,pd-cbdm --steps 20 --out D
-    python -m pipelines.ablation --preset cifar100-lt --seeds 3 --steps 100000 --gpus-per-worker 1 --set data.root=/data/cifar
+    python -m pipelines.ablation --preset cifar100-lt --seeds 3 --steps 100000 --set data.root=/data/cifar
     python -m pipelines.ablation --resume D                                 # continue D after a crash or kill
 
 Variants (config overrides over the preset; every other field is the preset's, so each variant has the same
@@ -50,12 +50,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import pandas as pd
 
 from pdcbdm.config import PRESETS, Config, ConfigError, apply_overrides, preset
 from pdcbdm.io import atomic_write, atomic_write_bytes
+
+if TYPE_CHECKING:  # the runner imports Ray's side only when a grid runs
+    from tune.grid import GridPlan, GridRun
 from pipelines.paired import TAIL_METRICS, compare_to_baseline, format_comparison
 
 __all__ = ["VARIANTS", "SUMMARY_METRICS", "Variant", "parse_variants", "variant_overrides", "variant_config",
@@ -256,7 +259,7 @@ def base_config(args: argparse.Namespace) -> Config:
     return apply_overrides(cfg, {"eval.guidance_grid": ",".join(f"{w:g}" for w in sorted(ws))})
 
 
-def make_plan(args: argparse.Namespace) -> Any:
+def make_plan(args: argparse.Namespace) -> GridPlan:
     """Validate every option and build every run's config before anything is trained or logged."""
     from tune import grid
 
@@ -285,7 +288,7 @@ def make_plan(args: argparse.Namespace) -> Any:
                           reuse=reuse)
 
 
-def fixed_w_rows(plan: Any, rows: pd.DataFrame) -> pd.DataFrame:
+def fixed_w_rows(plan: GridPlan, rows: pd.DataFrame) -> pd.DataFrame:
     """ablation.parquet: one row per variant x seed with the metrics at the fixed w (eval.proxy_guidance) taken
     from each run's guidance sweep (the runs' headline metrics are at their best w: every metric scored per w is
     replaced, ROW_METRICS are NaN for a failed run)."""
@@ -300,7 +303,7 @@ def fixed_w_rows(plan: Any, rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out).drop(columns=["cell"])
 
 
-def report(plan: Any, run: Any) -> pd.DataFrame:
+def report(plan: GridPlan, run: GridRun) -> pd.DataFrame:
     """Write ablation.parquet, summary.csv, paired.csv and ablation.png; close the parent run; print the tables."""
     import matplotlib
 

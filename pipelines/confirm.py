@@ -30,13 +30,16 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pandas as pd
 
 from pdcbdm.config import Config
 from pdcbdm.io import atomic_write
+
+if TYPE_CHECKING:  # the runner imports Ray's side only when a grid runs
+    from tune.grid import Cell, GridPlan, GridRun
 
 KIND = "confirm"
 COMMAND = "python -m pipelines.confirm"
@@ -88,7 +91,7 @@ def top_configs(trials: pd.DataFrame, top: int) -> list[dict[str, Any]]:
     return configs
 
 
-def cells(configs: Sequence[dict[str, Any]], seeds: Sequence[int]) -> list[Any]:
+def cells(configs: Sequence[dict[str, Any]], seeds: Sequence[int]) -> list[Cell]:
     """One grid cell per configuration x seed: the trial's searched values and train.seed."""
     from tune.grid import Cell
 
@@ -215,7 +218,7 @@ def read_search(folder: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     return saved, pd.read_parquet(table)
 
 
-def make_plan(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]]]:
+def make_plan(args: argparse.Namespace) -> tuple[GridPlan, list[dict[str, Any]]]:
     """Validate everything (the search folder, --top, --seeds, the runner's options) before Ray starts."""
     from tune import grid
 
@@ -244,7 +247,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]]]:
     return plan, configs
 
 
-def report(plan: Any, run: Any, configs: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict[str, Any]]:
+def report(plan: GridPlan, run: GridRun, configs: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Write confirm.parquet, confirm_runs.parquet and confirm.png; close the parent run; print the table and the
     lead test."""
     import matplotlib

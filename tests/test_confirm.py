@@ -33,7 +33,8 @@ def write_search(folder: Path, completed: int = 2) -> Path:
     (folder / "search.json").write_text(json.dumps(meta))
     params = [(0.05, "cbdm", ""), (0.2, "inverted", "8"), (0.1, "uniform", "4")]
     rows = [{"trial_id": f"t{i + 1}", "status": "completed", "loss.pd_weight": pd_w, "loss.label_dist": dist,
-             "model.tsa_resolutions": tsa, "fid": 900.0 + 50 * i} for i, (pd_w, dist, tsa) in enumerate(params[:completed])]
+             "model.tsa_resolutions": tsa, "fid": 900.0 + 50 * i}
+            for i, (pd_w, dist, tsa) in enumerate(params[:completed])]
     rows.append({"trial_id": "t9", "status": "stopped", "loss.pd_weight": 0.3, "loss.label_dist": "cbdm",
                  "model.tsa_resolutions": "", "fid": None})
     table = pd.DataFrame(rows)
