@@ -163,7 +163,7 @@ def plot(summary: pd.DataFrame, runs: pd.DataFrame, path: Path | None = None, ti
     search's single-run FID a cross; written atomically as PNG when ``path`` is given."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 3.9), squeeze=False)
     x = np.arange(len(summary))
     done = runs[runs["status"] == "finished"]
     for ax, (key, caption) in zip(axes.flat, METRICS):
@@ -178,7 +178,8 @@ def plot(summary: pd.DataFrame, runs: pd.DataFrame, path: Path | None = None, ti
         ax.set_xticks(list(x), [f"rank {r}" for r in summary["config_rank"]])
         ax.set_title(f"{caption} (lower is better)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    axes.flat[0].legend(fontsize=7)
+    # below the panels, where no point can hide behind it
+    axes.flat[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
