@@ -412,7 +412,7 @@ class AblationResults:
         folder: the folder.
         runs: ablation.parquet (one row per variant x seed).
         summary: summary.csv (mean and std per metric per variant).
-        meta: ablation.json (command line, base config, MLflow parent run).
+        meta: ablation.json (command line, base config, cells, MLflow store and parent run).
     """
 
     folder: Path
@@ -465,12 +465,14 @@ def plot_ablation_head_tail(table: pd.DataFrame) -> Any:
 
 
 def ablation_per_class(results: AblationResults) -> pd.DataFrame:
-    """Per-class FID averaged over seeds: rows = class labels, columns = variants (from runs/*/per_class.parquet
-    at each run's headline guidance scale)."""
+    """Per-class FID averaged over seeds: rows = class labels, columns = variants (from each run's MLflow artifact
+    evaluation/per_class.parquet, at the table's fixed guidance scale)."""
+    uri = results.meta.get("tracking_uri")
     parts = []
     for _, row in results.runs[results.runs["status"] == "finished"].iterrows():
-        path = results.folder / "runs" / f"{row['variant']}-s{row['seed']}" / "per_class.parquet"
-        if path.is_file():
+        run_id = row.get("mlflow_run_id")
+        path = _download(uri, run_id, "evaluation/per_class.parquet") if uri and isinstance(run_id, str) else None
+        if path is not None:
             table = pd.read_parquet(path)
             table = table[np.isclose(table["guidance"], row.get("guidance", table["guidance"].iloc[0]))]
             parts.append(table.assign(variant=row["variant"]))

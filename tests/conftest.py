@@ -43,15 +43,18 @@ def search_cache(smoke_search):
 
 
 @pytest.fixture(scope="session")
-def tiny_ablation(tmp_path_factory):
+def tiny_ablation(tmp_path_factory, search_cache):
     """One tiny ablation (smoke preset, variants cbdm and pd-cbdm, 1 seed, 20 steps) shared by the ablation and
-    notebook tests. Returns (out folder, completed process)."""
+    notebook tests, on a copy of the smoke search's feature cache. Returns (out folder, completed process)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from tests.searchutil import seed_cache
+
     out = tmp_path_factory.mktemp("tiny-ablation")
+    seed_cache(out, search_cache)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(out / "cache")}
     cmd = [sys.executable, "-m", "pipelines.ablation", "--preset", "smoke", "--seeds", "1", "--variants",
            "cbdm,pd-cbdm", "--steps", "20", "--out", str(out / "ablation")]

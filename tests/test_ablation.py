@@ -1,12 +1,13 @@
 """pipelines/ablation.py: variant configs, the summary table and chart, option errors, and one tiny end-to-end run
-(smoke preset, CBDM and PD-CBDM, 1 seed, 20 steps) checked through its files and its MLflow runs."""
+on the search's runner (smoke preset, CBDM and PD-CBDM, 1 seed, 20 steps: the session's ``tiny_ablation``) checked
+through its files and its MLflow runs, then run again (every run reused, no Ray) and resumed (Tune's state restored,
+no run added)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pdcbdm.config import Config, apply_overrides, preset
+from pdcbdm.config import apply_overrides, preset
 from pipelines import ablation as ab
+from tests.searchutil import artifact_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -111,21 +113,17 @@ def test_plot_summary_writes_a_png_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["chart.png"]  # no temporary file left behind
 
 
-def test_reusable_only_for_a_finished_result_of_the_same_config(tmp_path):
-    cfg = ab.variant_config(preset("smoke"), "cbdm", 0).to_dict()
-    spec = ab.RunSpec("cbdm", 0, cfg, str(tmp_path))
-    assert ab.reusable(spec) is None
-    (tmp_path / "result.json").write_text(json.dumps({"status": "finished", "config": cfg, "variant": "cbdm"}))
-    assert ab.reusable(spec)["variant"] == "cbdm"
-    other = ab.RunSpec("cbdm", 0, ab.variant_config(preset("smoke"), "cbdm", 1).to_dict(), str(tmp_path))
-    assert ab.reusable(other) is None
-    (tmp_path / "result.json").write_text(json.dumps({"status": "failed", "config": cfg}))
-    assert ab.reusable(spec) is None
+def test_base_config_scores_the_fixed_w_and_with_grid_the_whole_grid():
+    args = ab.build_parser().parse_args(["--preset", "smoke", "--steps", "7", "--set", "eval.proxy_guidance=1.5"])
+    cfg = ab.base_config(args)
+    assert cfg.eval.guidance_grid == "1.5" and cfg.train.steps == 7
+    args = ab.build_parser().parse_args(["--preset", "smoke", "--grid", "--set", "eval.proxy_guidance=1.5"])
+    assert ab.base_config(args).eval.guidance_grid == "0,1,1.5"  # the preset's grid 0,1 and the fixed w
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "0"], "--seeds"),
-    (["--jobs", "0"], "--jobs"),
+    (["--resume", "/"], "no ablation.json"),
     (["--steps", "0"], "--steps"),
     (["--variants", "cbdm,nope"], "nope"),
     (["--set", "loss.pd_weight=0", "--variants", "pd"], "loss.pd_weight"),
@@ -145,21 +143,30 @@ def _client(out: Path):
     return MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
 
 
-def _runs(out: Path, kind: str):
+def _runs(out: Path, kind: str | None = None):
     client = _client(out)
     exp = client.get_experiment_by_name("pdcbdm-ablation")
-    return client.search_runs([exp.experiment_id], filter_string=f"tags.`pdcbdm.kind` = '{kind}'")
+    query = f"tags.`pdcbdm.kind` = '{kind}'" if kind else ""
+    return client.search_runs([exp.experiment_id], filter_string=query)
+
+
+def _ablation(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(out.parent / "cache")}
+    cmd = [sys.executable, "-m", "pipelines.ablation", *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 @pytest.mark.slow
 def test_tiny_ablation_writes_tables_chart_and_runs(tiny_ablation):
     out, proc = tiny_ablation
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "cbdm seed 0" in proc.stdout and "pd-cbdm seed 0" in proc.stdout and "FID" in proc.stdout
+    assert "cbdm-s0" in proc.stdout and "pd-cbdm-s0" in proc.stdout and "finished" in proc.stdout
     rows = pd.read_parquet(out / "ablation.parquet")
     assert sorted(rows["variant"]) == ["cbdm", "pd-cbdm"] and set(rows["seed"]) == {0}
     assert (rows["status"] == "finished").all() and rows["fid"].map(math.isfinite).all()
-    assert (rows["train_seconds"] > 0).all()
+    assert (rows["seconds"] > 0).all() and (rows["guidance"] == 1.0).all()
+    # the table is at the fixed w: without --grid the runs' sweep is that w alone, so their best w is it too
+    assert (rows["best_guidance"] == 1.0).all() and rows["fid"].tolist() == rows["fid_w1"].tolist()
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary["variant"]) == ["cbdm", "pd-cbdm"] and (summary["n"] == 1).all()
     assert {f"{k}_{s}" for k, _, _ in ab.SUMMARY_METRICS for s in ("mean", "std")} <= set(summary.columns)
@@ -172,13 +179,9 @@ def test_tiny_ablation_writes_tables_chart_and_runs(tiny_ablation):
     assert (paired["n"] == 1).all() and paired["p_value"].isna().all()
     assert (paired["verdict"] == "within noise").all() and "paired t-test" in proc.stdout
     assert {"fid_tail_floor_std", "kid_tail", "reject_rate"} <= set(rows.columns)
-    for key in ("cbdm-s0", "pd-cbdm-s0"):
-        result = json.loads((out / "runs" / key / "result.json").read_text())
-        assert result["status"] == "finished" and result["steps"] == 20
-        assert Config.from_dict(result["config"]).train.steps == 20
-        assert (out / "runs" / key / "samples_w1.png").read_bytes()[:8] == PNG_MAGIC
-    pd_cfg = Config.load_json(out / "runs" / "pd-cbdm-s0" / "config.json")
-    assert pd_cfg.loss.pd_weight > 0 and pd_cfg.loss.label_dist == "inverted" and pd_cfg.model.tsa_resolutions
+    meta = json.loads((out / "ablation.json").read_text())
+    assert meta["name"].startswith("ablation-smoke-") and meta["parent_run_id"]
+    assert meta["config"]["train"]["steps"] == 20
 
 
 @pytest.mark.slow
@@ -188,37 +191,45 @@ def test_tiny_ablation_mlflow_parent_with_finished_children(tiny_ablation):
     parents = _runs(out, "ablation")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
-    assert parent.info.run_name.startswith("ablation-smoke-")
-    assert parent.data.metrics["cbdm.fid_mean"] == pytest.approx(
-        pd.read_parquet(out / "ablation.parquet").set_index("variant").loc["cbdm", "fid"])
-    children = _runs(out, "ablation-run")
-    assert len(children) == 2
-    assert {c.info.run_name for c in children} == {"cbdm-s0", "pd-cbdm-s0"}
+    rows = pd.read_parquet(out / "ablation.parquet").set_index("variant")
+    assert parent.data.metrics["cbdm.fid_mean"] == pytest.approx(rows.loc["cbdm", "fid"])
+    children = _runs(out, "trial")  # the search's trial runs, one per variant x seed
+    assert {c.info.run_name for c in children} == {"cbdm-s0", "pd-cbdm-s0"} and len(children) == 2
+    assert {c.info.run_id for c in children} == set(rows["mlflow_run_id"])
     client = _client(out)
     for child in children:
-        assert child.info.status == "FINISHED"
+        assert child.info.status == "FINISHED" and child.data.tags["pdcbdm.outcome"] == "completed"
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert len(child.data.tags["pdcbdm.config_key"]) == 16
         assert math.isfinite(child.data.metrics["fid"]) and "recall" in child.data.metrics
-        assert child.data.params["train.steps"] == "20"
+        assert child.data.params["train.steps"] == "20" and child.data.params["train.seed"] == "0"
         assert len(client.get_metric_history(child.info.run_id, "loss")) >= 2  # the loss history, per log_every
-        artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "samples")}
-        assert "samples/samples_w1.png" in artifacts
+        assert "evaluation/per_class.parquet" in artifact_paths(f"sqlite:///{out / 'mlflow.db'}", child.info.run_id)
+    pd_run = next(c for c in children if c.info.run_name == "pd-cbdm-s0")
+    assert float(pd_run.data.params["loss.pd_weight"]) > 0 and pd_run.data.params["loss.label_dist"] == "inverted"
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"ablation.parquet", "summary.csv", "ablation.png"} <= parent_files
+    assert {"ablation.parquet", "summary.csv", "paired.csv", "ablation.png", "ablation.json"} <= parent_files
 
 
 @pytest.mark.slow
-def test_rerun_reuses_finished_runs(tiny_ablation, tmp_path):
+def test_rerun_reuses_finished_runs_and_resume_restores_without_new_runs(tiny_ablation):
     out, proc = tiny_ablation
     assert proc.returncode == 0, proc.stderr[-3000:]
-    again = tmp_path / "again"
-    shutil.copytree(out / "runs", again / "runs")
-    env = {**os.environ, "PDCBDM_CACHE": str(out.parent / "cache")}
-    cmd = [sys.executable, "-m", "pipelines.ablation", "--preset", "smoke", "--seeds", "1", "--variants",
-           "cbdm,pd-cbdm", "--steps", "20", "--out", str(again)]
-    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert rerun.stdout.count("reused") == 2
-    first, second = (pd.read_parquet(d / "ablation.parquet").set_index("variant") for d in (out, again))
-    assert second.loc["cbdm", "fid"] == first.loc["cbdm", "fid"]
-    assert all(c.info.status == "FINISHED" for c in _runs(again, "ablation-run"))
+    before = {r.info.run_id for r in _runs(out)}
+    first = pd.read_parquet(out / "ablation.parquet").set_index("variant")
+    # the same command again: both runs reused from MLflow, nothing trained (no Ray), the same parent run
+    rerun = _ablation(out, "--preset", "smoke", "--seeds", "1", "--variants", "cbdm,pd-cbdm", "--steps", "20",
+                      "--out", str(out))
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "2 reused, 0 to train" in rerun.stdout and "started: cell=" not in rerun.stdout
+    second = pd.read_parquet(out / "ablation.parquet").set_index("variant")
+    assert second["reused"].all() and second.loc["cbdm", "fid"] == first.loc["cbdm", "fid"]
+    assert list(second["mlflow_run_id"]) == list(first["mlflow_run_id"])
+    # --resume without reuse: Tune's state restored (every trial already ended), the same runs found again
+    resumed = _ablation(out, "--resume", str(out), "--no-reuse")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "0 reused, 2 to train" in resumed.stdout and "started: cell=" not in resumed.stdout
+    third = pd.read_parquet(out / "ablation.parquet").set_index("variant")
+    assert list(third["mlflow_run_id"]) == list(first["mlflow_run_id"]) and (third["status"] == "finished").all()
+    assert {r.info.run_id for r in _runs(out)} == before  # no parent, no child run added
+    assert all(r.info.status == "FINISHED" for r in _runs(out))

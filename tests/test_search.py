@@ -24,6 +24,8 @@ def test_smoke_search_records_every_trial(smoke_search):
     tmp_path, _, proc = smoke_search
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "open the MLflow UI: mlflow ui --backend-store-uri sqlite:///" in proc.stdout
+    folder = tmp_path / "searches" / "e2e"
+    assert f"python -m pipelines.confirm --search {folder} --top 3 --seeds 3" in proc.stdout.splitlines()[-1]
     assert "started:" in proc.stdout and "rank" in proc.stdout
     # the line of the last trial to end counts it as ended too
     assert re.search(r"(finished|stopped early at step \d+ \(ASHA\)); 3 terminated$", proc.stdout, re.M), proc.stdout
@@ -38,6 +40,7 @@ def test_smoke_search_records_every_trial(smoke_search):
     for run in runs:
         assert run.info.status == "FINISHED"  # ASHA-stopped trials too; none left RUNNING
         assert run.data.tags["pdcbdm.ray_checkpoints"].endswith(f"/train-{run.data.tags['pdcbdm.trial_id']}")
+        assert len(run.data.tags["pdcbdm.config_key"]) == 16  # what a grid (ablation, confirm) reuses runs by
         for key in SEARCHED:
             assert key in run.data.params
         assert "proxy_fid" in run.data.metrics and "loss" in run.data.metrics

@@ -342,7 +342,20 @@ def plan_resume(args: argparse.Namespace) -> SearchPlan:
 
 def check_args(args: argparse.Namespace) -> tuple[Config, int]:
     """The trial config and the number of trials; resources and data checked."""
-    cfg = resolve_config(args)
+    cfg = check_resources(args, resolve_config(args))
+    trials = DEFAULT_TRIALS[args.preset] if args.trials is None else args.trials
+    if trials < 1:
+        raise SearchError(f"--trials must be >= 1, got {trials}")
+    minutes = getattr(args, "time_budget", None)  # getattr: search.json of older versions has no such flag
+    if minutes is not None and not (minutes > 0 and math.isfinite(minutes)):
+        raise SearchError(f"--time-budget must be a positive number of minutes, got {args.time_budget:g}")
+    check_data(cfg)
+    return cfg, trials
+
+
+def check_resources(args: argparse.Namespace, cfg: Config) -> Config:
+    """Validate the per-worker resources (--gpus-per-worker defaults to 1 with CUDA, else 0); a CPU-only run's
+    ``train.device`` "auto" becomes "cpu". Shared with the grid runner (tune/grid.py)."""
     if args.gpus_per_worker is None:
         args.gpus_per_worker = 1.0 if torch.cuda.is_available() else 0.0
     if args.gpus_per_worker < 0 or args.cpus_per_worker <= 0 or args.workers_per_trial < 1:
@@ -353,14 +366,7 @@ def check_args(args: argparse.Namespace) -> tuple[Config, int]:
                           f"GPU; use whole GPUs per worker, or one worker per trial")
     if cfg.train.device == "auto" and args.gpus_per_worker == 0:
         cfg = apply_overrides(cfg, {"train.device": "cpu"})
-    trials = DEFAULT_TRIALS[args.preset] if args.trials is None else args.trials
-    if trials < 1:
-        raise SearchError(f"--trials must be >= 1, got {trials}")
-    minutes = getattr(args, "time_budget", None)  # getattr: search.json of older versions has no such flag
-    if minutes is not None and not (minutes > 0 and math.isfinite(minutes)):
-        raise SearchError(f"--time-budget must be a positive number of minutes, got {args.time_budget:g}")
-    check_data(cfg)
-    return cfg, trials
+    return cfg
 
 
 def absolute_location(path: str) -> str:
@@ -689,6 +695,8 @@ def summarise(grid: Any, p: SearchPlan, experiment_id: str, parent: str) -> Any:
     if command:
         print(f"train the best trial's configuration again: {command}")
     print(f"open the MLflow UI: {tracking.ui_command(uri)}")
+    print(f"confirm the winner over new seeds: python -m pipelines.confirm --search {shlex.quote(str(p.search_dir))} "
+          f"--top 3 --seeds 3")
     return table
 
 

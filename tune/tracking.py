@@ -26,6 +26,10 @@ KIND_TAG = "pdcbdm.kind"
 # how a trial's run ended, in words: "completed", "early-stopped by ASHA at step N", "failed: REASON", "killed"
 # (MLflow's status says FINISHED for the first two)
 OUTCOME_TAG = "pdcbdm.outcome"
+# a hash of a trial's resolved config (seed and evaluation settings included): two runs with the same key trained
+# and scored the same thing, so a grid (tune/grid.py) reuses a FINISHED, completed run instead of training again
+CONFIG_KEY_TAG = "pdcbdm.config_key"
+CELL_TAG = "pdcbdm.cell"  # a grid cell's name (``variant-sSEED``, ``rank1-s1000``): the run of that cell
 
 
 class TrackingError(RuntimeError):
@@ -98,13 +102,13 @@ def _find_run(client: MlflowClient, experiment_id: str, tag: str, value: str, ki
     return runs[0].info.run_id if runs else None
 
 
-def parent_run(uri: str, experiment_id: str, search: str, params: Mapping[str, Any]) -> str:
+def parent_run(uri: str, experiment_id: str, search: str, params: Mapping[str, Any], kind: str = "search") -> str:
     """The search's parent run: found by the search name (resume; its kind tag tells it from the trial runs,
-    which carry the search name too) or created."""
+    which carry the search name too) or created. ``kind``: "search", or a grid's ("ablation", "confirm")."""
     client = MlflowClient(uri)
-    run_id = _find_run(client, experiment_id, SEARCH_TAG, search, "search")
+    run_id = _find_run(client, experiment_id, SEARCH_TAG, search, kind)
     if run_id is None:
-        run = client.create_run(experiment_id, run_name=search, tags={SEARCH_TAG: search, KIND_TAG: "search"})
+        run = client.create_run(experiment_id, run_name=search, tags={SEARCH_TAG: search, KIND_TAG: kind})
         run_id = run.info.run_id
         log_params(uri, run_id, params)
     else:
@@ -235,6 +239,32 @@ def kill_unfinished(uri: str, experiment_id: str, search: str, parent_id: str) -
         client.set_terminated(run.info.run_id, status="KILLED")
     client.set_terminated(parent_id, status="KILLED")
     return len(unfinished)
+
+
+def config_key(cfg: Mapping[str, Any]) -> str:
+    """The content key of a resolved config (``Config.to_dict()``): 16 hex digits of the sha256 of its sorted JSON."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_run(uri: str, experiment_id: str, key: str) -> Any | None:
+    """The latest run of ``experiment_id`` that trained the config with this ``config_key`` to the end (FINISHED,
+    outcome "completed"), or None."""
+    query = (f"tags.`{CONFIG_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED' and "
+             f"tags.`{OUTCOME_TAG}` = 'completed' and tags.`{KIND_TAG}` = 'trial'")
+    runs = MlflowClient(uri).search_runs([experiment_id], filter_string=query, max_results=1,
+                                         order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def cell_run(uri: str, experiment_id: str, search: str, cell: str) -> Any | None:
+    """The latest trial run of grid ``search`` for ``cell`` (a re-run's retry of a failed cell is newer)."""
+    query = f"tags.`{SEARCH_TAG}` = '{search}' and tags.`{CELL_TAG}` = '{cell}' and tags.`{KIND_TAG}` = 'trial'"
+    runs = MlflowClient(uri).search_runs([experiment_id], filter_string=query, max_results=1,
+                                         order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
 
 
 def trial_run_id(uri: str, experiment_id: str, trial_id: str) -> str | None:

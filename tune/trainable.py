@@ -70,11 +70,14 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     secrets = share_credentials(settings.env)
     ctx = tune.get_context()
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
+    cell = config.get("cell")  # a grid's cell (tune/grid.py) names its run; a search trial has none
     run_id = tracking.trial_run(settings.tracking_uri, settings.experiment_id, settings.parent_run_id,
-                                settings.search, trial_id, trial_name, cfg.flat())
+                                settings.search, trial_id, cell or trial_name, cfg.flat())
     _log_config(settings, run_id, cfg)
     train_dir = f"{settings.storage}/train-{trial_id}"
-    tracking.set_tags(settings.tracking_uri, run_id, {CHECKPOINTS_TAG: train_dir})
+    tags = {CHECKPOINTS_TAG: train_dir, tracking.CONFIG_KEY_TAG: tracking.config_key(cfg.to_dict()),
+            **({tracking.CELL_TAG: cell} if cell else {})}
+    tracking.set_tags(settings.tracking_uri, run_id, tags)
     use_gpu = settings.gpus_per_worker > 0
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": settings.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(

@@ -1,0 +1,304 @@
+"""Confirm a search's winner: re-train its top configurations with new seeds and ask whether rank 1 beats rank 2
+beyond seed noise.
+
+    python -m pipelines.confirm --search searches/NAME --top 3 --seeds 3
+    python -m pipelines.confirm --resume searches/NAME/confirm          # continue after a crash or kill
+
+Rank 1 of a search is one training run with one seed. This takes the search's K best completed trials (the order of
+its trials.parquet: final FID at the best w), and trains each configuration (the search's base config, the same
+budget and evaluation, plus the trial's searched values) with S new seeds: train.seed = 1000, 1001, ... (the sampling
+seed of the evaluation follows it; a seed equal to the search's own train.seed is skipped, so that no run repeats
+the search's). The runs are a grid on the search's runner (tune/grid.py: the same trainable, Ray and MLflow
+records, --address, --storage-path, --resume; finished runs of the same config are reused, not trained again).
+
+Per configuration: the mean, standard deviation and count of FID (at each run's best w, as the search ranks) and
+tail FID. The lead test is a one-sided Welch t-test (unequal variances) of rank 1's FID below rank 2's over the new
+seeds: rank 1 "leads beyond seed noise" when p < 0.05.
+
+Writes into --out (default: SEARCH/confirm): confirm.parquet (one row per configuration), confirm_runs.parquet (one
+row per run), confirm.png (FID and tail FID per configuration, error bars one standard deviation, each seed a dot),
+confirm.json (the command line, the cells, the MLflow parent run); the runs and a parent run "confirm-SEARCH" (kind
+"confirm", with these files, the means and the test) go to the search's MLflow store and experiment unless
+--tracking-uri / --experiment say otherwise.
+Exit status: 0 when every run finished, 1 when some failed, 2 on bad input, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pdcbdm.config import Config
+from pdcbdm.io import atomic_write
+
+if TYPE_CHECKING:  # the runner imports Ray's side only when a grid runs
+    from tune.grid import Cell, GridPlan, GridRun
+
+KIND = "confirm"
+COMMAND = "python -m pipelines.confirm"
+FIRST_SEED = 1000  # far from the seeds searches and ablations use (0, 1, 2, ...)
+ALPHA = 0.05
+METRICS = (("fid", "FID"), ("fid_tail", "tail FID"))
+TEST_NAME = "one-sided Welch t-test (rank 1's FID below rank 2's, unequal variances)"
+
+
+class ConfirmError(ValueError):
+    """Bad input found before Ray starts; the message names what is wrong."""
+
+
+# -- what to train ----------------------------------------------------------------------------------------------------
+def new_seeds(count: int, search_seed: int) -> list[int]:
+    """``count`` training seeds from FIRST_SEED on, skipping the search's own ``search_seed``."""
+    seeds, seed = [], FIRST_SEED
+    while len(seeds) < count:
+        if seed != search_seed:
+            seeds.append(seed)
+        seed += 1
+    return seeds
+
+
+def _plain(value: Any) -> Any:
+    """A Parquet cell as a plain Python value (numpy scalars become int/float/str); None for a missing one."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def top_configs(trials: pd.DataFrame, top: int) -> list[dict[str, Any]]:
+    """The ``top`` best completed trials (trials.parquet is ranked): rank, trial id, the search's FID and the
+    searched values (a column the search did not vary is absent or empty and stays the base config's)."""
+    from tune.space import SEARCHED
+
+    done = trials[trials["status"] == "completed"] if "status" in trials else trials.iloc[0:0]
+    if len(done) < 2:
+        raise ConfirmError(f"the search has {len(done)} completed trial(s); a confirmation needs at least 2 (the "
+                           f"search's trials.parquet ranks completed trials first)")
+    if top > len(done):
+        raise ConfirmError(f"--top {top}: the search has only {len(done)} completed trials")
+    configs = []
+    for rank, row in enumerate(done.head(top).to_dict("records"), start=1):
+        params = {k: _plain(row.get(k)) for k in SEARCHED if k in row}
+        configs.append({"config_rank": rank, "trial_id": str(row.get("trial_id")), "search_fid": _plain(row.get("fid")),
+                        "params": {k: v for k, v in params.items() if v is not None}})
+    return configs
+
+
+def cells(configs: Sequence[dict[str, Any]], seeds: Sequence[int]) -> list[Cell]:
+    """One grid cell per configuration x seed: the trial's searched values and train.seed."""
+    from tune.grid import Cell
+
+    return [Cell(f"rank{c['config_rank']}-s{s}", {**c["params"], "train.seed": s},
+                 {"config_rank": c["config_rank"], "trial_id": c["trial_id"], "seed": s})
+            for c in configs for s in seeds]
+
+
+# -- the statistics ---------------------------------------------------------------------------------------------------
+def summarise(runs: pd.DataFrame, configs: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per configuration (search rank order): trial id, the search's FID, and n, mean and sample standard
+    deviation (ddof 1) over the finished runs of every METRICS key."""
+    rows = []
+    for c in configs:
+        done = runs[(runs["config_rank"] == c["config_rank"]) & (runs["status"] == "finished")]
+        row: dict[str, Any] = {"config_rank": c["config_rank"], "trial_id": c["trial_id"],
+                               "search_fid": c["search_fid"], "n": len(done)}
+        for key, _ in METRICS:
+            values = pd.to_numeric(done[key], errors="coerce").dropna() if key in done else pd.Series(dtype=float)
+            row[f"{key}_mean"] = float(values.mean()) if len(values) else math.nan
+            row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+        row.update({k.split(".")[-1]: v for k, v in c["params"].items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def lead_test(first: Sequence[float], second: Sequence[float], alpha: float = ALPHA) -> dict[str, Any]:
+    """Does the first configuration's FID lie below the second's beyond seed noise? A one-sided Welch t-test
+    (H1: mean(first) < mean(second), unequal variances): lead = mean(second) - mean(first), t, p and a verdict."""
+    from scipy import stats
+
+    a = np.asarray([x for x in first if math.isfinite(x)], dtype=float)
+    b = np.asarray([x for x in second if math.isfinite(x)], dtype=float)
+    out: dict[str, Any] = {"test": TEST_NAME, "n1": len(a), "n2": len(b), "alpha": alpha,
+                           "lead": float(b.mean() - a.mean()) if len(a) and len(b) else math.nan,
+                           "t": math.nan, "p_value": math.nan}
+    if len(a) < 2 or len(b) < 2:
+        out["verdict"] = "not tested: each configuration needs 2 finished runs"
+        return out
+    if a.std(ddof=1) == 0 and b.std(ddof=1) == 0:
+        out["verdict"] = "not tested: no spread over seeds"
+        return out
+    res = stats.ttest_ind(a, b, equal_var=False, alternative="less")
+    out.update(t=float(res.statistic), p_value=float(res.pvalue))
+    if out["p_value"] < alpha:
+        out["verdict"] = f"rank 1 leads beyond seed noise (p = {out['p_value']:.2g} < {alpha})"
+    elif out["lead"] > 0:
+        out["verdict"] = f"rank 1's lead is within seed noise (p = {out['p_value']:.2g} >= {alpha})"
+    else:
+        out["verdict"] = "rank 2 is as good or better on the new seeds: no lead"
+    return out
+
+
+def format_table(summary: pd.DataFrame) -> str:
+    """The printed table: per configuration, the search's single-run FID and "mean ± sd (n)" over the new seeds."""
+    def cell(mean: float, std: float) -> str:
+        return "n/a" if math.isnan(mean) else (f"{mean:.4g}" if math.isnan(std) else f"{mean:.4g} ± {std:.2g}")
+
+    view = summary.drop(columns=[f"{k}_{s}" for k, _ in METRICS for s in ("mean", "std")])
+    for key, caption in METRICS:
+        view[f"{caption} (new seeds)"] = [cell(m, s) for m, s in zip(summary[f"{key}_mean"], summary[f"{key}_std"])]
+    view = view.rename(columns={"config_rank": "rank", "search_fid": "search FID", "n": "seeds"})
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
+        return view.to_string(index=False)
+
+
+def plot(summary: pd.DataFrame, runs: pd.DataFrame, path: Path | None = None, title: str = "") -> Any:
+    """FID and tail FID per configuration: mean with one-standard-deviation error bars, each seed a dot, the
+    search's single-run FID a cross; written atomically as PNG when ``path`` is given."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 3.9), squeeze=False)
+    x = np.arange(len(summary))
+    done = runs[runs["status"] == "finished"]
+    for ax, (key, caption) in zip(axes.flat, METRICS):
+        ax.errorbar(x, summary[f"{key}_mean"], yerr=summary[f"{key}_std"].fillna(0.0), fmt="o", capsize=4,
+                    label="mean ± sd")
+        for i, rank in enumerate(summary["config_rank"]):
+            values = pd.to_numeric(done.loc[done["config_rank"] == rank, key], errors="coerce") if key in done else []
+            ax.scatter(np.full(len(values), i + 0.12), values, s=12, color="grey", label="a seed" if i == 0 else None)
+        if key == "fid":
+            ax.scatter(x, pd.to_numeric(summary["search_fid"], errors="coerce"), marker="x", color="C3",
+                       label="the search's run")
+        ax.set_xticks(list(x), [f"rank {r}" for r in summary["config_rank"]])
+        ax.set_title(f"{caption} (lower is better)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    # below the panels, where no point can hide behind it
+    axes.flat[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    return fig
+
+
+# -- the command line -------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from tune.grid import add_runner_args
+
+    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--search", default=None, metavar="DIR", help="the search's folder (OUT/searches/NAME, as "
+                   "tune/search.py prints it), with search.json and trials.parquet")
+    p.add_argument("--top", type=int, default=3, help="configurations to confirm: the search's K best completed "
+                   "trials (default 3, at least 2)")
+    p.add_argument("--seeds", type=int, default=3, help="new seeds per configuration (default 3, at least 2)")
+    add_runner_args(p, None)
+    return p
+
+
+def read_search(folder: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    """search.json and trials.parquet of a finished search, or ConfirmError naming what is missing."""
+    meta = folder / "search.json"
+    if not meta.is_file():
+        raise ConfirmError(f"--search {folder}: not a search folder (no search.json); a search folder is "
+                           f"OUT/searches/NAME as tune/search.py prints it")
+    try:
+        saved = json.loads(meta.read_text())
+        saved["config"], saved["args"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfirmError(f"--search {folder}: search.json is unreadable ({exc})") from None
+    table = folder / "trials.parquet"
+    if not table.is_file():
+        raise ConfirmError(f"--search {folder}: no trials.parquet (the search has not finished; resume it first)")
+    return saved, pd.read_parquet(table)
+
+
+def make_plan(args: argparse.Namespace) -> tuple[GridPlan, list[dict[str, Any]]]:
+    """Validate everything (the search folder, --top, --seeds, the runner's options) before Ray starts."""
+    from tune import grid
+
+    saved, reuse = None, not args.no_reuse  # --no-reuse of this call, also with --resume
+    if args.resume is not None:
+        saved = grid.read_saved(Path(args.resume).resolve(), KIND)
+        args = grid.resumed_args(build_parser(), args, saved)
+    if not args.search:
+        raise ConfirmError("--search DIR is required (the search's folder, OUT/searches/NAME)")
+    if args.top < 2:
+        raise ConfirmError(f"--top must be >= 2 (rank 1 is compared with rank 2), got {args.top}")
+    if args.seeds < 2:
+        raise ConfirmError(f"--seeds must be >= 2 (a spread needs two runs), got {args.seeds}")
+    folder = Path(args.search).resolve()
+    search, trials = read_search(folder)
+    args.search = str(folder)
+    base = Config.from_dict(search["config"])
+    configs = top_configs(trials, args.top)
+    args.experiment = args.experiment or search["args"].get("experiment") or "pdcbdm"
+    args.tracking_uri = args.tracking_uri or search.get("tracking_uri")
+    name = saved["name"] if saved else (args.name or f"confirm-{search.get('name') or folder.name}")
+    out = Path(args.resume) if saved else Path(args.out) if args.out else folder / "confirm"
+    plan = grid.make_plan(args, base, cells(configs, new_seeds(args.seeds, base.train.seed)), kind=KIND,
+                          command=COMMAND, out=out, name=name, saved=saved,
+                          reuse=reuse)
+    return plan, configs
+
+
+def report(plan: GridPlan, run: GridRun, configs: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Write confirm.parquet, confirm_runs.parquet and confirm.png; close the parent run; print the table and the
+    lead test."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tune import tracking
+    from tune.grid import close
+
+    runs = run.rows.drop(columns=["cell"])
+    summary = summarise(runs, configs)
+    fids = [runs.loc[(runs["config_rank"] == r) & (runs["status"] == "finished"), "fid"] if "fid" in runs else []
+            for r in (1, 2)]
+    lead = lead_test(*(pd.to_numeric(f, errors="coerce").tolist() for f in fids))
+    out = plan.search_dir
+    files = [atomic_write(out / "confirm.parquet", lambda f: summary.to_parquet(f, index=False)),
+             atomic_write(out / "confirm_runs.parquet", lambda f: runs.to_parquet(f, index=False)),
+             out / "confirm.png", plan.meta_path]
+    title = f"{plan.name}: {len(configs)} configurations x {plan.args.seeds} new seeds"
+    plt.close(plot(summary, runs, out / "confirm.png", title))
+    tracking.set_tags(plan.uri, run.parent, {"pdcbdm.lead_test": lead["test"], "pdcbdm.verdict": lead["verdict"]})
+    values = {f"rank{r['config_rank']}.{k}_{s}": r[f"{k}_{s}"] for _, r in summary.iterrows()
+              for k, _ in METRICS for s in ("mean", "std")}
+    close(plan, run, files, {**values, "lead": lead["lead"], "lead_t": lead["t"], "lead_p_value": lead["p_value"]})
+    print("\n" + format_table(summary))
+    print(f"\nrank 1 against rank 2 on FID over the new seeds: lead {lead['lead']:.4g} (rank 2's mean minus rank "
+          f"1's), {lead['test']}: t = {lead['t']:.3g}, p = {lead['p_value']:.3g}; {lead['verdict']}")
+    print(f"\nresults: {out} (confirm.parquet, confirm_runs.parquet, confirm.png); {int(runs['reused'].sum())} run(s) "
+          f"reused; MLflow parent run {run.parent}")
+    return runs, lead
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from tune.grid import run_grid
+    from tune.search import SearchError, SearchInterrupted
+
+    args = build_parser().parse_args(argv)
+    try:
+        plan, configs = make_plan(args)
+        a = plan.args
+        params = {"search": a.search, "top": a.top, "seeds": a.seeds, **plan.cfg.flat()}
+        runs, _ = report(plan, run_grid(plan, params), configs)
+    except (ConfirmError, SearchError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (SearchInterrupted, KeyboardInterrupt):
+        return 130
+    return 0 if (runs["status"] == "finished").all() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
