@@ -72,11 +72,22 @@ def _plain(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def top_configs(trials: pd.DataFrame, top: int) -> list[dict[str, Any]]:
-    """The ``top`` best completed trials (trials.parquet is ranked): rank, trial id, the search's FID and the
-    searched values (a column the search did not vary is absent or empty and stays the base config's)."""
+def searched_knobs(search: dict[str, Any]) -> tuple[str, ...]:
+    """The knobs the search varied: its space as search.json records it (``--space``), else (a search from before
+    space files) the default space's."""
     from tune.space import SEARCHED
 
+    knobs = (search.get("space") or {}).get("knobs")
+    return tuple(knobs) if knobs else SEARCHED
+
+
+def top_configs(trials: pd.DataFrame, top: int, knobs: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The ``top`` best completed trials (trials.parquet is ranked): rank, trial id, the search's FID and the
+    values of the searched ``knobs`` (default: the default space's; a column the search did not vary is absent or
+    empty and stays the base config's)."""
+    from tune.space import SEARCHED
+
+    knobs = SEARCHED if knobs is None else knobs
     done = trials[trials["status"] == "completed"] if "status" in trials else trials.iloc[0:0]
     if len(done) < 2:
         raise ConfirmError(f"the search has {len(done)} completed trial(s); a confirmation needs at least 2 (the "
@@ -85,7 +96,7 @@ def top_configs(trials: pd.DataFrame, top: int) -> list[dict[str, Any]]:
         raise ConfirmError(f"--top {top}: the search has only {len(done)} completed trials")
     configs = []
     for rank, row in enumerate(done.head(top).to_dict("records"), start=1):
-        params = {k: _plain(row.get(k)) for k in SEARCHED if k in row}
+        params = {k: _plain(row.get(k)) for k in knobs if k in row}
         configs.append({"config_rank": rank, "trial_id": str(row.get("trial_id")), "search_fid": _plain(row.get("fid")),
                         "params": {k: v for k, v in params.items() if v is not None}})
     return configs
@@ -237,7 +248,7 @@ def make_plan(args: argparse.Namespace) -> tuple[GridPlan, list[dict[str, Any]]]
     search, trials = read_search(folder)
     args.search = str(folder)
     base = Config.from_dict(search["config"])
-    configs = top_configs(trials, args.top)
+    configs = top_configs(trials, args.top, searched_knobs(search))
     args.experiment = args.experiment or search["args"].get("experiment") or "pdcbdm"
     args.tracking_uri = args.tracking_uri or search.get("tracking_uri")
     name = saved["name"] if saved else (args.name or f"confirm-{search.get('name') or folder.name}")

@@ -60,6 +60,17 @@ def test_top_configs_take_completed_trials_in_rank_order_with_their_searched_val
     assert cells[3].overrides["train.seed"] == 1001 and cells[3].labels["config_rank"] == 2
 
 
+def test_top_configs_take_the_knobs_of_the_searchs_space_file(tmp_path):
+    """A search over its own --space varies other fields: confirm re-trains those, read from search.json."""
+    trials = pd.read_parquet(write_search(tmp_path / "s", completed=3) / "trials.parquet")
+    trials["train.lr"] = [3e-4, 1e-3, 2e-3][: len(trials)] + [None] * max(0, len(trials) - 3)
+    knobs = cf.searched_knobs({"space": {"file": "my.yaml", "knobs": {"train.lr": {}, "loss.pd_weight": {}}}})
+    assert knobs == ("train.lr", "loss.pd_weight")
+    configs = cf.top_configs(trials, 2, knobs)
+    assert configs[1]["params"] == {"train.lr": 1e-3, "loss.pd_weight": 0.2}
+    assert "loss.pd_weight" in cf.searched_knobs({}) and "train.lr" not in cf.searched_knobs({})  # an older search
+
+
 def test_top_configs_refuse_too_few_completed_trials(tmp_path):
     trials = pd.read_parquet(write_search(tmp_path / "s", completed=1) / "trials.parquet")
     with pytest.raises(cf.ConfirmError, match="1 completed trial"):
