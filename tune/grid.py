@@ -176,8 +176,8 @@ def make_plan(args: argparse.Namespace, cfg: Config, cells: Sequence[Cell], *, k
         uri = tracking.absolute_uri(args.tracking_uri) if args.tracking_uri else tracking.default_tracking_uri(out)
         tune_name = f"tune-{time.strftime('%Y%m%d-%H%M%S')}"  # a re-run's new Tuner beside the earlier ones
     driver.check_tracking(uri, create=out)
-    return GridPlan(args, cfg, name, len(cells), out, storage, uri, bool(saved), out, "", cells, kind, tune_name,
-                    command, reuse)
+    return GridPlan(args, cfg, name, len(cells), out, storage, uri, resume=bool(saved), out=out, optuna_storage="",
+                    cells=list(cells), kind=kind, tune_name=tune_name, command=command, reuse=reuse)
 
 
 # -- running ----------------------------------------------------------------------------------------------------------
