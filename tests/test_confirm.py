@@ -145,7 +145,8 @@ def confirmed(tmp_path_factory, search_cache):
     seed_cache(base, search_cache)
     folder = write_search(base / "searches" / "fake")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(base / "cache")}
-    cmd = [sys.executable, "-m", "pipelines.confirm", "--search", str(folder), "--top", "2", "--seeds", "2"]
+    cmd = [sys.executable, "-m", "pipelines.confirm", "--search", str(folder), "--top", "2", "--seeds", "2",
+           "--cpus-per-worker", "0.5"]  # the four runs at once: their Ray start-up and evaluation waits overlap
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     return folder, proc
 
