@@ -26,7 +26,6 @@ Exit status: 0 when every run finished, 1 when some failed, 2 on bad input, 130 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -215,15 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_search(folder: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     """search.json and trials.parquet of a finished search, or ConfirmError naming what is missing."""
-    meta = folder / "search.json"
-    if not meta.is_file():
-        raise ConfirmError(f"--search {folder}: not a search folder (no search.json); a search folder is "
-                           f"OUT/searches/NAME as tune/search.py prints it")
-    try:
-        saved = json.loads(meta.read_text())
-        saved["config"], saved["args"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfirmError(f"--search {folder}: search.json is unreadable ({exc})") from None
+    from tune.search_folder import read_search_json
+
+    saved = read_search_json(folder, "--search", ConfirmError, ("config", "args"))
     table = folder / "trials.parquet"
     if not table.is_file():
         raise ConfirmError(f"--search {folder}: no trials.parquet (the search has not finished; resume it first)")

@@ -16,7 +16,6 @@ budget and whether it cut the search) and trials.parquet (one row per trial, for
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -44,6 +43,7 @@ from tune import warm_start as warm_mod  # noqa: E402
 from tune import results as results_mod  # noqa: E402
 from tune import tracking  # noqa: E402
 from tune.report import record_search  # noqa: E402
+from tune.search_folder import read_search_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRIALS = {"smoke": 3, "digits": 3, "cifar10-lt": 32, "cifar100-lt": 32}
@@ -404,16 +404,8 @@ def check_restorable(p: SearchPlan) -> None:
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
-    meta = folder / "search.json"
-    if not meta.is_file():
-        raise SearchError(f"--resume {folder}: not a search folder (no search.json); a search folder is "
-                          f"OUT/searches/NAME as printed when the search started")
-    try:
-        saved = json.loads(meta.read_text())
-        saved["args"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SearchError(f"--resume {folder}: search.json is unreadable ({exc})") from None
-    return saved
+    """The search.json of the search a --resume names."""
+    return read_search_json(folder, "--resume", SearchError, ("args",))
 
 
 def resumed_args(args: argparse.Namespace, folder: Path, saved: dict[str, Any]) -> argparse.Namespace:

@@ -22,12 +22,13 @@ first sampled trial on (the preset's point, enqueued, still comes first).
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+
+from tune.search_folder import read_search_json
 
 WARM_START_ATTR = "pdcbdm.warm_start"  # the folder of the search a copied trial comes from
 SOURCE_TRIAL_ATTR = "pdcbdm.warm_start_trial"  # its number in that search's study
@@ -63,16 +64,9 @@ def source_study(folder: Path, open_storage: Callable[[str], Any]) -> tuple[Any,
     when it is no search or its study cannot be read."""
     import optuna
 
-    meta_path = folder / "search.json"
-    if not meta_path.is_file():
-        raise WarmStartError(f"--warm-start {folder}: not a search folder (no search.json); a search folder is "
-                             f"OUT/searches/NAME as printed when that search started")
-    try:
-        meta = json.loads(meta_path.read_text())
-        name = meta.get("name") or folder.name
-        location = meta.get("optuna_storage") or f"sqlite:///{folder / 'optuna.db'}"
-    except (OSError, ValueError, AttributeError) as exc:
-        raise WarmStartError(f"--warm-start {folder}: search.json is unreadable ({exc})") from None
+    meta = read_search_json(folder, "--warm-start", WarmStartError)
+    name = meta.get("name") or folder.name
+    location = meta.get("optuna_storage") or f"sqlite:///{folder / 'optuna.db'}"
     if location == f"sqlite:///{Path(meta.get('search_dir') or folder) / 'optuna.db'}":
         location = f"sqlite:///{folder / 'optuna.db'}"  # the default study lives in the folder, wherever it is now
     if location.startswith("sqlite:///") and not Path(location[len("sqlite:///"):]).is_file():
