@@ -342,17 +342,10 @@ def run_ablation(args: argparse.Namespace) -> pd.DataFrame:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tune.search import SearchError, SearchInterrupted
+    from tune.grid import exit_status
 
     args = build_parser().parse_args(argv)
-    try:
-        df = run_ablation(args)
-    except (AblationError, SearchError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (SearchInterrupted, KeyboardInterrupt):
-        return 130
-    return 0 if (df["status"] == "finished").all() else 1
+    return exit_status(lambda: run_ablation(args), (AblationError,))
 
 
 if __name__ == "__main__":

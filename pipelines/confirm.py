@@ -287,21 +287,17 @@ def report(plan: GridPlan, run: GridRun, configs: list[dict[str, Any]]) -> tuple
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tune.grid import run_grid
-    from tune.search import SearchError, SearchInterrupted
+    from tune.grid import exit_status, run_grid
 
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> pd.DataFrame:
         plan, configs = make_plan(args)
         a = plan.args
         params = {"search": a.search, "top": a.top, "seeds": a.seeds, **plan.cfg.flat()}
-        runs, _ = report(plan, run_grid(plan, params), configs)
-    except (ConfirmError, SearchError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (SearchInterrupted, KeyboardInterrupt):
-        return 130
-    return 0 if (runs["status"] == "finished").all() else 1
+        return report(plan, run_grid(plan, params), configs)[0]
+
+    return exit_status(run, (ConfirmError,))
 
 
 if __name__ == "__main__":

@@ -21,12 +21,13 @@ import json
 import math
 import os
 import shlex
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
@@ -188,6 +189,19 @@ class GridRun:
     rows: pd.DataFrame
     experiment_id: str
     parent: str
+
+
+def exit_status(run: Callable[[], pd.DataFrame], bad_input: tuple[type[Exception], ...] = ()) -> int:
+    """A grid command's exit status: 0 when every run of the table ``run()`` returns finished, 1 when some failed,
+    2 on bad input (``bad_input`` or SearchError, printed), 130 when interrupted."""
+    try:
+        table = run()
+    except (*bad_input, SearchError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (SearchInterrupted, KeyboardInterrupt):
+        return 130
+    return 0 if (table["status"] == "finished").all() else 1
 
 
 def run_grid(p: GridPlan, params: Mapping[str, Any]) -> GridRun:
