@@ -102,7 +102,7 @@ def test_ctrl_c_marks_unfinished_runs_killed_and_prints_the_resume_command(tmp_p
     log = tmp_path / "search.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(tmp_path / "cache")}
     seed_cache(tmp_path, search_cache)
-    cmd = search_cmd(tmp_path, "cut", "--trials", "2", "--no-asha", "--concurrency", "2", *TINY)
+    cmd = search_cmd(tmp_path, "cut", "--trials", "1", "--no-asha", *TINY)
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:

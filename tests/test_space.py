@@ -174,3 +174,54 @@ def test_a_bad_space_file_stops_the_search_before_ray_or_mlflow(tmp_path, capsys
     assert not out.exists() and not ray.is_initialized()
     assert main(["--preset", "smoke", "--space", str(tmp_path / "missing.yaml"), "--out", str(out)]) == 2
     assert "cannot be read" in capsys.readouterr().err and not out.exists()
+
+
+# -- start points -----------------------------------------------------------------------------------------------------
+def test_the_default_file_runs_the_cbdm_baseline_right_after_the_preset():
+    base = preset("digits")
+    data = space_file.read_file(space_file.DEFAULT_SPACE)
+    spec = space_file.resolve(data, base)
+    (start,) = space_file.start_points(data, spec, "default")
+    assert start == {"loss.label_dist": "cbdm", "loss.pd_weight": pytest.approx(base.loss.pd_weight / 10),
+                     "model.tsa_resolutions": ""}  # `low`: the range's lower end
+    points, outside = space_file.first_points(spec, base.flat(), [start])
+    assert outside == [] and points[0] == config_point(base.flat())
+    assert points[1] == {**points[0], **start}
+    # a knob pinned with --set is left out of the start point too; a start point equal to the preset's is dropped
+    pinned = space_file.resolve(data, base, fixed=("loss.label_dist",))
+    (kept,) = space_file.start_points(data, pinned, "default")
+    assert "loss.label_dist" not in kept
+    same = space_file.first_points(spec, base.flat(), [{"loss.cbdm_tau": base.loss.cbdm_tau}])[0]
+    assert len(same) == 1
+
+
+def test_the_searcher_proposes_the_preset_then_the_start_points_then_tpe(tmp_path):
+    from tune.search import build_searcher, parse_args
+
+    args = parse_args(["--preset", "smoke", "--out", str(tmp_path)])
+    base = preset("smoke")
+    data = space_file.read_file(space_file.DEFAULT_SPACE)
+    spec = space_file.resolve(data, base)
+    starts = space_file.start_points(data, spec, "default")
+    searcher = build_searcher(args, base, "s", tmp_path / "optuna.db", 4, spec, starts=starts)
+    first, second, third = (searcher.suggest(f"t{i}") for i in range(3))
+    assert first == config_point(base.flat())
+    assert second["loss.label_dist"] == "cbdm" and second["model.tsa_resolutions"] == ""
+    assert second["loss.pd_weight"] == pytest.approx(spec["loss.pd_weight"]["low"])
+    assert set(third) == set(spec) and third not in (first, second)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("start_points: {loss.cbdm_tau: 1.0}", "must be a list of mappings"),
+    ("start_points:\n  - loss.label_dist: zipf", "start_points[0]: loss.label_dist = 'zipf' lies outside"),
+    ("start_points:\n  - loss.cbdm_tau: 5.0", "range [0.1, 2.0]"),
+    ("start_points:\n  - nope: 1", "'nope' is not a config field"),
+])
+def test_bad_start_points_are_refused_naming_the_point(tmp_path, text, says):
+    path = _write(tmp_path, "loss.cbdm_tau: {range: [0.1, 2.0]}\nloss.label_dist: {choices: [cbdm, inverted]}\n"
+                  + text + "\n")
+    data = space_file.read_file(path)
+    spec = space_file.resolve(data, preset("smoke"), source=str(path))
+    with pytest.raises(SpaceError) as err:
+        space_file.start_points(data, spec, str(path))
+    assert says in str(err.value) and str(path) in str(err.value)

@@ -139,9 +139,10 @@ def check_data(cfg: Config) -> None:
 
 def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_storage: str | Path, trials: int,
                    space: dict[str, dict] | None = None, warm: Sequence[Any] = (),
-                   budget_file: str | None = None) -> Any:
+                   budget_file: str | None = None, starts: Sequence[dict] = ()) -> Any:
     """Seeded TPE (multi-objective TPE with --multi-objective), its random start-up sized to the budget, through
-    ``StepOptunaSearch``; the study persisted in sqlite; the first trial is the preset.
+    ``StepOptunaSearch``; the study persisted in sqlite; the first trial is the preset, the next ones the space
+    file's start points (``starts``, ``tune.space_file.start_points``; the default file's: the CBDM baseline).
 
     ``space`` is the resolved space (``tune.space_file``; default: the default file against ``cfg``), ``warm``
     the warm-start trials (``tune.warm_start.WarmStart``) added before the first proposal, ``budget_file`` the
@@ -158,16 +159,18 @@ def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_stora
 
     if space is None:
         space = space_file.load(space_file.DEFAULT_SPACE, cfg, pinned_knobs(args.overrides))
-    point, outside = space_file.preset_point(space, cfg.flat())
+    points, outside = space_file.first_points(space, cfg.flat(), starts)
     if outside:
         print(f"first trial: the preset's configuration, except {', '.join(outside)} (its value lies outside the "
               f"search space: sampled)", flush=True)
+    for i, start in enumerate(points[1:], start=2):
+        print(f"trial {i}: a start point of the space file: {start}", flush=True)
     metric, mode = (["objective", "objective_tail"], ["min", "min"]) if args.multi_objective else ("objective", "min")
     storage = optuna_storage(study_storage)
     # one sampler for one or several objectives: Optuna's TPE is multi-objective (MOTPE) when the study is
     sampler = optuna.samplers.TPESampler(n_startup_trials=startup_trials(trials), seed=args.seed)
     searcher = StepOptunaSearch(space=partial(space_file.suggest, spec=space), metric=metric, mode=mode,
-                                points_to_evaluate=[point] if point else None, sampler=sampler, study_name=name,
+                                points_to_evaluate=points or None, sampler=sampler, study_name=name,
                                 storage=storage, max_steps=cfg.train.steps, budget_file=budget_file)
     for source in warm:
         searcher.add_trials(source.trials)
@@ -180,11 +183,14 @@ def pinned_knobs(overrides: Sequence[str]) -> tuple[str, ...]:
     return tuple(o.split("=", 1)[0].strip() for o in overrides)
 
 
-def load_space(args: argparse.Namespace, cfg: Config) -> tuple[dict[str, dict], str]:
-    """The resolved search space of --space (default: tune/spaces/default.yaml) and the file's absolute path."""
+def load_space(args: argparse.Namespace, cfg: Config) -> tuple[dict[str, dict], str, list[dict]]:
+    """The resolved search space of --space (default: tune/spaces/default.yaml), the file's absolute path and its
+    start points (``tune.space_file.start_points``)."""
     path = Path(args.space).resolve() if args.space else space_file.DEFAULT_SPACE
     try:
-        return space_file.load(path, cfg, pinned_knobs(args.overrides)), str(path)
+        data = space_file.read_file(path)
+        spec = space_file.resolve(data, cfg, pinned_knobs(args.overrides), str(path))
+        return spec, str(path), space_file.start_points(data, spec, str(path))
     except space_file.SpaceError as exc:
         raise SearchError(str(exc)) from None
 
@@ -266,6 +272,7 @@ class SearchPlan:
     space: dict[str, dict] | None = None  # the resolved search space (None: a search from before space files)
     space_file: str = ""
     warm: list[Any] = field(default_factory=list)  # tune.warm_start.WarmStart per --warm-start folder
+    starts: list[dict] = field(default_factory=list)  # the space file's start points
 
     @property
     def tune_path(self) -> str:
@@ -278,7 +285,7 @@ class SearchPlan:
     def space_record(self) -> dict[str, Any]:
         """The search space as recorded (search.json, the parent run's space.json): the file and its knobs
         resolved against the preset, the pinned ones left out."""
-        return {"file": self.space_file, "knobs": self.space}
+        return {"file": self.space_file, "knobs": self.space, "start_points": self.starts}
 
     def meta(self) -> dict[str, Any]:
         """search.json: the command line and everything resolved from it."""
@@ -299,7 +306,7 @@ def plan(args: argparse.Namespace) -> SearchPlan:
     if args.resume is not None:
         return plan_resume(args)
     cfg, trials = check_args(args)
-    space, space_path = load_space(args, cfg)
+    space, space_path, starts = load_space(args, cfg)
     warm = load_warm_starts(args, cfg, space)
     out = Path(args.out).resolve()
     name = args.name or f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -312,7 +319,7 @@ def plan(args: argparse.Namespace) -> SearchPlan:
     optuna_storage = study_location(args.optuna_storage, search_dir)
     check_tracking(uri, create=out if args.tracking_uri is None else None)
     return SearchPlan(args, cfg, name, trials, search_dir, storage, uri, False, out, optuna_storage, space,
-                      space_path, warm)
+                      space_path, warm, starts)
 
 
 def plan_resume(args: argparse.Namespace) -> SearchPlan:
@@ -334,7 +341,7 @@ def plan_resume(args: argparse.Namespace) -> SearchPlan:
     optuna_storage = saved.get("optuna_storage") or study_location(None, folder)
     space = saved.get("space") or {}  # the saved space: Tune restores the searcher (and its space) pickled
     p = SearchPlan(args, cfg, name, trials, folder, storage, uri, True, out, optuna_storage, space.get("knobs"),
-                   space.get("file", ""))
+                   space.get("file", ""), starts=space.get("start_points") or [])
     check_restorable(p)
     check_tracking(uri)
     return p
@@ -611,7 +618,7 @@ def build_tuner(p: SearchPlan, concurrency: int, experiment_id: str, parent: str
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=build_searcher(a, cfg, p.name, p.optuna_storage, p.trials, p.space,
-                                                              p.warm, p.budget_file),
+                                                              p.warm, p.budget_file, p.starts),
                                     scheduler=build_scheduler(a, cfg), num_samples=p.trials,
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name="tune", storage_path=p.storage, verbose=0,

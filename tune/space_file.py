@@ -28,6 +28,9 @@ SEARCHABLE_SECTIONS = ("model", "diffusion", "loss", "train")
 SHARED_FIELDS = ("model.preset", "train.steps", "train.eval_every", "train.log_every", "train.device",
                  "train.threads")
 ENTRY_KEYS = ("range", "range_around_preset", "choices", "scale", "step")
+# the file's one key that is not a knob: points evaluated right after the preset's (a baseline in every search)
+START_KEY = "start_points"
+RANGE_ENDS = ("low", "high")
 TSA_KNOB = "model.tsa_resolutions"
 
 
@@ -64,6 +67,8 @@ def resolve(data: Mapping[str, Any], cfg: Config, fixed: Sequence[str] = (), sou
     flat = cfg.flat()
     out: dict[str, dict] = {}
     for knob, entry in data.items():
+        if knob == START_KEY:
+            continue
         where = f"space file {source}, entry {knob!r}"
         check_knob(knob, flat, where)
         if knob in fixed:
@@ -243,3 +248,52 @@ def preset_point(spec: Mapping[str, Mapping[str, Any]], flat: Mapping[str, Any])
 def load(path: str | Path, cfg: Config, fixed: Sequence[str] = ()) -> dict[str, dict]:
     """``read_file`` then ``resolve``: the searched knobs of the file at ``path`` against ``cfg``."""
     return resolve(read_file(path), cfg, fixed, str(path))
+
+
+def start_points(data: Mapping[str, Any], spec: Mapping[str, Mapping[str, Any]], source: str = "") -> list[dict]:
+    """The file's ``start_points``: a list of mappings from searched knobs to values, each the change from the
+    preset's point of a trial that runs right after it (the default file's: the CBDM baseline). A numeric knob
+    also takes ``low`` or ``high``, its range's ends (a lambda range resolved around the preset has no fixed
+    number that fits every preset). A knob pinned with --set (not in ``spec``) is left out: the pin holds for
+    every trial. Values outside the space are refused, naming the point and the knob."""
+    raw = data.get(START_KEY, [])
+    if not isinstance(raw, list) or not all(isinstance(p, dict) for p in raw):
+        raise SpaceError(f"space file {source}: {START_KEY} must be a list of mappings from knobs to values, "
+                         f"got {raw!r}")
+    dists = distributions(spec)
+    points = []
+    for i, raw_point in enumerate(raw):
+        where = f"space file {source}, {START_KEY}[{i}]"
+        point = {}
+        for knob, value in raw_point.items():
+            if knob not in spec:
+                if not isinstance(knob, str) or "." not in knob:
+                    raise SpaceError(f"{where}: {knob!r} is not a config field (SECTION.FIELD)")
+                continue  # pinned with --set, or not searched by this file: the trial keeps the base value
+            if value in RANGE_ENDS and spec[knob]["type"] != "categorical":
+                value = spec[knob][value]
+            if not contains(dists[knob], value):
+                raise SpaceError(f"{where}: {knob} = {value!r} lies outside the searched "
+                                 f"{_describe(spec[knob])}")
+            point[knob] = value
+        points.append(point)
+    return points
+
+
+def _describe(entry: Mapping[str, Any]) -> str:
+    if entry["type"] == "categorical":
+        return f"choices {list(entry['choices'])}"
+    return f"range [{entry['low']}, {entry['high']}]"
+
+
+def first_points(spec: Mapping[str, Mapping[str, Any]], flat: Mapping[str, Any],
+                 starts: Sequence[Mapping[str, Any]] = ()) -> tuple[list[dict], list[str]]:
+    """The points a search evaluates before TPE proposes: the preset's (``preset_point``), then each start point
+    as a change of it (a repeat of an earlier point is dropped); and the knobs left out of the preset's point."""
+    point, outside = preset_point(spec, flat)
+    points = [point] if point else []
+    for start in starts:
+        candidate = {**point, **start}
+        if candidate and candidate not in points:
+            points.append(candidate)
+    return points, outside
