@@ -263,3 +263,11 @@ def test_asset_probe_tells_a_node_with_its_own_digits_network_apart(tmp_path):
     missing = node_assets(no_data.to_dict(), str(tmp_path / "a"), {})
     assert set(missing) == {"error"}
     assert "cannot load the data" in asset_differences({**replies, "d": missing})["d"]
+
+
+def test_the_confirm_hint_needs_two_completed_trials(tmp_path):
+    from tune.search import confirm_hint
+
+    assert "no confirm command: 1 completed trial(s)" in confirm_hint(tmp_path, 1)
+    assert confirm_hint(tmp_path, 2).endswith(f"--search {tmp_path} --top 2 --seeds 3")
+    assert confirm_hint(tmp_path, 7).endswith("--top 3 --seeds 3")

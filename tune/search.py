@@ -1,6 +1,6 @@
 """PD-CBDM hyperparameter search: Ray Train per trial, Ray Tune + Optuna (TPE) with ASHA, MLflow for every trial.
 
-    python tune/search.py                          # the embedded default: Digits-LT, small U-Net, CPU, 4 trials, ~15 min
+    python tune/search.py                          # the embedded default: Digits-LT, CPU, 3 trials, ~13 min
     python tune/search.py --preset smoke           # 3 tiny trials, a few minutes
     python tune/search.py --preset cifar100-lt --set data.root=/data/cifar --gpus-per-worker 1 --trials 32
     python tune/search.py --space my-space.yaml    # another search space (default: tune/spaces/default.yaml)
@@ -65,7 +65,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config field for every trial (repeatable); a searched field set here is "
                         "pinned and no longer searched")
-    p.add_argument("--trials", type=int, default=None, help="number of trials (default: 3 smoke, 8 digits, 32 cifar)")
+    p.add_argument("--trials", type=int, default=None, help="number of trials (default: 3 smoke, 3 digits, 32 cifar)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (DDP when > 1)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker")
     p.add_argument("--gpus-per-worker", type=float, default=None,
@@ -694,9 +694,18 @@ def summarise(grid: Any, p: SearchPlan, experiment_id: str, parent: str) -> Any:
     if command:
         print(f"train the best trial's configuration again: {command}")
     print(f"open the MLflow UI: {tracking.ui_command(uri)}")
-    print(f"confirm the winner over new seeds: python -m pipelines.confirm --search {shlex.quote(str(p.search_dir))} "
-          f"--top 3 --seeds 3")
+    print(confirm_hint(p.search_dir, len(done)))
     return table
+
+
+def confirm_hint(search_dir: Path, completed: int) -> str:
+    """The closing line: the command that re-trains the top trials over new seeds (``pipelines.confirm``), or,
+    with fewer than two completed trials, why there is none (confirm compares rank 1 with rank 2)."""
+    if completed < 2:
+        return (f"no confirm command: {completed} completed trial(s), and confirming a winner needs 2 (ASHA stopped "
+                f"the others; run more --trials, or --no-asha)")
+    return (f"confirm the winner over new seeds: python -m pipelines.confirm --search {shlex.quote(str(search_dir))} "
+            f"--top {min(3, completed)} --seeds 3")
 
 
 def load_study(p: SearchPlan) -> Any:
