@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.searchutil import artifact_paths, trial_runs
 from tune.mlflow_model import load_logged_model, model_uri_of_run
+from tune.search import confirm_hint
 from tune.space import SEARCHED
 
 pytestmark = pytest.mark.slow
@@ -25,7 +26,9 @@ def test_smoke_search_records_every_trial(smoke_search):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "open the MLflow UI: mlflow ui --backend-store-uri sqlite:///" in proc.stdout
     folder = tmp_path / "searches" / "e2e"
-    assert f"python -m pipelines.confirm --search {folder} --top 3 --seeds 3" in proc.stdout.splitlines()[-1]
+    # the closing line: the confirm command for the completed trials (rank 1 against rank 2), or why there is none
+    completed = int((pd.read_parquet(folder / "trials.parquet")["status"] == "completed").sum())
+    assert proc.stdout.splitlines()[-1] == confirm_hint(folder, completed)
     assert "started:" in proc.stdout and "rank" in proc.stdout
     # the line of the last trial to end counts it as ended too
     assert re.search(r"(finished|stopped early at step \d+ \(ASHA\)); 3 terminated$", proc.stdout, re.M), proc.stdout
