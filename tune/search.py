@@ -158,7 +158,7 @@ def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_stora
     from tune.searcher import StepOptunaSearch, startup_trials
 
     if space is None:
-        space = space_file.load(space_file.DEFAULT_SPACE, cfg, pinned_knobs(args.overrides))
+        space, starts = space_file.load_with_starts(space_file.DEFAULT_SPACE, cfg, pinned_knobs(args.overrides))
     points, outside = space_file.first_points(space, cfg.flat(), starts)
     if outside:
         print(f"first trial: the preset's configuration, except {', '.join(outside)} (its value lies outside the "
@@ -188,9 +188,8 @@ def load_space(args: argparse.Namespace, cfg: Config) -> tuple[dict[str, dict], 
     start points (``tune.space_file.start_points``)."""
     path = Path(args.space).resolve() if args.space else space_file.DEFAULT_SPACE
     try:
-        data = space_file.read_file(path)
-        spec = space_file.resolve(data, cfg, pinned_knobs(args.overrides), str(path))
-        return spec, str(path), space_file.start_points(data, spec, str(path))
+        spec, starts = space_file.load_with_starts(path, cfg, pinned_knobs(args.overrides))
+        return spec, str(path), starts
     except space_file.SpaceError as exc:
         raise SearchError(str(exc)) from None
 

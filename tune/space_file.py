@@ -247,15 +247,23 @@ def preset_point(spec: Mapping[str, Mapping[str, Any]], flat: Mapping[str, Any])
 
 def load(path: str | Path, cfg: Config, fixed: Sequence[str] = ()) -> dict[str, dict]:
     """``read_file`` then ``resolve``: the searched knobs of the file at ``path`` against ``cfg``."""
-    return resolve(read_file(path), cfg, fixed, str(path))
+    return load_with_starts(path, cfg, fixed)[0]
+
+
+def load_with_starts(path: str | Path, cfg: Config, fixed: Sequence[str] = ()) -> tuple[dict[str, dict], list[dict]]:
+    """The searched knobs of the file at ``path`` against ``cfg`` (``resolve``) and its ``start_points``."""
+    data = read_file(path)
+    spec = resolve(data, cfg, fixed, str(path))
+    return spec, start_points(data, spec, str(path))
 
 
 def start_points(data: Mapping[str, Any], spec: Mapping[str, Mapping[str, Any]], source: str = "") -> list[dict]:
     """The file's ``start_points``: a list of mappings from searched knobs to values, each the change from the
     preset's point of a trial that runs right after it (the default file's: the CBDM baseline). A numeric knob
     also takes ``low`` or ``high``, its range's ends (a lambda range resolved around the preset has no fixed
-    number that fits every preset). A knob pinned with --set (not in ``spec``) is left out: the pin holds for
-    every trial. Values outside the space are refused, naming the point and the knob."""
+    number that fits every preset). A knob pinned with --set (in the file, not in ``spec``) is left out: the pin
+    holds for every trial. A knob the file does not search and values outside the space are refused, naming the
+    point and the knob."""
     raw = data.get(START_KEY, [])
     if not isinstance(raw, list) or not all(isinstance(p, dict) for p in raw):
         raise SpaceError(f"space file {source}: {START_KEY} must be a list of mappings from knobs to values, "
@@ -267,9 +275,10 @@ def start_points(data: Mapping[str, Any], spec: Mapping[str, Mapping[str, Any]],
         point = {}
         for knob, value in raw_point.items():
             if knob not in spec:
-                if not isinstance(knob, str) or "." not in knob:
-                    raise SpaceError(f"{where}: {knob!r} is not a config field (SECTION.FIELD)")
-                continue  # pinned with --set, or not searched by this file: the trial keeps the base value
+                if knob not in data or knob == START_KEY:  # a typo would otherwise leave the point unchanged
+                    raise SpaceError(f"{where}: {knob!r} is not a config field the file searches "
+                                     f"({', '.join(k for k in data if k != START_KEY)})")
+                continue  # pinned with --set: the pin holds for every trial
             if value in RANGE_ENDS and spec[knob]["type"] != "categorical":
                 value = spec[knob][value]
             if not contains(dists[knob], value):
