@@ -26,7 +26,8 @@ def _study(tmp_path) -> optuna.Study:
 
 
 def _by_tune_id(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
-    return {t.user_attrs[TUNE_TRIAL_ATTR]: t for t in study.trials}
+    """The trials Tune has asked for; the study also holds the enqueued start points not yet asked (WAITING)."""
+    return {t.user_attrs[TUNE_TRIAL_ATTR]: t for t in study.trials if TUNE_TRIAL_ATTR in t.user_attrs}
 
 
 def test_stopped_trials_are_pruned_and_completed_ones_carry_the_final_objective(tmp_path):
@@ -64,7 +65,7 @@ def test_searcher_state_survives_save_and_restore(tmp_path):
     assert isinstance(restored, StepOptunaSearch) and restored._max_steps == STEPS
     restored.on_trial_result("a", {"step": 20, "training_iteration": 1, "objective": 99.0})  # the same step again
     restored.on_trial_complete("a", {"step": 20, "objective": 9.0})
-    (trial,) = _study(tmp_path).trials
+    (trial,) = _by_tune_id(_study(tmp_path)).values()
     assert trial.state == TrialState.PRUNED and trial.intermediate_values == {20: 9.0}
 
 
@@ -155,7 +156,7 @@ def test_optuna_storage_may_be_a_journal_file(tmp_path):
     restored.restore_from_dir(str(tmp_path))
     restored.on_trial_complete("a", {"step": STEPS, "objective": 3.0})
     study = optuna.load_study(study_name="j", storage=optuna_storage(str(journal)))
-    assert journal.is_file() and [t.value for t in study.trials] == [3.0]
+    assert journal.is_file() and [t.value for t in _by_tune_id(study).values()] == [3.0]
     rdb = f"sqlite:///{tmp_path / 'other.db'}"
     assert isinstance(optuna_storage(rdb), optuna.storages.RDBStorage)
 
@@ -171,3 +172,20 @@ def test_a_checkpoint_keeps_the_metrics_reported_with_it(tmp_path):
     folder = write_checkpoint(Trainer(cfg, load_data(cfg)), metrics, tmp_path)
     assert (folder / "checkpoint.pt").is_file() and stored_metrics(folder) == metrics
     assert stored_metrics(tmp_path / "none") == {}
+
+
+def test_start_points_are_enqueued_up_to_the_trial_budget(tmp_path):
+    """The default space's CBDM baseline is the second trial of a search of 3; a search of 1 enqueues only the
+    preset's point, so no start point is left WAITING in the study."""
+    searcher = _searcher(tmp_path, trials=3)
+    waiting = [t for t in _study(tmp_path).trials if t.state == TrialState.WAITING]
+    assert len(waiting) == 2  # enqueued: their values are fixed when asked
+    for trial_id in ("first", "second"):
+        searcher.suggest(trial_id)
+    trials = _by_tune_id(_study(tmp_path))
+    assert trials["first"].params["loss.label_dist"] == "inverted"
+    assert trials["second"].params["loss.label_dist"] == "cbdm" and trials["second"].params["model.tsa_resolutions"] == ""
+    one = tmp_path / "one"
+    one.mkdir()
+    _searcher(one, trials=1)
+    assert len(_study(one).trials) == 1

@@ -160,6 +160,8 @@ def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_stora
     if space is None:
         space, starts = space_file.load_with_starts(space_file.DEFAULT_SPACE, cfg, pinned_knobs(args.overrides))
     points, outside = space_file.first_points(space, cfg.flat(), starts)
+    # a point beyond the budget would stay WAITING in the study for good (and be asked first by a --resume)
+    points = points[:max(trials, 1)]
     if outside:
         print(f"first trial: the preset's configuration, except {', '.join(outside)} (its value lies outside the "
               f"search space: sampled)", flush=True)
