@@ -402,8 +402,10 @@ _CIFAR = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # a plumbing check, not a model: ch 16 steps in 0.16 s on one core against 0.42 s at the small net's ch 32, and
+    # every Ray test trial runs this preset
     "smoke": {
-        "data.dataset": "digits-lt", "data.imbalance": 10.0,
+        "data.dataset": "digits-lt", "data.imbalance": 10.0, "model.ch": 16,
         "train.steps": 60, "train.batch_size": 16, "train.warmup": 10, "train.ema_decay": 0.9,
         "train.log_every": 10, "train.eval_every": 30,
         "sample.steps": 5, "sample.eta": 1.0, "eval.num_samples": 40, "eval.proxy_samples": 20, "eval.guidance_grid": "0,1",

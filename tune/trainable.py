@@ -20,7 +20,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from pdcbdm.config import Config, apply_overrides
 from pdcbdm.training import NonFiniteLossError
 from tune import budget, tracking
-from tune.worker import train_loop
+from tune.entry import train_loop
 
 
 CHECKPOINTS_TAG = "pdcbdm.ray_checkpoints"  # the trial's Train run folder in Ray's storage (its checkpoint_* folders)

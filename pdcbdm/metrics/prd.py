@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.cluster import MiniBatchKMeans
 
 from .fid import as_float64
 
@@ -84,6 +83,9 @@ def _cluster_histograms(gen: np.ndarray, ref: np.ndarray, num_clusters: int, see
     """Cluster the union of both sets once and return each set's normalised cluster histogram."""
     # float64: scikit-learn's float32 distance path up-casts chunk by chunk and is slower here.
     union = np.concatenate([gen, ref])
+    # imported here: scikit-learn (with scipy) costs about 1 s to import, and most importers never cluster
+    from sklearn.cluster import MiniBatchKMeans
+
     kmeans = MiniBatchKMeans(n_clusters=num_clusters, n_init=n_init, random_state=seed)
     labels = kmeans.fit(union).labels_
     gen_hist = np.bincount(labels[:len(gen)], minlength=num_clusters) / len(gen)
