@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pdcbdm.config import write_json_atomic
-from tests.searchutil import trial_runs
+from tests.searchutil import ROOT, trial_runs
 from tune import search, tracking
 from tune.search import SearchError, SearchInterrupted, fits, main, parse_args, plan
 
@@ -271,3 +271,21 @@ def test_the_confirm_hint_needs_two_completed_trials(tmp_path):
     assert "no confirm command: 1 completed trial(s)" in confirm_hint(tmp_path, 1)
     assert confirm_hint(tmp_path, 2).endswith(f"--search {tmp_path} --top 2 --seeds 3")
     assert confirm_hint(tmp_path, 7).endswith("--top 3 --seeds 3")
+
+
+def test_the_train_controller_imports_no_evaluation_stack():
+    """Ray unpickles a trial's training function in the Train controller too: its module must stay light, and the
+    trainer the trainable builds must use it (not tune.worker's loop directly)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tune.entry\n"
+            "heavy = [m for m in ('tune.worker', 'torch', 'mlflow', 'sklearn', 'pandas') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "import pdcbdm.metrics\n"
+            "assert 'sklearn' not in sys.modules, 'pdcbdm.metrics imports scikit-learn before it clusters'\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import tune.trainable
+
+    assert tune.trainable.train_loop.__module__ == "tune.entry"
