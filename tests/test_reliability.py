@@ -64,12 +64,15 @@ def test_divergence_sigkill_and_a_worker_crash_then_resume_finish_every_trial_on
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        _wait_for(proc, log, "non-finite loss at step 16", timeout=500)
+        # the driver's FAILED line, not the worker's traceback: it comes after the MLflow callback has recorded
+        # the failure, which a kill between the two would lose (a race CI once lost)
+        _wait_for(proc, log, "FAILED: ", timeout=500)
         _wait_for(proc, log, "step 20/40", timeout=400)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
         proc.wait()
-    assert "FAILED: " in log.read_text()
+    (failed_line,) = [line for line in log.read_text().splitlines() if "FAILED: " in line]
+    assert "non-finite loss at step 16" in failed_line, failed_line
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert any(r.info.status == "RUNNING" for r in trial_runs(uri, "faults"))
 
