@@ -43,7 +43,7 @@ def evaluation_assets(cfg: Config, cache_dir: str | os.PathLike | None = None) -
     ($PDCBDM_CACHE or ~/.cache/pdcbdm by default) as the trials read it. Raises what loading them raises."""
     d = cfg.data
     train = build_dataset(d.dataset, root=d.root, imbalance=d.imbalance, split="train", seed=d.seed,
-                          download=d.download)
+                          download=d.download, image_size=d.image_size)
     reference = build_reference_dataset(d.dataset, root=d.root, download=d.download)
     extractor = build_extractor(cfg.eval.extractor, weights_path=cfg.eval.inception_weights, cache_dir=cache_dir)
     return dict(zip(ASSET_NAMES, (_identity(train), _identity(reference), _floor_identity(cfg),

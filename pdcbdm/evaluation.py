@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import nn
 
 from pdcbdm.config import Config, DiffusionConfig, parse_float_list
-from pdcbdm.data import HeadTailSplit, build_floor_dataset, build_reference_dataset, head_tail_split
+from pdcbdm.data import (HeadTailSplit, build_floor_dataset, build_reference_dataset, dataset_image_shape,
+                         head_tail_split, reference_image_shape)
 from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.metrics import FeatureExtractor, FeatureSet, build_extractor, evaluate_features, extract_all
 from pdcbdm.metrics import fid_from_features, group_fid, reference_features
@@ -90,22 +91,25 @@ class SampleSource:
     num_classes: int
     image_shape: tuple[int, int, int]
     device: torch.device
+    score_shape: tuple[int, int, int] | None = None
 
     @classmethod
     def build(cls, cfg: Config, *, num_classes: int, image_shape: Sequence[int], device: torch.device | str = "cpu",
               cache_dir: str | os.PathLike | None = None) -> "SampleSource":
-        """The config's feature extractor (``eval.extractor``, read from ``cache_dir`` as ``Evaluator.build``)."""
+        """The config's feature extractor (``eval.extractor``, read from ``cache_dir`` as ``Evaluator.build``);
+        ``image_shape`` is the network's, samples are scored at the data set's ``reference_image_shape``."""
         device = torch.device(device)
         extractor = build_extractor(cfg.eval.extractor, weights_path=cfg.eval.inception_weights, device=device,
                                     cache_dir=cache_dir)
-        return cls(cfg, extractor, num_classes, tuple(image_shape), device)
+        return cls(cfg, extractor, num_classes, tuple(image_shape), device, reference_image_shape(cfg.data.dataset))
 
     def sample(self, net: nn.Module, guidance: float, n: int, *, seed: int = 0, progress: bool = False,
                autocast: Callable[[], Any] | None = None, final: bool = False, rank: int = 0,
                world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """This worker's share of n samples (uint8) with labels uniform over classes (all of them with one worker):
         with the config's sampler and steps, except for a ``final`` evaluation under ``eval.protocol=paper`` (see
-        ``final_sampling``). The share's global positions are ``share_indices(n, eval.batch_size, rank, world)``."""
+        ``final_sampling``), at the shape they are scored at (``resize_samples``). The share's global positions
+        are ``share_indices(n, eval.batch_size, rank, world)``."""
         labels = uniform_labels(n, self.num_classes).to(self.device)
         kw = {"autocast": autocast} if autocast else {}
         diffusion_cfg, sampling = (final_sampling(self.cfg) if final
@@ -113,7 +117,7 @@ class SampleSource:
         images = generate(net, GaussianDiffusion(diffusion_cfg), labels, self.image_shape, guidance=guidance,
                           null_label=self.num_classes, batch_size=self.cfg.eval.batch_size, seed=seed,
                           progress=progress, rank=rank, world=world, **sampling, **kw)
-        return images, labels.cpu()[share_indices(n, self.cfg.eval.batch_size, rank, world)]
+        return resize_samples(images, self.score_shape), labels.cpu()[share_indices(n, self.cfg.eval.batch_size, rank, world)]
 
     def features(self, images: torch.Tensor, labels: torch.Tensor) -> FeatureSet:
         feats, logits = self._extract(images)
@@ -121,9 +125,11 @@ class SampleSource:
                           logits_note=getattr(self.extractor, "logits_note", ""))
 
     def _extract(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """Features and logits; empty arrays of the right width for an empty share."""
+        """Features and logits (of the images at the shape they are scored at); empty arrays of the right width
+        for an empty share."""
         if images.shape[0] > 0:
-            return extract_all(self.extractor, images, batch_size=self.cfg.eval.batch_size, progress=False)
+            return extract_all(self.extractor, resize_samples(images, self.score_shape),
+                               batch_size=self.cfg.eval.batch_size, progress=False)
         width = self.extractor.num_classes_logits
         return np.zeros((0, self.extractor.feature_dim)), None if width is None else np.zeros((0, width))
 
@@ -171,6 +177,20 @@ class SampleSource:
         return None if rank != 0 else out
 
 
+def resize_samples(images: torch.Tensor, shape: Sequence[int] | None) -> torch.Tensor:
+    """uint8 samples at the shape the evaluation scores (None or their own: unchanged): bilinear, as the digits
+    data are upsampled from their native 8x8 (``pdcbdm.data.digits``), so that the samples of a network trained at
+    8x8 meet the reference images on the same footing."""
+    if shape is None or tuple(images.shape[1:]) == tuple(shape):
+        return images
+    if images.shape[1] != shape[0]:
+        raise ValueError(f"samples have {images.shape[1]} channels, the evaluation scores {shape[0]}")
+    if images.shape[0] == 0:
+        return images.new_zeros((0, *shape))
+    out = torch.nn.functional.interpolate(images.float(), size=tuple(shape[1:]), mode="bilinear", align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
 def gather_to_rank0(part: dict[str, Any], device: torch.device) -> list[dict[str, Any]] | None:
     """Every rank's ``part`` (tensors, strings, None) on rank 0, in rank order; None on the other ranks.
 
@@ -193,8 +213,9 @@ class Evaluator:
     num_classes: int
     head: tuple[int, ...]
     tail: tuple[int, ...]
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, int, int]  # the network's (data.image_size); samples are scored at score_shape
     device: torch.device
+    score_shape: tuple[int, int, int] | None = None
     judge: Judge | None = None
     floor_pool: FeatureSet | None = None
     floor_note: str | None = None
@@ -215,14 +236,16 @@ class Evaluator:
         ref_ds = build_reference_dataset(cfg.data.dataset, root=cfg.data.root, download=cfg.data.download)
         reference = reference_features(extractor, ref_ds, cache_dir, progress=progress)
         pool, note = _floor_pool(cfg, extractor, cache_dir, progress)
-        return cls(cfg, extractor, reference, num_classes, tuple(head), tuple(tail), tuple(ref_ds.image_shape), device,
-                   judge=_judge(extractor, reference, num_classes, cache_dir), floor_pool=pool, floor_note=note,
+        shape = dataset_image_shape(cfg.data.dataset, cfg.data.image_size)
+        return cls(cfg, extractor, reference, num_classes, tuple(head), tuple(tail), shape, device,
+                   score_shape=tuple(ref_ds.image_shape), judge=_judge(extractor, reference, num_classes, cache_dir), floor_pool=pool, floor_note=note,
                    cache_dir=cache_dir)
 
     @property
     def source(self) -> SampleSource:
         """The sampling and feature side of this evaluator (what the other workers of a trial hold too)."""
-        return SampleSource(self.cfg, self.extractor, self.num_classes, self.image_shape, self.device)
+        return SampleSource(self.cfg, self.extractor, self.num_classes, self.image_shape, self.device,
+                            self.score_shape)
 
     def sample(self, net: nn.Module, guidance: float, n: int, *, seed: int = 0, progress: bool = False,
                autocast: Callable[[], Any] | None = None, final: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

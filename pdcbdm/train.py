@@ -31,7 +31,7 @@ LOSS_KEYS = ("loss", "dm", "cbdm", "pd", "pd_kl")
 def load_data(cfg: Config):
     """The training set a config names."""
     return build_dataset(cfg.data.dataset, root=cfg.data.root, imbalance=cfg.data.imbalance, split="train",
-                         seed=cfg.data.seed, download=cfg.data.download)
+                         seed=cfg.data.seed, download=cfg.data.download, image_size=cfg.data.image_size)
 
 
 def sample_grid(trainer: Trainer, path: Path, per_class: int = 8, progress: bool = False) -> Path:

@@ -388,8 +388,9 @@ def _build_evaluator(cfg: Config, data: dict[str, Any], device: torch.device,
     evaluator = Evaluator.build(cfg, num_classes=len(counts), head=split.head, tail=split.tail, device=device,
                                 cache_dir=cache_dir, progress=progress)
     if tuple(evaluator.image_shape) != tuple(data["image_shape"]):
-        raise CheckpointError(f"checkpoint images are {tuple(data['image_shape'])} but the reference set of "
-                              f"{cfg.data.dataset} has {tuple(evaluator.image_shape)}")
+        raise CheckpointError(f"checkpoint images are {tuple(data['image_shape'])} but its config's data "
+                              f"({cfg.data.dataset}, data.image_size={cfg.data.image_size}) are "
+                              f"{tuple(evaluator.image_shape)}")
     return evaluator, split
 
 

@@ -74,7 +74,7 @@ def _judge_on_synthetic(evaluator: Any, n: int) -> dict[str, dict[str, float | N
 
     out = {}
     labels = torch.arange(n) % evaluator.num_classes
-    for name, images in synthetic_images(n, evaluator.image_shape).items():
+    for name, images in synthetic_images(n, evaluator.score_shape or evaluator.image_shape).items():
         metrics, _ = evaluator.score(images, labels)
         feats = evaluator.features(images, labels)
         argmax = feats.logits.argmax(1) if feats.logits is not None else None

@@ -180,6 +180,26 @@ def test_digits_heldout_is_balanced_disjoint_and_the_reference():
     assert torch.equal(build_reference_dataset("digits-lt").images, test.images)
 
 
+def test_digits_at_native_size_are_the_same_images_before_upsampling():
+    """data.image_size=8: the same images and labels at the digits' own 8x8; upsampled as the default is (bilinear)
+    they are the default 16x16 images to within one grey level (rounding); a size the U-Net cannot halve twice is
+    refused with the sizes it takes."""
+    from pdcbdm.data import dataset_image_shape, reference_image_shape
+    from pdcbdm.evaluation import resize_samples
+
+    native, default = build_dataset("digits-lt", image_size=8), build_dataset("digits-lt")
+    assert native.image_shape == (1, 8, 8) and native.counts() == default.counts()
+    assert torch.equal(native.labels, default.labels)
+    up = resize_samples(native.images, reference_image_shape("digits-lt"))
+    assert up.shape == default.images.shape and (up.int() - default.images.int()).abs().max() <= 1
+    assert dataset_image_shape("digits-lt", 8) == (1, 8, 8) and dataset_image_shape("cifar10-lt") == (3, 32, 32)
+    assert build_dataset("digits-lt", image_size=16).images.equal(default.images)
+    with pytest.raises(ValueError, match="digits image size must be 8"):
+        build_dataset("digits-lt", image_size=10)
+    with pytest.raises(ValueError, match="served only at its own size 32"):
+        dataset_image_shape("cifar10-lt", 16)
+
+
 # ---------------------------------------------------------------- head / tail split
 
 

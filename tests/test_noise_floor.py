@@ -227,3 +227,21 @@ def test_best_w_is_the_lowest_fid_among_the_class_consistent_values():
     assert best_by_fid(grid, 0.999).guidance == 0.0  # none consistent enough: the lowest FID of all
     inception = [GuidanceResult(w, {"fid": f, "consistency_mean": None}) for w, f in ((1.0, 5.0), (1.4, 4.0))]
     assert best_by_fid(inception, 0.9).guidance == 1.4  # no judge: FID decides
+
+
+def test_a_native_8x8_network_is_scored_at_the_reference_size(cache_dir, digits):
+    """data.image_size=8: the evaluator samples at the network's 8x8 and scores (and returns) 16x16 images, the
+    reference's size; real 8x8 digits scored through it sit at the real-vs-real floor, as the 16x16 ones do."""
+    from pdcbdm.config import apply_overrides
+    from pdcbdm.models import build_unet
+
+    cfg = apply_overrides(preset("smoke"), {"data.image_size": 8, "sample.steps": 2})
+    evaluator = Evaluator.build(cfg, num_classes=10, head=HEAD, tail=TAIL, cache_dir=cache_dir)
+    assert evaluator.image_shape == (1, 8, 8) and evaluator.score_shape == (1, 16, 16)
+    net = build_unet("small", 10, image_size=8, ch=8, tsa_resolutions="")
+    images, labels = evaluator.sample(net, 1.0, 20)
+    assert images.shape == (20, 1, 16, 16) and images.dtype == torch.uint8
+    real = build_dataset("digits", image_size=8, split="test")
+    pick = torch.cat([torch.nonzero(real.labels == k).flatten()[:20] for k in range(10)])
+    metrics, _ = evaluator.score(real.images[pick], real.labels[pick])
+    assert metrics["reject_rate"] <= 0.05 and metrics["consistency_mean"] >= 0.95

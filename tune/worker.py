@@ -92,7 +92,8 @@ class RankZeroLogger:
         """The training set as the run's dataset input (a digest, no upload)."""
         if self.active:
             source = {"builder": "pdcbdm.data.build_dataset", "dataset": cfg.data.dataset,
-                      "imbalance": str(cfg.data.imbalance), "seed": str(cfg.data.seed)}
+                      "imbalance": str(cfg.data.imbalance), "seed": str(cfg.data.seed),
+                      "image_size": str(cfg.data.image_size)}
             tracking.log_training_data(self.uri, self.run_id, data.images.numpy(), data.labels.numpy(),
                                        cfg.data.dataset, source)
 

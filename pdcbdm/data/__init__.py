@@ -12,12 +12,12 @@ from .digits import load_digits_uint8
 from .longtail import longtail_counts, longtail_indices
 from .parquet import ParquetImageDataset, WriteReport, write_parquet
 from .registry import (DATASET_NAMES, DEFAULT_IMBALANCE, build_dataset, build_floor_dataset, build_reference_dataset,
-                       is_longtail, resolve_imbalance)
+                       dataset_image_shape, is_longtail, reference_image_shape, resolve_imbalance)
 from .split import SPLIT_MODES, ClassGroupSampler, HeadTailSplit, head_tail_split
 
 __all__ = [
     "ImageDataset", "to_unit_range", "build_dataset", "build_reference_dataset", "build_floor_dataset", "DATASET_NAMES",
     "DEFAULT_IMBALANCE", "is_longtail", "resolve_imbalance", "longtail_counts", "longtail_indices",
     "head_tail_split", "HeadTailSplit", "SPLIT_MODES", "ClassGroupSampler", "ParquetImageDataset",
-    "write_parquet", "WriteReport", "load_cifar", "load_digits_uint8",
+    "write_parquet", "WriteReport", "load_cifar", "load_digits_uint8", "dataset_image_shape", "reference_image_shape",
 ]

@@ -1,6 +1,7 @@
 """Digits-LT: scikit-learn's 8x8 handwritten digits as a small, download-free long-tailed set.
 
-The 1,797 images (pixels 0..16) are resized to 16x16 (bilinear) and stored as uint8 0..255, one channel. A seeded,
+The 1,797 images (pixels 0..16) are scaled to uint8 0..255, one channel, at their native 8x8 or resized (bilinear)
+to a larger size: 16x16 by default (DIGITS_SIZE), the size every digits evaluation scores at. A seeded,
 balanced held-out split (HELDOUT_PER_CLASS images per class) is the evaluation reference; the rest is the training
 pool, made long-tailed with the CIFAR-LT formula (longtail.py) using n_max = the smallest per-class pool size.
 """
@@ -12,30 +13,41 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DIGITS_SIZE", "HELDOUT_PER_CLASS", "HELDOUT_SEED", "load_digits_uint8", "digits_pool_and_heldout"]
+__all__ = ["DIGITS_SIZE", "DIGITS_NATIVE_SIZE", "HELDOUT_PER_CLASS", "HELDOUT_SEED", "load_digits_uint8", "digits_pool_and_heldout"]
 
 DIGITS_SIZE = 16
+DIGITS_NATIVE_SIZE = 8
 HELDOUT_PER_CLASS = 50
 # Fixed, independent of the training seed: every run must be judged against the same reference images.
 HELDOUT_SEED = 20240531
 
 
-@functools.lru_cache(maxsize=1)
-def _digits_cached() -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=2)
+def _digits_cached(size: int = DIGITS_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits  # deferred: only this data set needs scikit-learn
 
     bunch = load_digits()
     pixels = torch.from_numpy(bunch.images).to(torch.float32)  # [1797, 8, 8], 0..16
     labels = torch.from_numpy(bunch.target).to(torch.int64)
     scaled = pixels[:, None] * (255.0 / 16.0)
-    resized = F.interpolate(scaled, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
-    images = resized.round().clamp(0, 255).to(torch.uint8)
+    if size != DIGITS_NATIVE_SIZE:
+        scaled = F.interpolate(scaled, size=(size, size), mode="bilinear", align_corners=False)
+    images = scaled.round().clamp(0, 255).to(torch.uint8)
     return images, labels
 
 
-def load_digits_uint8() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """All 1,797 digits: images uint8 [N, 1, 16, 16], labels int64 [N], class names "0".."9"."""
-    images, labels = _digits_cached()
+def check_digits_size(size: int) -> int:
+    """``size`` if the digits can be served at it (8, the native size, or a larger multiple of 4: the U-Net
+    halves it twice), else ValueError naming the valid sizes."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < DIGITS_NATIVE_SIZE or size % 4:
+        raise ValueError(f"digits image size must be {DIGITS_NATIVE_SIZE} (native) or a larger multiple of 4 "
+                         f"(bilinear upsampling; {DIGITS_SIZE} is the default), got {size!r}")
+    return size
+
+
+def load_digits_uint8(size: int = DIGITS_SIZE) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """All 1,797 digits: images uint8 [N, 1, size, size], labels int64 [N], class names "0".."9"."""
+    images, labels = _digits_cached(check_digits_size(size))
     return images.clone(), labels.clone(), [str(k) for k in range(10)]
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from .cifar import load_cifar
 from .dataset import ImageDataset
-from .digits import digits_pool_and_heldout, load_digits_uint8
+from .digits import DIGITS_SIZE, check_digits_size, digits_pool_and_heldout, load_digits_uint8
 from .longtail import check_imbalance, longtail_counts, longtail_indices
 
 __all__ = ["DATASET_NAMES", "SPLITS", "DEFAULT_IMBALANCE", "build_dataset", "build_reference_dataset",
-           "build_floor_dataset", "resolve_imbalance", "is_longtail"]
+           "build_floor_dataset", "resolve_imbalance", "is_longtail", "reference_image_shape", "dataset_image_shape"]
 
 DATASET_NAMES = ("digits-lt", "digits", "cifar10-lt", "cifar100-lt", "cifar10", "cifar100")
 SPLITS = ("train", "test")
@@ -67,8 +67,8 @@ def _require_root(name: str, root: str | Path | None) -> Path:
     return Path(root)
 
 
-def _digits(split: str) -> ImageDataset:
-    images, labels, names = load_digits_uint8()
+def _digits(split: str, size: int = DIGITS_SIZE) -> ImageDataset:
+    images, labels, names = load_digits_uint8(size)
     pool, heldout = digits_pool_and_heldout()
     idx = pool if split == "train" else heldout
     return ImageDataset(images[idx], labels[idx], names, hflip=False)
@@ -82,7 +82,8 @@ def _cifar(name: str, root: str | Path | None, split: str, download: bool) -> Im
 
 
 def build_dataset(name: str, *, root: str | Path | None = None, imbalance: float | None = None,
-                  split: str = "train", seed: int = 0, download: bool = False) -> ImageDataset:
+                  split: str = "train", seed: int = 0, download: bool = False,
+                  image_size: int | None = None) -> ImageDataset:
     """Build a named data set.
 
     Args:
@@ -93,6 +94,9 @@ def build_dataset(name: str, *, root: str | Path | None = None, imbalance: float
         split: "train", or "test" (CIFAR: the test batches; digits: the held-out balanced split, 50 per class).
         seed: seed of the per-class shuffle choosing which images the long-tailed set keeps.
         download: fetch CIFAR with torchvision when the files are missing.
+        image_size: digits only: the side the images are served at (8, their native size, or larger by bilinear
+            upsampling); None: the size the evaluation scores at (``reference_image_shape``). CIFAR takes only
+            None or 32.
 
     Returns:
         An ImageDataset; CIFAR train splits have hflip=True, everything else hflip=False.
@@ -100,11 +104,32 @@ def build_dataset(name: str, *, root: str | Path | None = None, imbalance: float
     rho = resolve_imbalance(name, imbalance)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    data = _digits(split) if name.startswith("digits") else _cifar(name, root, split, download)
+    shape = dataset_image_shape(name, image_size)
+    data = _digits(split, shape[1]) if name.startswith("digits") else _cifar(name, root, split, download)
     if split == "test":
         return data
     # Balanced digits still go through the formula (rho = 1) so every class has exactly n_max images.
     return _apply_longtail(data, rho, seed) if (rho != 1.0 or name.startswith("digits")) else data
+
+
+def reference_image_shape(name: str) -> tuple[int, int, int]:
+    """The shape of the images a data set's evaluation scores (its reference set's, ``build_reference_dataset``):
+    samples of a network trained at another size are resized to it (``pdcbdm.evaluation``)."""
+    return (1, DIGITS_SIZE, DIGITS_SIZE) if _check_name(name).startswith("digits") else (3, 32, 32)
+
+
+def dataset_image_shape(name: str, image_size: int | None = None) -> tuple[int, int, int]:
+    """The image shape ``build_dataset(name, image_size=image_size)`` serves (what the network is built for), or
+    ValueError naming the sizes the data set takes."""
+    ref = reference_image_shape(name)
+    if image_size is None:
+        return ref
+    if name.startswith("digits"):
+        size = check_digits_size(image_size)
+        return (1, size, size)
+    if image_size != ref[1]:
+        raise ValueError(f"image_size {image_size!r}: {name} is served only at its own size {ref[1]} (leave it unset)")
+    return ref
 
 
 def build_reference_dataset(name: str, *, root: str | Path | None = None, download: bool = False) -> ImageDataset:
