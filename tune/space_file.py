@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pdcbdm.config import Config, ConfigError, apply_overrides, parse_resolution_list
-from pdcbdm.models import PRESETS as MODEL_PRESETS
+from pdcbdm.training import network_levels
 from tune.space import tsa_choices
 
 DEFAULT_SPACE = Path(__file__).resolve().parent / "spaces" / "default.yaml"
@@ -162,7 +162,7 @@ def _choices(knob: str, entry: Mapping[str, Any], cfg: Config, where: str) -> di
     if choices == "auto":
         if knob != TSA_KNOB:
             raise SpaceError(f"{where}: choices: auto exists only for {TSA_KNOB}")
-        return {"type": "categorical", "choices": list(tsa_choices(MODEL_PRESETS[cfg.model.preset].resolutions))}
+        return {"type": "categorical", "choices": list(tsa_choices(network_levels(cfg)))}
     if not isinstance(choices, list) or not choices:
         raise SpaceError(f"{where}: choices must be a non-empty list{' or auto' if knob == TSA_KNOB else ''}, "
                          f"got {choices!r}")
@@ -190,7 +190,7 @@ def _check_values(knob: str, entry: Mapping[str, Any], cfg: Config, where: str) 
 
 
 def _check_tsa(value: Any, cfg: Config, where: str) -> None:
-    levels = MODEL_PRESETS[cfg.model.preset].resolutions
+    levels = network_levels(cfg)
     bad = [r for r in parse_resolution_list(value, TSA_KNOB) if r not in levels]
     if bad:
         raise SpaceError(f"{where}: TSA choice {value!r} names resolution(s) {bad} that the {cfg.model.preset!r} "

@@ -7,6 +7,7 @@ The same ``Trainer`` runs in ``python -m pdcbdm.train`` and inside each Ray Trai
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -14,12 +15,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from pdcbdm.config import Config
-from pdcbdm.data import ClassGroupSampler, ImageDataset, head_tail_split
+from pdcbdm.data import ClassGroupSampler, ImageDataset, dataset_image_shape, head_tail_split
 from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.labels import from_spec
+from pdcbdm.models import PRESETS as UNET_PRESETS
 from pdcbdm.models import build_unet
 from pdcbdm.training.diagnostics import term_gradient_norms
 from pdcbdm.training.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
@@ -67,6 +69,13 @@ def build_network(cfg: Config, num_classes: int, image_shape: tuple[int, int, in
         overrides["ch"] = cfg.model.ch
     return build_unet(cfg.model.preset, num_classes, tsa_resolutions=cfg.model.tsa_resolutions,
                       image_size=image_shape[1], in_channels=image_shape[0], **overrides)
+
+
+def network_levels(cfg: Config) -> tuple[int, ...]:
+    """The feature-map resolutions (largest first) of the U-Net ``build_network`` makes for ``cfg``'s data: the
+    preset's levels at the size the data are served at (``data.image_size``), which is where TSA can go."""
+    size = dataset_image_shape(cfg.data.dataset, cfg.data.image_size)[1]
+    return dataclasses.replace(UNET_PRESETS[cfg.model.preset], image_size=size).resolutions
 
 
 @dataclass(frozen=True)
@@ -119,12 +128,19 @@ class EMA:
         self.decay = decay
         self.updates = 0
         self.module = copy.deepcopy(net).eval().requires_grad_(False)
+        # walking the module tree costs about as much as the update itself on a small net: pair the tensors once
+        self._pairs: tuple[nn.Module, list[Tensor], list[Tensor]] | None = None
+
+    def _tensors(self, net: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        if self._pairs is None or self._pairs[0] is not net:
+            self._pairs = (net, [p.detach() for p in net.parameters()], list(self.module.parameters()))
+        return self._pairs[1], self._pairs[2]
 
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
         d = ema_decay_at(self.updates, self.decay)
-        ema_p = list(self.module.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in net.parameters()], 1.0 - d)
+        source, target = self._tensors(net)
+        torch._foreach_lerp_(target, source, 1.0 - d)
         for b_ema, b in zip(self.module.buffers(), net.buffers()):
             b_ema.copy_(b)
         self.updates += 1
@@ -149,7 +165,10 @@ class Trainer:
             self.net = build_network(cfg, self.num_classes, tuple(dataset.image_shape)).to(self.device)
         self.ema = EMA(self.net, cfg.train.ema_decay)
         self.model = wrap_model(self.net) if wrap_model else self.net
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.train.lr)
+        self.params = list(self.net.parameters())
+        # foreach: one kernel per operation over all tensors; PyTorch picks it by default only on CUDA, and the
+        # per-tensor loop costs a tenth of a small net's CPU step
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.train.lr, foreach=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LrFactor.of(cfg.train))
         self.diffusion = GaussianDiffusion(cfg.diffusion)
         self.label_probs = from_spec(self.counts, cfg.loss.label_dist)
@@ -214,7 +233,7 @@ class Trainer:
         values = {k: float(v) for k, v in terms.items()}
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip))
+        values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip, foreach=True))
         # checked after backward: with DDP the all-reduced gradient norm is non-finite on every rank at once, so
         # all workers stop at the same step instead of one rank leaving the others in a collective
         if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
