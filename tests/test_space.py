@@ -225,3 +225,15 @@ def test_bad_start_points_are_refused_naming_the_point(tmp_path, text, says):
     with pytest.raises(SpaceError) as err:
         space_file.start_points(data, spec, str(path))
     assert says in str(err.value) and str(path) in str(err.value)
+
+
+def test_tsa_choices_follow_the_size_the_data_are_served_at(tmp_path):
+    """data.image_size=8: the small U-Net's levels are 8, 4, 2, so `auto` offers TSA below the 8x8 input, and
+    16 (a level of the 16x16 net only) is refused, naming the levels."""
+    cfg = apply_overrides(preset("digits"), {"data.image_size": 8, "model.tsa_resolutions": "4"})
+    spec, _ = space_file.load_with_starts(space_file.DEFAULT_SPACE, cfg, [])
+    assert spec["model.tsa_resolutions"]["choices"] == ["", "4", "2", "4,2"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('model.tsa_resolutions: {choices: ["", "16"]}\n')
+    with pytest.raises(SpaceError, match=r"levels: \[8, 4, 2\]"):
+        space_file.load_with_starts(bad, cfg, [])

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from pdcbdm.config import Config
 from pdcbdm.data import ClassGroupSampler, ImageDataset, dataset_image_shape, head_tail_split
@@ -128,19 +128,12 @@ class EMA:
         self.decay = decay
         self.updates = 0
         self.module = copy.deepcopy(net).eval().requires_grad_(False)
-        # walking the module tree costs about as much as the update itself on a small net: pair the tensors once
-        self._pairs: tuple[nn.Module, list[Tensor], list[Tensor]] | None = None
-
-    def _tensors(self, net: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
-        if self._pairs is None or self._pairs[0] is not net:
-            self._pairs = (net, [p.detach() for p in net.parameters()], list(self.module.parameters()))
-        return self._pairs[1], self._pairs[2]
 
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
         d = ema_decay_at(self.updates, self.decay)
-        source, target = self._tensors(net)
-        torch._foreach_lerp_(target, source, 1.0 - d)
+        ema_p = list(self.module.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in net.parameters()], 1.0 - d)
         for b_ema, b in zip(self.module.buffers(), net.buffers()):
             b_ema.copy_(b)
         self.updates += 1
@@ -165,10 +158,7 @@ class Trainer:
             self.net = build_network(cfg, self.num_classes, tuple(dataset.image_shape)).to(self.device)
         self.ema = EMA(self.net, cfg.train.ema_decay)
         self.model = wrap_model(self.net) if wrap_model else self.net
-        self.params = list(self.net.parameters())
-        # foreach: one kernel per operation over all tensors; PyTorch picks it by default only on CUDA, and the
-        # per-tensor loop costs a tenth of a small net's CPU step
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.train.lr, foreach=True)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.train.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LrFactor.of(cfg.train))
         self.diffusion = GaussianDiffusion(cfg.diffusion)
         self.label_probs = from_spec(self.counts, cfg.loss.label_dist)
@@ -233,7 +223,7 @@ class Trainer:
         values = {k: float(v) for k, v in terms.items()}
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip, foreach=True))
+        values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip))
         # checked after backward: with DDP the all-reduced gradient norm is non-finite on every rank at once, so
         # all workers stop at the same step instead of one rank leaving the others in a collective
         if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
