@@ -169,12 +169,12 @@ class DataConfig:
         if self.imbalance is not None:
             _check(self.imbalance >= 1.0, "data.imbalance", self.imbalance, "must be >= 1")
         if self.image_size is not None:
-            if self.dataset.startswith("digits"):
-                _check(self.image_size >= 8 and self.image_size % 4 == 0, "data.image_size", self.image_size,
-                       "must be 8 (the digits' native size) or a larger multiple of 4")
-            else:
-                _check(self.image_size == 32, "data.image_size", self.image_size,
-                       f"must be unset (or 32): {self.dataset} is served at 32x32")
+            from pdcbdm.data.registry import dataset_image_shape  # the data sets own their sizes (imports torch)
+
+            try:
+                dataset_image_shape(self.dataset, self.image_size)
+            except ValueError as exc:
+                raise ConfigError(f"data.image_size: {exc}") from None
 
 
 @dataclass(frozen=True)

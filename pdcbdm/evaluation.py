@@ -117,7 +117,8 @@ class SampleSource:
         images = generate(net, GaussianDiffusion(diffusion_cfg), labels, self.image_shape, guidance=guidance,
                           null_label=self.num_classes, batch_size=self.cfg.eval.batch_size, seed=seed,
                           progress=progress, rank=rank, world=world, **sampling, **kw)
-        return resize_samples(images, self.score_shape), labels.cpu()[share_indices(n, self.cfg.eval.batch_size, rank, world)]
+        rows = share_indices(n, self.cfg.eval.batch_size, rank, world)
+        return resize_samples(images, self.score_shape), labels.cpu()[rows]
 
     def features(self, images: torch.Tensor, labels: torch.Tensor) -> FeatureSet:
         feats, logits = self._extract(images)
@@ -238,8 +239,8 @@ class Evaluator:
         pool, note = _floor_pool(cfg, extractor, cache_dir, progress)
         shape = dataset_image_shape(cfg.data.dataset, cfg.data.image_size)
         return cls(cfg, extractor, reference, num_classes, tuple(head), tuple(tail), shape, device,
-                   score_shape=tuple(ref_ds.image_shape), judge=_judge(extractor, reference, num_classes, cache_dir), floor_pool=pool, floor_note=note,
-                   cache_dir=cache_dir)
+                   score_shape=tuple(ref_ds.image_shape), judge=_judge(extractor, reference, num_classes, cache_dir),
+                   floor_pool=pool, floor_note=note, cache_dir=cache_dir)
 
     @property
     def source(self) -> SampleSource:

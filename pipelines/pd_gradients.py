@@ -45,7 +45,8 @@ def forms(default: Config) -> dict[str, tuple[str, float, float]]:
 
 def stand_in_cifar(cfg: Config) -> ImageDataset:
     """Digits-LT resized to 32x32 with three channels: the CIFAR U-Net's input shape, offline."""
-    data = build_dataset("digits-lt", imbalance=cfg.data.imbalance, seed=cfg.data.seed, image_size=cfg.data.image_size)
+    data = build_dataset("digits-lt", imbalance=cfg.data.imbalance, seed=cfg.data.seed,
+                         image_size=cfg.data.image_size)
     images = F.interpolate(data.images.float(), size=(32, 32), mode="bilinear", align_corners=False)
     return ImageDataset(images.round().clamp(0, 255).to(torch.uint8).repeat(1, 3, 1, 1), data.labels,
                         list(data.class_names), hflip=False)
@@ -54,7 +55,8 @@ def stand_in_cifar(cfg: Config) -> ImageDataset:
 def network_config(name: str, args: argparse.Namespace) -> tuple[Config, ImageDataset]:
     if name == "small":
         cfg = apply_overrides(preset("digits"), {"train.batch_size": args.batch, "train.precision": "fp32"})
-        return cfg, build_dataset("digits-lt", imbalance=cfg.data.imbalance, seed=cfg.data.seed, image_size=cfg.data.image_size)
+        return cfg, build_dataset("digits-lt", imbalance=cfg.data.imbalance, seed=cfg.data.seed,
+                                  image_size=cfg.data.image_size)
     cfg = apply_overrides(preset("cifar10-lt"), {"train.batch_size": args.cifar_batch, "train.precision": "fp32",
                                                 "data.imbalance": 50.0})
     if args.cifar_root:

@@ -59,3 +59,13 @@ def test_direct_construction_validates():
         preset("imagenet")
     with pytest.raises(ConfigError, match="unknown field"):
         Config.from_dict({"loss": {"pd_wieght": 1}})
+
+
+def test_data_image_size_is_checked_by_the_data_sets_rule():
+    """data.image_size: digits take 8 or a larger multiple of 4, CIFAR only its own 32; a bad value is a config
+    error naming the field and the sizes."""
+    assert apply_overrides(preset("digits"), {"data.image_size": "8"}).data.image_size == 8
+    with pytest.raises(ConfigError, match=r"data.image_size: digits image size must be 8 .* got 6"):
+        apply_overrides(preset("digits"), {"data.image_size": "6"})
+    with pytest.raises(ConfigError, match="data.image_size: .*cifar10-lt is served only at its own size 32"):
+        apply_overrides(preset("cifar10-lt"), {"data.image_size": "16"})

@@ -231,7 +231,8 @@ def test_best_w_is_the_lowest_fid_among_the_class_consistent_values():
 
 def test_a_native_8x8_network_is_scored_at_the_reference_size(cache_dir, digits):
     """data.image_size=8: the evaluator samples at the network's 8x8 and scores (and returns) 16x16 images, the
-    reference's size; real 8x8 digits scored through it sit at the real-vs-real floor, as the 16x16 ones do."""
+    reference's size; the held-out digits given at 8x8 are upsampled on the way in and judged clean and of their
+    class (8x8 images reaching the digits CNN unresized would raise)."""
     from pdcbdm.config import apply_overrides
     from pdcbdm.models import build_unet
 

@@ -13,7 +13,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DIGITS_SIZE", "DIGITS_NATIVE_SIZE", "HELDOUT_PER_CLASS", "HELDOUT_SEED", "load_digits_uint8", "digits_pool_and_heldout"]
+__all__ = ["DIGITS_SIZE", "DIGITS_NATIVE_SIZE", "HELDOUT_PER_CLASS", "HELDOUT_SEED", "check_digits_size",
+           "load_digits_uint8", "digits_pool_and_heldout"]
 
 DIGITS_SIZE = 16
 DIGITS_NATIVE_SIZE = 8
