@@ -10,13 +10,14 @@ import pytest
 from pdcbdm.config import apply_overrides, preset
 from pdcbdm.models import PRESETS as MODEL_PRESETS
 from pdcbdm.models import build_unet
+from pdcbdm.training.trainer import network_levels
 from tune.space import SEARCHED, config_point, search_space, tsa_choices
 
 
 @pytest.mark.parametrize("name", ["digits", "cifar100-lt"])
 def test_every_suggestion_is_a_valid_config(name):
     base = preset(name)
-    levels = MODEL_PRESETS[base.model.preset].resolutions
+    levels = network_levels(base)  # digits trains at 8x8: levels 8, 4, 2
     space = functools.partial(search_space, tsa=tsa_choices(levels), pd_weight_center=base.loss.pd_weight)
     low, high = base.loss.pd_weight / 10, base.loss.pd_weight * 10
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
@@ -32,7 +33,7 @@ def test_every_suggestion_is_a_valid_config(name):
         study.tell(trial, cfg.loss.pd_weight)
     for tsa in seen_tsa:  # every placement builds a network
         if name == "digits":
-            build_unet(base.model.preset, 10, tsa_resolutions=tsa)
+            build_unet(base.model.preset, 10, tsa_resolutions=tsa, image_size=8)
     assert tsa_choices((16, 8, 4)) == ("", "8", "4", "8,4")
     assert "16" in tsa_choices((32, 16, 8, 4)) and "16,8,4" in tsa_choices((32, 16, 8, 4))
 
@@ -45,7 +46,7 @@ def test_pinned_fields_are_not_searched_and_the_default_point_is_in_the_space():
     assert set(trial.params) == set(SEARCHED) - {"loss.pd_weight", "loss.split_ratio"}
     point = config_point(preset("digits").flat())
     assert set(point) == set(SEARCHED)
-    assert point["model.tsa_resolutions"] in tsa_choices(MODEL_PRESETS["small"].resolutions)
+    assert point["model.tsa_resolutions"] in tsa_choices(network_levels(preset("digits")))
 
 
 def test_guidance_and_evaluation_fields_are_not_searched():
@@ -72,7 +73,7 @@ def test_default_file_is_the_former_space(name):
     the same distributions in the same order, so a seeded TPE proposes the same configs."""
     base = preset(name)
     spec = space_file.load(space_file.DEFAULT_SPACE, base)
-    former = functools.partial(search_space, tsa=tsa_choices(MODEL_PRESETS[base.model.preset].resolutions),
+    former = functools.partial(search_space, tsa=tsa_choices(network_levels(base)),
                                pd_weight_center=base.loss.pd_weight)
     proposals = []
     for space in (former, pickle.loads(pickle.dumps(functools.partial(space_file.suggest, spec=spec)))):
