@@ -157,9 +157,16 @@ def _float(value: Any) -> float:
         return math.nan
 
 
+def _column_mean(rows: pd.DataFrame, key: str) -> float:
+    values = pd.to_numeric(rows[key], errors="coerce") if key in rows else pd.Series(dtype=float)
+    return float(values.mean()) if values.notna().any() else math.nan
+
+
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """Mean and sample standard deviation (ddof = 1; NaN with one seed) over the finished seeds of each variant,
-    for every SUMMARY_METRICS key: columns variant, label, n, {metric}_mean, {metric}_std; Table 1's row order."""
+    for every SUMMARY_METRICS key: columns variant, label, n, {metric}_mean, {metric}_std; Table 1's row order.
+    Also {metric}_floor and {metric}_floor_std, the real-vs-real noise floor at the runs' sample count (the same
+    for every run of one evaluation; NaN where the rows carry none)."""
     rows = []
     for name in [n for n in VARIANTS if n in set(df["variant"])]:
         done = df[(df["variant"] == name) & (df["status"] == "finished")]
@@ -168,6 +175,8 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
             values = pd.to_numeric(done[key], errors="coerce") if key in done else pd.Series(dtype=float)
             row[f"{key}_mean"] = float(values.mean()) if values.notna().any() else math.nan
             row[f"{key}_std"] = float(values.std(ddof=1)) if values.notna().sum() > 1 else math.nan
+            row[f"{key}_floor"] = _column_mean(done, f"{key}_floor")
+            row[f"{key}_floor_std"] = _column_mean(done, f"{key}_floor_std")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -191,26 +200,46 @@ def format_summary(summary: pd.DataFrame) -> str:
 
 
 def plot_summary(summary: pd.DataFrame, path: Path | None = None, title: str = "") -> Any:
-    """Bar chart, one panel per SUMMARY_METRICS key, a bar per variant with one-standard-deviation error bars;
-    written atomically as PNG when ``path`` is given. Returns the matplotlib figure."""
+    """Bar chart, one panel per SUMMARY_METRICS key, a bar per variant with one-standard-deviation error bars
+    over seeds, and the real-vs-real noise floor (dashed, its spread shaded) where the summary has it: a bar
+    within the floor's band is as good as real data at this sample count. Written atomically as PNG when ``path``
+    is given. Returns the matplotlib figure."""
     import matplotlib.pyplot as plt
 
     cols = 3
     rows = -(-len(SUMMARY_METRICS) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     x = range(len(summary))
+    floors = False
     for ax, (key, caption, higher) in zip(axes.flat, SUMMARY_METRICS):
         err = summary[f"{key}_std"].fillna(0.0)
         ax.bar(x, summary[f"{key}_mean"], yerr=err, capsize=3, color=[f"C{i}" for i in x])
+        floors = _draw_floor(ax, summary, key) or floors
         ax.set_xticks(list(x), summary["variant"], rotation=45, ha="right")
         ax.set_title(f"{caption} ({'higher' if higher else 'lower'} is better)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    if floors:
+        fig.subplots_adjust(bottom=fig.subplotpars.bottom + 0.04)
+        fig.text(0.5, 0.01, "error bars: one standard deviation over seeds; dashed: the same metric for real images "
+                 "at the same sample count (real vs real), shaded: its standard deviation", ha="center", fontsize=8)
     if path is not None:
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     return fig
+
+
+def _draw_floor(ax: Any, summary: pd.DataFrame, key: str) -> bool:
+    floor = summary.get(f"{key}_floor", pd.Series(dtype=float)).dropna()
+    if floor.empty:
+        return False
+    level = float(floor.iloc[0])
+    spread = summary.get(f"{key}_floor_std", pd.Series(dtype=float)).dropna()
+    ax.axhline(level, color="black", linestyle="--", linewidth=1, label="real vs real")
+    if not spread.empty:
+        ax.axhspan(level - float(spread.iloc[0]), level + float(spread.iloc[0]), color="grey", alpha=0.2)
+    return True
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> Path:

@@ -75,7 +75,8 @@ def _rows() -> pd.DataFrame:
     for variant, fids in (("cbdm", [10.0, 12.0, 14.0]), ("pd-cbdm", [8.0, 9.0, 10.0])):
         for seed, fid in enumerate(fids):
             rows.append({"variant": variant, "seed": seed, "status": "finished", "fid": fid, "recall": 0.5,
-                         "f8": 0.9, "fid_tail": fid * 2, "tail_to_head_confusion": 0.1, "consistency_tail": 0.8})
+                         "f8": 0.9, "fid_tail": fid * 2, "tail_to_head_confusion": 0.1, "consistency_tail": 0.8,
+                         "fid_floor": 4.0, "fid_floor_std": 0.5})
     rows.append({"variant": "pd-cbdm", "seed": 3, "status": "failed", "fid": math.nan, "recall": math.nan,
                  "f8": math.nan, "fid_tail": math.nan, "tail_to_head_confusion": math.nan,
                  "consistency_tail": math.nan})
@@ -93,6 +94,8 @@ def test_summarise_means_and_sample_std_over_finished_seeds():
     assert s.loc["pd-cbdm", "fid_tail_mean"] == pytest.approx(18.0)
     assert math.isnan(s.loc["ddpm", "fid_std"])  # one seed: no spread
     assert math.isnan(s.loc["ddpm", "fid_tail_mean"])  # missing metric stays missing
+    assert s.loc["cbdm", "fid_floor"] == 4.0 and s.loc["cbdm", "fid_floor_std"] == 0.5  # the real-vs-real floor
+    assert math.isnan(s.loc["cbdm", "recall_floor"])  # rows without a floor: none is invented
 
 
 def test_format_summary_prints_mean_and_spread():
@@ -108,7 +111,11 @@ def test_plot_summary_writes_a_png_atomically(tmp_path):
     import matplotlib.pyplot as plt
 
     path = tmp_path / "chart.png"
-    plt.close(ab.plot_summary(ab.summarise(_rows()), path, title="t"))
+    fig = ab.plot_summary(ab.summarise(_rows()), path, title="t")
+    fid_panel, recall_panel = fig.axes[0], fig.axes[1]
+    assert [line.get_ydata()[0] for line in fid_panel.get_lines() if line.get_linestyle() == "--"] == [4.0]
+    assert not [line for line in recall_panel.get_lines() if line.get_linestyle() == "--"]
+    plt.close(fig)
     assert path.read_bytes()[:8] == PNG_MAGIC
     assert [p.name for p in tmp_path.iterdir()] == ["chart.png"]  # no temporary file left behind
 
