@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from tune.importance import importance_table, plot_importance_table
 from tune.results import METRIC_COLUMNS, format_table, rank
 from tune.space import SEARCHED
 
@@ -227,9 +228,11 @@ def plot_guidance(curves: pd.DataFrame) -> Any:
     return fig
 
 
-def param_importance(results: SearchResults) -> dict[str, float]:
-    """Optuna's parameter importances (fANOVA) over the study's completed trials; the first objective when the
-    search was multi-objective. ValueError says why they cannot be computed (too few trials, constant params)."""
+def param_importance(results: SearchResults) -> pd.DataFrame:
+    """Optuna's parameter importances (fANOVA) over the study's completed trials, with bootstrap intervals
+    (``tune.importance.importance_table``: columns param, importance, low, high, resamples; most important
+    first); the first objective when the search was multi-objective. ValueError says why they cannot be computed
+    (fewer completed trials than two per varying parameter, or no varying parameter)."""
     import optuna
 
     db = results.folder / "optuna.db"
@@ -238,25 +241,14 @@ def param_importance(results: SearchResults) -> dict[str, float]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=results.name, storage=f"sqlite:///{db}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if len(done) < 2:
-        raise ValueError(f"needs >= 2 completed trials in the Optuna study, found {len(done)}")
-    varying = [p for p in done[0].params if len({repr(t.params.get(p)) for t in done}) > 1]
-    if not varying:
-        raise ValueError(f"the {len(done)} completed trials share every parameter value")
-    target = (lambda t: t.values[0]) if len(study.directions) > 1 else None
-    return dict(optuna.importance.get_param_importances(study, target=target))
+    table = importance_table(done, study.directions)  # ValueError: too few trials, or no varying parameter
+    table.attrs["n_trials"] = len(done)
+    return table
 
 
-def plot_importance(importance: dict[str, float]) -> Any:
-    """Horizontal bars of parameter importances, most important on top."""
-    import matplotlib.pyplot as plt
-
-    items = sorted(importance.items(), key=lambda kv: kv[1])
-    fig, ax = plt.subplots(figsize=(5, 0.4 * len(items) + 1))
-    ax.barh([k for k, _ in items], [v for _, v in items])
-    ax.set_xlabel("importance (fANOVA)")
-    fig.tight_layout()
-    return fig
+def plot_importance(table: pd.DataFrame) -> Any:
+    """Horizontal bars of parameter importances, most important on top, with their bootstrap intervals."""
+    return plot_importance_table(table, int(table.attrs.get("n_trials", 0)))
 
 
 def _paired_bars(ax: Any, names: Sequence[str], left: Sequence[float], right: Sequence[float],

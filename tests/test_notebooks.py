@@ -169,13 +169,22 @@ def test_param_importance_explains_when_it_cannot_be_computed(tmp_path):
     with pytest.raises(FileNotFoundError, match="optuna.db"):
         param_importance(results)
     _study(tmp_path, "s", [{"loss.pd_weight": 0.01, "loss.label_dist": "cbdm"}])
-    with pytest.raises(ValueError, match="2 completed"):
+    with pytest.raises(ValueError, match="too few to rank"):
         param_importance(results)
-    _study(tmp_path, "t", [{"loss.pd_weight": 0.01, "loss.label_dist": "cbdm"}] * 3)
+    # two varying parameters need 4 completed trials: 3 are refused, not ranked
+    _study(tmp_path, "v", [{"loss.pd_weight": w, "loss.label_dist": d} for w, d in
+                           ((0.001, "cbdm"), (0.01, "inverted"), (0.1, "cbdm"))])
+    with pytest.raises(ValueError, match=r"3 completed trial\(s\): too few to rank 2 .* >= 4"):
+        param_importance(SearchResults(tmp_path, "v", {}, None, pd.DataFrame(), "parquet"))
+    _study(tmp_path, "t", [{"loss.pd_weight": 0.01, "loss.label_dist": "cbdm"}] * 4)
     with pytest.raises(ValueError, match="share every parameter"):
         param_importance(SearchResults(tmp_path, "t", {}, None, pd.DataFrame(), "parquet"))
     points = [{"loss.pd_weight": w, "loss.label_dist": d} for w in (0.001, 0.01, 0.1, 0.2) for d in ("cbdm", "inverted")]
     _study(tmp_path, "u", points)
     importance = param_importance(SearchResults(tmp_path, "u", {}, None, pd.DataFrame(), "parquet"))
-    assert set(importance) == {"loss.pd_weight", "loss.label_dist"}
-    assert sum(importance.values()) == pytest.approx(1.0)
+    assert set(importance["param"]) == {"loss.pd_weight", "loss.label_dist"}
+    assert importance["importance"].sum() == pytest.approx(1.0)
+    assert list(importance["importance"]) == sorted(importance["importance"], reverse=True)
+    # the bootstrap interval: within [0, 1], from resampled trials
+    assert ((0 <= importance["low"]) & (importance["low"] <= importance["high"]) & (importance["high"] <= 1)).all()
+    assert (importance["resamples"] > 0).all() and importance.attrs["n_trials"] == 8

@@ -55,12 +55,18 @@ def test_optuna_figures_say_when_there_are_too_few_trials():
     few = optuna_figures(_study([3.0]))
     assert set(few) == {"optuna/param_importances.png", "optuna/parallel_coordinate.png"}
     assert all("too few to rank" in _figure_text(f) for f in few.values())
+    # 3 trials draw parallel coordinates but do not rank 2 parameters (two completed trials per parameter)
+    three = optuna_figures(_study([3.0, 1.0, 2.0]))
+    assert "too few to rank 2" in _figure_text(three["optuna/param_importances.png"])
+    assert "too few" not in _figure_text(three["optuna/parallel_coordinate.png"])
     enough = optuna_figures(_study([3.0, 1.0, 2.0, 5.0]))
     assert all("too few" not in _figure_text(f) for f in enough.values())
+    assert "over 4 completed trials" in _figure_text(enough["optuna/param_importances.png"])
+    assert "bootstrap" in _figure_text(enough["optuna/param_importances.png"])
     assert "loss.pd_weight" in _figure_text(enough["optuna/param_importances.png"]) or \
         any("loss.pd_weight" in t.get_text() for ax in enough["optuna/param_importances.png"].axes
             for t in ax.get_yticklabels())
-    for fig in [*few.values(), *enough.values()]:
+    for fig in [*few.values(), *three.values(), *enough.values()]:
         plt.close(fig)
 
 

@@ -13,11 +13,11 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from tune import tracking
+from tune import importance, tracking
 from tune.warm_start import own_trials
 
 BEST_COMMAND_TAG = "pdcbdm.best_command"
-MIN_TRIALS_TO_RANK = 2  # Optuna's importance evaluator needs two finished trials with different values
+MIN_TRIALS_TO_RANK = 2  # parallel coordinates need two finished trials; importance: tune.importance's rule
 
 
 def best_command(preset: str, overrides: Sequence[str], row: pd.Series) -> str:
@@ -62,9 +62,8 @@ def optuna_figures(study: Any) -> dict[str, Any]:
         ours.add_trials(own_trials(study))
         study = ours
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    figures: dict[str, Any] = {}
-    plots = {"optuna/param_importances.png": ("parameter importance", ovm.plot_param_importances),
-             "optuna/parallel_coordinate.png": ("parallel coordinates", ovm.plot_parallel_coordinate)}
+    figures: dict[str, Any] = {"optuna/param_importances.png": _importance_figure(done, study.directions)}
+    plots = {"optuna/parallel_coordinate.png": ("parallel coordinates", ovm.plot_parallel_coordinate)}
     multi = len(study.directions) > 1
     for name, (title, plot) in plots.items():
         if len(done) < MIN_TRIALS_TO_RANK:
@@ -79,6 +78,19 @@ def optuna_figures(study: Any) -> dict[str, Any]:
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. every trial with the same value
             figures[name] = _message_figure(title, f"Optuna could not draw this from {len(done)} trials: {exc}")
     return figures
+
+
+def _importance_figure(done: list[Any], directions: Sequence[Any]) -> Any:
+    """The importances with their bootstrap intervals, or a figure that says why there are none (too few
+    completed trials to rank, or trials that share every value)."""
+    title = "parameter importance"
+    if len(done) < MIN_TRIALS_TO_RANK:
+        return _message_figure(title, f"{len(done)} completed trial(s): too few to rank the parameters "
+                                      f"(at least {importance.min_trials_to_rank(1)} are needed)")
+    try:
+        return importance.plot_importance_table(importance.importance_table(done, directions), len(done))
+    except ValueError as exc:  # too few to rank, or every trial with the same values
+        return _message_figure(title, str(exc))
 
 
 def _best_grid(uri: str, row: pd.Series, folder: Path) -> Path | None:
