@@ -173,7 +173,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
         row: dict[str, Any] = {"variant": name, "label": VARIANTS[name].label, "n": len(done)}
         for key, _, _ in SUMMARY_METRICS:
             values = pd.to_numeric(done[key], errors="coerce") if key in done else pd.Series(dtype=float)
-            row[f"{key}_mean"] = float(values.mean()) if values.notna().any() else math.nan
+            row[f"{key}_mean"] = _column_mean(done, key)
             row[f"{key}_std"] = float(values.std(ddof=1)) if values.notna().sum() > 1 else math.nan
             row[f"{key}_floor"] = _column_mean(done, f"{key}_floor")
             row[f"{key}_floor_std"] = _column_mean(done, f"{key}_floor_std")
@@ -236,7 +236,7 @@ def _draw_floor(ax: Any, summary: pd.DataFrame, key: str) -> bool:
         return False
     level = float(floor.iloc[0])
     spread = summary.get(f"{key}_floor_std", pd.Series(dtype=float)).dropna()
-    ax.axhline(level, color="black", linestyle="--", linewidth=1, label="real vs real")
+    ax.axhline(level, color="black", linestyle="--", linewidth=1)
     if not spread.empty:
         ax.axhspan(level - float(spread.iloc[0]), level + float(spread.iloc[0]), color="grey", alpha=0.2)
     return True

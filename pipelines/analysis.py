@@ -241,14 +241,10 @@ def param_importance(results: SearchResults) -> pd.DataFrame:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=results.name, storage=f"sqlite:///{db}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    table = importance_table(done, study.directions)  # ValueError: too few trials, or no varying parameter
-    table.attrs["n_trials"] = len(done)
-    return table
+    return importance_table(done, study.directions)  # ValueError: too few trials, or no varying parameter
 
 
-def plot_importance(table: pd.DataFrame) -> Any:
-    """Horizontal bars of parameter importances, most important on top, with their bootstrap intervals."""
-    return plot_importance_table(table, int(table.attrs.get("n_trials", 0)))
+plot_importance = plot_importance_table  # the notebook's name: bars with their bootstrap intervals
 
 
 def _paired_bars(ax: Any, names: Sequence[str], left: Sequence[float], right: Sequence[float],

@@ -8,7 +8,6 @@ import optuna
 import pytest
 
 from pdcbdm.config import apply_overrides, preset
-from pdcbdm.models import PRESETS as MODEL_PRESETS
 from pdcbdm.models import build_unet
 from pdcbdm.training.trainer import network_levels
 from tune.space import SEARCHED, config_point, search_space, tsa_choices

@@ -44,7 +44,7 @@ def importance_table(trials: Sequence[Any], directions: Sequence[Any], resamples
     """One row per parameter, most important first: ``importance`` (fANOVA on all ``trials``, COMPLETE
     FrozenTrials; sums to 1), ``low`` and ``high`` (the INTERVAL percentiles over ``resamples`` fits on trials
     drawn with replacement) and ``resamples`` (the fits that succeeded; a resample whose trials share every
-    value cannot be fitted). Raises ValueError when there are too few trials to rank (``min_trials_to_rank``)."""
+    value cannot be fitted); ``attrs["n_trials"]`` is the number of trials. Raises ValueError when there are too few trials to rank (``min_trials_to_rank``)."""
     varying = searched_params(trials)
     need = min_trials_to_rank(max(1, len(varying)))
     if len(trials) < need:
@@ -67,12 +67,14 @@ def importance_table(trials: Sequence[Any], directions: Sequence[Any], resamples
         low, high = np.percentile(boot, INTERVAL) if boot else (math.nan, math.nan)
         rows.append({"param": name, "importance": value, "low": float(low), "high": float(high),
                      "resamples": len(fits)})
-    return pd.DataFrame(rows).sort_values("importance", ascending=False, ignore_index=True)
+    table = pd.DataFrame(rows).sort_values("importance", ascending=False, ignore_index=True)
+    table.attrs["n_trials"] = len(trials)
+    return table
 
 
-def plot_importance_table(table: pd.DataFrame, n_trials: int) -> Any:
+def plot_importance_table(table: pd.DataFrame) -> Any:
     """Horizontal bars (most important on top) with the bootstrap interval as error bars; the title says over
-    how many trials and resamples."""
+    how many trials (``table.attrs["n_trials"]``) and resamples."""
     import matplotlib.pyplot as plt
 
     rows = table.iloc[::-1]
@@ -81,7 +83,7 @@ def plot_importance_table(table: pd.DataFrame, n_trials: int) -> Any:
     ax.barh(rows["param"], rows["importance"], xerr=np.nan_to_num(err), capsize=3)
     ax.set_xlabel("importance (fANOVA, sums to 1)")
     resamples = int(table["resamples"].iloc[0]) if len(table) else 0
-    ax.set_title(f"parameter importance over {n_trials} completed trials\nbars: "
+    ax.set_title(f"parameter importance over {table.attrs.get('n_trials', '?')} completed trials\nbars: "
                  f"{INTERVAL[0]:g}-{INTERVAL[1]:g}% interval over {resamples} bootstrap resamples of the trials",
                  fontsize=9)
     fig.tight_layout()

@@ -17,7 +17,7 @@ from tune import importance, tracking
 from tune.warm_start import own_trials
 
 BEST_COMMAND_TAG = "pdcbdm.best_command"
-MIN_TRIALS_TO_RANK = 2  # parallel coordinates need two finished trials; importance: tune.importance's rule
+MIN_TRIALS_TO_RANK = 2  # parallel coordinates need two finished trials (importance: tune.importance's rule)
 
 
 def best_command(preset: str, overrides: Sequence[str], row: pd.Series) -> str:
@@ -83,14 +83,10 @@ def optuna_figures(study: Any) -> dict[str, Any]:
 def _importance_figure(done: list[Any], directions: Sequence[Any]) -> Any:
     """The importances with their bootstrap intervals, or a figure that says why there are none (too few
     completed trials to rank, or trials that share every value)."""
-    title = "parameter importance"
-    if len(done) < MIN_TRIALS_TO_RANK:
-        return _message_figure(title, f"{len(done)} completed trial(s): too few to rank the parameters "
-                                      f"(at least {importance.min_trials_to_rank(1)} are needed)")
     try:
-        return importance.plot_importance_table(importance.importance_table(done, directions), len(done))
+        return importance.plot_importance_table(importance.importance_table(done, directions))
     except ValueError as exc:  # too few to rank, or every trial with the same values
-        return _message_figure(title, str(exc))
+        return _message_figure("parameter importance", str(exc))
 
 
 def _best_grid(uri: str, row: pd.Series, folder: Path) -> Path | None:
