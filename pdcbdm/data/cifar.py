@@ -9,6 +9,9 @@ Layout under `root`:
 Each file is a pickled dict; b"data" is uint8 [N, 3072] (row-major C, H, W of 3 x 32 x 32 images), b"labels"
 (CIFAR-10) or b"fine_labels" (CIFAR-100) the labels, and the meta file holds b"label_names" /
 b"fine_label_names".
+
+The files are unpickled by ``_CifarUnpickler``, which admits only the globals numpy arrays need: a ``data.root`` on
+shared storage holds untrusted files, and a plain ``pickle.load`` runs whatever a file names.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -67,13 +70,67 @@ def cifar_dir(spec: CifarSpec, root: str | Path) -> Path:
     return root / spec.folder
 
 
+class UnsafePickleError(ValueError):
+    """A CIFAR file whose pickle names a global beyond what numpy arrays need; the message names file and global."""
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as Python 3's protocol-2 pickles of bytes use it: latin-1 only, no other codec."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode with {type(text).__name__}, {encoding!r}: only latin1 text")
+    return text.encode("latin1")
+
+
+def _numpy_reconstruct() -> Any:
+    """numpy's array reconstructor, from where this numpy keeps it (numpy 2 warns on ``numpy.core``)."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2 (and 1.26's forward alias)
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct  # older numpy
+    return _reconstruct
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR files: dicts, lists, bytes, str, int and numpy arrays of plain dtypes.
+
+    The rule (``find_class``): the only globals are numpy's array reconstructor (``numpy.core.multiarray`` in the
+    Python 2 originals, ``numpy._core.multiarray`` in files numpy 2 writes), ``numpy.ndarray``, ``numpy.dtype``
+    and, for bytes pickled by Python 3 with protocol 2, ``_codecs.encode`` restricted to latin-1. Any other global
+    raises UnsafePickleError naming the file and the global, before anything is called.
+    """
+
+    _ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    _RECONSTRUCT = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")})
+
+    def __init__(self, file: BinaryIO, path: Path) -> None:
+        super().__init__(file, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return self._ALLOWED[module, name]
+        if (module, name) in self._RECONSTRUCT:
+            return _numpy_reconstruct()
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        raise UnsafePickleError(f"{self.path} is not a plain CIFAR pickle: it references the global "
+                                f"{module}.{name}, and CIFAR files hold only numpy arrays, dtypes, lists, dicts, "
+                                f"bytes, str and int (refused without calling it)")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError(f"{self.path}: a persistent id; CIFAR files hold none")
+
+
 def _unpickle(path: Path, spec: CifarSpec, root: Path) -> dict[str, Any]:
-    """Load one pickled CIFAR dict, keys decoded to str (the files were written by Python 2, keys are bytes)."""
+    """Load one pickled CIFAR dict with ``_CifarUnpickler``, keys decoded to str (the files were written by
+    Python 2, keys are bytes)."""
     if not path.is_file():
         raise FileNotFoundError(f"{spec.name} file {path} not found. {_how_to_get(spec, root)}")
     with path.open("rb") as f:
         try:
-            raw = pickle.load(f, encoding="bytes")
+            raw = _CifarUnpickler(f, path).load()
+        except UnsafePickleError:
+            raise
         except Exception as exc:  # a truncated or foreign file: say which one
             raise ValueError(f"{path} is not a readable CIFAR pickle: {exc}") from exc
     if not isinstance(raw, dict):

@@ -30,6 +30,7 @@ __all__ = [
     "group_norm",
     "init_xavier_",
     "sinusoidal_embedding",
+    "sinusoidal_frequencies",
 ]
 
 # DDPM's GroupNorm uses 32 groups; narrower layers fall back to the largest divisor of 32 that fits.
@@ -60,7 +61,18 @@ def init_xavier_(module: nn.Linear | nn.Conv2d, gain: float = 1.0) -> None:
         nn.init.zeros_(module.bias)
 
 
-def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+def sinusoidal_frequencies(dim: int, max_period: float = 10000.0) -> Tensor:
+    """The dim/2 geometric frequencies f_i = max_period^(-i / (dim/2)) of ``sinusoidal_embedding``, float32 [dim/2]
+    on the CPU (from 1 down to nearly 1/max_period)."""
+    if dim % 2 != 0 or dim < 2:
+        raise ValueError(f"sinusoidal_embedding: dim must be even and >= 2, got {dim}")
+    half = dim // 2
+    # Built in float32 even under autocast: bf16 cannot represent t * f for t up to 1000 precisely.
+    exponent = torch.arange(half, dtype=torch.float32) / half
+    return torch.exp(-math.log(max_period) * exponent)
+
+
+def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0, freqs: Tensor | None = None) -> Tensor:
     """Transformer-style sinusoidal features of the timestep t (DDPM's timestep embedding).
 
     Args:
@@ -68,22 +80,28 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Te
         dim: feature size (even); the output is [cos(t f_i), sin(t f_i)] for dim/2 geometric frequencies f_i
             from 1 down to 1/max_period.
         max_period: the lowest frequency's period.
+        freqs: ``sinusoidal_frequencies(dim, max_period)`` already on t's device (a module's buffer); None builds
+            them here.
 
     Returns:
-        float32 tensor [B, dim].
+        float32 tensor [B, dim] (the dtype of ``freqs``).
     """
-    if dim % 2 != 0 or dim < 2:
-        raise ValueError(f"sinusoidal_embedding: dim must be even and >= 2, got {dim}")
-    half = dim // 2
-    # Built in float32 even under autocast: bf16 cannot represent t * f for t up to 1000 precisely.
-    exponent = torch.arange(half, device=t.device, dtype=torch.float32) / half
-    freqs = torch.exp(-math.log(max_period) * exponent)
-    angles = t.to(torch.float32)[:, None] * freqs[None, :]  # [B, half]
+    if freqs is None:
+        freqs = sinusoidal_frequencies(dim, max_period).to(t.device)
+    elif freqs.shape != (dim // 2,):
+        raise ValueError(f"sinusoidal_embedding: freqs must have shape [{dim // 2}], got {list(freqs.shape)}")
+    # type_as, not .to(torch.float32): torch.export records .to(dtype) with an assertion on t's device (cpu when
+    # exported there), which would refuse a cuda t
+    angles = t.type_as(freqs)[:, None] * freqs[None, :]  # [B, half]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)  # [B, dim]
 
 
 class TimeEmbedding(nn.Module):
     """e_t = Linear(SiLU(Linear(sinusoidal(t)))): the time MLP of DDPM, output dim ``emb_dim`` (ch * 4).
+
+    The sinusoidal frequencies are a non-persistent buffer: they follow the module to its device, stay out of the
+    state_dict (checkpoints are unchanged), and an exported graph reads them as a constant instead of building
+    them with ``arange`` on the device of the export (a literal ``cpu`` that would break the graph on cuda).
 
     Args:
         base_dim: size of the sinusoidal features (the U-Net's base width ``ch``).
@@ -93,6 +111,7 @@ class TimeEmbedding(nn.Module):
     def __init__(self, base_dim: int, emb_dim: int) -> None:
         super().__init__()
         self.base_dim = base_dim
+        self.register_buffer("freqs", sinusoidal_frequencies(base_dim), persistent=False)
         self.fc1 = nn.Linear(base_dim, emb_dim)
         self.fc2 = nn.Linear(emb_dim, emb_dim)
         init_xavier_(self.fc1)
@@ -100,7 +119,7 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         """Map timesteps t [B] to e_t [B, emb_dim]."""
-        h = sinusoidal_embedding(t, self.base_dim)  # [B, ch]
+        h = sinusoidal_embedding(t, self.base_dim, freqs=self.freqs)  # [B, ch]
         return self.fc2(F.silu(self.fc1(h)))  # [B, 4ch]
 
 
