@@ -16,7 +16,8 @@ def smoke_search(tmp_path_factory):
 
     The search runs with its own system temp folder (TMPDIR; Ray's session stays in /tmp/ray) so that the tests
     can check that no trial leaves files there. Returns (out folder, search name, completed process); the temp
-    folder is ``out / "tmpdir"`` (a link: Ray's socket paths must stay short)."""
+    folder is ``out / "tmpdir"`` (a link: Ray's socket paths must stay short). While it runs, every port its
+    processes listen on is sent one unauthenticated request; the answers are in ``out / "listeners.json"``."""
     import tempfile
     from pathlib import Path
 
@@ -28,7 +29,7 @@ def smoke_search(tmp_path_factory):
     # half a CPU per worker: the three trials run at once (Ray's start-up and the evaluations' waits overlap;
     # 101 s against about 125 s with two at a time on 2 cores)
     proc = run_search(out, "e2e", "--trials", "3", "--seed", "1", "--cpus-per-worker", "0.5", *TINY,
-                      env={"TMPDIR": str(tmpdir), "RAY_TMPDIR": "/tmp"})
+                      env={"TMPDIR": str(tmpdir), "RAY_TMPDIR": "/tmp"}, probe=out / "listeners.json")
     return out, "e2e", proc
 
 

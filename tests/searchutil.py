@@ -26,11 +26,25 @@ def seed_cache(out: Path, cache: Path | None) -> None:
 
 
 def run_search(out: Path, name: str, *extra: str, timeout: int = 600, env: dict | None = None,
-               cache: Path | None = None) -> subprocess.CompletedProcess:
+               cache: Path | None = None, probe: Path | None = None) -> subprocess.CompletedProcess:
+    """Run tune/search.py to its end. With ``probe``, every port its processes listen on while it runs is sent
+    one unauthenticated request (``tests.netprobe``) and the answers are written to ``probe`` (JSON)."""
     seed_cache(out, cache)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(out / "cache"), **(env or {})}
-    return subprocess.run(search_cmd(out, name, *extra), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    cmd = search_cmd(out, name, *extra)
+    if probe is None:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    from tests.netprobe import ProbeWhileRunning
+
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=full_env) as proc, ProbeWhileRunning(proc.pid) as watch:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    watch.save(probe)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def trial_runs(uri: str, search: str, experiment: str = "pdcbdm") -> list[Any]:

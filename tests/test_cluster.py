@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -39,17 +41,28 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
     raise AssertionError(f"{url} did not answer in {timeout}s")
 
 
+ADMIN = "pdcbdm-admin"
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-           "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port)]
+    """The README's recipe: ``mlflow server --app-name basic-auth`` (the admin's password from the environment,
+    never in a file), on 127.0.0.1. Yields (URI, user, password)."""
+    port, password = _free_port(), secrets.token_urlsafe(16)
+    config = tmp_path / "auth.ini"
+    config.write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                      f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = {ADMIN}\n"
+                      f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_AUTH_CONFIG_PATH": str(config),
+           "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
+    cmd = [str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--backend-store-uri",
+           f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts"),
+           "--host", "127.0.0.1", "--port", str(port)]
     log = open(tmp_path / "mlflow-server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", 90, proc)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", ADMIN, password
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -58,14 +71,17 @@ def mlflow_server(tmp_path):
 
 @pytest.fixture
 def ray_head(tmp_path):
-    port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    """The README's recipe: a head started with ``RAY_AUTH_MODE=token`` and a token of its own (here in the
+    environment: the test must not touch the user's ~/.ray/auth_token). Yields (address, dashboard URL, token)."""
+    port, dashboard, token = _free_port(), _free_port(), secrets.token_hex(32)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     temp = Path("/tmp") / f"ray-test-{port}"  # short: Ray's socket paths must stay under 107 characters
     start = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-             "--num-cpus", "2", "--num-gpus", "0", "--resources", '{"train_driver": 2}', "--temp-dir", str(temp)]
+             "--num-cpus", "2", "--num-gpus", "0", "--resources", '{"train_driver": 2}', "--temp-dir", str(temp),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)]
     subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
     try:
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", token
     finally:
         _stop_cluster(str(temp))
         shutil.rmtree(temp, ignore_errors=True)
@@ -83,21 +99,50 @@ def _stop_cluster(temp: str) -> None:
             pass
 
 
-def test_search_on_a_ray_cluster_with_a_remote_mlflow_server(tmp_path, mlflow_server, ray_head, search_cache):
+def _status(url: str, headers: dict | None = None, data: bytes | None = None) -> int:
+    """The HTTP status of a request (GET, or POST with ``data``)."""
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_search_on_a_token_ray_cluster_with_a_basic_auth_mlflow_server(tmp_path, mlflow_server, ray_head,
+                                                                       search_cache, monkeypatch):
+    uri, user, password = mlflow_server
+    address, dashboard, token = ray_head
+    # the closed recipe refuses strangers: MLflow without credentials, Ray's job API without the token
+    search = f"{uri}/api/2.0/mlflow/runs/search"
+    assert _status(search, data=b'{"experiment_ids": ["0"]}') == 401
+    assert _status(f"{dashboard}/api/jobs/") == 401
+    assert _status(f"{dashboard}/api/jobs/", {"Authorization": f"Bearer {token}"}) == 200
     out = tmp_path / "out"
     shared = tmp_path / "shared-storage"
-    proc = run_search(out, "cluster", "--trials", "1", "--no-asha", "--address", ray_head,
-                      "--tracking-uri", mlflow_server, "--storage-path", str(shared), *TINY,
-                      env={"RAY_AUTH_MODE": "disabled"}, cache=search_cache)
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "MLFLOW_TRACKING_USERNAME": user,
+           "MLFLOW_TRACKING_PASSWORD": password}
+    stranger = run_search(tmp_path / "stranger", "stranger", "--address", address, "--tracking-uri", uri,
+                          env={**env, "RAY_AUTH_TOKEN": "not-the-token"})
+    assert stranger.returncode == 2, stranger.stdout[-3000:] + stranger.stderr[-3000:]
+    assert "cannot join the Ray cluster" in stranger.stderr and "needs the head's token" in stranger.stderr
+    assert "ray get-auth-token --generate" in stranger.stderr and token not in stranger.stderr
+    proc = run_search(out, "cluster", "--trials", "1", "--no-asha", "--address", address, "--tracking-uri", uri,
+                      "--storage-path", str(shared), *TINY, env=env, cache=search_cache)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"open the MLflow UI: open {mlflow_server}" in proc.stdout
+    assert f"open the MLflow UI: open {uri}" in proc.stdout
+    assert "uploading " in proc.stdout and " MiB (left out: " in proc.stdout
+    for secret in (password, token):
+        assert secret not in proc.stdout + proc.stderr
     assert not (out / "mlflow.db").exists()  # everything went to the server
     assert (shared / "cluster" / "tune").is_dir() and any((shared / "cluster" / "train").iterdir())
-    runs = trial_runs(mlflow_server, "cluster")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    runs = trial_runs(uri, "cluster")
     assert len(runs) == 1 and all(r.info.status == "FINISHED" for r in runs)
     for run in runs:
         assert "fid" in run.data.metrics and "loss.pd_weight" in run.data.params
-        files = artifact_paths(mlflow_server, run.info.run_id)
+        files = artifact_paths(uri, run.info.run_id)
         assert "evaluation/per_class.parquet" in files and any(f.startswith("images/samples+step+") for f in files)
         assert run.outputs.model_outputs  # the EMA network as the run's MLflow model
     assert any((tmp_path / "server-artifacts").rglob("model.pt2"))  # stored by the server, not the client
@@ -170,7 +215,11 @@ def test_credentials_reach_the_workers_through_the_object_store_not_the_runtime_
     assert settings.env[PASSWORD] == SEARCH_SECRET
     got = ray.get(ray.remote(num_cpus=0)(_trial_side).remote(settings))
     assert got["worker"]["password"] == SEARCH_SECRET
-    with urllib.request.urlopen(f"{dashboard}/api/jobs/", timeout=30) as resp:
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+    assert _status(f"{dashboard}/api/jobs/") == 401  # the search's own cluster wants its token too
+    req = urllib.request.Request(f"{dashboard}/api/jobs/", headers=get_auth_headers_if_auth_enabled({}))
+    with urllib.request.urlopen(req, timeout=30) as resp:
         jobs = resp.read().decode()
     assert "runtime_env" in jobs and "PYTHONPATH" in jobs  # the dashboard does show runtime envs
     for shown in (jobs, got["runtime_env"], got["worker"]["runtime_env"]):

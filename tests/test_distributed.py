@@ -4,7 +4,6 @@ global batch and seed: every random draw is made for the global batch and sliced
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -61,7 +60,6 @@ def test_two_workers_match_one_worker_with_flips(tmp_path):
 
     cfg = apply_overrides(preset("smoke"), ["model.dropout=0", "train.batch_size=16", "loss.p_uncond=0",
                                             "train.lr=1e-3", "train.warmup=1"])
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
     try:

@@ -15,6 +15,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 
+# MLflow's basic-auth app: the admin's password from the environment at the first start, never in a file
+MLFLOW_RECIPE = ("`MLFLOW_AUTH_CONFIG_PATH=auth.ini MLFLOW_AUTH_ADMIN_PASSWORD=... MLFLOW_FLASK_SERVER_SECRET_KEY=... "
+                 "mlflow server --app-name basic-auth --backend-store-uri sqlite:////shared/mlflow.db "
+                 "--artifacts-destination /shared/mlartifacts --host HEAD --port 5000 --allowed-hosts HEAD:5000`, "
+                 "auth.ini as the README's cluster recipe gives it")
+
+
 class ClusterError(RuntimeError):
     """The search cannot run as asked on this cluster; the message names the fix."""
 
@@ -32,9 +39,9 @@ def check_tracking_for_cluster(uri: str, address: str) -> None:
     if scheme in ("sqlite", "file", ""):
         raise ClusterError(
             f"--tracking-uri {uri} with --address {address}: a trial's rank 0 on another node would open a "
-            f"different database there. Run an MLflow server every node reaches (`mlflow server --backend-store-uri "
-            f"sqlite:////shared/mlflow.db --artifacts-destination /shared/mlartifacts --host 0.0.0.0 --port 5000`) "
-            f"and pass --tracking-uri http://HEAD:5000")
+            f"different database there. Run an MLflow server every node reaches, with authentication "
+            f"({MLFLOW_RECIPE}), and pass --tracking-uri http://HEAD:5000 with MLFLOW_TRACKING_USERNAME and "
+            f"MLFLOW_TRACKING_PASSWORD set")
 
 
 def check_storage_for_cluster(storage: str, address: str, timeout: float = 120.0) -> None:

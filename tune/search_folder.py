@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import stat
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,3 +25,33 @@ def read_search_json(folder: Path, flag: str, error: type[Exception], required: 
     if not isinstance(saved, dict) or missing:
         raise error(f"{flag} {folder}: search.json is unreadable (missing {', '.join(missing) or 'an object'})")
     return saved
+
+
+def writable_by_others(folder: Path, limit: int = 10_000) -> list[Path]:
+    """``folder`` and the files and folders under it that every user of the machine may write (at most
+    ``limit`` entries looked at). A resume unpickles Ray Tune's state from such a folder: whoever can write it
+    can make the resume run code."""
+    found, seen = [], 0
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        seen += 1
+        if seen > limit:
+            break
+        try:
+            mode = path.lstat().st_mode
+        except OSError:
+            continue
+        if mode & stat.S_IWOTH and not stat.S_ISLNK(mode):
+            found.append(path)
+    return found
+
+
+def warn_if_writable_by_others(folder: Path, flag: str) -> None:
+    """Print a warning naming ``folder`` (and up to three entries in it) when users other than its owner and
+    group may write it."""
+    found = writable_by_others(folder)
+    if found:
+        shown = ", ".join(str(p) for p in found[:3]) + (" ..." if len(found) > 3 else "")
+        print(f"warning: {flag} {folder}: writable by every user of this machine ({shown}). Resuming unpickles "
+              f"Ray Tune's saved state, so anyone who can write there can make this command run code: resume "
+              f"only folders that only you and people you trust can write (chmod -R o-w {folder})",
+              file=sys.stderr, flush=True)

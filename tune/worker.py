@@ -314,6 +314,8 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = Config.from_dict(config["cfg"])
     device = ray.train.torch.get_device()
+    if device.type == "cuda":  # a one-worker trial has no TorchTrainer to select its GPU
+        torch.cuda.set_device(device)
     torch.manual_seed(cfg.train.seed + rank)
     wrap = ray.train.torch.prepare_model if world > 1 else None
     trainer = Trainer(cfg, load_data(cfg), device=device, rank=rank, world_size=world, wrap_model=wrap)
