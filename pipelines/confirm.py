@@ -223,6 +223,25 @@ def read_search(folder: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     return saved, pd.read_parquet(table)
 
 
+def search_store(search: dict[str, Any], folder: Path) -> str | None:
+    """The search's MLflow store (search.json's ``tracking_uri``) for runs without --tracking-uri, through
+    ``tune.tracking.recorded_uri``: where search.json keeps it masked, MLFLOW_TRACKING_URI gives it again (else
+    ConfirmError naming --tracking-uri and MLFLOW_TRACKING_URI); a warning when MLFLOW_TRACKING_URI names
+    another store; no MLFLOW_TRACKING_* credentials sent to a server only search.json names."""
+    from tune import tracking
+
+    saved = search.get("tracking_uri")
+    if not saved:
+        return None
+    try:
+        uri, warnings = tracking.recorded_uri(saved, None, f"the search in {folder}")
+    except tracking.TrackingError as exc:
+        raise ConfirmError(str(exc)) from None
+    for line in warnings:
+        print(f"warning: --search {folder}: {line}", file=sys.stderr, flush=True)
+    return uri
+
+
 def make_plan(args: argparse.Namespace) -> tuple[GridPlan, list[dict[str, Any]]]:
     """Validate everything (the search folder, --top, --seeds, the runner's options) before Ray starts."""
     from tune import grid
@@ -243,7 +262,8 @@ def make_plan(args: argparse.Namespace) -> tuple[GridPlan, list[dict[str, Any]]]
     base = Config.from_dict(search["config"])
     configs = top_configs(trials, args.top, searched_knobs(search))
     args.experiment = args.experiment or search["args"].get("experiment") or "pdcbdm"
-    args.tracking_uri = args.tracking_uri or search.get("tracking_uri")
+    if saved is None and not args.tracking_uri:  # a --resume: confirm.json's store (tune.grid.make_plan)
+        args.tracking_uri = search_store(search, folder)
     name = saved["name"] if saved else (args.name or f"confirm-{search.get('name') or folder.name}")
     out = Path(args.resume) if saved else Path(args.out) if args.out else folder / "confirm"
     plan = grid.make_plan(args, base, cells(configs, new_seeds(args.seeds, base.train.seed)), kind=KIND,

@@ -130,9 +130,11 @@ def read_saved(folder: Path, kind: str) -> dict[str, Any]:
 
 def resumed_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
                  saved: dict[str, Any]) -> argparse.Namespace:
-    """The grid's original command line (``KIND.json``) with this call's --resume, --address and --concurrency."""
+    """The grid's original command line (``KIND.json``) with this call's --resume, --address and --concurrency,
+    and its --tracking-uri (None: KIND.json's store, whose masked secrets ``make_plan`` takes from the environment)."""
     restored = argparse.Namespace(**{**vars(parser.parse_args([])), **saved["args"]})
     restored.resume, restored.address = args.resume, args.address
+    restored.tracking_uri = args.tracking_uri
     restored.concurrency = args.concurrency or restored.concurrency
     return restored
 
@@ -171,14 +173,29 @@ def make_plan(args: argparse.Namespace, cfg: Config, cells: Sequence[Cell], *, k
     driver.check_data(cfg)
     out = Path(out).resolve()
     if saved:
-        storage, uri, tune_name = saved["storage"], saved["tracking_uri"], saved.get("tune_name", "tune")
+        storage, tune_name = saved["storage"], saved.get("tune_name", "tune")
+        uri = saved_tracking_uri(saved["tracking_uri"], args.tracking_uri, f"the {kind} in {out}")
+        args.tracking_uri = uri  # KIND.json, written again, keeps it masked
     else:
         storage = f"{driver.absolute_location(args.storage_path)}/{name}" if args.storage_path else str(out)
         uri = tracking.absolute_uri(args.tracking_uri) if args.tracking_uri else tracking.default_tracking_uri(out)
         tune_name = f"tune-{time.strftime('%Y%m%d-%H%M%S')}"  # a re-run's new Tuner beside the earlier ones
     driver.check_tracking(uri, create=out)
-    return GridPlan(args, cfg, name, len(cells), out, storage, uri, resume=bool(saved), out=out, optuna_storage="",
-                    cells=list(cells), kind=kind, tune_name=tune_name, command=command, reuse=reuse)
+    return GridPlan(args, cfg, name, len(cells), out, storage, tracking.use_uri(uri), resume=bool(saved), out=out,
+                    optuna_storage="", cells=list(cells), kind=kind, tune_name=tune_name, command=command,
+                    reuse=reuse, uri_given=uri)
+
+
+def saved_tracking_uri(saved: str, given: str | None, record: str) -> str:
+    """The real tracking URI of a grid's --resume (``tracking.recorded_uri``: KIND.json keeps it masked; this
+    call's --tracking-uri or MLFLOW_TRACKING_URI gives it again), its warnings printed; SearchError when missing."""
+    try:
+        uri, warnings = tracking.recorded_uri(saved, given, record)
+    except tracking.TrackingError as exc:
+        raise SearchError(str(exc)) from None
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+    return uri
 
 
 # -- running ----------------------------------------------------------------------------------------------------------
@@ -216,7 +233,7 @@ def run_grid(p: GridPlan, params: Mapping[str, Any]) -> GridRun:
         p.tune_name = _saved_field(p.meta_path, "tune_name") or p.tune_name
     write_json_atomic(p.meta_path, {**p.meta(), "experiment_id": experiment_id, "parent_run_id": parent})
     print(f"{p.kind} {p.name}: {len(p.cells)} runs, {len(reused)} reused, {len(todo)} to train "
-          f"({p.cfg.train.steps} steps each); folder {p.search_dir}; MLflow {p.uri}", flush=True)
+          f"({p.cfg.train.steps} steps each); folder {p.search_dir}; MLflow {p.uri_shown}", flush=True)
     try:
         results = _train(p, todo, experiment_id, parent) if todo else {}
         rows = collect(p, experiment_id, reused, results)

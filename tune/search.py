@@ -42,6 +42,8 @@ from tune import space_file  # noqa: E402
 from tune import warm_start as warm_mod  # noqa: E402
 from tune import results as results_mod  # noqa: E402
 from tune import tracking  # noqa: E402
+from tune.redact import (OPTUNA_STORAGE_ENV, has_secret, is_redacted, redact_text, redact_url, remember,  # noqa: E402
+                         reveal)
 from tune.report import record_search  # noqa: E402
 from tune.search_folder import read_search_json  # noqa: E402
 
@@ -77,7 +79,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="search name: MLflow parent run, Optuna study, folder "
                    "(default: PRESET-YYYYmmdd-HHMMSS)")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db); http://host:port for a server")
+                   help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db); http://host:port for a server "
+                        "(credentials: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, or "
+                        "http://USER:PW@host:port). search.json keeps it with its credentials masked: a --resume of a "
+                        "search whose URI held them needs it again, here or in MLFLOW_TRACKING_URI")
     p.add_argument("--experiment", default="pdcbdm", help="MLflow experiment name (default: pdcbdm)")
     p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler (same seed, same configs); its "
                    "random start-up is a quarter of --trials, at least 2")
@@ -116,7 +121,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optuna-storage", default=None, metavar="URL",
                    help="where the Optuna study lives (default: sqlite OUT/searches/NAME/optuna.db): an RDB URL "
                         "(postgresql://..., mysql://..., sqlite:////abs/path.db) or a journal file path "
-                        "(*.log / *.journal, e.g. on shared storage), for studies that must outlive this disk")
+                        "(*.log / *.journal, e.g. on shared storage), for studies that must outlive this disk; "
+                        "default from the PDCBDM_OPTUNA_STORAGE environment variable, which keeps a password off "
+                        "the command line. search.json keeps the URL with its password masked: a --resume needs it "
+                        "again, here or in PDCBDM_OPTUNA_STORAGE")
     return p.parse_args(argv)
 
 
@@ -216,15 +224,22 @@ def load_warm_starts(args: argparse.Namespace, cfg: Config, space: dict[str, dic
 
 def optuna_storage(spec: str | Path) -> Any:
     """Optuna's storage for a location: an RDB URL (``sqlite:///``, ``postgresql://``, ...), or a journal file
-    (any other path; Optuna's file journal, safe on shared storage; a ``.db`` path is a sqlite file)."""
-    import optuna
+    (any other path; Optuna's file journal, safe on shared storage; a ``.db`` path is a sqlite file). An RDB
+    storage pickles with its URL masked (``tune.searcher.MaskedRDBStorage``); a masked ``spec`` (an earlier
+    search's search.json, a --warm-start) is taken back from what this process was given or
+    PDCBDM_OPTUNA_STORAGE."""
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    spec = str(spec)
+    from tune.searcher import MaskedRDBStorage
+
+    spec = reveal(str(spec), (OPTUNA_STORAGE_ENV,))
+    if is_redacted(spec):
+        raise SearchError(f"the Optuna storage {spec} is recorded without its password; give the URL in the "
+                          f"{OPTUNA_STORAGE_ENV} environment variable")
     if "://" in spec:
-        return optuna.storages.RDBStorage(spec)
+        return MaskedRDBStorage(spec)
     if spec.endswith(".db"):
-        return optuna.storages.RDBStorage(f"sqlite:///{Path(spec).resolve()}")
+        return MaskedRDBStorage(f"sqlite:///{Path(spec).resolve()}")
     Path(spec).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(spec))
 
@@ -258,7 +273,11 @@ def build_scheduler(args: argparse.Namespace, cfg: Config) -> Any:
 class SearchPlan:
     """Everything a search needs, resolved and validated before Ray or MLflow is touched. ``name``, ``out``,
     ``storage``, ``uri`` and ``optuna_storage`` are resolved (absolute) and saved in search.json, so that
-    ``--resume`` finds the same search from any working directory."""
+    ``--resume`` finds the same search from any working directory; the URLs there with their secrets masked
+    (``tune.redact``), which a --resume takes again from the flag or environment variable the user gives.
+
+    ``uri`` is the tracking URI this process uses (``tracking.use_uri``: an http(s) URI without its user info,
+    which went into the environment), ``uri_given`` the URI as the user gave it ("": the same)."""
 
     args: argparse.Namespace
     cfg: Config
@@ -274,6 +293,7 @@ class SearchPlan:
     space_file: str = ""
     warm: list[Any] = field(default_factory=list)  # tune.warm_start.WarmStart per --warm-start folder
     starts: list[dict] = field(default_factory=list)  # the space file's start points
+    uri_given: str = ""
 
     @property
     def tune_path(self) -> str:
@@ -288,11 +308,21 @@ class SearchPlan:
         resolved against the preset, the pinned ones left out."""
         return {"file": self.space_file, "knobs": self.space, "start_points": self.starts}
 
+    @property
+    def uri_shown(self) -> str:
+        """The tracking URI as messages and files show it: as given, its secrets masked."""
+        return redact_url(self.uri_given or self.uri)
+
     def meta(self) -> dict[str, Any]:
-        """search.json: the command line and everything resolved from it."""
-        return {"args": vars(self.args), "config": self.cfg.to_dict(), "trials": self.trials, "name": self.name,
+        """search.json: the command line and everything resolved from it, every URL with its secrets masked;
+        ``redacted`` names the entries that lost a secret (a --resume needs them given again)."""
+        real = {"tracking_uri": self.uri_given or self.uri, "optuna_storage": self.optuna_storage}
+        args = {**vars(self.args), **{k: redact_url(v) for k, v in vars(self.args).items()
+                                      if k in real and isinstance(v, str)}}
+        return {"args": args, "config": self.cfg.to_dict(), "trials": self.trials, "name": self.name,
                 "out": str(self.out), "search_dir": str(self.search_dir), "storage": self.storage,
-                "tracking_uri": self.uri, "optuna_storage": self.optuna_storage, "space": self.space_record(),
+                "tracking_uri": redact_url(real["tracking_uri"]), "optuna_storage": redact_url(self.optuna_storage),
+                "redacted": sorted(k for k, v in real.items() if has_secret(v)), "space": self.space_record(),
                 "warm_start": {str(w.source): len(w.trials) for w in self.warm}}
 
     def resume_command(self) -> str:
@@ -303,12 +333,13 @@ class SearchPlan:
 
 def plan(args: argparse.Namespace) -> SearchPlan:
     """Validate the command line (config overrides, data, tracking store, resume folder) without side effects
-    (the only one: OUT is created for a new search's default sqlite store)."""
+    (the only ones: OUT is created for a new search's default sqlite store; an http(s) tracking URI's user info
+    goes into this process's MLFLOW_TRACKING_USERNAME / PASSWORD, ``tracking.use_uri``). The Optuna storage is
+    --optuna-storage, else PDCBDM_OPTUNA_STORAGE, else sqlite in the search folder."""
     if args.resume is not None:
         return plan_resume(args)
     cfg, trials = check_args(args)
     space, space_path, starts = load_space(args, cfg)
-    warm = load_warm_starts(args, cfg, space)
     out = Path(args.out).resolve()
     name = args.name or f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     search_dir = out / "searches" / name
@@ -316,11 +347,13 @@ def plan(args: argparse.Namespace) -> SearchPlan:
         raise SearchError(f"search {name!r} already exists in {search_dir}; resume it with --resume {search_dir} "
                           f"or choose another --name")
     storage = f"{absolute_location(args.storage_path)}/{name}" if args.storage_path else str(search_dir)
-    uri = tracking.absolute_uri(args.tracking_uri) if args.tracking_uri else tracking.default_tracking_uri(out)
-    optuna_storage = study_location(args.optuna_storage, search_dir)
-    check_tracking(uri, create=out if args.tracking_uri is None else None)
-    return SearchPlan(args, cfg, name, trials, search_dir, storage, uri, False, out, optuna_storage, space,
-                      space_path, warm, starts)
+    given = tracking.absolute_uri(args.tracking_uri) if args.tracking_uri else tracking.default_tracking_uri(out)
+    # remembered before the warm starts open their studies: one may live in the same database
+    optuna_storage = remember(study_location(args.optuna_storage or os.environ.get(OPTUNA_STORAGE_ENV), search_dir))
+    warm = load_warm_starts(args, cfg, space)
+    check_tracking(given, create=out if args.tracking_uri is None else None)
+    return SearchPlan(args, cfg, name, trials, search_dir, storage, tracking.use_uri(given), False, out,
+                      optuna_storage, space, space_path, warm, starts, uri_given=given)
 
 
 def plan_resume(args: argparse.Namespace) -> SearchPlan:
@@ -329,6 +362,7 @@ def plan_resume(args: argparse.Namespace) -> SearchPlan:
     the folder's own name and location."""
     folder = Path(args.resume).resolve()
     saved = read_meta(folder)
+    given_uri, given_storage = args.tracking_uri, args.optuna_storage  # this command's: search.json masks secrets
     args = resumed_args(args, folder, saved["args"])
     cfg, trials = check_args(args)
     name = saved.get("name") or folder.name
@@ -338,14 +372,41 @@ def plan_resume(args: argparse.Namespace) -> SearchPlan:
                                        else str(folder))
     if storage == saved.get("search_dir"):  # the default storage is the search folder, wherever it is now
         storage = str(folder)
-    uri = saved.get("tracking_uri") or tracking.default_tracking_uri(out)
-    optuna_storage = saved.get("optuna_storage") or study_location(None, folder)
+    try:
+        uri, warnings = tracking.recorded_uri(saved.get("tracking_uri") or tracking.default_tracking_uri(out),
+                                              given_uri, f"the search in {folder}")
+    except tracking.TrackingError as exc:
+        raise SearchError(str(exc)) from None
+    for line in warnings:
+        print(f"warning: --resume {folder}: {line}", file=sys.stderr, flush=True)
+    optuna_storage = resumed_study_location(saved.get("optuna_storage") or study_location(None, folder),
+                                            given_storage, folder)
     space = saved.get("space") or {}  # the saved space: Tune restores the searcher (and its space) pickled
     p = SearchPlan(args, cfg, name, trials, folder, storage, uri, True, out, optuna_storage, space.get("knobs"),
-                   space.get("file", ""), starts=space.get("start_points") or [])
+                   space.get("file", ""), starts=space.get("start_points") or [], uri_given=uri)
     check_restorable(p)
     check_tracking(uri)
+    p.uri = tracking.use_uri(uri)
     return p
+
+
+def resumed_study_location(saved: str, given: str | None, folder: Path) -> str:
+    """The Optuna storage of a --resume: search.json's (``saved``); where search.json keeps the URL masked, the
+    real one from this command's --optuna-storage or PDCBDM_OPTUNA_STORAGE, whichever masks to it (same scheme,
+    host and database), remembered for the searcher Tune unpickles (``tune.searcher.MaskedRDBStorage``). A
+    --optuna-storage naming another storage, or a masked URL given neither way, is a SearchError."""
+    given = study_location(given, folder) if given else None
+    if given and redact_url(given) != saved:
+        raise SearchError(f"--optuna-storage {redact_url(given)} is not the Optuna storage of the search in {folder} "
+                          f"({saved}); give that one, or leave the flag out")
+    if not is_redacted(saved):
+        return saved
+    env = os.environ.get(OPTUNA_STORAGE_ENV)
+    for candidate in (given, study_location(env, folder) if env else None):
+        if candidate and redact_url(candidate) == saved:
+            return remember(candidate)
+    raise SearchError(f"--resume {folder}: search.json keeps the Optuna storage URL without its password ({saved}); "
+                      f"give it again with --optuna-storage URL or the {OPTUNA_STORAGE_ENV} environment variable")
 
 
 def check_args(args: argparse.Namespace) -> tuple[Config, int]:
@@ -555,7 +616,7 @@ def execute(p: SearchPlan, concurrency: int) -> Any:
                                                                 "overrides": " ".join(a.overrides), **p.cfg.flat()})
     record_space(p, parent)
     print(f"search {p.name}: {p.trials} trials, {concurrency} at a time, {a.workers_per_trial} worker(s) per trial "
-          f"({'GPU' if a.gpus_per_worker else 'CPU'}); MLflow {p.uri}; folder {p.search_dir}", flush=True)
+          f"({'GPU' if a.gpus_per_worker else 'CPU'}); MLflow {p.uri_shown}; folder {p.search_dir}", flush=True)
     try:
         tuner = build_tuner(p, concurrency, experiment_id, parent)
         budget_mod.start(p.search_dir, getattr(a, "time_budget", None))
@@ -662,15 +723,23 @@ def stop_search(p: SearchPlan, experiment_id: str, parent: str, exc: BaseExcepti
     """After an interruption or a driver error: every unfinished run of the search (trials and parent) KILLED,
     and the command that resumes it printed. Never masks ``exc``."""
     why = "was interrupted" if isinstance(exc, (SearchInterrupted, KeyboardInterrupt)) else \
-        f"stopped on an error in the driver ({type(exc).__name__}: {exc})"
+        f"stopped on an error in the driver ({type(exc).__name__}: {redact_text(str(exc))})"
     try:
         killed = tracking.kill_unfinished(p.uri, experiment_id, p.name, parent)
     except Exception as err:  # noqa: BLE001 - the store may be what failed
-        killed = f"could not mark its MLflow runs KILLED ({type(err).__name__}: {err})"
+        killed = f"could not mark its MLflow runs KILLED ({type(err).__name__}: {redact_text(str(err))})"
     else:
         killed = f"{killed} unfinished trial run(s) and the parent run marked KILLED in MLflow"
-    print(f"\nsearch {p.name} {why}; {killed}. Tune saved its state: continue it with\n  {p.resume_command()}",
-          file=sys.stderr, flush=True)
+    print(f"\nsearch {p.name} {why}; {killed}. Tune saved its state: continue it with\n  {p.resume_command()}"
+          f"{resume_needs(p)}", file=sys.stderr, flush=True)
+
+
+def resume_needs(p: SearchPlan) -> str:
+    """What a --resume must be given again because search.json keeps it masked (nothing: "")."""
+    needs = [f"the {what} with its secret ({flag} URL or {env})" for what, url, flag, env in (
+        ("MLflow tracking URI", p.uri_given or p.uri, "--tracking-uri", tracking.TRACKING_ENV),
+        ("Optuna storage URL", p.optuna_storage, "--optuna-storage", OPTUNA_STORAGE_ENV)) if has_secret(url)]
+    return f"\n  given {' and '.join(needs)}" if needs else ""
 
 
 def summarise(grid: Any, p: SearchPlan, experiment_id: str, parent: str) -> Any:

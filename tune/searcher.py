@@ -15,15 +15,30 @@ import logging
 import math
 from typing import Any
 
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from tune import budget
+from tune.redact import OPTUNA_STORAGE_ENV, redact_url, reveal
 
 logger = logging.getLogger(__name__)
 
 TUNE_TRIAL_ATTR = "tune_trial_id"
+
+
+class MaskedRDBStorage(RDBStorage):
+    """Optuna's RDB storage whose pickled form holds its URL with the password masked (``tune.redact``): Tune
+    pickles the searcher, and the study's storage with it, into searcher-state-*.pkl and tuner.pkl in the search
+    folder. Unpickled (a --resume restores the searcher in the driver), it takes the real URL back from this
+    process: the URL the search was given (``tune.redact.remember``) or PDCBDM_OPTUNA_STORAGE."""
+
+    def __getstate__(self) -> dict[Any, Any]:
+        return {**super().__getstate__(), "url": redact_url(self.url)}
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__({**state, "url": reveal(state["url"], (OPTUNA_STORAGE_ENV,))})
 
 
 def startup_trials(trials: int) -> int:

@@ -15,10 +15,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Mapping
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse, urlsplit
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+
+from tune import redact
+from tune.redact import redact_text, redact_url
 
 TRIAL_TAG = "pdcbdm.trial_id"
 SEARCH_TAG = "pdcbdm.search"
@@ -32,8 +35,17 @@ CONFIG_KEY_TAG = "pdcbdm.config_key"
 CELL_TAG = "pdcbdm.cell"  # a grid cell's name (``variant-sSEED``, ``rank1-s1000``): the run of that cell
 
 
+TRACKING_ENV = redact.TRACKING_ENV
+# what MLflow sends a tracking server to authenticate: never to a host the user did not name (``recorded_uri``)
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                   "MLFLOW_TRACKING_CLIENT_CERT_PATH")
+# what a trial process needs besides the URI to reach the store and its artifacts (``env_for_workers``)
+WORKER_ENV_PREFIXES = ("MLFLOW_TRACKING_", "AWS_")
+WORKER_ENV_KEYS = ("MLFLOW_S3_ENDPOINT_URL", "REQUESTS_CA_BUNDLE")
+
+
 class TrackingError(RuntimeError):
-    """The MLflow tracking store cannot be used; the message names the URI and the cause."""
+    """The MLflow tracking store cannot be used; the message names the URI (its secrets masked) and the cause."""
 
 
 def default_tracking_uri(out: Path) -> str:
@@ -50,31 +62,105 @@ def absolute_uri(uri: str) -> str:
 
 
 def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on this store."""
+    """The command that opens the MLflow UI on this store (its secrets masked: the reader fills them in)."""
+    shown = redact_url(uri)
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri} --port 5000"
+        return f"open {shown} in a browser"
+    return f"mlflow ui --backend-store-uri {shown} --port 5000"
+
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def use_uri(uri: str) -> str:
+    """The tracking URI this process uses for ``uri`` as the user gave it, with no password left in it where
+    MLflow could print or raise it: an http(s) URI's user info moves into MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD of this process (where they are unset: MLflow prefers them to the URL's anyway),
+    which ``env_for_workers`` hands to the trials through Ray's object store, and the URI continues without it.
+    Any other URI with a secret (a database's, whose driver needs its password) is ``redact.remember``-ed, so
+    that objects Tune unpickles in this process find it again, and returned as it is."""
+    if not is_http(uri):
+        return redact.remember(uri)
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return redact.remember(uri)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(user))
+    if colon:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(password))
+    return redact.remember(parts._replace(netloc=hostport).geturl())
+
+
+def host_of(uri: str) -> str | None:
+    """An http(s) URI's ``host:port`` (the port MLflow would connect to), or None for other stores."""
+    if not is_http(uri):
+        return None
+    parts = urlsplit(uri)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        port = None
+    return f"{(parts.hostname or '').lower()}:{port}"
+
+
+def recorded_uri(saved: str, given: str | None, record: str) -> tuple[str, list[str]]:
+    """The real tracking URI of a search continued from its record (``--resume``, ``confirm --search``):
+    ``saved`` is the record's URI (search.json's; masked where it held a secret), ``given`` this command's
+    --tracking-uri (or None), ``record`` how messages name the record. Returns the URI and the warnings to print.
+
+    - A masked URI is taken again from ``given`` or MLFLOW_TRACKING_URI, the one that masks to it (same scheme,
+      host and database); with neither, TrackingError says to give one of them.
+    - ``given`` naming another store than the record is a TrackingError; MLFLOW_TRACKING_URI naming another
+      store is a warning (the record's store is used).
+    - An http(s) server that neither ``given`` nor MLFLOW_TRACKING_URI names gets no credentials:
+      MLFLOW_TRACKING_USERNAME / PASSWORD / TOKEN / CLIENT_CERT_PATH are removed from this process's environment
+      (so the trials get none either), and a warning says so."""
+    given = absolute_uri(given) if given else None
+    env_uri = absolute_uri(os.environ[TRACKING_ENV]) if os.environ.get(TRACKING_ENV) else None
+    if given and redact_url(given) != saved:
+        raise TrackingError(f"--tracking-uri {redact_url(given)} is not the MLflow store of {record} ({saved}); "
+                            f"give that one, or leave the flag out")
+    warnings = []
+    if env_uri and redact_url(env_uri) != saved:
+        warnings.append(f"{record} logs to the MLflow store {saved} (its record), not to {TRACKING_ENV}="
+                        f"{redact_url(env_uri)}")
+    uri = given or (env_uri if env_uri and redact_url(env_uri) == saved else saved)
+    if redact.is_redacted(uri):
+        raise TrackingError(f"{record}: the record keeps the MLflow tracking URI without its credentials ({saved}); "
+                            f"give it again with --tracking-uri URL or the {TRACKING_ENV} environment variable")
+    host = host_of(uri)
+    if host is not None and host not in {host_of(v) for v in (given, env_uri) if v}:
+        dropped = [k for k in CREDENTIAL_VARS if os.environ.pop(k, None) is not None]
+        if dropped:
+            warnings.append(f"not sending {', '.join(dropped)} to the MLflow server {host}: only {record} names "
+                            f"it, not this command or {TRACKING_ENV} (give --tracking-uri {redact_url(uri)} to "
+                            f"send them)")
+    return uri, warnings
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Fail early, naming the URI, when an HTTP server does not answer or a sqlite file's folder is missing."""
-    parsed = urlparse(uri)
+    """Fail early, naming the URI (its secrets masked), when an HTTP server does not answer or a sqlite file's
+    folder is missing."""
+    parsed, shown = urlparse(uri), redact_url(uri)
     if parsed.scheme in ("http", "https"):
-        url = uri.rstrip("/") + "/health"
+        # urllib takes user info for part of the host name: ask the host alone (/health needs no login)
+        url = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl().rstrip("/") + "/health"
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp:
                 if resp.status != 200:
-                    raise TrackingError(f"MLflow tracking server {uri} answered HTTP {resp.status} on /health")
+                    raise TrackingError(f"MLflow tracking server {shown} answered HTTP {resp.status} on /health")
         except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it with "
+            reason = redact_text(str(getattr(exc, "reason", exc)))
+            raise TrackingError(f"MLflow tracking server {shown} is unreachable ({reason}); start it with "
                                 f"`mlflow server --host HOST --port PORT` or pass another --tracking-uri") from None
     elif parsed.scheme == "sqlite":
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///"):].split("?", 1)[0])
         if not path.parent.is_dir():
-            raise TrackingError(f"MLflow sqlite store {uri}: folder {path.parent} does not exist")
+            raise TrackingError(f"MLflow sqlite store {shown}: folder {path.parent} does not exist")
     elif parsed.scheme in ("", "file"):
-        raise TrackingError(f"MLflow tracking URI {uri!r}: MLflow 3 refuses the plain file store; use "
+        raise TrackingError(f"MLflow tracking URI {shown!r}: MLflow 3 refuses the plain file store; use "
                             f"sqlite:////abs/path/mlflow.db or http://host:port")
 
 
@@ -131,16 +217,18 @@ def trial_run(uri: str, experiment_id: str, parent_id: str, search: str, trial_i
 
 
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
-    items = [Param(k, "" if v is None else str(v)[:6000]) for k, v in params.items()]
+    """Params as text (at most 6,000 characters each), every URL in them with its secrets masked."""
+    items = [Param(k, "" if v is None else redact_text(str(v))[:6000]) for k, v in params.items()]
     client = MlflowClient(uri)
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
 
 
 def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Tags as text, every URL in them with its secrets masked."""
     client = MlflowClient(uri)
     for k, v in tags.items():
-        client.set_tag(run_id, k, str(v))
+        client.set_tag(run_id, k, redact_text(str(v)))
 
 
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, Any], step: int,
@@ -219,11 +307,12 @@ def log_artifacts(uri: str, run_id: str, paths: Iterable[Path], artifact_path: s
 
 def finish_run(uri: str, run_id: str, status: str, error: str | None = None, outcome: str | None = None) -> None:
     """Mark a run FINISHED / FAILED / KILLED; a failure's text goes into a tag and an artifact-free note;
-    ``outcome`` (how it ended, in words) into ``OUTCOME_TAG``."""
+    ``outcome`` (how it ended, in words) into ``OUTCOME_TAG``; the URLs in both with their secrets masked."""
     client = MlflowClient(uri)
     if outcome:
-        client.set_tag(run_id, OUTCOME_TAG, outcome[:500])
+        client.set_tag(run_id, OUTCOME_TAG, redact_text(outcome)[:500])
     if error:
+        error = redact_text(error)
         client.set_tag(run_id, "pdcbdm.error", error[:5000])
         client.set_tag(run_id, "mlflow.note.content", f"Trial failed:\n\n```\n{error[:20000]}\n```")
     client.set_terminated(run_id, status=status)
@@ -278,7 +367,8 @@ def runs_of_search(uri: str, experiment_id: str, search: str) -> list[Any]:
 
 
 def env_for_workers() -> dict[str, str]:
-    """Environment the trial processes need to reach the same store (credentials of a remote server)."""
-    keys = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-            "MLFLOW_TRACKING_INSECURE_TLS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL")
-    return {k: os.environ[k] for k in keys if k in os.environ}
+    """Environment the trial processes need to reach the same store and its artifacts on any node: every
+    ``MLFLOW_TRACKING_*`` (credentials, TLS settings such as MLFLOW_TRACKING_SERVER_CERT_PATH), every ``AWS_*``
+    (AWS_SESSION_TOKEN included), MLFLOW_S3_ENDPOINT_URL and REQUESTS_CA_BUNDLE. It travels in the pickled trial
+    settings through Ray's object store (``tune.trainable.share_credentials``), never in a runtime env."""
+    return {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES) or k in WORKER_ENV_KEYS}

@@ -15,12 +15,14 @@ import ray
 import ray.train
 from ray import tune
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from pdcbdm.config import Config, apply_overrides
 from pdcbdm.training import NonFiniteLossError
 from tune import budget, tracking
 from tune.entry import train_loop
+from tune.redact import redact_text, redact_url, reveal
 
 
 CHECKPOINTS_TAG = "pdcbdm.ray_checkpoints"  # the trial's Train run folder in Ray's storage (its checkpoint_* folders)
@@ -29,7 +31,10 @@ CHECKPOINT_TAG = "pdcbdm.ray_checkpoint"  # its last training checkpoint, set wh
 
 @dataclass(frozen=True)
 class TrialSettings:
-    """What every trial of a search shares (pickled into the trainable with ``tune.with_parameters``)."""
+    """What every trial of a search shares (pickled into the trainable with ``tune.with_parameters``).
+
+    It goes through Ray's object store only, never into a file of Tune's state (tests/test_secrets.py greps the
+    search folder), so it carries the real tracking URI and the credentials (``env``) to the trials."""
 
     base: dict[str, Any]
     search: str
@@ -80,11 +85,15 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     tracking.set_tags(settings.tracking_uri, run_id, tags)
     use_gpu = settings.gpus_per_worker > 0
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": settings.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
+    # one worker needs no process group: without one, no torch rendezvous store listens on every interface (torch
+    # gives it no bind address) while the trial runs
+    trainer_cls, backend = ((TorchTrainer, {"torch_config": TorchConfig(backend="nccl" if use_gpu else "gloo")})
+                            if settings.workers > 1 else (DataParallelTrainer, {}))
+    trainer = trainer_cls(
         train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "mlflow_uri": settings.tracking_uri, "run_id": run_id,
                            "cache_dir": settings.cache_dir, "secrets": secrets},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        **backend,
         scaling_config=ray.train.ScalingConfig(num_workers=settings.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -106,6 +115,14 @@ class MlflowStatusCallback(tune.Callback):
 
     def __init__(self, uri: str, experiment_id: str, max_steps: int | None = None) -> None:
         self.uri, self.experiment_id, self.max_steps = uri, experiment_id, max_steps
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles the callbacks into tuner.pkl under the search folder: the URI goes there masked
+        return {**self.__dict__, "uri": redact_url(self.uri)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a --resume restores it in the driver, which was given the real URI again (``tracking.use_uri``)
+        self.__dict__.update(state, uri=reveal(state["uri"], (tracking.TRACKING_ENV,)))
 
     def _finish(self, trial: Any, status: str, error: str | None = None, outcome: str | None = None) -> None:
         run_id = tracking.trial_run_id(self.uri, self.experiment_id, trial.trial_id)
@@ -204,8 +221,9 @@ class ProgressPrinter(tune.Callback):
         self._say(f"{trial.trial_id} {how}; {_counts(trials, trial, 'TERMINATED')}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        last = error_text(trial).strip().splitlines()
-        self._say(f"{trial.trial_id} FAILED: {last[-1] if last else 'unknown error'}; {_counts(trials, trial, 'ERROR')}")
+        last = redact_text(error_text(trial)).strip().splitlines()
+        why = last[-1] if last else "unknown error"
+        self._say(f"{trial.trial_id} FAILED: {why}; {_counts(trials, trial, 'ERROR')}")
 
 
 def _fmt(v: Any) -> str:
