@@ -35,6 +35,7 @@ from pdcbdm.config import Config, ConfigError, apply_overrides, write_json_atomi
 from tune import search as driver
 from tune import tracking
 from tune.search import SearchError, SearchInterrupted, SearchPlan
+from tune.search_folder import warn_if_writable_by_others
 
 REUSED_TAG = "pdcbdm.reused_runs"  # on a grid's parent run: the cells' runs it took from earlier invocations
 
@@ -103,7 +104,8 @@ def add_runner_args(p: argparse.ArgumentParser, experiment: str | None) -> None:
                    "path or a URI (default: OUT); every node must reach it")
     g.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR (its --out) after a crash "
                    "or kill: finished cells are kept, unfinished ones continue from their last checkpoint; the other "
-                   "flags are taken from DIR")
+                   "flags are taken from DIR. It unpickles Ray Tune's saved state: resume only folders that only "
+                   "you and people you trust can write")
     g.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per run (DDP when > 1)")
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker")
     g.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default: 1 with CUDA)")
@@ -125,6 +127,7 @@ def read_saved(folder: Path, kind: str) -> dict[str, Any]:
         saved["args"], saved["name"]
     except (ValueError, KeyError, TypeError) as exc:
         raise SearchError(f"--resume {folder}: {kind}.json is unreadable ({exc})") from None
+    warn_if_writable_by_others(folder, "--resume")
     return saved
 
 

@@ -38,14 +38,16 @@ import torch  # noqa: E402
 from pdcbdm.config import PRESETS, Config, ConfigError, apply_overrides, preset, write_json_atomic  # noqa: E402
 from tune import budget as budget_mod  # noqa: E402
 from tune import cluster  # noqa: E402
+from tune import ray_access  # noqa: E402
 from tune import space_file  # noqa: E402
 from tune import warm_start as warm_mod  # noqa: E402
 from tune import results as results_mod  # noqa: E402
 from tune import tracking  # noqa: E402
+from tune import working_dir  # noqa: E402
 from tune.redact import (OPTUNA_STORAGE_ENV, has_secret, is_redacted, redact_text, redact_url, remember,  # noqa: E402
                          reveal)
 from tune.report import record_search  # noqa: E402
-from tune.search_folder import read_search_json  # noqa: E402
+from tune.search_folder import read_search_json, warn_if_writable_by_others  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRIALS = {"smoke": 3, "digits": 3, "cifar10-lt": 32, "cifar100-lt": 32}
@@ -103,7 +105,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="resume the search in DIR (OUT/searches/NAME) after a crash or kill: finished trials are "
                         "kept, unfinished ones continue from their last checkpoint, the Optuna study and the "
-                        "MLflow runs continue; the other flags are taken from DIR/search.json")
+                        "MLflow runs continue; the other flags are taken from DIR/search.json. It unpickles Ray "
+                        "Tune's saved state: resume only folders that only you and people you trust can write")
     p.add_argument("--max-worker-failures", type=int, default=1,
                    help="restarts of a trial's worker group from its last checkpoint after a worker dies")
     p.add_argument("--space", default=None, metavar="FILE",
@@ -362,6 +365,7 @@ def plan_resume(args: argparse.Namespace) -> SearchPlan:
     the folder's own name and location."""
     folder = Path(args.resume).resolve()
     saved = read_meta(folder)
+    warn_if_writable_by_others(folder, "--resume")
     given_uri, given_storage = args.tracking_uri, args.optuna_storage  # this command's: search.json masks secrets
     args = resumed_args(args, folder, saved["args"])
     cfg, trials = check_args(args)
@@ -500,8 +504,12 @@ def connect_ray(p: SearchPlan) -> int:
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a diverged trial's last report has no FID
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables; ProgressPrinter says what matters
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+    try:
+        ray_access.require_token_auth(a.address)
+    except ray_access.AccessError as exc:
+        raise SearchError(str(exc)) from None
     if a.address == "local":
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray_access.bind_loopback()
         cpus, gpus = usable_cpus(), torch.cuda.device_count()
         fit = fits(a, cpus, gpus)
         # Train's placement-group cleaner finds the cluster through the state API, which refuses to guess when
@@ -517,18 +525,21 @@ def connect_ray(p: SearchPlan) -> int:
         cluster.check_tracking_for_cluster(p.uri, a.address)
     except cluster.ClusterError as exc:
         raise SearchError(str(exc)) from None
-    runtime_env = {"env_vars": env, "working_dir": str(REPO), "excludes": RUNTIME_EXCLUDES}
+    upload = working_dir.plan_upload(REPO)
+    print(upload.summary(), flush=True)
+    runtime_env = {"env_vars": env, "working_dir": str(REPO), "excludes": upload.excludes}
     try:
         ray.init(address=a.address, runtime_env=runtime_env, **quiet)
     except Exception as exc:  # ConnectionError, RuntimeError, grpc errors depending on the address kind
-        raise SearchError(f"cannot join the Ray cluster at --address {a.address}: {exc}") from None
+        raise SearchError(f"cannot join the Ray cluster at --address {a.address} ({exc}). {ray_access.JOIN_HINT}") \
+            from None
     res = ray.cluster_resources()
     drivers = int(res.get("train_driver", 0))
     if drivers < 1:
         ray.shutdown()
         raise SearchError(f"the Ray cluster at {a.address} has no 'train_driver' resource; start its head with "
-                          f"`ray start --head --resources='{{\"train_driver\": 8}}'` (the number of trials that may "
-                          f"run at once)")
+                          f"`RAY_AUTH_MODE=token ray start --head --resources='{{\"train_driver\": 8}}'` (the "
+                          f"number of trials that may run at once)")
     try:
         cluster.check_storage_for_cluster(p.storage, a.address)
         cluster.check_assets_for_cluster(p.cfg, a.address)
@@ -542,9 +553,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-RUNTIME_EXCLUDES = [".venv/", ".git/", "searches/", "runs/", "mlartifacts/", "mlflow.db", "*.pt", "notebooks/"]
 
 
 def usable_cpus() -> int:
