@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from tune.importance import importance_table, plot_importance_table
+from tune.redact import TRACKING_ENV, reveal
 from tune.results import METRIC_COLUMNS, format_table, rank
 from tune.space import SEARCHED
 
@@ -76,6 +77,13 @@ class SearchResults:
     notes: list[str] = field(default_factory=list)
 
 
+def _tracking_uri(meta: dict[str, Any]) -> str | None:
+    """The MLflow store a search.json names; a URI it holds masked (it carried a password) is taken again from
+    MLFLOW_TRACKING_URI, as a resume takes it."""
+    uri = meta.get("tracking_uri")
+    return reveal(uri, (TRACKING_ENV,)) if uri else None
+
+
 def load_search(search_dir: str | Path, source: str = "auto") -> SearchResults:
     """Load a search folder. ``source``: "parquet" (trials.parquet only), "mlflow" (the MLflow runs only) or
     "auto" (trials.parquet when present, else MLflow; either way enriched with every MLflow metric per run)."""
@@ -83,7 +91,7 @@ def load_search(search_dir: str | Path, source: str = "auto") -> SearchResults:
         raise ValueError(f"source must be 'auto', 'parquet' or 'mlflow', got {source!r}")
     folder = find_folder(search_dir, "search.json")
     meta = json.loads((folder / "search.json").read_text())
-    name, uri = meta.get("name") or folder.name, meta.get("tracking_uri")
+    name, uri = meta.get("name") or folder.name, _tracking_uri(meta)
     notes: list[str] = []
     parquet = folder / "trials.parquet"
     if source != "mlflow" and parquet.is_file():
@@ -455,7 +463,7 @@ def plot_ablation_head_tail(table: pd.DataFrame) -> Any:
 def ablation_per_class(results: AblationResults) -> pd.DataFrame:
     """Per-class FID averaged over seeds: rows = class labels, columns = variants (from each run's MLflow artifact
     evaluation/per_class.parquet, at the table's fixed guidance scale)."""
-    uri = results.meta.get("tracking_uri")
+    uri = _tracking_uri(results.meta)
     parts = []
     for _, row in results.runs[results.runs["status"] == "finished"].iterrows():
         run_id = row.get("mlflow_run_id")

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from tune.redact import redact_url
+
 
 # MLflow's basic-auth app: the admin's password from the environment at the first start, never in a file
 MLFLOW_RECIPE = ("`MLFLOW_AUTH_CONFIG_PATH=auth.ini MLFLOW_AUTH_ADMIN_PASSWORD=... MLFLOW_FLASK_SERVER_SECRET_KEY=... "
@@ -38,7 +40,7 @@ def check_tracking_for_cluster(uri: str, address: str) -> None:
     scheme = urlparse(uri).scheme
     if scheme in ("sqlite", "file", ""):
         raise ClusterError(
-            f"--tracking-uri {uri} with --address {address}: a trial's rank 0 on another node would open a "
+            f"--tracking-uri {redact_url(uri)} with --address {address}: a trial's rank 0 on another node would open a "
             f"different database there. Run an MLflow server every node reaches, with authentication "
             f"({MLFLOW_RECIPE}), and pass --tracking-uri http://HEAD:5000 with MLFLOW_TRACKING_USERNAME and "
             f"MLFLOW_TRACKING_PASSWORD set")
