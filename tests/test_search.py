@@ -28,7 +28,9 @@ def test_smoke_search_records_every_trial(smoke_search):
     folder = tmp_path / "searches" / "e2e"
     # the closing line: the confirm command for the completed trials (rank 1 against rank 2), or why there is none
     completed = int((pd.read_parquet(folder / "trials.parquet")["status"] == "completed").sum())
-    assert proc.stdout.splitlines()[-1] == confirm_hint(folder, completed)
+    # Ray's raylet may print a warning of its own at any time (worker processes started under load)
+    ours = [line for line in proc.stdout.splitlines() if not line.startswith("(raylet)")]
+    assert ours[-1] == confirm_hint(folder, completed)
     assert "started:" in proc.stdout and "rank" in proc.stdout
     # the line of the last trial to end counts it as ended too
     assert re.search(r"(finished|stopped early at step \d+ \(ASHA\)); 3 terminated$", proc.stdout, re.M), proc.stdout
