@@ -98,7 +98,7 @@ def test_too_many_bad_files_or_a_class_losing_all_stop_with_nothing_written(tmp_
     (src / "a" / "zz.png").write_bytes(b"\x89PNG broken")
     out = tmp_path / "out"
     err = _fail(capsys, "--from-folder", src, "--size", "8", "--out", out)
-    assert "1 of 81 files unusable (1.2% > --max-bad 1.0%)" in err and "a/zz.png: not an image" in err
+    assert "1 of 81 files unusable (1.2% > --max-bad 1.0%; not an image: 1)" in err and "a/zz.png: not an im" in err
     assert not out.exists()
     assert _prepare("--from-folder", src, "--size", "8", "--out", out, "--max-bad", "0.02", "--dry-run") == 0
     assert "dry run: nothing written" in capsys.readouterr().out and not out.exists()
@@ -228,8 +228,7 @@ def test_every_table_format_gives_the_same_prepared_content(tmp_path, capsys):
         one_hot[name] = [1.0 if c == name else 0.0 for c in labels.values()]
     one_hot.to_csv(tmp_path / "onehot.csv", index=False)
     outs = []
-    for table, extra in (("t.csv", []), ("t.parquet", []), ("t.txt", []), ("onehot.csv", ["--label-columns",
-                                                                                          "alpha,beta,gamma"])):
+    for table, extra in (("t.csv", []), ("t.parquet", []), ("t.txt", []), ("onehot.csv", [])):  # one-hot: found
         outs.append(tmp_path / f"out-{table}")
         assert _prepare("--from-table", tmp_path / table, "--image-root", root, "--size", "8", "--out", outs[-1],
                         *extra) == 0
@@ -254,18 +253,26 @@ def test_every_table_format_gives_the_same_prepared_content(tmp_path, capsys):
 def test_tables_list_labels_naming_no_file_and_files_with_no_label(tmp_path, capsys):
     root = tmp_path / "data"
     labels = _flat_images(root)
-    rows = [*labels.items(), ("img/missing.png", "alpha"), ("img/00.png", "beta")]  # 00 listed twice, agreeing
+    rows = [*labels.items(), ("img/missing.png", "alpha"), ("img/00.png", "beta"),  # 00 listed twice, agreeing
+            ("img/01.png", "beta")]  # 01 is labelled alpha too: refused
     del rows[3]  # img/03.png: a file with no label
     pd.DataFrame(rows, columns=["path", "label"]).to_csv(tmp_path / "t.csv", index=False)
     out = tmp_path / "out"
     assert _prepare("--from-table", tmp_path / "t.csv", "--image-root", root, "--size", "8", "--out", out,
-                    "--max-bad", "5%") == 0
+                    "--max-bad", "10%") == 0
     skipped = pd.read_csv(out / "_skipped.csv").set_index("path")["reason"].to_dict()
-    assert skipped == {"img/missing.png": "label names no file", "img/03.png": "no label"}
-    assert sum(load_prepared(out).counts()) + sum(load_prepared(out, "heldout").counts()) == 29
+    assert skipped == {"img/missing.png": "label names no file", "img/03.png": "no label",
+                       "img/01.png": "listed with different labels (alpha, beta)"}
+    assert sum(load_prepared(out).counts()) + sum(load_prepared(out, "heldout").counts()) == 28
     err = _fail(capsys, "--from-table", tmp_path / "t.csv", "--image-root", root, "--size", "8",
                 "--out", tmp_path / "o2", "--label-column", "nope")
     assert "no column(s) ['nope']" in err
+    hot = pd.DataFrame({"path": list(labels), "x": [1] * 15 + [0] * 14 + [1], "y": [0] * 15 + [1] * 15})
+    hot.to_parquet(tmp_path / "hot.parquet")
+    assert _prepare("--from-table", tmp_path / "hot.parquet", "--image-root", root, "--size", "8",
+                    "--label-columns", "x,y", "--out", tmp_path / "o3", "--max-bad", "5%") == 0
+    skipped = pd.read_csv(tmp_path / "o3" / "_skipped.csv")
+    assert skipped.values.tolist() == [["img/29.png", "one-hot row sets 2 classes (x, y)"]]  # the last row
 
 
 def test_digits_round_trip_through_a_png_folder(tmp_path):
@@ -296,6 +303,16 @@ def test_report_numbers_head_tail_and_label_draw_warning():
     extreme = label_dist_shares([3000] * 9 + [1], [f"c{k}" for k in range(10)])
     assert extreme["shares"]["inverted"] > 0.99 and "'c9'" in extreme["warning"]
     assert extreme["suggested"].startswith("power:") and "loss.label_dist=power:" in extreme["warning"]
+
+
+def test_many_classes_print_quantiles_and_the_index_map(tmp_path, capsys):
+    src = _folder(tmp_path / "src", {f"c{k:02d}": 1 + k for k in range(24)}, size=8)
+    run = subprocess.run([sys.executable, "-m", "pipelines.prepare_data", "--from-folder", str(src), "--size", "8",
+                          "--out", str(tmp_path / "o"), "--dry-run"], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "classes (index name): 0 c00, 1 c01," in run.stdout and "23 c23" in run.stdout
+    assert "per-class quantiles" in run.stdout and "dry run: nothing written" in run.stdout
+    assert not (tmp_path / "o").exists()
 
 
 def test_two_classes_record_a_head_and_a_tail(tmp_path, capsys):

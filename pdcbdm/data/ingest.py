@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -144,13 +145,13 @@ def list_folder(root: str | Path) -> Listing:
     return listing
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """A table of paths and labels as strings, its format chosen by the file's extension: .csv, .tsv, .parquet/.pq,
-    .jsonl/.ndjson; anything else is whitespace-separated text (a header row is recognised by its first field
-    naming a path column)."""
+def read_table(path: str | Path, path_column: str | None = None) -> pd.DataFrame:
+    """A table of paths and labels, its format chosen by the file's extension: .csv, .tsv, .parquet/.pq,
+    .jsonl/.ndjson; anything else is whitespace-separated text (its first row is a header when it names
+    ``path_column`` or one of PATH_COLUMNS)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--from-table {path}: no such file")
+        raise FileNotFoundError(f"{path}: no such table file")
     suffix = path.suffix.lower()
     try:
         if suffix in (".parquet", ".pq"):
@@ -160,19 +161,19 @@ def read_table(path: str | Path) -> pd.DataFrame:
         elif suffix in (".csv", ".tsv"):
             table = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
         else:
-            table = _read_whitespace(path)
+            table = _read_whitespace(path, (path_column,) if path_column else PATH_COLUMNS)
     except (ValueError, OSError, pd.errors.ParserError) as exc:
-        raise ValueError(f"--from-table {path}: cannot be read as a {suffix or 'text'} table ({exc})") from None
+        raise ValueError(f"{path}: cannot be read as a {suffix or 'text'} table ({exc})") from None
     table.columns = [str(c) for c in table.columns]
     return table
 
 
-def _read_whitespace(path: Path) -> pd.DataFrame:
+def _read_whitespace(path: Path, header_names: Sequence[str]) -> pd.DataFrame:
     """A whitespace-separated table (``path label`` per line, as ImageNet's and CUB's lists); without a header
     its two columns are named ``path`` and ``label``."""
     table = pd.read_csv(path, sep=r"\s+", header=None, dtype=str, keep_default_na=False)
     first = [str(v) for v in table.iloc[0]] if len(table) else []
-    if any(v in PATH_COLUMNS for v in first):
+    if any(v in header_names for v in first):
         return table.iloc[1:].set_axis(first, axis=1).reset_index(drop=True)
     if table.shape[1] != 2:
         raise ValueError(f"{table.shape[1]} columns and no header row; write a header naming the path column")
@@ -268,8 +269,8 @@ def list_table(table_path: str | Path, image_root: str | Path | None = None, *, 
     a file under the image root that no row names is listed as having no label.
     """
     table_path = Path(table_path)
-    where = f"--from-table {table_path}"
-    table = read_table(table_path)
+    where = str(table_path)
+    table = read_table(table_path, path_column)
     root = Path(image_root) if image_root is not None else table_path.parent
     if not root.is_dir():
         raise FileNotFoundError(f"--image-root {root}: no such folder")
@@ -323,7 +324,7 @@ def list_source(*, folder: str | Path | None = None, table: str | Path | None = 
                 image_root: str | Path | None = None, path_column: str | None = None,
                 label_column: str | None = None, label_columns: Sequence[str] | None = None) -> Listing:
     """A folder (read as a table when it holds ``metadata.csv``/``metadata.jsonl``) or a table, as a Listing with
-    its entries in a fixed order (class name, then name)."""
+    its entries in a fixed order (class name, then file path: the same whichever way a table names the file)."""
     if folder is not None:
         metadata = [Path(folder) / m for m in METADATA_FILES if (Path(folder) / m).is_file()]
         if metadata:
@@ -336,7 +337,7 @@ def list_source(*, folder: str | Path | None = None, table: str | Path | None = 
                              label_columns=label_columns)
     else:
         raise ValueError("list_source needs a folder or a table")
-    listing.entries.sort(key=lambda e: (e.label, e.name))
+    listing.entries.sort(key=lambda e: (e.label, str(e.path)))
     return listing
 
 
@@ -376,23 +377,24 @@ class Decoded:
 
 
 def _open(path: Path) -> tuple[Image.Image | None, str | None]:
-    """The fully decoded image, or the reason it cannot be used."""
+    """The fully decoded image, upright (EXIF orientation applied), or the reason it cannot be used."""
     try:
         if path.stat().st_size == 0:
             return None, "empty file"
-        img = Image.open(path)
+        with Image.open(path) as img:
+            try:
+                img.load()  # the whole file: verify() alone accepts a truncated JPEG
+                return ImageOps.exif_transpose(img), None  # a copy: the file is closed on return
+            # a broken file (or EXIF block) raises whatever its decoder raises; every kind means the same here
+            except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, struct.error,
+                    zlib.error) as exc:
+                return None, f"truncated or corrupt ({exc})"
     except UnidentifiedImageError:
         return None, "not an image"
-    except OSError as exc:
-        return None, f"unreadable ({exc.strerror or exc})"
-    try:
-        img.load()  # the whole file: verify() alone accepts a truncated JPEG
-        return ImageOps.exif_transpose(img), None
     except Image.DecompressionBombError as exc:
         return None, f"too large ({exc})"
-    # a broken file raises whatever its decoder raises; every kind means the same to us
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, zlib.error) as exc:
-        return None, f"truncated or corrupt ({exc})"
+    except OSError as exc:
+        return None, f"unreadable ({exc.strerror or exc})"
 
 
 def _is_high_bit(img: Image.Image) -> bool:

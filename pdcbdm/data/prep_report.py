@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import math
+import textwrap
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -154,6 +155,10 @@ def _head_tail(counts: Sequence[int], class_names: Sequence[str], ratio: float) 
                        f"tail = {', '.join(class_names[c] for c in split.tail)}")
 
 
+def _by_reason(skipped: Sequence[tuple[str, str]]) -> str:
+    return ", ".join(f"{why}: {n}" for why, n in reasons_summary(skipped).items()) or "none"
+
+
 def _decode_listing(listing: Listing, options: DecodeOptions, workers: int, max_bad: float,
                     prefix: str = "") -> tuple[list[Decoded], list[tuple[str, str]]]:
     """Decode every entry; the skipped files (listing's and decoder's); PrepareError on a refused high-bit image
@@ -170,7 +175,7 @@ def _decode_listing(listing: Listing, options: DecodeOptions, workers: int, max_
     if total and len(bad) / total > max_bad:
         detail = "; ".join(f"{n}: {why}" for n, why in bad[:10])
         raise PrepareError(f"{len(bad)} of {total} files unusable ({len(bad) / total:.1%} > --max-bad "
-                           f"{max_bad:.1%}): {reasons_summary(bad)}; first: {detail}")
+                           f"{max_bad:.1%}; {_by_reason(bad)}); first: {detail}")
     return decoded, skipped
 
 
@@ -273,7 +278,8 @@ def _report(listing: Listing, reference: Listing | None, splits: dict[str, tuple
 
 
 def _class_lines(report: dict[str, Any]) -> list[str]:
-    """Per-class counts, or their quantiles when there are more than MAX_LISTED_CLASSES classes."""
+    """Per-class counts, or the index-to-name map and the counts' quantiles when there are more than
+    MAX_LISTED_CLASSES classes."""
     classes = report["classes"]
     group = {n: "head" for n in report["head_tail"]["head"]} | {n: "tail" for n in report["head_tail"]["tail"]}
     if len(classes) <= MAX_LISTED_CLASSES:
@@ -281,7 +287,9 @@ def _class_lines(report: dict[str, Any]) -> list[str]:
         return ["  class" + " " * (width + 1) + "train heldout", *(
             f"  {c['index']:>3} {c['name']:<{width}} {c['train']:>6} {c['heldout']:>7}  {group[c['name']]}"
             + ("  (unjudged: no held-out image)" if c["heldout"] == 0 else "") for c in classes)]
-    lines = ["  per-class quantiles    " + "  ".join(f"{q:>5.0%}" for q in QUANTILES)]
+    index_map = ", ".join(f"{c['index']} {c['name']}" for c in classes)
+    lines = textwrap.wrap(f"classes (index name): {index_map}", 116, initial_indent="  ", subsequent_indent="    ")
+    lines.append("  per-class quantiles    " + "  ".join(f"{q:>5.0%}" for q in QUANTILES))
     for key in ("train", "heldout"):
         values = np.quantile([c[key] for c in classes], QUANTILES)
         lines.append(f"  {key:<21} " + "  ".join(f"{v:>5.0f}" for v in values))
@@ -291,7 +299,7 @@ def _class_lines(report: dict[str, Any]) -> list[str]:
 def format_report(report: dict[str, Any]) -> str:
     """The report as the lines ``pipelines.prepare_data`` prints."""
     files, imb, ht, ld = report["files"], report["imbalance"], report["head_tail"], report["label_dist"]
-    reasons = ", ".join(f"{why}: {n}" for why, n in files["skipped_by_reason"].items()) or "none"
+    reasons = ", ".join(f"{why}: {n}" for why, n in files["skipped_by_reason"].items()) or "none"  # from JSON
     lines = [f"images read {files['read']}, kept {files['kept']}, skipped {files['skipped']} ({reasons}); "
              f"hidden files ignored {files['hidden_ignored']}",
              f"image shape {tuple(report['image_shape'])}, {len(report['classes'])} classes",
