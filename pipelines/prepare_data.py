@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,8 +90,6 @@ def _add_own_options(parser: argparse.ArgumentParser) -> None:
                         "as the reference split (its classes must be training classes)")
     parser.add_argument("--max-bad", help="own data: stop (exit 2) when more than this share of the files is "
                         "unusable: a fraction (0.01) or a percentage (1%%, the default)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="own data: threads decoding images (default min(4, CPUs))")
     parser.add_argument("--dry-run", action="store_true", help="own data: print the report, write nothing")
 
 
@@ -239,7 +236,7 @@ def _prepare_own(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
             print(f"{args.out}: up to date (same arguments and input files), nothing written")
             return 0
         data = build_prepared(listing, options, rule=rule, head_ratio=args.head_ratio,
-                              max_bad=arguments["max_bad"], workers=args.workers, reference=reference)
+                              max_bad=arguments["max_bad"], reference=reference)
     except (ValueError, OSError) as exc:
         parser.exit(2, f"prepare_data: error: {exc}\n")
     print(format_report(data.report))

@@ -159,11 +159,11 @@ def _by_reason(skipped: Sequence[tuple[str, str]]) -> str:
     return ", ".join(f"{why}: {n}" for why, n in reasons_summary(skipped).items()) or "none"
 
 
-def _decode_listing(listing: Listing, options: DecodeOptions, workers: int, max_bad: float,
+def _decode_listing(listing: Listing, options: DecodeOptions, max_bad: float,
                     prefix: str = "") -> tuple[list[Decoded], list[tuple[str, str]]]:
     """Decode every entry; the skipped files (listing's and decoder's); PrepareError on a refused high-bit image
     or on more than ``max_bad`` unusable files."""
-    decoded = decode_all([e.path for e in listing.entries], options, workers)
+    decoded = decode_all([e.path for e in listing.entries], options)
     failed = [(prefix + e.name, d.reason or "") for e, d in zip(listing.entries, decoded) if d.pixels is None]
     high = [name for name, why in failed if why.startswith(REASON_HIGH_BIT)]
     if high:
@@ -197,14 +197,14 @@ def _check_classes(listing: Listing, labels: np.ndarray, what: str) -> None:
                            f"(see the reasons with --dry-run); fix or remove them")
 
 
-def _decode_reference(reference: Listing, class_names: Sequence[str], options: DecodeOptions, workers: int,
+def _decode_reference(reference: Listing, class_names: Sequence[str], options: DecodeOptions,
                       max_bad: float) -> tuple[list[Decoded], np.ndarray, list[tuple[str, str]]]:
     """The reference folder decoded like the training images; its classes must be training classes."""
     unknown = sorted(set(reference.class_names) - set(class_names))
     if unknown:
         raise PrepareError(f"--reference-folder: class(es) {', '.join(map(repr, unknown))} unknown to the training "
                            f"set (its classes: {', '.join(class_names)})")
-    decoded, skipped = _decode_listing(reference, options, workers, max_bad, prefix="reference/")
+    decoded, skipped = _decode_listing(reference, options, max_bad, prefix="reference/")
     labels = _labels_of(reference, decoded, class_names)
     lost = sorted(set(reference.class_names) - {class_names[k] for k in labels.tolist()})
     if lost:
@@ -214,11 +214,10 @@ def _decode_reference(reference: Listing, class_names: Sequence[str], options: D
 
 
 def build_prepared(listing: Listing, options: DecodeOptions, *, rule: HeldoutRule = HeldoutRule(),
-                   head_ratio: float = 0.7, max_bad: float = 0.01, workers: int = 1,
-                   reference: Listing | None = None) -> PreparedData:
+                   head_ratio: float = 0.7, max_bad: float = 0.01, reference: Listing | None = None) -> PreparedData:
     """Decode, check and split a listing (and an optional reference listing) into a PreparedData, or raise
     PrepareError before anything is written."""
-    decoded, skipped = _decode_listing(listing, options, workers, max_bad)
+    decoded, skipped = _decode_listing(listing, options, max_bad)
     names = list(listing.class_names)
     labels = _labels_of(listing, decoded, names)
     _check_classes(listing, labels, "the training images")
@@ -226,7 +225,7 @@ def build_prepared(listing: Listing, options: DecodeOptions, *, rule: HeldoutRul
     ref_decoded: list[Decoded] = []
     ref_labels = np.zeros(0, np.int64)
     if reference is not None:
-        ref_decoded, ref_labels, ref_skipped = _decode_reference(reference, names, options, workers, max_bad)
+        ref_decoded, ref_labels, ref_skipped = _decode_reference(reference, names, options, max_bad)
         skipped += ref_skipped
     images = stack_channels([d for d in decoded + ref_decoded if d.pixels is not None], options.channels)
     ref_images, images = images[len(labels):], images[:len(labels)]
