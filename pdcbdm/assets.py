@@ -2,8 +2,10 @@
 
 On a cluster every machine that scores trials must resolve the same ones, or trials land in different feature
 spaces (another FID scale) without anyone noticing. ``evaluation_assets`` names them by content: a sha256 of the
-training, reference and floor images and the extractor's identity (a sha256 of its weights). A trained digits
-network is a cache file that other machines can copy (``cache_payload`` / ``install_cache_files``) instead of
+training, reference and floor images and the extractor's identity (a sha256 of its weights). For a prepared set
+(``data.dataset=parquet``) the data's identity is the digest in its _meta.json (a hash of the recorded file hashes):
+no image is read or hashed, whatever the size of the set. A trained network (the digits CNN, the domain CNN of a
+prepared set) is a cache file that other machines can copy (``cache_payload`` / ``install_cache_files``) instead of
 training their own, which need not come out the same.
 """
 
@@ -16,7 +18,7 @@ from typing import Any
 from pdcbdm.config import Config
 from pdcbdm.data import build_dataset, build_floor_dataset, build_reference_dataset
 from pdcbdm.io import atomic_write_bytes
-from pdcbdm.metrics import build_extractor
+from pdcbdm.evaluation import feature_extractor
 from pdcbdm.metrics._io import dataset_identity, resolve_cache_dir
 
 __all__ = ["ASSET_NAMES", "evaluation_assets", "cache_payload", "install_cache_files"]
@@ -24,7 +26,14 @@ __all__ = ["ASSET_NAMES", "evaluation_assets", "cache_payload", "install_cache_f
 ASSET_NAMES = ("training data", "reference data", "floor data", "feature extractor")
 
 
+TRAINED_EXTRACTORS = ("digits", "domain")  # cache files, shipped from the driver to the nodes
+
+
 def _identity(dataset: Any) -> str:
+    """A prepared set's recorded identity (its digest: nothing is hashed), else the content hash of the images."""
+    recorded = getattr(dataset, "identity", None)
+    if recorded is not None:
+        return recorded
     return dataset_identity(dataset.images, dataset.labels, getattr(dataset, "class_names", None))
 
 
@@ -45,18 +54,19 @@ def evaluation_assets(cfg: Config, cache_dir: str | os.PathLike | None = None) -
     train = build_dataset(d.dataset, root=d.root, imbalance=d.imbalance, split="train", seed=d.seed,
                           download=d.download, image_size=d.image_size)
     reference = build_reference_dataset(d.dataset, root=d.root, download=d.download)
-    extractor = build_extractor(cfg.eval.extractor, weights_path=cfg.eval.inception_weights, cache_dir=cache_dir)
+    extractor = feature_extractor(cfg, cache_dir=cache_dir)
     return dict(zip(ASSET_NAMES, (_identity(train), _identity(reference), _floor_identity(cfg),
                                   extractor.identity)))
 
 
 def cache_payload(cfg: Config, cache_dir: str | os.PathLike | None = None) -> dict[str, bytes]:
-    """The cache files of ``eval.extractor`` (the digits network, trained here if missing), by their path in the
-    cache folder; {} for a network with no cache file (Inception: its weights come from a file or a download)."""
-    if cfg.eval.extractor != "digits":
+    """The cache files of ``eval.extractor`` (a trained network: the digits CNN or the domain CNN of data.root,
+    trained here if missing), by their path in the cache folder; {} for a network with no cache file (Inception:
+    its weights come from a file or a download)."""
+    if cfg.eval.extractor not in TRAINED_EXTRACTORS:
         return {}
     root = resolve_cache_dir(cache_dir)
-    extractor = build_extractor("digits", cache_dir=cache_dir)
+    extractor = feature_extractor(cfg, cache_dir=cache_dir)
     return {Path(f).relative_to(root).as_posix(): Path(f).read_bytes() for f in extractor.cache_files}
 
 

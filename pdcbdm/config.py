@@ -75,6 +75,13 @@ def parse_float_list(spec: str, name: str) -> tuple[float, ...]:
     return values
 
 
+# the U-Nets of pdcbdm.models.PRESETS (named here: the config imports no torch)
+MODEL_PRESETS = ("small", "cifar", "own32", "own64", "own128")
+DATASETS = ("digits-lt", "digits", "cifar10-lt", "cifar100-lt", "cifar10", "cifar100")
+PREPARED = "parquet"  # a user's own data, prepared into the folder data.root (pdcbdm.data.own)
+EXTRACTORS = ("digits", "domain", "inception")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The denoising U-Net (see ``pdcbdm.models.build_unet``): a preset, TSA placement (Eq. 13-14), and optional
@@ -87,7 +94,7 @@ class ModelConfig:
     ch: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.preset in ("small", "cifar"), "model.preset", self.preset, "must be 'small' or 'cifar'")
+        _check(self.preset in MODEL_PRESETS, "model.preset", self.preset, f"must be one of {', '.join(MODEL_PRESETS)}")
         if self.ch is not None:
             _check(self.ch >= 1, "model.ch", self.ch, "must be >= 1 (the U-Net's base width)")
         parse_resolution_list(self.tsa_resolutions, "model.tsa_resolutions")
@@ -154,7 +161,12 @@ class LossConfig:
 class DataConfig:
     """Which data set (see ``pdcbdm.data.DATASET_NAMES``), its long-tail imbalance rho, and (digits only) the size
     the network sees: ``image_size`` 8 trains at the digits' native 8x8, whose samples are upsampled (bilinear, as
-    the data are) to the 16x16 the evaluation scores at; None trains at 16x16."""
+    the data are) to the 16x16 the evaluation scores at; None trains at 16x16.
+
+    ``dataset=parquet`` is a user's own data prepared into the folder ``root`` (required): shape, class names and
+    counts come from its _meta.json, so ``imbalance`` stays unset and ``image_size`` is unset or the prepared side.
+    The folder is read only where it exists: a config names the data, it can be loaded where the data are not.
+    """
 
     dataset: str = "digits-lt"
     root: str | None = None
@@ -164,17 +176,35 @@ class DataConfig:
     image_size: int | None = None
 
     def __post_init__(self) -> None:
-        names = ("digits-lt", "digits", "cifar10-lt", "cifar100-lt", "cifar10", "cifar100")
+        names = (*DATASETS, PREPARED)
         _check(self.dataset in names, "data.dataset", self.dataset, f"must be one of {', '.join(names)}")
         if self.imbalance is not None:
             _check(self.imbalance >= 1.0, "data.imbalance", self.imbalance, "must be >= 1")
-        if self.image_size is not None:
+        if self.dataset == PREPARED:
+            self._check_prepared()
+        elif self.image_size is not None:
             from pdcbdm.data.registry import dataset_image_shape  # the data sets own their sizes (imports torch)
 
             try:
                 dataset_image_shape(self.dataset, self.image_size)
             except ValueError as exc:
                 raise ConfigError(f"data.image_size: {exc}") from None
+
+    def _check_prepared(self) -> None:
+        if self.root is None or not str(self.root).strip():
+            raise ConfigError(f"data.root: required with data.dataset={PREPARED} (the folder `python -m "
+                              f"pipelines.prepare_data --from-folder DIR --out D` wrote)")
+        if self.imbalance is not None:
+            raise ConfigError(f"data.imbalance: a prepared data set keeps its own class counts; leave it unset with "
+                              f"data.dataset={PREPARED}, got {self.imbalance!r}")
+        _check(not self.download, "data.download", self.download, f"must be false with data.dataset={PREPARED}")
+        if self.image_size is not None and (Path(self.root) / "_meta.json").is_file():
+            from pdcbdm.data.own import prepared_image_shape  # imports torch
+
+            try:
+                prepared_image_shape(self.root, self.image_size)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -237,6 +267,10 @@ class SampleConfig:
 class EvalConfig:
     """Evaluation: feature network, sample counts and the grid of guidance values scored per checkpoint.
 
+    ``extractor``: ``digits`` (the CNN of the digits data sets), ``domain`` (a CNN trained on a prepared data set's
+    own train split, cached by its data digest: ``pdcbdm.metrics.domain_net``; needs ``data.dataset=parquet``) or
+    ``inception`` (the FID Inception-V3; ``inception_weights`` or the fallbacks of ``pdcbdm.metrics.inception``).
+
     ``split_ratio`` is the head/tail split the head/tail metrics use (head and tail FID, tail-to-head confusion,
     the tail proxy FID): the first ceil(r K) classes by frequency (``loss.split_mode`` and ``data.seed`` as the
     loss's split), fixed for every run so that scores stay comparable when the PD loss's own ``loss.split_ratio``
@@ -262,8 +296,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(self.protocol in ("fast", "paper"), "eval.protocol", self.protocol, "must be 'fast' or 'paper'")
-        _check(self.extractor in ("digits", "inception"), "eval.extractor", self.extractor,
-               "must be 'digits' or 'inception'")
+        _check(self.extractor in EXTRACTORS, "eval.extractor", self.extractor,
+               "must be 'digits', 'domain' or 'inception'")
         _check(self.num_samples >= 2, "eval.num_samples", self.num_samples, "must be >= 2")
         _check(self.proxy_samples >= 2, "eval.proxy_samples", self.proxy_samples, "must be >= 2")
         grid = parse_float_list(self.guidance_grid, "eval.guidance_grid")
@@ -298,6 +332,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        # a network trained on other images cannot read a prepared set's classes, and the domain CNN exists only
+        # for a prepared set
+        extractor, dataset = self.eval.extractor, self.data.dataset
+        if dataset == PREPARED and extractor == "digits":
+            raise ConfigError(f"eval.extractor: 'digits' reads the 16x16 digits only; use 'domain' (a CNN trained on "
+                              f"data.root's train split) or 'inception' with data.dataset={PREPARED} (the run "
+                              f"presets own32, own64 and own128 set domain)")
+        if extractor == "domain" and dataset != PREPARED:
+            raise ConfigError(f"eval.extractor: 'domain' is trained on a prepared data set; it needs "
+                              f"data.dataset={PREPARED}, got data.dataset={dataset!r}")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -396,7 +442,8 @@ def apply_overrides(cfg: Config, items: list[str] | dict[str, Any]) -> Config:
 
 def preset(name: str) -> Config:
     """Named presets: ``smoke`` (a minute on 2 CPU cores), ``digits`` (the embedded default), ``cifar10-lt`` and
-    ``cifar100-lt`` (the paper's network, schedule and optimiser settings; for GPUs)."""
+    ``cifar100-lt`` (the paper's network, schedule and optimiser settings; for GPUs), and ``own32``, ``own64``,
+    ``own128`` for a user's own data prepared at that side (``--set data.root=D``; the U-Net of the same name)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
     return apply_overrides(Config(), PRESETS[name])
@@ -409,6 +456,14 @@ _CIFAR = {
     "eval.extractor": "inception", "eval.protocol": "paper", "eval.num_samples": 10_000, "eval.proxy_samples": 1000,
     "eval.guidance_grid": "0.8,1.0,1.2,1.4,1.6", "eval.batch_size": 500,
     "sample.steps": 100, "sample.guidance": 1.2, "eval.proxy_guidance": 1.2, "loss.pd_weight": 0.1,
+}
+
+# A user's own data (``data.dataset=parquet``): the folder is a default to override (--set data.root=D; a missing
+# folder says how to prepare one), the domain CNN scores (trained once per data digest), attention and TSA at 16x16
+# in every own U-Net. Starting points, not tuned settings: a search tunes the loss knobs on the user's data.
+_OWN = {
+    "data.dataset": PREPARED, "data.root": "data/own", "eval.extractor": "domain", "model.tsa_resolutions": "16",
+    "train.precision": "auto", "loss.pd_weight": 0.025, "eval.guidance_grid": "0,0.5,1,2", "eval.proxy_guidance": 1.0,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -437,5 +492,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "cifar10-lt": {**_CIFAR, "data.dataset": "cifar10-lt", "data.imbalance": 100.0, "train.steps": 800_000},
     "cifar100-lt": {**_CIFAR, "data.dataset": "cifar100-lt", "data.imbalance": 100.0, "sample.guidance": 1.4,
-                    "eval.proxy_guidance": 1.4},
+                    "eval.proxy_guidance": 1.4},    **{name: {**_OWN, **sizes} for name, sizes in {
+        # a CPU can train it: about 1.2M parameters
+        "own32": {"model.preset": "own32", "train.steps": 6000, "train.batch_size": 32, "train.lr": 5e-4,
+                  "train.warmup": 200, "train.ema_decay": 0.999, "train.eval_every": 1000, "train.log_every": 100,
+                  "sample.steps": 20, "sample.eta": 1.0, "eval.num_samples": 500, "eval.proxy_samples": 200},
+        # GPU nets (9.4M and 18.4M parameters): CIFAR-like schedules
+        "own64": {"model.preset": "own64", "train.steps": 200_000, "train.batch_size": 64, "train.warmup": 2000,
+                  "train.ema_decay": 0.9999, "train.eval_every": 10_000, "train.log_every": 100,
+                  "sample.steps": 50, "eval.num_samples": 2000, "eval.proxy_samples": 500},
+        "own128": {"model.preset": "own128", "train.steps": 300_000, "train.batch_size": 32, "train.warmup": 5000,
+                   "train.ema_decay": 0.9999, "train.eval_every": 10_000, "train.log_every": 100,
+                   "sample.steps": 50, "eval.num_samples": 2000, "eval.proxy_samples": 500},
+    }.items()},
 }

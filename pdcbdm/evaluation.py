@@ -4,6 +4,10 @@ Shared by ``pipelines/evaluate.py`` and the search's workers so that every trial
 score comes with its noise floor (``<metric>_floor``, ``<metric>_floor_std``): the same metric for real images
 outside the reference at the same per-class counts (``pdcbdm.metrics.floor``), computed once per data set,
 extractor and size and cached on disk.
+
+Class consistency, the reject rate and tail-to-head confusion need a classifier of the data's own classes: the
+judge reads a network's logits only when the network was trained on these classes (``FeatureExtractor.judges``:
+the digits CNN on digits, the domain CNN on its prepared data), never because its logits happen to number K.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import nn
 
 from pdcbdm.config import Config, DiffusionConfig, parse_float_list
 from pdcbdm.data import (HeadTailSplit, build_floor_dataset, build_reference_dataset, dataset_image_shape,
-                         head_tail_split, reference_image_shape)
+                         head_tail_split, reference_image_shape, reference_kind)
 from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.metrics import FeatureExtractor, FeatureSet, build_extractor, evaluate_features, extract_all
 from pdcbdm.metrics import fid_from_features, group_fid, reference_features
@@ -38,6 +42,15 @@ def evaluation_split(cfg: Config, counts: Sequence[int]) -> HeadTailSplit:
     with different loss splits measure the same classes.
     """
     return head_tail_split(counts, cfg.eval.split_ratio, mode=cfg.loss.split_mode, seed=cfg.data.seed)
+
+
+def feature_extractor(cfg: Config, device: torch.device | str = "cpu",
+                      cache_dir: str | os.PathLike | None = None) -> FeatureExtractor:
+    """``eval.extractor`` as this config resolves it: Inception with ``eval.inception_weights``, the digits CNN, or
+    the domain CNN of the prepared folder ``data.root`` (each trained networks read from ``cache_dir``)."""
+    root = cfg.data.root if cfg.eval.extractor == "domain" else None
+    return build_extractor(cfg.eval.extractor, weights_path=cfg.eval.inception_weights, device=device,
+                           cache_dir=cache_dir, data_root=root)
 
 
 def sampler_settings(cfg: Config) -> dict[str, Any]:
@@ -99,9 +112,9 @@ class SampleSource:
         """The config's feature extractor (``eval.extractor``, read from ``cache_dir`` as ``Evaluator.build``);
         ``image_shape`` is the network's, samples are scored at the data set's ``reference_image_shape``."""
         device = torch.device(device)
-        extractor = build_extractor(cfg.eval.extractor, weights_path=cfg.eval.inception_weights, device=device,
-                                    cache_dir=cache_dir)
-        return cls(cfg, extractor, num_classes, tuple(image_shape), device, reference_image_shape(cfg.data.dataset))
+        extractor = feature_extractor(cfg, device, cache_dir)
+        return cls(cfg, extractor, num_classes, tuple(image_shape), device,
+                   reference_image_shape(cfg.data.dataset, root=cfg.data.root))
 
     def sample(self, net: nn.Module, guidance: float, n: int, *, seed: int = 0, progress: bool = False,
                autocast: Callable[[], Any] | None = None, final: bool = False, rank: int = 0,
@@ -222,6 +235,7 @@ class Evaluator:
     floor_note: str | None = None
     cache_dir: str | os.PathLike | None = None
     floor_seeds: int = FLOOR_SEEDS
+    reference_kind: str | None = None
     _floors: dict[tuple, dict[str, Any]] = field(default_factory=dict, repr=False)
     _floor_key: str | None = field(default=None, repr=False)
 
@@ -229,18 +243,21 @@ class Evaluator:
     def build(cls, cfg: Config, *, num_classes: int, head: Sequence[int], tail: Sequence[int],
               device: torch.device | str = "cpu", cache_dir: str | os.PathLike | None = None,
               progress: bool = False) -> "Evaluator":
-        """Load the extractor, the reference features (the balanced set METHOD.md names), the class judge calibrated
-        on them and the floor data set's features, all cached on disk."""
+        """Load the extractor, the reference features (the balanced set METHOD.md names; a prepared set's held-out
+        reference), the class judge calibrated on them and the floor data set's features, all cached on disk."""
         device = torch.device(device)
-        extractor = build_extractor(cfg.eval.extractor, weights_path=cfg.eval.inception_weights, device=device,
-                                    cache_dir=cache_dir)
-        ref_ds = build_reference_dataset(cfg.data.dataset, root=cfg.data.root, download=cfg.data.download)
-        reference = reference_features(extractor, ref_ds, cache_dir, progress=progress)
+        d = cfg.data
+        extractor = feature_extractor(cfg, device, cache_dir)
+        ref_ds = build_reference_dataset(d.dataset, root=d.root, download=d.download)
+        reference = reference_features(extractor, ref_ds, cache_dir, dataset_id=getattr(ref_ds, "identity", None),
+                                       progress=progress)
+        reference = _readable(extractor, reference, ref_ds.class_names, num_classes)
         pool, note = _floor_pool(cfg, extractor, cache_dir, progress)
-        shape = dataset_image_shape(cfg.data.dataset, cfg.data.image_size)
+        shape = dataset_image_shape(d.dataset, d.image_size, root=d.root)
+        judge = _judge(extractor, reference, num_classes, ref_ds.class_names, cache_dir)
         return cls(cfg, extractor, reference, num_classes, tuple(head), tuple(tail), shape, device,
-                   score_shape=tuple(ref_ds.image_shape), judge=_judge(extractor, reference, num_classes, cache_dir),
-                   floor_pool=pool, floor_note=note, cache_dir=cache_dir)
+                   score_shape=tuple(ref_ds.image_shape), judge=judge, floor_pool=pool, floor_note=note,
+                   cache_dir=cache_dir, reference_kind=reference_kind(d.dataset, d.root))
 
     @property
     def source(self) -> SampleSource:
@@ -327,14 +344,28 @@ class Evaluator:
         return out
 
 
-def _judge(extractor: FeatureExtractor, reference: FeatureSet, num_classes: int,
+def _readable(extractor: FeatureExtractor, reference: FeatureSet, class_names: Sequence[str],
+              num_classes: int) -> FeatureSet:
+    """The reference as the metrics see it: without its logits when they number K but are not this data's classes
+    (``evaluate_features`` would calibrate a judge on any K-way logits), so that no class metric reads them."""
+    if reference.logits is None or reference.logits.shape[1] != num_classes or extractor.judges(class_names):
+        return reference
+    note = f"{extractor.name}'s logits are not the data set's classes (no judge of class consistency)"
+    return dataclasses.replace(reference, logits=None, logits_note=note)
+
+
+def _judge(extractor: FeatureExtractor, reference: FeatureSet, num_classes: int, class_names: Sequence[str],
            cache_dir: str | os.PathLike | None) -> Judge | None:
-    """The class judge calibrated on the reference (held out from the digits CNN's training), cached on disk; None
-    when the extractor's logits do not classify the data set's classes (Inception on CIFAR)."""
-    if reference.logits is None or reference.logits.shape[1] != num_classes:
+    """The class judge calibrated on the reference (held out from the in-domain CNN's training), cached on disk;
+    None when the extractor was not trained on the data set's classes (Inception) or the reference has fewer than
+    2 images of some class to calibrate on."""
+    if reference.logits is None or not extractor.judges(class_names) or reference.logits.shape[1] != num_classes:
         return None
-    return load_or_calibrate_judge(reference.features, reference.logits, reference.labels, num_classes,
-                                   extractor=extractor.identity, cache_dir=cache_dir)
+    try:
+        return load_or_calibrate_judge(reference.features, reference.logits, reference.labels, num_classes,
+                                       extractor=extractor.identity, cache_dir=cache_dir)
+    except ValueError:  # a class with < 2 reference images: the metrics report why there is no consistency
+        return None
 
 
 def _floor_pool(cfg: Config, extractor: FeatureExtractor, cache_dir: str | os.PathLike | None,
@@ -344,7 +375,10 @@ def _floor_pool(cfg: Config, extractor: FeatureExtractor, cache_dir: str | os.Pa
         data = build_floor_dataset(cfg.data.dataset, root=cfg.data.root, download=cfg.data.download)
     except (OSError, ValueError) as exc:
         return None, f"no noise floor: the floor data set is unavailable ({exc})"
-    return reference_features(extractor, data, cache_dir, progress=progress), None
+    if len(data) == 0:
+        return None, "no noise floor: the floor data set is empty (every held-out image is in the reference)"
+    return reference_features(extractor, data, cache_dir, dataset_id=getattr(data, "identity", None),
+                              progress=progress), None
 
 
 def _rows_with_floors(rows: list[dict[str, Any]], floors: dict[str, Any]) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
     python -m pdcbdm.train --preset smoke --out runs/smoke
     python -m pdcbdm.train --preset digits --steps 3000 --set loss.pd_weight=0.05 --set model.tsa_resolutions=16 --out D
+    python -m pdcbdm.train --preset own32 --set data.root=PREPARED --out D     # your own images, prepared at 32 px
 
 Writes into ``--out``: ``config.json`` (the resolved config), ``checkpoint.pt`` (network, EMA, optimiser, step,
 config), ``samples.png`` (EMA samples, a row per class), ``metrics.json`` (loss terms over time) and ``loss.png``.
@@ -20,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pdcbdm.config import PRESETS, Config, ConfigError, apply_overrides, preset, write_json_atomic
-from pdcbdm.data import build_dataset
+from pdcbdm.data import ImageDataset, build_dataset
+from pdcbdm.models import check_preset_size
 from pdcbdm.sampling import generate
 from pdcbdm.training import Trainer, resolve_device
 from pdcbdm.viz import class_rows, save_curves, save_grid
@@ -28,10 +30,18 @@ from pdcbdm.viz import class_rows, save_curves, save_grid
 LOSS_KEYS = ("loss", "dm", "cbdm", "pd", "pd_kl")
 
 
-def load_data(cfg: Config):
-    """The training set a config names."""
-    return build_dataset(cfg.data.dataset, root=cfg.data.root, imbalance=cfg.data.imbalance, split="train",
+def load_data(cfg: Config) -> ImageDataset:
+    """The training set a config names (a prepared set: memory-mapped, its shape and counts from _meta.json).
+
+    Raises ConfigError naming ``model.preset`` when an own-data U-Net (own32, own64, own128) meets images of
+    another side, and what loading raises (FileNotFoundError, ValueError naming the folder or field)."""
+    data = build_dataset(cfg.data.dataset, root=cfg.data.root, imbalance=cfg.data.imbalance, split="train",
                          seed=cfg.data.seed, download=cfg.data.download, image_size=cfg.data.image_size)
+    try:
+        check_preset_size(cfg.model.preset, data.image_shape[1])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return data
 
 
 def sample_grid(trainer: Trainer, path: Path, per_class: int = 8, progress: bool = False) -> Path:
@@ -47,14 +57,15 @@ def sample_grid(trainer: Trainer, path: Path, per_class: int = 8, progress: bool
     return save_grid(images, path, nrow=per_class, scale=scale)
 
 
-def train(cfg: Config, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Train (resuming from ``out/checkpoint.pt`` if present) and write the run's outputs; returns the summary."""
+def train(cfg: Config, out: str | Path, *, progress: bool = True, data: ImageDataset | None = None) -> dict[str, Any]:
+    """Train (resuming from ``out/checkpoint.pt`` if present) and write the run's outputs; returns the summary.
+    ``data``: the training set when the caller loaded it (``load_data(cfg)`` otherwise)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
-    trainer = Trainer(cfg, load_data(cfg), device=device)
+    trainer = Trainer(cfg, load_data(cfg) if data is None else data, device=device)
     cfg.save_json(out / "config.json")
     ckpt = out / "checkpoint.pt"
     history: list[dict[str, float]] = []
@@ -90,7 +101,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="smoke", choices=list(PRESETS),
                    help="named configuration: smoke (about a minute on 2 CPU cores), digits (the embedded default), "
-                        "cifar10-lt / cifar100-lt (the paper's network; GPUs). Default: smoke")
+                        "cifar10-lt / cifar100-lt (the paper's network; GPUs), own32 / own64 / own128 (your own "
+                        "data prepared at that side: --set data.root=D). Default: smoke")
     p.add_argument("--steps", type=int, default=None, help="training steps (overrides train.steps)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set loss.pd_weight=0.05 (repeatable)")
@@ -105,10 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = preset(args.preset)
         overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
         cfg = apply_overrides(cfg, overrides)
-    except ConfigError as exc:
+        data = load_data(cfg)  # a missing or mismatched data set fails here with its reason, not a traceback
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = train(cfg, args.out, progress=not args.no_progress)
+    summary = train(cfg, args.out, progress=not args.no_progress, data=data)
     last = summary["history"][-1] if summary["history"] else {}
     print(f"trained {summary['steps']} steps ({summary['precision']}) in {summary['train_seconds']:.1f}s; final loss {last.get('loss', float('nan')):.4f}")
     print(f"wrote {Path(args.out) / 'checkpoint.pt'}, samples.png, metrics.json, loss.png, config.json")

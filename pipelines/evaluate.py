@@ -20,7 +20,10 @@ Writes into --out:
   samples_w{w}.pt    with --save-samples: {"images": uint8 [N, C, H, W], "labels": int64 [N], "guidance": w}
 
 Reference statistics are read from the cache written by `python -m pipelines.reference_stats` (computed here
-once when missing). Exit status 2 on a missing or corrupt checkpoint or a bad option.
+once when missing). A checkpoint trained on a prepared data set (data.dataset=parquet) is scored against its
+folder's reference (its held-out reference part unless it has a reference split: ``reference_kind`` in
+metrics.json) with its domain CNN; the folder (data.root) must be readable here. Exit status 2 on a missing or
+corrupt checkpoint or data set, or a bad option.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pdcbdm.config import Config, ConfigError, apply_overrides, parse_float_list, write_json_atomic
-from pdcbdm.data import HeadTailSplit, to_unit_range
+from pdcbdm.data import HeadTailSplit, reference_kind, to_unit_range
 from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.evaluation import Evaluator, GuidanceResult, best_by_fid, evaluation_split, headline
 from pdcbdm.noise_error import noise_error
@@ -101,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initial noise (the same noise for every w, so the w are compared on equal "
                         "draws) and of the PRD clusterings (default 0)")
-    p.add_argument("--extractor", choices=("digits", "inception"), default=None,
-                   help="feature network: digits CNN (64-d, has logits) or FID Inception-V3 (2048-d) "
+    p.add_argument("--extractor", choices=("digits", "domain", "inception"), default=None,
+                   help="feature network: digits CNN (64-d, has logits), domain (the CNN trained on a prepared "
+                        "data set's train split: data.dataset=parquet) or FID Inception-V3 (2048-d) "
                         "(default: eval.extractor)")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help="Inception weights in torch-fidelity's layout (only with the inception extractor)")
@@ -155,11 +159,12 @@ def resolve_config(base: Config, overrides: dict[str, Any], guidance: Sequence[f
     items = dict(overrides)
     if guidance is not None:
         items["eval.guidance_grid"] = ",".join(f"{w:g}" for w in guidance)
-    if items.get("eval.extractor", base.eval.extractor) == "digits":
+    kind = items.get("eval.extractor", base.eval.extractor)
+    if kind != "inception":
         if items.get("eval.inception_weights") is not None:
-            raise UsageError("--inception-weights is only used with the inception extractor (--extractor "
-                             "inception); this run uses the digits network")
-        items["eval.inception_weights"] = None  # a stale Inception path in the checkpoint must not break digits
+            raise UsageError(f"--inception-weights is only used with the inception extractor (--extractor "
+                             f"inception); this run uses the {kind} network")
+        items["eval.inception_weights"] = None  # a stale Inception path in the checkpoint must not break a CNN
     try:
         return apply_overrides(base, items)
     except ConfigError as exc:
@@ -412,7 +417,7 @@ def _summary(checkpoint: str | os.PathLike, which: str, cfg: Config, data: dict[
         "tail_classes": list(split.tail), "guidance_values": [r.guidance for r in results],
         "guidance": {w_name(r.guidance): r.metrics for r in results},
         "best_guidance": best.guidance, "best": headline(best), "noise_error": noise,
-        "eval_protocol": cfg.eval.protocol,
+        "eval_protocol": cfg.eval.protocol, "reference_kind": reference_kind(cfg.data.dataset, cfg.data.root),
     }
 
 
@@ -453,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       save_samples=args.save_samples, progress=not args.no_progress)
         if args.log_to_run:
             print(f"logged to MLflow run {log_to_run(args.checkpoint, summary)}")
-    except (UsageError, CheckpointError, FileNotFoundError) as exc:  # bad input: a message, not a traceback
+    except (UsageError, CheckpointError, ConfigError, FileNotFoundError) as exc:  # bad input: a message
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_table(summary))

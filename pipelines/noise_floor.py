@@ -3,9 +3,11 @@
     python -m pipelines.noise_floor                                  # digits preset: 200 samples, proxy 100
     python -m pipelines.noise_floor --seeds 10 --num-samples 500 --out floor500.json
     python -m pipelines.noise_floor --preset cifar10-lt --set data.root=/data/cifar --seeds 3
+    python -m pipelines.noise_floor --preset own32 --set data.root=PREPARED      # your own data's held-out images
 
 For `--seeds` independent draws of real images outside the reference (`pdcbdm.data.build_floor_dataset`: the
-digits training pool, or the CIFAR test split), each with the generated set's per-class counts (labels uniform
+digits training pool, the CIFAR test split, or a prepared set's held-out images outside its reference; a class with
+too few of them has no per-class floor and is named), each with the generated set's per-class counts (labels uniform
 over classes, as the evaluation samples them), every metric is computed against the reference exactly as a
 generated set is (pdcbdm.metrics.floor), with the evaluation's head/tail split (`eval.split_ratio` over the
 training set's class counts). It prints one row per metric (mean, standard deviation, min and max over the draws),
@@ -122,13 +124,15 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, int, int]:
 
 def _measure(cfg: Any, args: argparse.Namespace, n: int, proxy_n: int) -> dict[str, Any]:
     """Build the evaluator and score the real draws at both sizes and the synthetic images."""
-    from pdcbdm.data import build_dataset
     from pdcbdm.evaluation import Evaluator, evaluation_split
-    from pdcbdm.metrics.floor import noise_floor_draws, proxy_noise_floor_draws
+    from pdcbdm.metrics.floor import noise_floor_draws, proxy_noise_floor_draws, short_classes
     from pdcbdm.sampling import uniform_labels
+    from pdcbdm.train import load_data
 
-    counts = build_dataset(cfg.data.dataset, root=cfg.data.root, imbalance=cfg.data.imbalance, seed=cfg.data.seed,
-                           download=cfg.data.download).counts()
+    try:
+        counts = load_data(cfg).counts()
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     split = evaluation_split(cfg, counts)
     evaluator = Evaluator.build(cfg, num_classes=len(counts), head=split.head, tail=split.tail, device=args.device,
                                 cache_dir=args.cache_dir, progress=not args.no_progress)
@@ -144,6 +148,8 @@ def _measure(cfg: Any, args: argparse.Namespace, n: int, proxy_n: int) -> dict[s
                                     tail_classes=split.tail, **common)
     return {
         "preset": args.preset, "overrides": args.set, "dataset": cfg.data.dataset, "seeds": args.seeds,
+        "reference_kind": evaluator.reference_kind,
+        "short_classes": {str(size): short_classes(evaluator.floor_pool, per_class[size]) for size in (n, proxy_n)},
         "extractor": evaluator.extractor.identity, "head": list(split.head), "tail": list(split.tail),
         "num_samples": n, "proxy_samples": proxy_n,
         "floor": {key: _stats(full, key) for key in TABLE_METRICS},
@@ -159,6 +165,9 @@ def _report(result: dict[str, Any]) -> None:
     """Print the tables of a `_measure` result."""
     print(f"data set {result['dataset']}, extractor {result['extractor'][:40]}, head {tuple(result['head'])}, "
           f"tail {tuple(result['tail'])}, {result['seeds']} real draws per size")
+    for size, short in result["short_classes"].items():
+        if short:
+            print(f"N = {size}: no per-class floor for class(es) {short} (fewer floor images than samples)")
     _print_table(f"full evaluation, N = {result['num_samples']}", result["floor"])
     _print_table(f"proxy, N = {result['proxy_samples']}", result["proxy_floor"])
     _print_table("per class (full evaluation)", result["per_class_floor"])

@@ -16,6 +16,7 @@ import ray.train.torch
 import torch
 
 from pdcbdm.config import Config, parse_float_list, write_json_atomic
+from pdcbdm.data import PREPARED, prepared_summary
 from pdcbdm.evaluation import Evaluator, SampleSource, best_by_fid, evaluation_split, headline
 from pdcbdm.noise_error import noise_error
 from pdcbdm.train import load_data
@@ -89,13 +90,27 @@ class RankZeroLogger:
             log_ema_model(self.uri, self.run_id, trainer.ema.module, trainer.sampling_payload())
 
     def training_data(self, cfg: Config, data: Any) -> None:
-        """The training set as the run's dataset input (a digest, no upload)."""
-        if self.active:
+        """The training set as the run's record. A prepared set (data.dataset=parquet): from its _meta.json alone
+        (no image is read or hashed), tags ``pdcbdm.data.*`` (training images, classes, rho, digest, image shape)
+        and ``pdcbdm.reference_kind``, with data/summary.json (class names and counts), data/_meta.json and
+        data/_report.json as artifacts. A built-in set: the run's dataset input (a digest, no upload)."""
+        if self.active and cfg.data.dataset == PREPARED:
+            self._prepared_data(cfg.data.root)
+        elif self.active:
             source = {"builder": "pdcbdm.data.build_dataset", "dataset": cfg.data.dataset,
                       "imbalance": str(cfg.data.imbalance), "seed": str(cfg.data.seed),
                       "image_size": str(cfg.data.image_size)}
             tracking.log_training_data(self.uri, self.run_id, data.images.numpy(), data.labels.numpy(),
                                        cfg.data.dataset, source)
+
+    def _prepared_data(self, root: str) -> None:
+        summary = prepared_summary(root)
+        self.tags({"pdcbdm.data.num_images": summary["num_images"], "pdcbdm.data.num_classes": summary["num_classes"],
+                   "pdcbdm.data.rho": summary["rho"], "pdcbdm.data.digest": summary["digest"],
+                   "pdcbdm.data.image_shape": "x".join(map(str, summary["image_shape"])),
+                   "pdcbdm.reference_kind": summary["reference_kind"]})
+        self.json_file(summary, "data/summary.json")
+        self.files([p for p in (Path(root) / "_meta.json", Path(root) / "_report.json") if p.is_file()], "data")
 
     def start_system_metrics(self, interval_s: float = 10.0) -> None:
         """CPU, memory, disk, network (and GPU) use of this node, sampled in a thread every ``interval_s``."""

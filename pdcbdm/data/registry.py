@@ -4,6 +4,10 @@
 Names: "digits-lt" (the download-free default), "digits", "cifar10-lt", "cifar100-lt", "cifar10", "cifar100".
 The "-lt" names apply the long-tail formula n_k = int(n_max * rho^(-k/(K-1))) (METHOD.md, "Data") to the train
 split; the plain names are balanced. Test splits are always balanced.
+
+"parquet" (``PREPARED``) is a user's own data prepared into a folder (``root``; ``pdcbdm.data.own``): its shape,
+classes and counts come from the folder's _meta.json, its images are memory-mapped, its train split keeps its own
+imbalance, and its reference and floor sets come from its held-out split (or its own reference split).
 """
 
 from __future__ import annotations
@@ -14,25 +18,33 @@ from .cifar import load_cifar
 from .dataset import ImageDataset
 from .digits import DIGITS_SIZE, check_digits_size, digits_pool_and_heldout, load_digits_uint8
 from .longtail import check_imbalance, longtail_counts, longtail_indices
+from .own import (PREPARED, prepared_floor, prepared_heldout, prepared_image_shape, prepared_reference,
+                  prepared_train)
+from .own import reference_kind as _prepared_reference_kind
 
-__all__ = ["DATASET_NAMES", "SPLITS", "DEFAULT_IMBALANCE", "build_dataset", "build_reference_dataset",
-           "build_floor_dataset", "resolve_imbalance", "is_longtail", "reference_image_shape", "dataset_image_shape"]
+__all__ = ["DATASET_NAMES", "CONFIG_DATASET_NAMES", "PREPARED", "SPLITS", "DEFAULT_IMBALANCE", "build_dataset",
+           "build_reference_dataset", "build_floor_dataset", "resolve_imbalance", "is_longtail",
+           "reference_image_shape", "dataset_image_shape", "reference_kind"]
 
+# the built-in data sets (what pipelines.prepare_data --dataset writes); data.dataset also takes PREPARED
 DATASET_NAMES = ("digits-lt", "digits", "cifar10-lt", "cifar100-lt", "cifar10", "cifar100")
+CONFIG_DATASET_NAMES = (*DATASET_NAMES, PREPARED)
 SPLITS = ("train", "test")
 # The paper's headline setting for CIFAR; rho = 10 keeps every digit class at >= 12 training images.
 DEFAULT_IMBALANCE = {"digits-lt": 10.0, "cifar10-lt": 100.0, "cifar100-lt": 100.0}
 
 
-def _check_name(name: str) -> str:
-    if name not in DATASET_NAMES:
-        raise ValueError(f"unknown data set name {name!r}; choose one of {DATASET_NAMES}")
+def _check_name(name: str, prepared: bool = False) -> str:
+    valid = CONFIG_DATASET_NAMES if prepared else DATASET_NAMES
+    if name not in valid:
+        raise ValueError(f"unknown data set name {name!r}; choose one of {valid}")
     return name
 
 
 def is_longtail(name: str) -> bool:
-    """Whether data set `name` is a long-tailed ("-lt") variant."""
-    return _check_name(name).endswith("-lt")
+    """Whether data set `name` is a long-tailed ("-lt") variant; a prepared set keeps its own counts, taken as
+    long-tailed."""
+    return name == PREPARED or _check_name(name).endswith("-lt")
 
 
 def resolve_imbalance(name: str, imbalance: float | None) -> float:
@@ -99,8 +111,12 @@ def build_dataset(name: str, *, root: str | Path | None = None, imbalance: float
             None or 32.
 
     Returns:
-        An ImageDataset; CIFAR train splits have hflip=True, everything else hflip=False.
+        An ImageDataset; CIFAR train splits have hflip=True, everything else hflip=False (a prepared set: as its
+        preparation recorded). A prepared set (name PREPARED, root its folder) serves its train split or, for
+        "test", its held-out split, memory-mapped; it takes no imbalance.
     """
+    if name == PREPARED:
+        return _prepared(root, imbalance, split, image_size)
     rho = resolve_imbalance(name, imbalance)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -112,15 +128,43 @@ def build_dataset(name: str, *, root: str | Path | None = None, imbalance: float
     return _apply_longtail(data, rho, seed) if (rho != 1.0 or name.startswith("digits")) else data
 
 
-def reference_image_shape(name: str) -> tuple[int, int, int]:
+def _prepared(root: str | Path | None, imbalance: float | None, split: str,
+              image_size: int | None) -> ImageDataset:
+    if imbalance is not None:
+        raise ValueError(f"data.imbalance: {imbalance!r} given, but a prepared data set keeps its own class counts "
+                         f"(its rho is recorded in _meta.json); leave it unset with data.dataset={PREPARED}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "test":
+        prepared_image_shape(root, image_size)
+        return prepared_heldout(root)
+    return prepared_train(root, image_size)
+
+
+def reference_image_shape(name: str, *, root: str | Path | None = None) -> tuple[int, int, int]:
     """The shape of the images a data set's evaluation scores (its reference set's, ``build_reference_dataset``):
-    samples of a network trained at another size are resized to it (``pdcbdm.evaluation``)."""
+    samples of a network trained at another size are resized to it (``pdcbdm.evaluation``). A prepared set
+    (``root`` required): the prepared shape."""
+    if name == PREPARED:
+        return prepared_image_shape(root)
     return (1, DIGITS_SIZE, DIGITS_SIZE) if _check_name(name).startswith("digits") else (3, 32, 32)
 
 
-def dataset_image_shape(name: str, image_size: int | None = None) -> tuple[int, int, int]:
+def reference_kind(name: str, root: str | Path | None = None) -> str:
+    """What the evaluation's reference set is: "heldout" (digits' held-out split; a prepared set's held-out part),
+    "reference" (a prepared set's own reference split) or "train" (CIFAR's balanced training set, the paper's)."""
+    if name == PREPARED:
+        return _prepared_reference_kind(root)
+    return "heldout" if _check_name(name).startswith("digits") else "train"
+
+
+def dataset_image_shape(name: str, image_size: int | None = None, *,
+                        root: str | Path | None = None) -> tuple[int, int, int]:
     """The image shape ``build_dataset(name, image_size=image_size)`` serves (what the network is built for), or
-    ValueError naming the sizes the data set takes."""
+    ValueError naming the sizes the data set takes. A prepared set (``root`` required) is served at its prepared
+    shape only."""
+    if name == PREPARED:
+        return prepared_image_shape(root, image_size)
     ref = reference_image_shape(name)
     if image_size is None:
         return ref
@@ -142,7 +186,12 @@ def build_reference_dataset(name: str, *, root: str | Path | None = None, downlo
         name: one of DATASET_NAMES.
         root: CIFAR folder (ignored for digits).
         download: fetch CIFAR with torchvision when the files are missing.
+
+    A prepared set (name PREPARED, root its folder): its reference split, else the reference part of its held-out
+    split (``pdcbdm.data.own``).
     """
+    if name == PREPARED:
+        return prepared_reference(root)
     _check_name(name)
     if name.startswith("digits"):
         return _digits("test")
@@ -163,7 +212,12 @@ def build_floor_dataset(name: str, *, root: str | Path | None = None, download: 
         name: one of DATASET_NAMES.
         root: CIFAR folder (ignored for digits).
         download: fetch CIFAR with torchvision when the files are missing.
+
+    A prepared set (name PREPARED, root its folder): its held-out split outside the reference
+    (``pdcbdm.data.own``).
     """
+    if name == PREPARED:
+        return prepared_floor(root)
     _check_name(name)
     if name.startswith("digits"):
         return _digits("train")

@@ -148,6 +148,7 @@ class DigitsExtractor(FeatureExtractor):
 
     name = NAME
     input_shape = (1, 16, 16)
+    logit_classes = tuple(str(k) for k in range(10))  # the digits data sets' class names
 
     def __init__(self, net: DigitsNet, accuracy: float, device: torch.device | str = "cpu") -> None:
         self.net = net.eval().requires_grad_(False)

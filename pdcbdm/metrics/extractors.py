@@ -1,8 +1,13 @@
 """Feature extractors behind one small interface, a batched `extract_all`, and `build_extractor`.
 
-Two networks give the features every metric works on (METHOD.md "Metrics"): the FID Inception-V3 (2048-d pool3
-features, 1008-way logits for IS when its weights have them) for CIFAR, and a small digits CNN (64-d embedding,
-10-way logits) for the download-free digits data sets.
+Three networks give the features every metric works on (METHOD.md "Metrics"): the FID Inception-V3 (2048-d pool3
+features, 1008-way logits for IS when its weights have them) for CIFAR, a small digits CNN (64-d embedding, 10-way
+logits) for the download-free digits data sets, and the in-domain CNN of a user's prepared data (``domain``, 64-d,
+logits over the data's own classes; ``pdcbdm.metrics.domain_net``).
+
+Whether a network's logits can judge a data set's classes is not a matter of their count (Inception's 1,008
+ImageNet logits would "classify" a 1,008-class user set): ``logit_classes`` names the classes a network was trained
+on, and only a network whose ``logit_classes`` are the data's class names judges them.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from .evaluate import FeatureSet
 
 __all__ = ["FeatureExtractor", "extract_all", "extract_feature_set", "build_extractor", "EXTRACTOR_KINDS"]
 
-EXTRACTOR_KINDS = ("inception", "digits")
+EXTRACTOR_KINDS = ("inception", "digits", "domain")
 
 
 def _to_numpy(values: torch.Tensor) -> np.ndarray:
@@ -35,6 +40,9 @@ class FeatureExtractor(abc.ABC):
         feature_dim: D of the features.
         num_classes_logits: C of the logits, or None when the network has no classifier head.
         logits_note: why there are no logits ("" when there are).
+        logit_classes: the names of the classes the logits classify when the network was trained on a data set's
+            own classes (the digits CNN: "0".."9"; the domain CNN: the prepared data's names); None otherwise
+            (Inception's ImageNet logits serve the Inception Score only).
         device: where the network runs.
         cache_files: files of the cache folder that hold this network (a trained one), which another machine can
             copy into its own cache folder to get the very same network; () when there are none.
@@ -45,8 +53,13 @@ class FeatureExtractor(abc.ABC):
     feature_dim: int
     num_classes_logits: int | None
     logits_note: str = ""
+    logit_classes: tuple[str, ...] | None = None
     device: torch.device
     cache_files: tuple[os.PathLike[str], ...] = ()
+
+    def judges(self, class_names: Any) -> bool:
+        """Whether the logits classify exactly these classes (in this order), so a judge may read them."""
+        return self.logit_classes is not None and tuple(self.logit_classes) == tuple(str(n) for n in class_names)
 
     @property
     def has_logits(self) -> bool:
@@ -137,28 +150,36 @@ def extract_feature_set(extractor: FeatureExtractor, source: Any, labels: Any = 
 
 
 def build_extractor(kind: str, *, weights_path: str | os.PathLike[str] | None = None,
-                    device: torch.device | str = "cpu",
-                    cache_dir: str | os.PathLike[str] | None = None) -> FeatureExtractor:
+                    device: torch.device | str = "cpu", cache_dir: str | os.PathLike[str] | None = None,
+                    data_root: str | os.PathLike[str] | None = None) -> FeatureExtractor:
     """Build a feature extractor by kind.
 
     Args:
-        kind: "inception" (FID Inception-V3, for CIFAR) or "digits" (the small digits CNN, trained and cached on
-            first use).
+        kind: "inception" (FID Inception-V3, for CIFAR), "digits" (the small digits CNN, trained and cached on
+            first use) or "domain" (the CNN of the prepared data in ``data_root``, trained and cached on first use).
         weights_path: Inception weights file in torch-fidelity's layout (see `resolve_inception_weights` for the
-            fallbacks when None); must be None for "digits".
+            fallbacks when None); must be None for the trained networks.
         device: where the network runs.
-        cache_dir: folder of the trained digits network (default $PDCBDM_CACHE or ~/.cache/pdcbdm); unused by
+        cache_dir: folder of the trained networks (default $PDCBDM_CACHE or ~/.cache/pdcbdm); unused by
             "inception", whose weights come from torch-fidelity's cache or the other sources.
+        data_root: the prepared folder (data.root) "domain" is trained on; unused by the others.
     """
     if kind == "inception":
         from .inception import InceptionExtractor
 
         return InceptionExtractor.from_sources(weights_path, device=device)
+    if kind not in EXTRACTOR_KINDS:
+        raise ValueError(f"unknown extractor kind {kind!r}; choose one of {EXTRACTOR_KINDS}")
+    if weights_path is not None:
+        raise ValueError(f"weights_path is only for kind='inception'; the {kind} network is trained and cached in "
+                         f"cache_dir")
     if kind == "digits":
-        if weights_path is not None:
-            raise ValueError("weights_path is only for kind='inception'; the digits network is trained and cached "
-                             "in cache_dir")
         from .digits_net import DigitsExtractor
 
         return DigitsExtractor.load_or_train(cache_dir=cache_dir, device=device)
-    raise ValueError(f"unknown extractor kind {kind!r}; choose one of {EXTRACTOR_KINDS}")
+    if data_root is None:
+        raise ValueError("data_root (data.root) is required for kind='domain': the prepared folder whose train "
+                         "split the network learns")
+    from .domain_net import DomainExtractor
+
+    return DomainExtractor.load_or_train(data_root, cache_dir=cache_dir, device=device)

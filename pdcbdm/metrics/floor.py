@@ -12,8 +12,16 @@ scores are cached as JSON (atomic writes) in the cache folder's "floor" subfolde
 feature sets, the extractor, the judge, the per-class counts, the head/tail split and the settings: the floor of a
 data set / extractor / N is computed once.
 
+Short classes: a class whose floor pool holds fewer images than the generated set has samples of it cannot have a
+per-class floor at that size. It is left out of the per-class floors and named (``floor_short_classes``, with a
+``floor_note``), and its draws hold every floor image it has, so that the whole-set and group floors of the other
+classes are still reported (they then rest on fewer images of the short classes than the generated set, which can
+only raise them: a conservative floor). Only when every class of the generated set is short is there no floor
+(``FloorUnavailable``).
+
 The real images (`pdcbdm.data.build_floor_dataset`): for digits the training pool outside the held-out reference,
-for CIFAR the test split against the training-set reference. Caveat for digits: the digits CNN was trained on that
+for CIFAR the test split against the training-set reference, for a prepared set its held-out images outside the
+reference (`pdcbdm.data.own`). Caveat for digits: the digits CNN was trained on that
 pool, so the consistency and reject-rate floors describe images the judge has seen (its held-out accuracy is 98.2%,
 on the pool 98.8%: a small optimism). The diffusion model learns from the same pool, so it is also the distribution
 a perfect generator would reproduce.
@@ -38,8 +46,8 @@ from .evaluate import METRICS_VERSION, FeatureSet, evaluate_features
 from .fid import fid_from_features
 from .judge import Judge, feature_set_digest
 
-__all__ = ["FLOOR_SEEDS", "FloorUnavailable", "floor_draw", "summarise_draws", "floor_data_key", "floor_cache_path",
-           "noise_floor", "noise_floor_draws", "proxy_noise_floor", "proxy_noise_floor_draws"]
+__all__ = ["FLOOR_SEEDS", "FloorUnavailable", "floor_draw", "short_classes", "summarise_draws", "floor_data_key",
+           "floor_cache_path", "noise_floor", "noise_floor_draws", "proxy_noise_floor", "proxy_noise_floor_draws"]
 
 FLOOR_SEEDS = 3
 # The cache key holds METRICS_VERSION too: a changed metric definition never reads an old floor.
@@ -49,19 +57,31 @@ _NOT_METRICS = ("num_generated", "num_reference", "prd_n", "prd_clusters", "guid
 
 
 class FloorUnavailable(ValueError):
-    """The floor data set has too few images of some class for the requested draw."""
+    """The floor data set has too few images of some class for the requested draw (of every class, for the
+    floors: see the module docstring)."""
 
 
-def floor_draw(pool: FeatureSet, counts: Sequence[int], seed: int) -> FeatureSet:
-    """A seeded draw without replacement of counts[k] images of each class k from `pool` (rows by class)."""
+def short_classes(pool: FeatureSet, counts: Sequence[int]) -> list[int]:
+    """The classes k whose floor images are fewer than counts[k]."""
+    have = np.bincount(pool.labels, minlength=len(counts))
+    return [k for k, count in enumerate(counts) if count > have[k]]
+
+
+def _unavailable(pool: FeatureSet, k: int, count: int) -> FloorUnavailable:
+    return FloorUnavailable(f"the floor data set has {int((pool.labels == k).sum())} images of class {k}, the "
+                            f"generated set {count}: no real-vs-real floor at this size")
+
+
+def floor_draw(pool: FeatureSet, counts: Sequence[int], seed: int, *, allow_short: bool = False) -> FeatureSet:
+    """A seeded draw without replacement of counts[k] images of each class k from `pool` (rows by class); with
+    ``allow_short``, every image of a class that has fewer (else FloorUnavailable)."""
     rng = np.random.default_rng(seed)
     picked = []
     for k, count in enumerate(counts):
         members = np.flatnonzero(pool.labels == k)
-        if count > len(members):
-            raise FloorUnavailable(f"the floor data set has {len(members)} images of class {k}, the generated set "
-                                   f"{count}: no real-vs-real floor at this size")
-        picked.append(rng.choice(members, size=int(count), replace=False))
+        if count > len(members) and not allow_short:
+            raise _unavailable(pool, k, count)
+        picked.append(rng.choice(members, size=min(int(count), len(members)), replace=False))
     idx = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
     return FeatureSet(pool.features[idx], None if pool.logits is None else pool.logits[idx], pool.labels[idx],
                       extractor=pool.extractor, logits_note=pool.logits_note)
@@ -122,12 +142,35 @@ def _cached_draws(key: str, cache_dir: str | os.PathLike[str] | None,
     return draws
 
 
+def _short_report(pool: FeatureSet, counts: Sequence[int]) -> tuple[list[int], dict[str, str]]:
+    """The short classes and what the floors say about them ({} when none); FloorUnavailable when every class
+    of the generated set is short."""
+    short = short_classes(pool, counts)
+    if not short:
+        return [], {}
+    wanted = [k for k, count in enumerate(counts) if count > 0]
+    if set(wanted) <= set(short):
+        raise _unavailable(pool, short[0], counts[short[0]])
+    have = np.bincount(pool.labels, minlength=len(counts))
+    detail = ", ".join(f"{k} ({have[k]} < {counts[k]})" for k in short)
+    return short, {"floor_short_classes": ",".join(map(str, short)),
+                   "floor_note": f"no per-class floor for class(es) {detail}: the floor data set has fewer images "
+                                 f"of them than the generated set; the whole-set and group floors use all it has"}
+
+
+def _without_classes(draw: dict[str, Any], classes: Sequence[int]) -> dict[str, Any]:
+    suffixes = tuple(f"_class_{k}" for k in classes)
+    return {key: value for key, value in draw.items() if not key.endswith(suffixes)}
+
+
 def noise_floor(pool: FeatureSet, reference: FeatureSet, counts: Sequence[int],
-                **kwargs: Any) -> dict[str, float | None]:
+                **kwargs: Any) -> dict[str, Any]:
     """Every metric of `evaluate_features` for real draws of `counts` images per class against `reference`,
     summarised: {M_floor, M_floor_std} for every numeric flat metric M of EvalResult.to_dict (per-class ones
-    included). Arguments as `noise_floor_draws`."""
-    return summarise_draws(noise_floor_draws(pool, reference, counts, **kwargs))
+    included), plus ``floor_short_classes`` and ``floor_note`` when some classes are short (module docstring).
+    Arguments as `noise_floor_draws`."""
+    _, report = _short_report(pool, [int(c) for c in counts])
+    return {**summarise_draws(noise_floor_draws(pool, reference, counts, **kwargs)), **report}
 
 
 def noise_floor_draws(pool: FeatureSet, reference: FeatureSet, counts: Sequence[int], *,
@@ -149,10 +192,10 @@ def noise_floor_draws(pool: FeatureSet, reference: FeatureSet, counts: Sequence[
         evaluate_kwargs: further `evaluate_features` settings (k, prd_runs, prd_n_init, is_splits, device).
 
     Returns:
-        One flat dict per draw (draw r scored with seed r).
+        One flat dict per draw (draw r scored with seed r), without the per-class scores of short classes.
 
     Raises:
-        FloorUnavailable: the pool has fewer images of a class than `counts` asks for.
+        FloorUnavailable: the pool has fewer images than `counts` asks for of every class it asks for.
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -162,18 +205,22 @@ def noise_floor_draws(pool: FeatureSet, reference: FeatureSet, counts: Sequence[
                       json.dumps([counts, sorted(head_classes), sorted(tail_classes), num_classes, seeds,
                                   sorted(settings.items())], default=str))
 
+    short, _ = _short_report(pool, counts)
+
     def compute() -> list[dict[str, Any]]:
-        return [evaluate_features(floor_draw(pool, counts, seed), reference, head_classes=head_classes,
-                                  tail_classes=tail_classes, num_classes=num_classes, judge=judge, seed=seed,
-                                  **evaluate_kwargs).to_dict() for seed in range(seeds)]
+        return [_without_classes(evaluate_features(
+            floor_draw(pool, counts, seed, allow_short=True), reference, head_classes=head_classes,
+            tail_classes=tail_classes, num_classes=num_classes, judge=judge, seed=seed, **evaluate_kwargs).to_dict(),
+            short) for seed in range(seeds)]
 
     return _cached_draws(key, cache_dir, compute)
 
 
 def proxy_noise_floor(pool: FeatureSet, reference: FeatureSet, counts: Sequence[int],
                       **kwargs: Any) -> dict[str, float | None]:
-    """The floor of the search's proxy scores: proxy_fid_floor(_std) and proxy_fid_tail_floor(_std). Arguments as
-    `proxy_noise_floor_draws`."""
+    """The floor of the search's proxy scores: proxy_fid_floor(_std) and proxy_fid_tail_floor(_std) (numbers only:
+    the proxies are what the scheduler reads; the final evaluation's ``floor_note`` names short classes).
+    Arguments as `proxy_noise_floor_draws`."""
     return summarise_draws(proxy_noise_floor_draws(pool, reference, counts, **kwargs))
 
 
@@ -186,11 +233,12 @@ def proxy_noise_floor_draws(pool: FeatureSet, reference: FeatureSet, counts: Seq
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     counts = [int(c) for c in counts]
+    _short_report(pool, counts)
     key = sha256_text(_FORMAT, "proxy", data_key or floor_data_key(pool, reference),
                       json.dumps([counts, sorted(tail_classes), seeds]))
 
     def one(seed: int) -> dict[str, float]:
-        draw = floor_draw(pool, counts, seed)
+        draw = floor_draw(pool, counts, seed, allow_short=True)
         fid = fid_from_features(draw.features, reference.features)
         tail = group_fid(draw.features, draw.labels, reference.features, reference.labels, tail_classes)
         return {"proxy_fid": fid, "proxy_fid_tail": fid if tail is None else tail}

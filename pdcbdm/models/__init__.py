@@ -7,9 +7,10 @@ Public API: :func:`build_unet` (from a named preset in :data:`PRESETS`), :class:
 
 from pdcbdm.models.attention import SelfAttention, TimestepSelfAttention
 from pdcbdm.models.layers import ConditionBlock, EmbedSequential, TimestepBlock
-from pdcbdm.models.unet import PRESETS, UNet, UNetSpec, build_unet, parse_resolutions
+from pdcbdm.models.unet import OWN_PRESETS, PRESETS, UNet, UNetSpec, build_unet, check_preset_size, parse_resolutions
 
 __all__ = [
+    "OWN_PRESETS",
     "PRESETS",
     "ConditionBlock",
     "EmbedSequential",
@@ -19,5 +20,6 @@ __all__ = [
     "UNet",
     "UNetSpec",
     "build_unet",
+    "check_preset_size",
     "parse_resolutions",
 ]

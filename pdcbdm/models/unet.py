@@ -13,6 +13,11 @@ Attention placement (by feature-map resolution; the levels of a net are image_si
   * the middle block (ResBlock, attention, ResBlock at the lowest resolution) always has attention, and it is
     TSA when the lowest resolution is in ``tsa_resolutions``.
 The paper uses TSA at 16 only for 32x32 images, i.e. ``build_unet("cifar", K, tsa_resolutions="16")``.
+
+The presets for a user's own data (``OWN_PRESETS``: own32, own64, own128) keep that placement at every size:
+attention (and the runs' TSA) at the 16x16 feature map, the middle block at 8x8, one more level per doubling of
+the image side. Each is sized for its own image side only (``check_preset_size``): at another side its levels would
+move and the 16x16 attention would be missing or elsewhere.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from pdcbdm.models.layers import (
     init_xavier_,
 )
 
-__all__ = ["PRESETS", "UNet", "UNetSpec", "build_unet", "parse_resolutions"]
+__all__ = ["OWN_PRESETS", "PRESETS", "UNet", "UNetSpec", "build_unet", "check_preset_size", "parse_resolutions"]
 
 
 def parse_resolutions(spec: str | Sequence[int]) -> tuple[int, ...]:
@@ -153,7 +158,36 @@ PRESETS: dict[str, UNetSpec] = {
         image_size=16, in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
         attn_resolutions=(8,), dropout=0.1, num_heads=1,
     ),
+    # A user's own images (any channels: in_channels follows the data). own32 is sized for a CPU (one residual
+    # block per level, width 32); own64 and own128 are GPU nets (two blocks per level, width 64, the CIFAR net's
+    # layout with one and two more levels), attention at 16 and in the middle at 8 throughout.
+    "own32": UNetSpec(
+        image_size=32, in_channels=3, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+        attn_resolutions=(16,), dropout=0.1, num_heads=1,
+    ),
+    "own64": UNetSpec(
+        image_size=64, in_channels=3, ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+        attn_resolutions=(16,), dropout=0.1, num_heads=1,
+    ),
+    "own128": UNetSpec(
+        image_size=128, in_channels=3, ch=64, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+        attn_resolutions=(16,), dropout=0.1, num_heads=1,
+    ),
 }
+OWN_PRESETS = ("own32", "own64", "own128")
+
+
+def check_preset_size(preset: str, image_size: int) -> None:
+    """ValueError naming ``model.preset`` when an own-data preset (``OWN_PRESETS``) meets images of another side
+    than its own; the other presets take any side their levels divide."""
+    if preset not in OWN_PRESETS or PRESETS[preset].image_size == image_size:
+        return
+    fits = [p for p in OWN_PRESETS if PRESETS[p].image_size == image_size]
+    hint = (f"use model.preset={fits[0]} (the run preset --preset {fits[0]})" if fits else
+            f"prepare the data at {', '.join(str(PRESETS[p].image_size) for p in OWN_PRESETS)} px (--size)")
+    side = PRESETS[preset].image_size
+    raise ValueError(f"model.preset: {preset!r} is sized for {side}x{side} images, the data are "
+                     f"{image_size}x{image_size}; {hint}")
 
 
 def build_unet(
@@ -168,7 +202,7 @@ def build_unet(
     """Build a U-Net from a named preset of :data:`PRESETS`, with optional field overrides.
 
     Args:
-        preset: "cifar" or "small" (keys of PRESETS).
+        preset: a key of PRESETS ("cifar", "small", "own32", "own64", "own128").
         num_classes: number of classes K; label K is the null label.
         tsa_resolutions: resolutions whose attention is TSA (Eq. 13-14), e.g. "16" (the paper) or "" (none).
         image_size: overrides the preset's image size when given.

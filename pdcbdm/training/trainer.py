@@ -74,7 +74,7 @@ def build_network(cfg: Config, num_classes: int, image_shape: tuple[int, int, in
 def network_levels(cfg: Config) -> tuple[int, ...]:
     """The feature-map resolutions (largest first) of the U-Net ``build_network`` makes for ``cfg``'s data: the
     preset's levels at the size the data are served at (``data.image_size``), which is where TSA can go."""
-    size = dataset_image_shape(cfg.data.dataset, cfg.data.image_size)[1]
+    size = dataset_image_shape(cfg.data.dataset, cfg.data.image_size, root=cfg.data.root)[1]
     return dataclasses.replace(UNET_PRESETS[cfg.model.preset], image_size=size).resolutions
 
 

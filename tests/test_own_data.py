@@ -1,0 +1,253 @@
+"""A user's own data end to end (data.dataset=parquet, data.root=D): config, data sets, the own U-Nets, the domain
+CNN, floors with short classes, the evaluation, the commands, the trial's MLflow records and a real search."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pdcbdm.assets import cache_payload, evaluation_assets
+from pdcbdm.config import PRESETS, ConfigError, apply_overrides, preset
+from pdcbdm.data import build_dataset, build_floor_dataset, build_reference_dataset, prepared_summary
+from pdcbdm.data.prepared import read_prepared_meta
+from pdcbdm.evaluation import Evaluator, _judge, _readable, evaluation_split
+from pdcbdm.metrics import FeatureSet, FloorUnavailable, noise_floor, reference_features
+from pdcbdm.metrics.domain_net import DomainExtractor
+from pdcbdm.metrics.floor import floor_draw
+from pdcbdm.models import OWN_PRESETS, build_unet
+from pdcbdm.models.attention import SelfAttention, TimestepSelfAttention
+from pdcbdm.train import load_data
+from tests.own_data import NAMES, write_own_data
+from tests.searchutil import ROOT, TINY, artifact_paths, run_search, trial_runs
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory):
+    """A 16 px RGB long-tailed set: 4 classes of 40, 20, 8, 4 training images, 10 held out per class."""
+    return write_own_data(tmp_path_factory.mktemp("own") / "D")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def own_config(root, *items: str):
+    """The smoke budget on own 16 px data (the small U-Net takes 16 px; the own presets are sized 32 and up)."""
+    return apply_overrides(preset("smoke"), ["data.dataset=parquet", f"data.root={root}", "eval.extractor=domain",
+                                             "data.imbalance=none", "eval.num_samples=20", "eval.proxy_samples=8",
+                                             *items])
+
+
+# ---------------------------------------------------------------- config and data
+
+def test_config_names_the_field_of_every_own_data_mistake(own):
+    for name in OWN_PRESETS:
+        assert preset(name).data.dataset == "parquet" and preset(name).model.preset == name
+    cases = [(["data.dataset=parquet", "data.root=none"], "data.root: required with data.dataset=parquet"),
+             ([f"data.root={own}", "data.dataset=parquet", "eval.extractor=domain", "data.imbalance=10"],
+              "data.imbalance"),
+             ([f"data.root={own}", "data.dataset=parquet", "data.imbalance=none"],
+              "eval.extractor: 'digits' reads the 16x16 digits"),
+             (["eval.extractor=domain"], "eval.extractor: 'domain' is trained on a prepared data set"),
+             ([f"data.root={own}", "data.dataset=parquet", "eval.extractor=domain", "data.imbalance=none",
+               "data.image_size=32"],
+              "data.image_size: 32, but .* holds 16x16 images")]
+    for items, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            apply_overrides(preset("smoke"), items)
+    with pytest.raises(ConfigError, match="model.preset: 'own32' is sized for 32x32 images, the data are 16x16"):
+        load_data(apply_overrides(preset("own32"), [f"data.root={own}"]))
+
+
+def _mapped_file(address: int) -> str:
+    """The file mapped at ``address`` in this process ("" for anonymous memory)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= address < high:
+                return fields[5] if len(fields) > 5 else ""
+    return ""
+
+
+def test_prepared_data_come_from_meta_and_are_memory_mapped(own):
+    data = load_data(own_config(own))
+    meta = read_prepared_meta(own)
+    assert data.counts() == [40, 20, 8, 4] and data.class_names == list(NAMES[:4]) and data.image_shape == (3, 16, 16)
+    assert _mapped_file(data.images.data_ptr()).endswith("train/_images.npy")  # the file's pages, not a copy
+    summary = prepared_summary(own)
+    assert summary["rho"] == 10.0 and summary["num_images"] == 72 and summary["digest"] == meta["digest"]
+    assert summary["reference_kind"] == "heldout" and summary["heldout_images"] == 40
+    heldout = build_dataset("parquet", root=own, split="test")
+    assert heldout.counts() == [10] * 4
+    with pytest.raises(ValueError, match="data.imbalance"):
+        build_dataset("parquet", root=own, imbalance=5.0)
+
+
+def test_reference_and_floor_split_the_held_out_images_without_overlap(own, tmp_path):
+    reference, floor = build_reference_dataset("parquet", root=own), build_floor_dataset("parquet", root=own)
+    assert reference.counts() == [5] * 4 and floor.counts() == [5] * 4
+    heldout = build_dataset("parquet", root=own, split="test").images.flatten(1)
+    rows = {tuple(r.tolist()) for r in heldout}
+    ref_rows = {tuple(r.tolist()) for r in reference.images.flatten(1)}
+    floor_rows = {tuple(r.tolist()) for r in floor.images.flatten(1)}
+    assert not ref_rows & floor_rows and ref_rows | floor_rows == rows
+    assert build_reference_dataset("parquet", root=own).identity == reference.identity  # fixed, not per run
+    # a user-supplied reference split: it is the reference, every held-out image a floor image
+    other = write_own_data(tmp_path / "R", counts=(12, 6, 3, 3), heldout=(4, 2, 1, 0), reference=6)
+    assert build_reference_dataset("parquet", root=other).counts() == [6, 6, 6, 6]
+    assert build_floor_dataset("parquet", root=other).counts() == [4, 2, 1, 0]
+    assert prepared_summary(other)["reference_kind"] == "reference"
+    small = write_own_data(tmp_path / "S", counts=(12, 6, 3, 3), heldout=(5, 2, 1, 0))
+    assert build_reference_dataset("parquet", root=small).counts() == [3, 2, 1, 0]  # 2 images per class for the judge
+    assert build_floor_dataset("parquet", root=small).counts() == [2, 0, 0, 0]
+
+
+def test_identities_come_from_the_digest_without_hashing_images(own, cache):
+    meta = read_prepared_meta(own)
+    cfg = own_config(own)
+    assets = evaluation_assets(cfg, cache)
+    assert all(meta["digest"] in assets[name] for name in ("training data", "reference data", "floor data"))
+    assert len(set(assets.values())) == 4 and assets["feature extractor"].startswith("domain-cnn/sha256:")
+    payload = cache_payload(cfg, cache)  # the trained network ships to the cluster's nodes like the digits CNN
+    assert len(payload) == 1 and next(iter(payload)).startswith("domain-cnn-")
+
+
+# ---------------------------------------------------------------- networks
+
+@pytest.mark.parametrize("name", OWN_PRESETS)
+def test_own_unets_have_attention_and_tsa_at_16_and_take_any_channels(name):
+    side = int(name.removeprefix("own"))
+    for channels in (1, 3):
+        net = build_unet(name, 5, tsa_resolutions="16", in_channels=channels).eval()
+        assert 16 in net.spec.resolutions and net.spec.resolutions[-1] == 8
+        kinds = {type(m) for m in net.modules()}
+        assert TimestepSelfAttention in kinds and SelfAttention in kinds  # TSA at 16, plain in the middle at 8
+        if name == "own32":  # the CPU net: one forward pass here; the others are checked by construction
+            x = torch.randn(2, channels, side, side)
+            assert net(x, torch.tensor([3, 500]), torch.tensor([0, 5])).shape == x.shape
+    assert PRESETS[name]["model.preset"] == name and PRESETS[name]["model.tsa_resolutions"] == "16"
+
+
+def test_domain_network_learns_the_classes_and_is_cached_by_digest(own, cache):
+    first = DomainExtractor.load_or_train(own, cache_dir=cache)
+    (path,) = first.cache_files
+    mtime = path.stat().st_mtime_ns
+    again = DomainExtractor.load_or_train(own, cache_dir=cache)
+    assert again.identity == first.identity and path.stat().st_mtime_ns == mtime  # read, not trained again
+    assert first.accuracy is not None and first.accuracy >= 0.9  # distinct shapes: an easy set
+    assert first.judges(NAMES[:4]) and not first.judges(["a", "b", "c", "d"])
+    feats, logits = first.extract(build_reference_dataset("parquet", root=own).images)
+    assert feats.shape == (20, 64) and logits.shape == (20, 4)
+    with pytest.raises(ValueError, match=r"\[B, 3, 16, 16\]"):
+        first.extract(torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
+
+
+def test_only_a_network_trained_on_the_data_classes_judges_them(own, cache):
+    extractor = DomainExtractor.load_or_train(own, cache_dir=cache)
+    reference = reference_features(extractor, build_reference_dataset("parquet", root=own), cache, progress=False)
+    assert _judge(extractor, reference, 4, NAMES[:4], cache) is not None
+    # the same count of logits over other classes (Inception's 1,008 against a 1,008-class set): no judge, and the
+    # metrics get no logits to calibrate one on
+    extractor.logit_classes = ("a", "b", "c", "d")
+    assert _judge(extractor, reference, 4, NAMES[:4], cache) is None
+    assert _readable(extractor, reference, NAMES[:4], 4).logits is None
+
+
+# ---------------------------------------------------------------- floors and the evaluation
+
+def _pool(counts):
+    labels = np.repeat(np.arange(len(counts)), counts)
+    rng = np.random.default_rng(0)
+    return FeatureSet(rng.normal(size=(len(labels), 4)) + labels[:, None], None, labels, extractor="x")
+
+
+def test_a_short_class_loses_only_its_own_floor(tmp_path):
+    pool, reference = _pool([8, 8, 8, 2]), _pool([10, 10, 10, 10])
+    floors = noise_floor(pool, reference, [4, 4, 4, 4], head_classes=(0, 1), tail_classes=(2, 3), num_classes=4,
+                         seeds=2, cache_dir=tmp_path, prd_runs=1)
+    assert floors["floor_short_classes"] == "3" and "class(es) 3 (2 < 4)" in floors["floor_note"]
+    assert "fid_class_0_floor" in floors and "fid_class_3_floor" not in floors
+    assert isinstance(floors["fid_floor"], float) and isinstance(floors["fid_tail_floor"], float)
+    assert np.bincount(floor_draw(pool, [4, 4, 4, 4], 0, allow_short=True).labels).tolist() == [4, 4, 4, 2]
+    with pytest.raises(FloorUnavailable, match="class 0"):
+        noise_floor(pool, reference, [9, 9, 9, 9], head_classes=(0, 1), tail_classes=(2, 3), num_classes=4,
+                    seeds=1, cache_dir=tmp_path)
+
+
+def test_evaluation_of_own_data_scores_with_judge_and_floors(own, cache):
+    cfg = own_config(own)
+    data = load_data(cfg)
+    split = evaluation_split(cfg, data.counts())
+    evaluator = Evaluator.build(cfg, num_classes=4, head=split.head, tail=split.tail, cache_dir=cache)
+    assert evaluator.reference_kind == "heldout" and evaluator.judge is not None
+    real = build_floor_dataset("parquet", root=own)
+    metrics, rows = evaluator.score(real.images, real.labels)
+    assert metrics["consistency_mean"] >= 0.75 and isinstance(metrics["fid_floor"], float)
+    assert all(row["fid_floor"] is not None for row in rows)
+    short = evaluator.floors(torch.arange(28) % 4)  # 7 per class, the floor part holds 5: every class short
+    assert set(short) == {"floor_note"}
+
+
+# ---------------------------------------------------------------- commands and records
+
+def test_train_and_evaluate_commands_run_on_own_data(own, tmp_path):
+    env = {**os.environ, "PDCBDM_CACHE": str(tmp_path / "cache")}
+    base = ["--set", "data.dataset=parquet", "--set", f"data.root={own}", "--set", "eval.extractor=domain", "--set",
+            "data.imbalance=none"]
+    run = subprocess.run([sys.executable, "-m", "pdcbdm.train", "--preset", "smoke", "--steps", "3", *base,
+                          "--set", "sample.steps=2", "--out", str(tmp_path / "run"), "--no-progress"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    done = subprocess.run([sys.executable, "-m", "pipelines.evaluate", "--checkpoint", str(tmp_path / "run" /
+                           "checkpoint.pt"), "--num-samples", "12", "--guidance", "1", "--steps", "2",
+                           "--noise-error-images", "4", "--out", str(tmp_path / "eval"), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert summary["reference_kind"] == "heldout" and summary["guidance"]["1"]["fid"] > 0
+    assert summary["config"]["data"]["root"] == str(own)
+    bad = subprocess.run([sys.executable, "-m", "pdcbdm.train", "--preset", "own32", "--set",
+                          f"data.root={tmp_path / 'missing'}", "--out", str(tmp_path / "x")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode == 2 and "not a prepared data set" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_trial_records_its_data_from_meta(own, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tune.worker import RankZeroLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("own", artifact_location=str(tmp_path / "art"))).info.run_id
+    cfg = own_config(own)
+    RankZeroLogger(uri, run).training_data(cfg, load_data(cfg))
+    tags = client.get_run(run).data.tags
+    assert tags["pdcbdm.data.num_images"] == "72" and tags["pdcbdm.data.num_classes"] == "4"
+    assert tags["pdcbdm.data.rho"] == "10.0" and tags["pdcbdm.data.digest"] == read_prepared_meta(own)["digest"]
+    assert tags["pdcbdm.reference_kind"] == "heldout"
+    assert {"data/_meta.json", "data/_report.json", "data/summary.json"} <= set(artifact_paths(uri, run))
+
+
+@pytest.mark.slow
+def test_a_search_on_own_data_scores_its_trials(tmp_path):
+    """tune/search.py --preset own32 on a 32 px prepared set: 2 trials, TINY budget, end to end (about 3 min)."""
+    root = write_own_data(tmp_path / "D", size=32)
+    proc = run_search(tmp_path / "out", "own", "--preset", "own32", "--trials", "2", "--set", f"data.root={root}",
+                      *TINY, "--set", "train.batch_size=8", "--set", "eval.num_samples=20", "--set",
+                      "eval.proxy_samples=8", "--set", "sample.steps=5")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = trial_runs(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", "own")
+    assert len(runs) == 2
+    for r in runs:
+        assert r.data.metrics["fid"] > 0 and "proxy_fid_floor" in r.data.metrics
+        assert r.data.tags["pdcbdm.extractor"].startswith("domain-cnn/sha256:")
+        assert r.data.tags["pdcbdm.reference_kind"] == "heldout" and r.data.tags["pdcbdm.data.num_images"] == "72"
