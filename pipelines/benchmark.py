@@ -26,6 +26,10 @@ Sections (``--sections``, default all three):
             beside its real-vs-real floor; the first step and training seconds at which head consistency reaches
             0.9 and FID 3x its floor) and the samplers compared on its last network (FID, reject rate, seconds
             per sample), with pictures in ``--quality-out``.
+  data      (opt-in: ``--sections data``; writes ``--data-images`` x ``--data-size`` px, 1.2 GB + PNG at the default
+            100k x 64) memory and start-up of workers on a prepared data set: the data load, each of
+            ``--data-workers`` concurrent workers' private memory against 10% of the array, the digest from
+            _meta.json against hashing the array (``pipelines.bench_data``).
   metrics   features/s of the digits CNN and, when its weights are on disk, the FID Inception (no download is
             tried); improved precision/recall (k = 5) and PRD (F_8, F_1/8) on random 2048-d features, 10k x 10k
             (``--quick``: 2k x 2k), with their time and peak memory.
@@ -73,7 +77,7 @@ __all__ = [
 ]
 
 SECTIONS = ("train", "sampling", "metrics")
-OPT_IN_SECTIONS = ("quality",)  # tens of minutes: run only when named in --sections
+OPT_IN_SECTIONS = ("quality", "data")  # minutes, gigabytes of disk: run only when named in --sections
 PRESETS = ("small", "cifar")
 PRECISIONS = ("fp32", "bf16")
 # name -> (cbdm_tau, pd_weight, use TSA at the preset's resolution)
@@ -120,6 +124,8 @@ class BenchSettings:
         skip: training jobs left out, as "preset/precision/variant" (see QUICK_SKIP).
         quality_*: the opt-in quality section (``pipelines.quality``): variants, training steps, steps between
             curve points, samples per score, samplers compared and the folder for its pictures.
+        data_*: the opt-in data section (``pipelines.bench_data``): images and side of the synthetic prepared
+            set, concurrent workers, Trainer steps and batch per worker, the folder (None: a temporary one).
     """
 
     quick: bool
@@ -154,6 +160,13 @@ class BenchSettings:
     quality_samples: int | None = None
     quality_samplers: tuple[str, ...] = ("ddim:20:1", "ddim:20:0", "ddim:50:1", "ddpm:1000")
     quality_out: str = "runs/bench-quality"
+    data_images: int = 100_000
+    data_size: int = 64
+    data_workers: int = 4
+    data_steps: int = 3
+    data_batch: int = 16
+    data_dir: str | None = None
+    data_decode: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -957,6 +970,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "leaves out (+cbdm, +pd in both precisions, +tsa in bf16); they are implied by --variants or "
                    "--precisions")
     p.add_argument("--job-timeout", type=float, default=3600.0, help="seconds before a job is stopped (3600)")
+    p.add_argument("--data-images", type=_positive, default=100_000, help="data section: images (100000)")
+    p.add_argument("--data-size", type=int, choices=(32, 64, 128), default=64, help="data section: side (64)")
+    p.add_argument("--data-workers", type=_positive, default=4, help="data section: concurrent workers (4)")
+    p.add_argument("--data-dir", default=None, help="data section: folder of the prepared set, kept and reused "
+                   "(default: a temporary folder, removed)")
+    p.add_argument("--data-no-decode", action="store_true", help="data section: skip timing the PNG decode that "
+                   "the memory-mapped array replaces")
     return p
 
 
@@ -1007,6 +1027,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         quality_variants=tuple(args.quality_variants), quality_steps=args.quality_steps,
         quality_every=args.quality_every, quality_samples=args.quality_samples,
         quality_samplers=tuple(args.quality_samplers), quality_out=args.quality_out,
+        data_images=args.data_images, data_size=args.data_size, data_workers=args.data_workers,
+        data_dir=args.data_dir, data_decode=not args.data_no_decode,
     )
 
 
@@ -1016,8 +1038,10 @@ def run_benchmark(s: BenchSettings) -> dict[str, Any]:
     report: dict[str, Any] = {"schema": 1, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                               "machine": machine_info(s.device, s.threads), "settings": s.to_dict()}
     runner = JobRunner(s.job_timeout)
+    from pipelines.bench_data import run_data_section
+
     sections = {"train": run_train_section, "sampling": run_sampling_section, "metrics": run_metrics_section,
-                "quality": run_quality_section}
+                "quality": run_quality_section, "data": run_data_section}
     for name in (*SECTIONS, *OPT_IN_SECTIONS):
         if name in s.sections:
             report[name] = sections[name](runner, s)
@@ -1033,8 +1057,10 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"{m['device_name']} | {m['usable_cpus']} CPUs | torch {m['torch']} | threads {m['threads']} | "
           f"load {m['load_average_start'][0]:.1f} -> {m['load_average_end'][0]:.1f} | {report['wall_s']:.0f} s wall, "
           f"{report['jobs_cpu_s']:.0f} s CPU in jobs")
+    from pipelines.bench_data import data_tables
+
     tables = {"train": train_tables, "sampling": sampling_tables, "metrics": metrics_tables,
-              "quality": quality_tables}
+              "quality": quality_tables, "data": data_tables}
     for name, make in tables.items():
         if name in report:
             for table in make(report[name]):

@@ -251,3 +251,19 @@ def test_a_search_on_own_data_scores_its_trials(tmp_path):
         assert r.data.metrics["fid"] > 0 and "proxy_fid_floor" in r.data.metrics
         assert r.data.tags["pdcbdm.extractor"].startswith("domain-cnn/sha256:")
         assert r.data.tags["pdcbdm.reference_kind"] == "heldout" and r.data.tags["pdcbdm.data.num_images"] == "72"
+
+
+def test_the_data_benchmark_measures_load_and_private_memory_of_workers(tmp_path):
+    """pipelines.benchmark --sections data at a small scale: every worker loads in well under the target, and the
+    data add no private copy (the array's pages stay in the shared page cache)."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "pipelines.benchmark", "--sections", "data", "--data-images",
+                           "2000", "--data-size", "32", "--data-workers", "2", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    section = json.loads(out.read_text())["data"]
+    assert section["array_bytes"] > 2000 * 3 * 32 * 32 and section["meta_digest_s"] < section["decode_png_s"]
+    workers = [w for run in section["runs"].values() for w in run["workers"]]
+    assert len(workers) == 4 and all(w["images"] == 2000 and w["data_anon_mb"] < 5 for w in workers)
+    assert all(c["ok"] for c in section["checks"]), section["checks"]
+    assert "data load < 5 s" in done.stdout and "MISS" not in done.stdout
