@@ -163,9 +163,10 @@ class DataConfig:
     the network sees: ``image_size`` 8 trains at the digits' native 8x8, whose samples are upsampled (bilinear, as
     the data are) to the 16x16 the evaluation scores at; None trains at 16x16.
 
-    ``dataset=parquet`` is a user's own data prepared into the folder ``root`` (required): shape, class names and
-    counts come from its _meta.json, so ``imbalance`` stays unset and ``image_size`` is unset or the prepared side.
-    The folder is read only where it exists: a config names the data, it can be loaded where the data are not.
+    ``dataset=parquet`` is a user's own data prepared into the folder ``root`` (required; made absolute against
+    the working folder): shape, class names and counts come from its _meta.json, so ``imbalance`` stays unset and
+    ``image_size`` is unset or the prepared side. The folder is read only where it exists: a config names the
+    data, it can be loaded where the data are not.
     """
 
     dataset: str = "digits-lt"
@@ -194,6 +195,9 @@ class DataConfig:
         if self.root is None or not str(self.root).strip():
             raise ConfigError(f"data.root: required with data.dataset={PREPARED} (the folder `python -m "
                               f"pipelines.prepare_data --from-folder DIR --out D` wrote)")
+        # absolute from here on: trials run in other folders (Ray's working directory), where a relative path
+        # would name another folder or none
+        object.__setattr__(self, "root", os.path.abspath(os.path.expanduser(str(self.root))))
         if self.imbalance is not None:
             raise ConfigError(f"data.imbalance: a prepared data set keeps its own class counts; leave it unset with "
                               f"data.dataset={PREPARED}, got {self.imbalance!r}")

@@ -67,9 +67,10 @@ def _class_counts(n: int) -> list[int]:
 
 
 def _images(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """uint8 [N, 3, size, size]: a disc of the class's colour at a random place on a dark gradient."""
+    """uint8 [N, 3, size, size]: a disc of the class's colour (the same in every split) at a random place and size
+    (drawn with ``seed``) on a dark gradient."""
+    colours = np.random.default_rng(NUM_CLASSES).integers(60, 256, (NUM_CLASSES, 3))
     rng = np.random.default_rng(seed)
-    colours = rng.integers(60, 256, (NUM_CLASSES, 3))
     y, x = np.mgrid[0:size, 0:size]
     background = (x * (40 / size)).astype(np.uint8)
     out = np.empty((len(labels), 3, size, size), dtype=np.uint8)
@@ -87,7 +88,7 @@ def write_synthetic_prepared(root: Path, n: int, size: int) -> dict[str, Any]:
     from pdcbdm.data import head_tail_split
     from pdcbdm.data.prepared import is_prepared, read_prepared_meta, write_prepared_meta, write_split
 
-    source = {"kind": "pipelines.bench_data", "images": n, "size": size}
+    source = {"kind": "pipelines.bench_data", "version": 2, "images": n, "size": size}
     if is_prepared(root) and read_prepared_meta(root).get("source") == source:
         return {"prepare_s": None, "reused": True, **_sizes(root)}
     start = time.perf_counter()
@@ -262,6 +263,17 @@ def run_data_section(runner: Any, s: Any) -> dict[str, Any]:
             **written, **digest, "runs": runs, "checks": _checks(written["array_bytes"], runs)}
 
 
+def _value(value: Any) -> str:
+    return value if isinstance(value, str) else f"{value:.3g}"
+
+
+def _decode_note(section: dict[str, Any]) -> str:
+    if "decode_png_s" not in section:
+        return ""
+    return (f"; decoding the PNG shards instead: {section['decode_png_s']:.0f} s and "
+            f"{section['decode_png_anon_mb']:,.0f} MB per worker")
+
+
 def data_tables(section: dict[str, Any]) -> list[str]:
     """The per-worker rows and the target checks, as plain text."""
     mb = section["array_bytes"] / 2 ** 20
@@ -269,8 +281,7 @@ def data_tables(section: dict[str, Any]) -> list[str]:
              f"{section['png_shard_bytes'] / 2 ** 20:,.0f} MB; written in "
              f"{'-' if section['prepare_s'] is None else format(section['prepare_s'], '.0f')} s; digest from "
              f"_meta.json {section['meta_digest_s'] * 1e3:.1f} ms against {section['hash_array_s']:.1f} s hashing "
-             f"the array)" + (f"; decoding the PNG shards instead: {section['decode_png_s']:.0f} s and "
-                              f"{section['decode_png_anon_mb']:,.0f} MB per worker" if "decode_png_s" in section else ""),
+             f"the array)" + _decode_note(section),
              "data MB: the private memory the data added to the worker (load + sweep); trial MB: all it added (the "
              "training steps' network and activations included); file MB: its page-cache pages (shared)",
              f"{'run':<14}{'load s':>8}{'batch s':>9}{'step s':>8}{'sweep s':>9}{'data MB':>9}{'trial MB':>10}"
@@ -284,8 +295,7 @@ def data_tables(section: dict[str, Any]) -> list[str]:
                          f"{w['sweep_s']:>9.1f}{w['data_anon_mb']:>9.1f}{w['total_anon_mb']:>10.1f}"
                          f"{w['swept']['file_mb']:>9.0f}")
         lines.append(f"{'':<14}node MemAvailable drop during the run: {run['node_available_drop_mb']:,.0f} MB")
-    lines += [f"{'ok ' if c['ok'] else 'MISS'} {c['check']}: {c['value'] if isinstance(c['value'], str) else round(c['value'], 3)}"
-              for c in section["checks"]]
+    lines += [f"{'ok ' if c['ok'] else 'MISS'} {c['check']}: {_value(c['value'])}" for c in section["checks"]]
     return ["\n".join(lines)]
 
 

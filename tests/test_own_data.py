@@ -50,6 +50,8 @@ def own_config(root, *items: str):
 def test_config_names_the_field_of_every_own_data_mistake(own):
     for name in OWN_PRESETS:
         assert preset(name).data.dataset == "parquet" and preset(name).model.preset == name
+    # absolute: a trial's worker runs in another folder
+    assert apply_overrides(preset("own32"), ["data.root=rel/D"]).data.root == os.path.abspath("rel/D")
     cases = [(["data.dataset=parquet", "data.root=none"], "data.root: required with data.dataset=parquet"),
              ([f"data.root={own}", "data.dataset=parquet", "eval.extractor=domain", "data.imbalance=10"],
               "data.imbalance"),
