@@ -65,3 +65,13 @@ def artifact_paths(uri: str, run_id: str, path: str | None = None) -> list[str]:
     for item in client.list_artifacts(run_id, path):
         out += artifact_paths(uri, run_id, item.path) if item.is_dir else [item.path]
     return out
+
+
+def files_holding(folder: Path, secrets: dict[str, str]) -> list[str]:
+    """Every file under ``folder`` whose bytes hold one of ``secrets``, as 'PATH: which'."""
+    found = []
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            found += [f"{path}: {k}" for k, v in secrets.items() if v.encode() in data]
+    return found

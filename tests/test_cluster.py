@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.searchutil import TINY, artifact_paths, run_search, trial_runs
+from tests.searchutil import TINY, artifact_paths, files_holding, run_search, trial_runs
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -61,7 +61,7 @@ def mlflow_server(tmp_path):
     log = open(tmp_path / "mlflow-server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        _wait_http(f"http://127.0.0.1:{port}/health", 90, proc)
+        _wait_http(f"http://127.0.0.1:{port}/health", 180, proc)
         yield f"http://127.0.0.1:{port}", ADMIN, password
     finally:
         proc.terminate()
@@ -118,22 +118,35 @@ def test_search_on_a_token_ray_cluster_with_a_basic_auth_mlflow_server(tmp_path,
     assert _status(search, data=b'{"experiment_ids": ["0"]}') == 401
     assert _status(f"{dashboard}/api/jobs/") == 401
     assert _status(f"{dashboard}/api/jobs/", {"Authorization": f"Bearer {token}"}) == 200
-    out = tmp_path / "out"
-    shared = tmp_path / "shared-storage"
-    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "MLFLOW_TRACKING_USERNAME": user,
-           "MLFLOW_TRACKING_PASSWORD": password}
+    out, shared = tmp_path / "out", tmp_path / "shared-storage"
+    ray_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     stranger = run_search(tmp_path / "stranger", "stranger", "--address", address, "--tracking-uri", uri,
-                          env={**env, "RAY_AUTH_TOKEN": "not-the-token"})
+                          env={**ray_env, "RAY_AUTH_TOKEN": "not-the-token"})
     assert stranger.returncode == 2, stranger.stdout[-3000:] + stranger.stderr[-3000:]
     assert "cannot join the Ray cluster" in stranger.stderr and "needs the head's token" in stranger.stderr
     assert "ray get-auth-token --generate" in stranger.stderr and token not in stranger.stderr
-    proc = run_search(out, "cluster", "--trials", "1", "--no-asha", "--address", address, "--tracking-uri", uri,
-                      "--storage-path", str(shared), *TINY, env=env, cache=search_cache)
+    # the MLflow password in the tracking URI's user info, another in the Optuna storage URL: the search works
+    # with both, and neither (nor Ray's token) reaches a file, the server's records or the output
+    login = uri.replace("http://", f"http://{user}:{password}@")
+    study_password = secrets.token_hex(8)
+    storage = f"sqlite:///{out / 'study.db'}?password={study_password}"
+    proc = run_search(out, "cluster", "--trials", "1", "--no-asha", "--address", address, "--tracking-uri", login,
+                      "--optuna-storage", storage, "--storage-path", str(shared), *TINY, env=ray_env,
+                      cache=search_cache)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"open the MLflow UI: open {uri}" in proc.stdout
     assert "uploading " in proc.stdout and " MiB (left out: " in proc.stdout
-    for secret in (password, token):
-        assert secret not in proc.stdout + proc.stderr
+    hidden = {"MLflow password": password, "Ray token": token, "Optuna password": study_password}
+    assert any(shared.rglob("searcher-state-*.pkl")) and any(shared.rglob("tuner.pkl"))
+    assert files_holding(tmp_path, hidden) == []  # search folder, Tune's pickles, study, server db, artifacts
+    assert [k for k, v in hidden.items() if v in proc.stdout + proc.stderr] == []
+    # a resume needs the URLs again, from the flags or the environment: refused before Ray starts without them
+    refused = run_search(out, "ignored", "--resume", str(out / "searches" / "cluster"), "--address", address,
+                         env=ray_env)
+    assert refused.returncode == 2 and "MLFLOW_TRACKING_URI" in refused.stderr, refused.stderr[-3000:]
+    refused = run_search(out, "ignored", "--resume", str(out / "searches" / "cluster"), "--address", address,
+                         env={**ray_env, "MLFLOW_TRACKING_URI": login})
+    assert refused.returncode == 2 and "PDCBDM_OPTUNA_STORAGE" in refused.stderr, refused.stderr[-3000:]
     assert not (out / "mlflow.db").exists()  # everything went to the server
     assert (shared / "cluster" / "tune").is_dir() and any((shared / "cluster" / "train").iterdir())
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)

@@ -1,29 +1,21 @@
 """Credentials never reach a file, a tag or a message: URLs with their secrets masked (tune/redact.py) in search.json,
 Tune's pickled state, messages and MLflow records; a --resume (and ``confirm --search``) takes the real URL again from
 the flag or environment variable the user gives; no MLflow credentials for a server only search.json names; what the
-workers need travels through Ray's object store. The end-to-end test greps every file a real search writes."""
+workers need travels through Ray's object store. tests/test_cluster.py greps every file a real search writes."""
 
 from __future__ import annotations
 
 import json
 import os
 import pickle
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from pdcbdm.config import write_json_atomic
-from tests.searchutil import TINY, run_search, trial_runs
 from tune import redact, tracking
 from tune.redact import has_secret, is_redacted, redact_text, redact_url
 from tune.search import SearchError, main, parse_args, plan
 
-BIN = Path(sys.executable).parent
 CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                "MLFLOW_TRACKING_CLIENT_CERT_PATH")
 
@@ -256,82 +248,3 @@ def test_confirm_takes_a_masked_store_of_the_search_from_the_environment(tmp_pat
 
 
 # -- end to end: a real search on a real MLflow server, then its resume -----------------------------------------------
-PASSWORDS = {"url": "pw-in-the-url-5e1d", "optuna": "pw-of-the-study-a07c", "env": "pw-in-the-env-93bb"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on 127.0.0.1 (no authentication: it ignores the credentials the client sends);
-    yields its address and its own folder (database, artifacts, log)."""
-    port, home = _free_port(), tmp_path / "server"
-    home.mkdir()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{home / 'server.db'}",
-           "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
-    with open(home / "server.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            deadline = time.monotonic() + 90
-            while True:
-                assert proc.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()[-2000:]
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                        break
-                except OSError:
-                    time.sleep(0.5)
-            yield f"127.0.0.1:{port}", home
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-
-
-def _files_with(folder: Path, secrets: dict[str, str]) -> list[str]:
-    """Every file under ``folder`` (bytes) holding one of ``secrets``, as 'PATH: which'."""
-    found = []
-    for path in folder.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            data = path.read_bytes()
-            found += [f"{path}: {k}" for k, v in secrets.items() if v.encode() in data]
-    return found
-
-
-@pytest.mark.slow
-def test_no_password_reaches_a_file_or_the_output_of_a_search_and_its_resume(tmp_path, mlflow_server, search_cache):
-    """A search with a password in the tracking URI (user info, to a real MLflow server), one in the Optuna storage
-    URL (a sqlite URL's query) and one in MLFLOW_TRACKING_PASSWORD: none in any file under --out (search.json,
-    Tune's pickles and trial folders, optuna.db), in the server's database and artifacts, or in the output. Then
-    --resume: refused without the URLs (exit 2, naming the flag and variable), continued with them."""
-    address, server_home = mlflow_server
-    out = tmp_path / "out"
-    uri = f"http://pdcbdm:{PASSWORDS['url']}@{address}"
-    storage = f"sqlite:///{out / 'study.db'}?password={PASSWORDS['optuna']}"
-    env = {"MLFLOW_TRACKING_PASSWORD": PASSWORDS["env"]}
-    proc = run_search(out, "secret", "--trials", "1", "--no-asha", "--tracking-uri", uri, "--optuna-storage",
-                      storage, *TINY, env=env, cache=search_cache)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"MLflow http://***@{address}" in proc.stdout
-    (run,) = trial_runs(f"http://{address}", "secret")
-    assert run.info.status == "FINISHED" and "fid" in run.data.metrics  # the trials reached the server
-    folder = out / "searches" / "secret"
-    assert any(folder.rglob("searcher-state-*.pkl")) and any(folder.rglob("tuner.pkl"))
-    assert any(server_home.rglob("*.pt2")), "the server stored no model artifact"
-    assert _files_with(out, PASSWORDS) + _files_with(server_home, PASSWORDS) == []
-    output = proc.stdout + proc.stderr
-    assert [k for k, v in PASSWORDS.items() if v in output] == []
-
-    # the resume: without the URLs refused before Ray starts, naming what to give; with them it continues
-    refused = run_search(out, "ignored", "--resume", str(folder), env=env)
-    assert refused.returncode == 2 and "MLFLOW_TRACKING_URI" in refused.stderr, refused.stderr[-3000:]
-    resumed = run_search(out, "ignored", "--resume", str(folder),
-                         env={**env, "MLFLOW_TRACKING_URI": uri, "PDCBDM_OPTUNA_STORAGE": storage})
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "warning: --resume" not in resumed.stderr  # the environment names the search's own server
-    output = refused.stdout + refused.stderr + resumed.stdout + resumed.stderr
-    assert [k for k, v in PASSWORDS.items() if v in output] == []
-    assert _files_with(out, PASSWORDS) + _files_with(server_home, PASSWORDS) == []
