@@ -289,3 +289,10 @@ def test_the_train_controller_imports_no_evaluation_stack():
     import tune.trainable
 
     assert tune.trainable.train_loop.__module__ == "tune.entry"
+
+
+def test_every_run_preset_has_a_default_number_of_trials():
+    from pdcbdm.config import PRESETS
+    from tune.search import DEFAULT_TRIALS
+
+    assert set(PRESETS) <= set(DEFAULT_TRIALS)

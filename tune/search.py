@@ -50,7 +50,8 @@ from tune.report import record_search  # noqa: E402
 from tune.search_folder import read_search_json, warn_if_writable_by_others  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TRIALS = {"smoke": 3, "digits": 3, "cifar10-lt": 32, "cifar100-lt": 32}
+DEFAULT_TRIALS = {"smoke": 3, "digits": 3, "cifar10-lt": 32, "cifar100-lt": 32, "own32": 16, "own64": 16,
+                  "own128": 16}
 # ASHA's first rung as a fraction of the budget, where the EMA rule alone would cut too early: on digits a proxy FID
 # at step 300 of 1,800 did not predict the end (the only trial it kept lost its tail classes after step 1,200)
 GRACE_FRACTION = {"digits": 0.5}
@@ -69,7 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config field for every trial (repeatable); a searched field set here is "
                         "pinned and no longer searched")
-    p.add_argument("--trials", type=int, default=None, help="number of trials (default: 3 smoke, 3 digits, 32 cifar)")
+    p.add_argument("--trials", type=int, default=None, help="number of trials (default: 3 smoke, 3 digits, 32 cifar, 16 own)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (DDP when > 1)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker")
     p.add_argument("--gpus-per-worker", type=float, default=None,
