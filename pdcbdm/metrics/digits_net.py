@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._io import atomic_torch_save, dataset_identity, resolve_cache_dir, sha256_state, sha256_text
-from .extractors import FeatureExtractor
+from .extractors import InDomainExtractor
 
 __all__ = ["DigitsNetConfig", "DigitsNet", "DigitsExtractor", "train_digits_net", "digits_net_path"]
 
@@ -137,7 +137,7 @@ def digits_net_path(cache_dir: str | os.PathLike[str] | None, config: DigitsNetC
     return resolve_cache_dir(cache_dir) / f"{NAME}-{key[:20]}.pt"
 
 
-class DigitsExtractor(FeatureExtractor):
+class DigitsExtractor(InDomainExtractor):
     """The trained digits CNN as a FeatureExtractor: 64-d features, 10-way logits, 1 x 16 x 16 uint8 input.
 
     Args:
@@ -198,17 +198,6 @@ class DigitsExtractor(FeatureExtractor):
             raise ValueError(f"cached digits network {path} has accuracy {blob['accuracy']:.3f} < "
                              f"{config.min_accuracy}")
         return cls(net, blob["accuracy"], device)
-
-    def to(self, device: torch.device | str) -> DigitsExtractor:
-        self.device = torch.device(device)
-        self.net.to(self.device)
-        return self
-
-    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
-        images = super()._check_images(images)
-        if tuple(images.shape[1:]) != self.input_shape:
-            raise ValueError(f"the digits network takes uint8 [B, 1, 16, 16] images, got {tuple(images.shape)}")
-        return images
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.net(images)

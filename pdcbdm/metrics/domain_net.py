@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._io import atomic_torch_save, resolve_cache_dir, sha256_state, sha256_text
-from .extractors import FeatureExtractor
+from .extractors import InDomainExtractor
 
 __all__ = ["DomainNetConfig", "DomainNet", "DomainExtractor", "train_domain_net", "domain_net_path"]
 
@@ -203,7 +203,7 @@ def _exclusive(lock: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-class DomainExtractor(FeatureExtractor):
+class DomainExtractor(InDomainExtractor):
     """The trained in-domain CNN as a FeatureExtractor: ``embed_dim`` features, logits over the data's classes.
 
     Args:
@@ -263,18 +263,6 @@ class DomainExtractor(FeatureExtractor):
         net.load_state_dict(blob["state_dict"])
         accuracy = None if blob["accuracy"] < 0 else float(blob["accuracy"])
         return cls(net, accuracy, names, shape, device)
-
-    def to(self, device: torch.device | str) -> DomainExtractor:
-        self.device = torch.device(device)
-        self.net.to(self.device)
-        return self
-
-    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
-        images = super()._check_images(images)
-        if tuple(images.shape[1:]) != self.input_shape:
-            raise ValueError(f"the domain network takes uint8 [B, {', '.join(map(str, self.input_shape))}] images "
-                             f"(the prepared data's), got {tuple(images.shape)}")
-        return images
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.net(images)

@@ -92,6 +92,26 @@ class FeatureExtractor(abc.ABC):
         return f"{type(self).__name__}(identity={self.identity!r}, feature_dim={self.feature_dim})"
 
 
+
+class InDomainExtractor(FeatureExtractor):
+    """A network trained on a data set's own images (the digits CNN, the domain CNN): it holds ``net``, takes
+    images of exactly ``input_shape`` and moves with ``to``."""
+
+    net: Any
+    input_shape: tuple[int, int, int]
+
+    def to(self, device: torch.device | str) -> InDomainExtractor:
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        return self
+
+    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
+        images = super()._check_images(images)
+        if tuple(images.shape[1:]) != tuple(self.input_shape):
+            raise ValueError(f"the {self.name} network takes uint8 [B, {', '.join(map(str, self.input_shape))}] "
+                             f"images (its data's), got {tuple(images.shape)}")
+        return images
+
 def _images_of(source: Any) -> torch.Tensor:
     """The uint8 image tensor of `source`: a tensor itself, or an ImageDataset-like object's `.images`."""
     images = source.images if hasattr(source, "images") else source
