@@ -26,12 +26,11 @@ def test_a_running_search_listens_on_loopback_only_and_its_job_api_wants_a_token
     assert len(found) >= 5  # GCS, raylet, dashboard, its agents, workers: the probe saw the cluster running
     beyond = [r for r in found if not is_loopback(r["ip"])]
     assert not beyond, f"listening beyond loopback: {beyond}"
-    job_apis = [r for r in found if "dashboard.py" in r["process"] or "DashboardAgent" in r["process"]]
-    # the dashboard's and its agent's job APIs answered, and refused a request without the token
-    assert {r["answer"] for r in job_apis} >= {"401"}, job_apis
-    served = [r for r in job_apis if r["answer"].startswith("2") and r["port"] in {j["port"] for j in job_apis
-                                                                                   if j["answer"] == "401"}]
-    assert not served
+    # the dashboard's job API and its agent's refused a request without the token (their other ports are
+    # Prometheus exporters, on loopback like everything else)
+    for process in ("dashboard.py", "DashboardAgent"):
+        answers = {r["answer"] for r in found if process in r["process"]}
+        assert "401" in answers, (process, answers)
 
 
 def test_a_private_cluster_turns_authentication_on_even_when_the_environment_turns_it_off(monkeypatch, capsys):
