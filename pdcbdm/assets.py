@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pdcbdm.config import Config
-from pdcbdm.data import build_dataset, build_floor_dataset, build_reference_dataset
+from pdcbdm.data import build_dataset, build_floor_dataset, build_reference_dataset, reference_kind
 from pdcbdm.io import atomic_write_bytes
 from pdcbdm.evaluation import feature_extractor
 from pdcbdm.metrics._io import dataset_identity, resolve_cache_dir
@@ -40,7 +40,8 @@ def _identity(dataset: Any) -> str:
 def _floor_identity(cfg: Config) -> str:
     """The floor data set's identity, or why it is unavailable (an evaluation then reports no floors)."""
     try:
-        data = build_floor_dataset(cfg.data.dataset, root=cfg.data.root, download=cfg.data.download)
+        data = build_floor_dataset(cfg.data.dataset, root=cfg.data.root, download=cfg.data.download,
+                                   choice=cfg.eval.reference)
     except (OSError, ValueError) as exc:
         return f"unavailable ({exc})"
     return _identity(data)
@@ -53,9 +54,10 @@ def evaluation_assets(cfg: Config, cache_dir: str | os.PathLike | None = None) -
     d = cfg.data
     train = build_dataset(d.dataset, root=d.root, imbalance=d.imbalance, split="train", seed=d.seed,
                           download=d.download, image_size=d.image_size)
-    reference = build_reference_dataset(d.dataset, root=d.root, download=d.download)
+    reference = build_reference_dataset(d.dataset, root=d.root, download=d.download, choice=cfg.eval.reference)
+    kind = reference_kind(d.dataset, d.root, cfg.eval.reference)  # the training images re-weighted are another set
     extractor = feature_extractor(cfg, cache_dir=cache_dir)
-    return dict(zip(ASSET_NAMES, (_identity(train), _identity(reference), _floor_identity(cfg),
+    return dict(zip(ASSET_NAMES, (_identity(train), f"{_identity(reference)} as {kind}", _floor_identity(cfg),
                                   extractor.identity)))
 
 

@@ -79,6 +79,8 @@ def parse_float_list(spec: str, name: str) -> tuple[float, ...]:
 MODEL_PRESETS = ("small", "cifar", "own32", "own64", "own128")
 DATASETS = ("digits-lt", "digits", "cifar10-lt", "cifar100-lt", "cifar10", "cifar100")
 PREPARED = "parquet"  # a user's own data, prepared into the folder data.root (pdcbdm.data.own)
+# eval.reference (pdcbdm.data.own.REFERENCE_CHOICES; config does not import the data package)
+REFERENCE_CHOICES = ("auto", "balanced-train", "train", "heldout", "folder")
 EXTRACTORS = ("digits", "domain", "inception")
 
 
@@ -283,6 +285,13 @@ class EvalConfig:
     reaches ``min_consistency`` (FID is blind to labels; see ``pdcbdm.evaluation.best_by_fid``). ``protocol`` is how final scores sample: ``fast`` (the
     config's ``sample.*`` sampler) or ``paper`` (CBDM's and the paper's: 1000-step ancestral DDPM, fixedlarge
     variance, the mean before x0 is clipped; the default of the ``cifar*`` presets); proxies always use ``sample.*``.
+
+    ``reference`` is what the metrics compare samples with. ``auto``: a built-in set's balanced set (digits'
+    held-out split, CIFAR's full training set); for a prepared set (no balanced set exists) the user's reference
+    folder when one was prepared, else ``balanced-train``: the training images' features re-weighted to a
+    class-balanced mixture (``pdcbdm.metrics.mixture``). A prepared set also takes ``train`` (unweighted),
+    ``heldout`` (half of its held-out split) and ``folder``. Runs scored against different references are never
+    ranked together (their tag ``pdcbdm.reference_kind``).
     """
 
     extractor: str = "digits"
@@ -297,9 +306,12 @@ class EvalConfig:
     noise_error_images: int = 100
     noise_error_stride: int = 50
     protocol: str = "fast"
+    reference: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.protocol in ("fast", "paper"), "eval.protocol", self.protocol, "must be 'fast' or 'paper'")
+        _check(self.reference in REFERENCE_CHOICES, "eval.reference", self.reference,
+               f"must be one of {', '.join(REFERENCE_CHOICES)}")
         _check(self.extractor in EXTRACTORS, "eval.extractor", self.extractor,
                "must be 'digits', 'domain' or 'inception'")
         _check(self.num_samples >= 2, "eval.num_samples", self.num_samples, "must be >= 2")
@@ -345,6 +357,9 @@ class Config:
             raise ConfigError(f"eval.extractor: 'digits' reads the 16x16 digits only; use 'domain' (a CNN trained on "
                               f"data.root's train split) or 'inception' with data.dataset={PREPARED} (the run "
                               f"presets own32, own64 and own128 set domain)")
+        if self.eval.reference != "auto" and dataset != PREPARED:
+            raise ConfigError(f"eval.reference: {self.eval.reference!r} applies to a prepared set "
+                              f"(data.dataset={PREPARED}); {dataset} is scored against its balanced set (auto)")
         if extractor == "domain" and dataset != PREPARED:
             raise ConfigError(f"eval.extractor: 'domain' is trained on a prepared data set; it needs "
                               f"data.dataset={PREPARED}, got data.dataset={dataset!r}")

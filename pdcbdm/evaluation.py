@@ -24,11 +24,12 @@ import torch.distributed as dist
 from torch import nn
 
 from pdcbdm.config import Config, DiffusionConfig, parse_float_list
-from pdcbdm.data import (HeadTailSplit, build_floor_dataset, build_reference_dataset, dataset_image_shape,
-                         head_tail_split, reference_image_shape, reference_kind)
+from pdcbdm.data import (PREPARED, HeadTailSplit, build_calibration_dataset, build_floor_dataset,
+                         build_reference_dataset, dataset_image_shape, head_tail_split, reference_image_shape,
+                         reference_kind)
 from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.metrics import FeatureExtractor, FeatureSet, build_extractor, evaluate_features, extract_all
-from pdcbdm.metrics import fid_from_features, group_fid, reference_features
+from pdcbdm.metrics import fid_from_features, group_fid, reference_features, shot_groups
 from pdcbdm.metrics import (FLOOR_SEEDS, FloorUnavailable, Judge, floor_data_key, load_or_calibrate_judge, noise_floor,
                             proxy_noise_floor)
 from pdcbdm.sampling import generate, share_indices, uniform_labels
@@ -236,28 +237,49 @@ class Evaluator:
     cache_dir: str | os.PathLike | None = None
     floor_seeds: int = FLOOR_SEEDS
     reference_kind: str | None = None
+    groups: dict[str, tuple[int, ...]] = field(default_factory=dict)
     _floors: dict[tuple, dict[str, Any]] = field(default_factory=dict, repr=False)
     _floor_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, cfg: Config, *, num_classes: int, head: Sequence[int], tail: Sequence[int],
               device: torch.device | str = "cpu", cache_dir: str | os.PathLike | None = None,
-              progress: bool = False) -> "Evaluator":
-        """Load the extractor, the reference features (the balanced set METHOD.md names; a prepared set's held-out
-        reference), the class judge calibrated on them and the floor data set's features, all cached on disk."""
+              progress: bool = False, train_counts: Sequence[int] | None = None) -> "Evaluator":
+        """Load the extractor, the reference features (``eval.reference``: the balanced set METHOD.md names; for a
+        prepared set by default its training set re-weighted to a balanced mixture), the class judge calibrated on
+        held-out images and the floor data set's features, all cached on disk. ``train_counts`` (images per class
+        the network trained on) adds the many/medium/few-shot groups (``shot_groups``)."""
         device = torch.device(device)
-        d = cfg.data
+        d, choice = cfg.data, cfg.eval.reference
         extractor = feature_extractor(cfg, device, cache_dir)
-        ref_ds = build_reference_dataset(d.dataset, root=d.root, download=d.download)
-        reference = reference_features(extractor, ref_ds, cache_dir, dataset_id=getattr(ref_ds, "identity", None),
-                                       progress=progress)
+        kind = reference_kind(d.dataset, d.root, choice)
+        ref_ds = build_reference_dataset(d.dataset, root=d.root, download=d.download, choice=choice)
+        reference = _features(extractor, ref_ds, cache_dir, progress)
+        if kind == "balanced-train":
+            reference = reference.balanced(num_classes)
+        cal_ds = build_calibration_dataset(d.dataset, root=d.root, download=d.download, choice=choice)
+        same = getattr(cal_ds, "identity", None) is not None and cal_ds.identity == getattr(ref_ds, "identity", None)
+        calibration = reference if same or d.dataset != PREPARED else _features(extractor, cal_ds, cache_dir, progress)
+        judge = _judge(extractor, calibration, num_classes, ref_ds.class_names, cache_dir)
         reference = _readable(extractor, reference, ref_ds.class_names, num_classes)
         pool, note = _floor_pool(cfg, extractor, cache_dir, progress)
         shape = dataset_image_shape(d.dataset, d.image_size, root=d.root)
-        judge = _judge(extractor, reference, num_classes, ref_ds.class_names, cache_dir)
+        groups = {} if train_counts is None else shot_groups(train_counts)
         return cls(cfg, extractor, reference, num_classes, tuple(head), tuple(tail), shape, device,
                    score_shape=tuple(ref_ds.image_shape), judge=judge, floor_pool=pool, floor_note=note,
-                   cache_dir=cache_dir, reference_kind=reference_kind(d.dataset, d.root))
+                   cache_dir=cache_dir, reference_kind=kind, groups=groups)
+
+    @property
+    def judge_kind(self) -> str:
+        """What judged class consistency (the run's ``pdcbdm.judge`` tag): the network's name and the classes it
+        covers, or "none"."""
+        if self.judge is None:
+            return "none"
+        return f"{self.extractor.name} ({len(self.judge.covered_classes)} of {self.num_classes} classes)"
+
+    def tags(self) -> dict[str, str]:
+        """How this evaluator scores, for a run's tags: runs scored differently are never ranked together."""
+        return {"pdcbdm.reference_kind": str(self.reference_kind), "pdcbdm.judge": self.judge_kind}
 
     @property
     def source(self) -> SampleSource:
@@ -281,8 +303,9 @@ class Evaluator:
         images, labels = self.sample(net, guidance, self.cfg.eval.proxy_samples, seed=seed, autocast=autocast)
         feats = self.features(images, labels)
         ref = self.reference
-        fid = fid_from_features(feats.features, ref.features)
-        tail = group_fid(feats.features, feats.labels, ref.features, ref.labels, self.tail)
+        fid = fid_from_features(feats.features, ref.features, weights2=ref.weights())
+        tail = group_fid(feats.features, feats.labels, ref.features, ref.labels, self.tail,
+                         ref_shares=ref.class_shares)
         scores = {"proxy_fid": fid, "proxy_fid_tail": fid if tail is None else tail}
         return images, labels, {**scores, **self.floors(feats.labels, proxy=True)}
 
@@ -297,7 +320,7 @@ class Evaluator:
     def score_features(self, feats: FeatureSet, *, seed: int = 0) -> tuple[dict[str, Any], list[dict]]:
         """``score`` of a sample set whose features are already extracted."""
         result = evaluate_features(feats, self.reference, head_classes=self.head, tail_classes=self.tail,
-                                   num_classes=self.num_classes, seed=seed, judge=self.judge)
+                                   num_classes=self.num_classes, seed=seed, judge=self.judge, groups=self.groups)
         floors = self.floors(feats.labels)
         flat = {k: v for k, v in floors.items() if "_class_" not in k}
         return {**result.to_dict(), **flat}, _rows_with_floors(result.per_class, floors)
@@ -321,7 +344,8 @@ class Evaluator:
             if proxy:
                 return proxy_noise_floor(self.floor_pool, self.reference, counts, tail_classes=self.tail, **common)
             return noise_floor(self.floor_pool, self.reference, counts, head_classes=self.head,
-                               tail_classes=self.tail, num_classes=self.num_classes, judge=self.judge, **common)
+                               tail_classes=self.tail, num_classes=self.num_classes, judge=self.judge,
+                               groups=self.groups, **common)
         except FloorUnavailable as exc:
             return {} if proxy else {"floor_note": str(exc)}
 
@@ -354,31 +378,40 @@ def _readable(extractor: FeatureExtractor, reference: FeatureSet, class_names: S
     return dataclasses.replace(reference, logits=None, logits_note=note)
 
 
-def _judge(extractor: FeatureExtractor, reference: FeatureSet, num_classes: int, class_names: Sequence[str],
+def _judge(extractor: FeatureExtractor, calibration: FeatureSet, num_classes: int, class_names: Sequence[str],
            cache_dir: str | os.PathLike | None) -> Judge | None:
-    """The class judge calibrated on the reference (held out from the in-domain CNN's training), cached on disk;
-    None when the extractor was not trained on the data set's classes (Inception) or the reference has fewer than
-    2 images of some class to calibrate on."""
-    if reference.logits is None or not extractor.judges(class_names) or reference.logits.shape[1] != num_classes:
+    """The class judge calibrated on real images the in-domain CNN never trained on (``calibration``: digits'
+    reference, a prepared set's held-out reference part), cached on disk; it covers the classes with >= 2 of them
+    (judge.py, "Coverage"). None when the extractor was not trained on the data set's classes (Inception) or fewer
+    than 2 classes have 2 images to calibrate on."""
+    c = calibration
+    if c.logits is None or not extractor.judges(class_names) or c.logits.shape[1] != num_classes:
         return None
     try:
-        return load_or_calibrate_judge(reference.features, reference.logits, reference.labels, num_classes,
-                                       extractor=extractor.identity, cache_dir=cache_dir)
-    except ValueError:  # a class with < 2 reference images: the metrics report why there is no consistency
+        return load_or_calibrate_judge(c.features, c.logits, c.labels, num_classes, extractor=extractor.identity,
+                                       cache_dir=cache_dir)
+    except ValueError:  # fewer than 2 classes to calibrate on: the metrics report why there is no consistency
         return None
+
+
+def _features(extractor: FeatureExtractor, data: Any, cache_dir: str | os.PathLike | None,
+              progress: bool) -> FeatureSet:
+    """Features of a real image set, cached on disk by its identity and the extractor's."""
+    return reference_features(extractor, data, cache_dir, dataset_id=getattr(data, "identity", None),
+                              progress=progress)
 
 
 def _floor_pool(cfg: Config, extractor: FeatureExtractor, cache_dir: str | os.PathLike | None,
                 progress: bool) -> tuple[FeatureSet | None, str | None]:
     """Features of the floor data set (``build_floor_dataset``), cached like the reference's; or a note."""
     try:
-        data = build_floor_dataset(cfg.data.dataset, root=cfg.data.root, download=cfg.data.download)
+        data = build_floor_dataset(cfg.data.dataset, root=cfg.data.root, download=cfg.data.download,
+                                   choice=cfg.eval.reference)
     except (OSError, ValueError) as exc:
         return None, f"no noise floor: the floor data set is unavailable ({exc})"
     if len(data) == 0:
         return None, "no noise floor: the floor data set is empty (every held-out image is in the reference)"
-    return reference_features(extractor, data, cache_dir, dataset_id=getattr(data, "identity", None),
-                              progress=progress), None
+    return _features(extractor, data, cache_dir, progress), None
 
 
 def _rows_with_floors(rows: list[dict[str, Any]], floors: dict[str, Any]) -> list[dict[str, Any]]:

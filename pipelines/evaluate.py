@@ -343,6 +343,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *
     t_noise = time.perf_counter()
     nerr = measure_noise_error(net, cfg, device, seed=seed, progress=progress)
     summary = _summary(checkpoint, which, cfg, data, split, results, nerr, device)
+    summary["judge"] = evaluator.judge_kind
     summary["timings"] = {"setup_s": t_setup - start, "per_guidance": per_w,
                           "noise_error_s": time.perf_counter() - t_noise, "total_s": time.perf_counter() - start}
     write_per_class_csv(out / "per_class.csv", rows)
@@ -391,7 +392,7 @@ def _build_evaluator(cfg: Config, data: dict[str, Any], device: torch.device,
         raise CheckpointError(f"checkpoint lacks class_counts for its {data['num_classes']} classes")
     split = evaluation_split(cfg, counts)
     evaluator = Evaluator.build(cfg, num_classes=len(counts), head=split.head, tail=split.tail, device=device,
-                                cache_dir=cache_dir, progress=progress)
+                                cache_dir=cache_dir, progress=progress, train_counts=counts)
     if tuple(evaluator.image_shape) != tuple(data["image_shape"]):
         raise CheckpointError(f"checkpoint images are {tuple(data['image_shape'])} but its config's data "
                               f"({cfg.data.dataset}, data.image_size={cfg.data.image_size}) are "
@@ -417,7 +418,8 @@ def _summary(checkpoint: str | os.PathLike, which: str, cfg: Config, data: dict[
         "tail_classes": list(split.tail), "guidance_values": [r.guidance for r in results],
         "guidance": {w_name(r.guidance): r.metrics for r in results},
         "best_guidance": best.guidance, "best": headline(best), "noise_error": noise,
-        "eval_protocol": cfg.eval.protocol, "reference_kind": reference_kind(cfg.data.dataset, cfg.data.root),
+        "eval_protocol": cfg.eval.protocol,
+        "reference_kind": reference_kind(cfg.data.dataset, cfg.data.root, cfg.eval.reference),
     }
 
 

@@ -135,7 +135,7 @@ def _measure(cfg: Any, args: argparse.Namespace, n: int, proxy_n: int) -> dict[s
         raise SystemExit(f"error: {exc}") from None
     split = evaluation_split(cfg, counts)
     evaluator = Evaluator.build(cfg, num_classes=len(counts), head=split.head, tail=split.tail, device=args.device,
-                                cache_dir=args.cache_dir, progress=not args.no_progress)
+                                cache_dir=args.cache_dir, progress=not args.no_progress, train_counts=counts)
     if evaluator.floor_pool is None:
         raise SystemExit(f"error: {evaluator.floor_note}")
     evaluator.floor_seeds = args.seeds

@@ -192,7 +192,8 @@ def run_quality(cfgs: dict[str, Config], specs: Sequence[dict[str, Any]], out: P
     for name, cfg in cfgs.items():
         data = load_data(cfg)
         split = evaluation_split(cfg, data.counts())
-        evaluator = Evaluator.build(cfg, num_classes=len(data.counts()), head=split.head, tail=split.tail)
+        evaluator = Evaluator.build(cfg, num_classes=len(data.counts()), head=split.head, tail=split.tail,
+                                    train_counts=data.counts())
         step_every, n = every or cfg.train.eval_every, samples or cfg.eval.num_samples
         print(f"{name}: {cfg.train.steps} steps, a curve point every {step_every}", flush=True)
         trainer, rows = train_curve(cfg, evaluator, every=step_every, samples=n, progress=True)

@@ -229,7 +229,7 @@ def test_prd_subsamples_the_larger_set_and_caps_clusters_at_a_tenth(monkeypatch)
     seen = []
     real = prd_module._cluster_histograms
     monkeypatch.setattr(prd_module, "_cluster_histograms",
-                        lambda g, r, c, s, n: seen.append((len(g), len(r), c)) or real(g, r, c, s, n))
+                        lambda g, r, c, s, n, *w: seen.append((len(g), len(r), c)) or real(g, r, c, s, n, *w))
     prd_f_scores(x, y, num_clusters=12, num_runs=2)
     assert seen == [(120, 120, 12)] * 2
     with pytest.raises(ValueError, match="at most one cluster per 10 points"):

@@ -14,7 +14,9 @@ import torch
 
 from pdcbdm.assets import cache_payload, evaluation_assets
 from pdcbdm.config import PRESETS, ConfigError, apply_overrides, preset
-from pdcbdm.data import build_dataset, build_floor_dataset, build_reference_dataset, prepared_summary
+from pdcbdm.data import (build_calibration_dataset, build_dataset, build_floor_dataset, build_reference_dataset,
+                         prepared_summary, reference_kind)
+from pdcbdm.data.own import prepared_identity
 from pdcbdm.data.prepared import read_prepared_meta
 from pdcbdm.evaluation import Evaluator, _judge, _readable, evaluation_split
 from pdcbdm.metrics import FeatureSet, FloorUnavailable, noise_floor, reference_features
@@ -86,7 +88,7 @@ def test_prepared_data_come_from_meta_and_are_memory_mapped(own):
     assert _mapped_file(data.images.data_ptr()).endswith("train/_images.npy")  # the file's pages, not a copy
     summary = prepared_summary(own)
     assert summary["rho"] == 10.0 and summary["num_images"] == 72 and summary["digest"] == meta["digest"]
-    assert summary["reference_kind"] == "heldout" and summary["heldout_images"] == 40
+    assert summary["reference_folder"] is False and summary["heldout_images"] == 40
     heldout = build_dataset("parquet", root=own, split="test")
     assert heldout.counts() == [10] * 4
     with pytest.raises(ValueError, match="data.imbalance"):
@@ -94,21 +96,33 @@ def test_prepared_data_come_from_meta_and_are_memory_mapped(own):
 
 
 def test_reference_and_floor_split_the_held_out_images_without_overlap(own, tmp_path):
-    reference, floor = build_reference_dataset("parquet", root=own), build_floor_dataset("parquet", root=own)
+    """eval.reference: auto is the training set (re-weighted by the evaluator); the judge's calibration images and
+    the floors' split heldout/ without overlap; "heldout" scores against the calibration part; a user's reference
+    folder is the reference (and the calibration set) under auto, every held-out image then a floor image."""
+    train = build_reference_dataset("parquet", root=own)
+    assert train.counts() == [40, 20, 8, 4] and train.identity == prepared_identity(own, "train") and not train.hflip
+    assert reference_kind("parquet", own) == "balanced-train"
+    reference = build_calibration_dataset("parquet", root=own)
+    floor = build_floor_dataset("parquet", root=own)
+    assert build_reference_dataset("parquet", root=own, choice="heldout").identity == reference.identity
     assert reference.counts() == [5] * 4 and floor.counts() == [5] * 4
     heldout = build_dataset("parquet", root=own, split="test").images.flatten(1)
     rows = {tuple(r.tolist()) for r in heldout}
     ref_rows = {tuple(r.tolist()) for r in reference.images.flatten(1)}
     floor_rows = {tuple(r.tolist()) for r in floor.images.flatten(1)}
     assert not ref_rows & floor_rows and ref_rows | floor_rows == rows
-    assert build_reference_dataset("parquet", root=own).identity == reference.identity  # fixed, not per run
+    assert build_calibration_dataset("parquet", root=own).identity == reference.identity  # fixed, not per run
     # a user-supplied reference split: it is the reference, every held-out image a floor image
     other = write_own_data(tmp_path / "R", counts=(12, 6, 3, 3), heldout=(4, 2, 1, 0), reference=6)
     assert build_reference_dataset("parquet", root=other).counts() == [6, 6, 6, 6]
     assert build_floor_dataset("parquet", root=other).counts() == [4, 2, 1, 0]
-    assert prepared_summary(other)["reference_kind"] == "reference"
+    assert prepared_summary(other)["reference_folder"] is True and reference_kind("parquet", other) == "folder"
+    assert build_calibration_dataset("parquet", root=other).counts() == [6, 6, 6, 6]
+    assert build_reference_dataset("parquet", root=other, choice="train").counts() == [12, 6, 3, 3]
+    with pytest.raises(ValueError, match="eval.reference: 'folder' needs a reference split"):
+        build_reference_dataset("parquet", root=own, choice="folder")
     small = write_own_data(tmp_path / "S", counts=(12, 6, 3, 3), heldout=(5, 2, 1, 0))
-    assert build_reference_dataset("parquet", root=small).counts() == [3, 2, 1, 0]  # 2 images per class for the judge
+    assert build_calibration_dataset("parquet", root=small).counts() == [3, 2, 1, 0]  # 2 per class for the judge
     assert build_floor_dataset("parquet", root=small).counts() == [2, 0, 0, 0]
 
 
@@ -146,7 +160,7 @@ def test_domain_network_learns_the_classes_and_is_cached_by_digest(own, cache):
     assert again.identity == first.identity and path.stat().st_mtime_ns == mtime  # read, not trained again
     assert first.accuracy is not None and first.accuracy >= 0.9  # distinct shapes: an easy set
     assert first.judges(NAMES[:4]) and not first.judges(["a", "b", "c", "d"])
-    feats, logits = first.extract(build_reference_dataset("parquet", root=own).images)
+    feats, logits = first.extract(build_calibration_dataset("parquet", root=own).images)
     assert feats.shape == (20, 64) and logits.shape == (20, 4)
     with pytest.raises(ValueError, match=r"\[B, 3, 16, 16\]"):
         first.extract(torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
@@ -154,7 +168,7 @@ def test_domain_network_learns_the_classes_and_is_cached_by_digest(own, cache):
 
 def test_only_a_network_trained_on_the_data_classes_judges_them(own, cache):
     extractor = DomainExtractor.load_or_train(own, cache_dir=cache)
-    reference = reference_features(extractor, build_reference_dataset("parquet", root=own), cache, progress=False)
+    reference = reference_features(extractor, build_calibration_dataset("parquet", root=own), cache, progress=False)
     assert _judge(extractor, reference, 4, NAMES[:4], cache) is not None
     # the same count of logits over other classes (Inception's 1,008 against a 1,008-class set): no judge, and the
     # metrics get no logits to calibrate one on
@@ -189,7 +203,9 @@ def test_evaluation_of_own_data_scores_with_judge_and_floors(own, cache):
     data = load_data(cfg)
     split = evaluation_split(cfg, data.counts())
     evaluator = Evaluator.build(cfg, num_classes=4, head=split.head, tail=split.tail, cache_dir=cache)
-    assert evaluator.reference_kind == "heldout" and evaluator.judge is not None
+    assert evaluator.reference_kind == "balanced-train" and evaluator.judge is not None
+    assert np.allclose(evaluator.reference.class_shares, 0.25) and len(evaluator.reference) == 72
+    assert evaluator.tags() == {"pdcbdm.reference_kind": "balanced-train", "pdcbdm.judge": "domain-cnn (4 of 4 classes)"}
     real = build_floor_dataset("parquet", root=own)
     metrics, rows = evaluator.score(real.images, real.labels)
     assert metrics["consistency_mean"] >= 0.75 and isinstance(metrics["fid_floor"], float)
@@ -214,7 +230,8 @@ def test_train_and_evaluate_commands_run_on_own_data(own, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert summary["reference_kind"] == "heldout" and summary["guidance"]["1"]["fid"] > 0
+    assert summary["reference_kind"] == "balanced-train" and summary["guidance"]["1"]["fid"] > 0
+    assert summary["judge"].startswith("domain-cnn")
     assert summary["config"]["data"]["root"] == str(own)
     bad = subprocess.run([sys.executable, "-m", "pdcbdm.train", "--preset", "own32", "--set",
                           f"data.root={tmp_path / 'missing'}", "--out", str(tmp_path / "x")],
@@ -235,7 +252,6 @@ def test_a_trial_records_its_data_from_meta(own, tmp_path):
     tags = client.get_run(run).data.tags
     assert tags["pdcbdm.data.num_images"] == "72" and tags["pdcbdm.data.num_classes"] == "4"
     assert tags["pdcbdm.data.rho"] == "10.0" and tags["pdcbdm.data.digest"] == read_prepared_meta(own)["digest"]
-    assert tags["pdcbdm.reference_kind"] == "heldout"
     assert {"data/_meta.json", "data/_report.json", "data/summary.json"} <= set(artifact_paths(uri, run))
 
 
@@ -252,7 +268,7 @@ def test_a_search_on_own_data_scores_its_trials(tmp_path):
     for r in runs:
         assert r.data.metrics["fid"] > 0 and "proxy_fid_floor" in r.data.metrics
         assert r.data.tags["pdcbdm.extractor"].startswith("domain-cnn/sha256:")
-        assert r.data.tags["pdcbdm.reference_kind"] == "heldout" and r.data.tags["pdcbdm.data.num_images"] == "72"
+        assert r.data.tags["pdcbdm.reference_kind"] == "balanced-train" and r.data.tags["pdcbdm.data.num_images"] == "72"
 
 
 def test_the_data_benchmark_measures_load_and_private_memory_of_workers(tmp_path):

@@ -32,6 +32,8 @@ from tune.search_folder import read_search_json
 
 WARM_START_ATTR = "pdcbdm.warm_start"  # the folder of the search a copied trial comes from
 SOURCE_TRIAL_ATTR = "pdcbdm.warm_start_trial"  # its number in that search's study
+# fields that decide what a trial's scores are measured against: trials scored otherwise are never ranked together
+SCORING_FIELDS = ("eval.reference", "eval.extractor", "eval.inception_weights")
 
 
 class WarmStartError(ValueError):
@@ -90,6 +92,11 @@ def load(folder: str | Path, dists: Mapping[str, Any], directions: Sequence[str]
                              f"({', '.join(theirs)}), this search {len(directions)} ({', '.join(directions)}); "
                              f"warm-start a --multi-objective search only from --multi-objective searches")
     out = WarmStart(folder, differs=config_differences(meta, fixed, dists))
+    scored = [k for k in out.differs if k in SCORING_FIELDS]
+    if scored:
+        raise WarmStartError(f"--warm-start {folder}: its trials were scored differently ({', '.join(scored)} "
+                             f"differ), so their FIDs are on another scale; warm-start only from searches that "
+                             f"score as this one does")
     for trial in study.get_trials(deepcopy=False):
         why = skip_reason(trial, dists, fixed)
         if why:

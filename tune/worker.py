@@ -91,8 +91,8 @@ class RankZeroLogger:
 
     def training_data(self, cfg: Config, data: Any) -> None:
         """The training set as the run's record. A prepared set (data.dataset=parquet): from its _meta.json alone
-        (no image is read or hashed), tags ``pdcbdm.data.*`` (training images, classes, rho, digest, image shape)
-        and ``pdcbdm.reference_kind``, with data/summary.json (class names and counts), data/_meta.json and
+        (no image is read or hashed), tags ``pdcbdm.data.*`` (training images, classes, rho, digest, image shape),
+        with data/summary.json (class names and counts), data/_meta.json and
         data/_report.json as artifacts. A built-in set: the run's dataset input (a digest, no upload)."""
         if self.active and cfg.data.dataset == PREPARED:
             self._prepared_data(cfg.data.root)
@@ -107,8 +107,7 @@ class RankZeroLogger:
         summary = prepared_summary(root)
         self.tags({"pdcbdm.data.num_images": summary["num_images"], "pdcbdm.data.num_classes": summary["num_classes"],
                    "pdcbdm.data.rho": summary["rho"], "pdcbdm.data.digest": summary["digest"],
-                   "pdcbdm.data.image_shape": "x".join(map(str, summary["image_shape"])),
-                   "pdcbdm.reference_kind": summary["reference_kind"]})
+                   "pdcbdm.data.image_shape": "x".join(map(str, summary["image_shape"]))})
         self.json_file(summary, "data/summary.json")
         self.files([p for p in (Path(root) / "_meta.json", Path(root) / "_report.json") if p.is_file()], "data")
 
@@ -253,7 +252,7 @@ def _evaluators(trainer: Trainer, rank: int, cache_dir: str | None) -> tuple[Eva
     if rank == 0:
         split = evaluation_split(cfg, trainer.counts)  # eval.split_ratio, not the trial's loss.split_ratio
         evaluator = Evaluator.build(cfg, num_classes=trainer.num_classes, head=split.head, tail=split.tail,
-                                    device=device, cache_dir=cache_dir)
+                                    device=device, cache_dir=cache_dir, train_counts=trainer.counts)
     if trainer.world_size > 1:
         torch.distributed.barrier()
     if evaluator is not None:
@@ -358,7 +357,7 @@ def _train(trainer: Trainer, log: RankZeroLogger, rank: int, cache_dir: str | No
     an evaluation (rank 0) and a report with a checkpoint (every rank) every ``train.eval_every`` and at the end."""
     cfg = trainer.cfg
     evaluator, source = _evaluators(trainer, rank, cache_dir)
-    log.tags({EXTRACTOR_TAG: source.extractor.identity})
+    log.tags({EXTRACTOR_TAG: source.extractor.identity, **(evaluator.tags() if evaluator is not None else {})})
     window: list[dict[str, float]] = []
     while trainer.step < cfg.train.steps:
         _inject_fault(trainer, rank)

@@ -3,15 +3,19 @@
 Everything about the data comes from D/_meta.json (``pdcbdm.data.prepared``): the image shape, the class names and
 the per-class counts; the images are the memory-mapped _images.npy of each split, never decoded or copied whole.
 
-What an evaluation scores against:
-  * reference: D/reference/ when the user supplied one (``reference_kind`` "reference"); otherwise the reference
-    part of D/heldout/ (``reference_kind`` "heldout");
-  * floor pool (the real images of the noise floors): the rest of D/heldout/. With a user reference the whole of
-    heldout/ is the pool; without one, heldout/ is split per class, so that the floors' real draws never contain
-    reference images (a draw that overlaps the set it is scored against would understate every floor).
+What an evaluation scores against (``eval.reference``; "auto": "folder" when the user supplied a reference folder
+at preparation, else "balanced-train"):
+  * reference: "balanced-train" the training split with its features re-weighted to a class-balanced mixture
+    (``pdcbdm.metrics.mixture``: a user has no balanced set), "train" the same unweighted, "folder" D/reference/,
+    "heldout" the reference part of D/heldout/;
+  * class judge's calibration images: D/reference/ for "folder", else the reference part of D/heldout/ (images the
+    domain CNN never trained on);
+  * floor pool (the real images of the noise floors): the whole of D/heldout/ for "folder", else its other part, so
+    that the floors' real draws never contain the judge's calibration images or a heldout reference (a draw that
+    overlaps what it is scored with would understate every floor).
 The split of heldout/ is fixed (seed ``HELDOUT_SPLIT_SEED``, independent of the config), so that every run, seed and
-machine scores against the same reference: per class with m images, the reference takes ceil(m / 2), and all of
-them while m <= 2 (the class judge needs 2 images of every class to calibrate).
+machine scores against the same reference: per class with m images, the reference part takes ceil(m / 2), and all
+of them while m <= 2 (the class judge needs 2 images of a class to cover it).
 
 Identities: every set built here carries ``identity``, derived from the data digest in _meta.json (itself a hash of
 the recorded file hashes), so that caches and the cluster check never hash the images.
@@ -28,10 +32,12 @@ from .dataset import ImageDataset
 from .prepared import load_prepared, read_prepared_meta
 
 __all__ = ["PREPARED", "HELDOUT_SPLIT_SEED", "require_root", "prepared_image_shape", "prepared_train",
-           "prepared_heldout", "prepared_reference", "prepared_floor", "reference_kind", "prepared_summary",
+           "prepared_heldout", "prepared_reference", "prepared_floor", "prepared_calibration", "reference_kind",
+           "prepared_summary", "REFERENCE_CHOICES",
            "heldout_parts", "prepared_identity"]
 
 PREPARED = "parquet"
+REFERENCE_CHOICES = ("auto", "balanced-train", "train", "heldout", "folder")
 HELDOUT_SPLIT_SEED = 0
 _SPLIT_RULE = "heldout-split-v1"  # part of the identities: a changed rule never reads another rule's caches
 
@@ -98,9 +104,20 @@ def heldout_parts(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.
     return np.sort(np.concatenate(reference)), np.sort(np.concatenate(floor))
 
 
-def reference_kind(root: str | Path | None) -> str:
-    """"reference" when D has a user-supplied reference split, else "heldout"."""
-    return "reference" if "reference" in read_prepared_meta(require_root(root))["splits"] else "heldout"
+def reference_kind(root: str | Path | None, choice: str = "auto") -> str:
+    """The reference an evaluation of this prepared set scores against (``eval.reference``, module docstring):
+    ``choice`` itself, or for "auto" "folder" when D has a user-supplied reference split and "balanced-train"
+    otherwise. ValueError naming the field for "folder" without a reference split."""
+    path = require_root(root)
+    if choice not in REFERENCE_CHOICES:
+        raise ValueError(f"eval.reference: {choice!r} is not one of {', '.join(REFERENCE_CHOICES)}")
+    has_folder = "reference" in read_prepared_meta(path)["splits"]
+    if choice == "folder" and not has_folder:
+        raise ValueError(f"eval.reference: 'folder' needs a reference split in {path} (prepare with "
+                         f"--reference-folder DIR); use balanced-train, train or heldout")
+    if choice == "auto":
+        return "folder" if has_folder else "balanced-train"
+    return choice
 
 
 def _heldout_or_fail(path: Path) -> ImageDataset:
@@ -110,30 +127,49 @@ def _heldout_or_fail(path: Path) -> ImageDataset:
     return load_prepared(path, "heldout")
 
 
-def prepared_reference(root: str | Path | None) -> ImageDataset:
-    """The evaluation's reference set (module docstring): D/reference/, else heldout/'s reference part."""
+def _heldout_part(path: Path, part: int) -> ImageDataset:
+    """Part 0 (the judge's and the heldout reference's) or 1 (the floors') of heldout/ (``heldout_parts``)."""
+    heldout = _heldout_or_fail(path)
+    rows = heldout_parts(heldout.labels.numpy(), heldout.num_classes)[part]
+    name = ("heldout-reference-part", "heldout-floor-part")[part]
+    return _with_identity(heldout.subset(rows), prepared_identity(path, name))
+
+
+def prepared_reference(root: str | Path | None, choice: str = "auto") -> ImageDataset:
+    """The images FID and the other metrics compare samples with (module docstring): the training split (never
+    flipped; "balanced-train" re-weights its features, ``pdcbdm.metrics.mixture``), D/reference/, or heldout/'s
+    reference part."""
     path = require_root(root)
-    if reference_kind(path) == "reference":
+    kind = reference_kind(path, choice)
+    if kind in ("balanced-train", "train"):
+        return _with_identity(load_prepared(path, "train", hflip=False), prepared_identity(path, "train"))
+    if kind == "folder":
         return _with_identity(load_prepared(path, "reference"), prepared_identity(path, "reference"))
-    heldout = _heldout_or_fail(path)
-    rows, _ = heldout_parts(heldout.labels.numpy(), heldout.num_classes)
-    return _with_identity(heldout.subset(rows), prepared_identity(path, "heldout-reference-part"))
+    return _heldout_part(path, 0)
 
 
-def prepared_floor(root: str | Path | None) -> ImageDataset:
-    """The noise floors' real images (module docstring): heldout/ outside the reference."""
+def prepared_floor(root: str | Path | None, choice: str = "auto") -> ImageDataset:
+    """The noise floors' real images (module docstring): all of heldout/ beside a user reference folder, else
+    heldout/'s floor part (disjoint from the judge's calibration images and the heldout reference)."""
     path = require_root(root)
-    heldout = _heldout_or_fail(path)
-    if reference_kind(path) == "reference":
-        return _with_identity(heldout, prepared_identity(path, "heldout"))
-    _, rows = heldout_parts(heldout.labels.numpy(), heldout.num_classes)
-    return _with_identity(heldout.subset(rows), prepared_identity(path, "heldout-floor-part"))
+    if reference_kind(path, choice) == "folder":
+        return _with_identity(_heldout_or_fail(path), prepared_identity(path, "heldout"))
+    return _heldout_part(path, 1)
+
+
+def prepared_calibration(root: str | Path | None, choice: str = "auto") -> ImageDataset:
+    """The real images the class judge is calibrated on, never seen by the domain CNN and disjoint from the
+    floors' (module docstring): D/reference/ when it is the reference, else heldout/'s reference part."""
+    path = require_root(root)
+    if reference_kind(path, choice) == "folder":
+        return _with_identity(load_prepared(path, "reference"), prepared_identity(path, "reference"))
+    return _heldout_part(path, 0)
 
 
 def prepared_summary(root: str | Path | None) -> dict[str, Any]:
     """What a run records about its data, from _meta.json alone: training images, classes, their names and
     counts, the imbalance rho (largest over smallest non-empty class), the digest, the image shape, the held-out
-    count and the kind of reference."""
+    count and whether a reference folder was prepared."""
     path = require_root(root)
     meta = read_prepared_meta(path)
     counts = [int(c) for c in meta["splits"]["train"]["counts"]]
@@ -143,4 +179,4 @@ def prepared_summary(root: str | Path | None) -> dict[str, Any]:
             "num_classes": len(meta["class_names"]), "class_names": list(meta["class_names"]), "counts": counts,
             "rho": max(present) / min(present) if present else None, "digest": meta["digest"],
             "image_shape": list(meta["image_shape"]), "heldout_images": int(heldout),
-            "reference_kind": reference_kind(path)}
+            "reference_folder": "reference" in meta["splits"]}

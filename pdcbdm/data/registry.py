@@ -18,13 +18,14 @@ from .cifar import load_cifar
 from .dataset import ImageDataset
 from .digits import DIGITS_SIZE, check_digits_size, digits_pool_and_heldout, load_digits_uint8
 from .longtail import check_imbalance, longtail_counts, longtail_indices
-from .own import (PREPARED, prepared_floor, prepared_heldout, prepared_image_shape, prepared_reference,
+from .own import (PREPARED, REFERENCE_CHOICES, prepared_calibration, prepared_floor, prepared_heldout, prepared_image_shape, prepared_reference,
                   prepared_train)
 from .own import reference_kind as _prepared_reference_kind
 
 __all__ = ["DATASET_NAMES", "CONFIG_DATASET_NAMES", "PREPARED", "SPLITS", "DEFAULT_IMBALANCE", "build_dataset",
            "build_reference_dataset", "build_floor_dataset", "resolve_imbalance", "is_longtail",
-           "reference_image_shape", "dataset_image_shape", "reference_kind"]
+           "reference_image_shape", "dataset_image_shape", "reference_kind", "build_calibration_dataset",
+           "REFERENCE_CHOICES"]
 
 # the built-in data sets (what pipelines.prepare_data --dataset writes); data.dataset also takes PREPARED
 DATASET_NAMES = ("digits-lt", "digits", "cifar10-lt", "cifar100-lt", "cifar10", "cifar100")
@@ -150,11 +151,15 @@ def reference_image_shape(name: str, *, root: str | Path | None = None) -> tuple
     return (1, DIGITS_SIZE, DIGITS_SIZE) if _check_name(name).startswith("digits") else (3, 32, 32)
 
 
-def reference_kind(name: str, root: str | Path | None = None) -> str:
-    """What the evaluation's reference set is: "heldout" (digits' held-out split; a prepared set's held-out part),
-    "reference" (a prepared set's own reference split) or "train" (CIFAR's balanced training set, the paper's)."""
+def reference_kind(name: str, root: str | Path | None = None, choice: str = "auto") -> str:
+    """What the evaluation's reference set is (``eval.reference`` resolved): "heldout" (digits' balanced held-out
+    split), "train" (CIFAR's balanced training set, the paper's); for a prepared set "balanced-train", "train",
+    "heldout" or "folder" (``pdcbdm.data.own``). A built-in set takes only "auto" (its balanced set)."""
     if name == PREPARED:
-        return _prepared_reference_kind(root)
+        return _prepared_reference_kind(root, choice)
+    if choice != "auto":
+        raise ValueError(f"eval.reference: {choice!r} applies to a prepared set (data.dataset={PREPARED}); "
+                         f"{name} is scored against its balanced set (leave it auto)")
     return "heldout" if _check_name(name).startswith("digits") else "train"
 
 
@@ -176,7 +181,8 @@ def dataset_image_shape(name: str, image_size: int | None = None, *,
     return ref
 
 
-def build_reference_dataset(name: str, *, root: str | Path | None = None, download: bool = False) -> ImageDataset:
+def build_reference_dataset(name: str, *, root: str | Path | None = None, download: bool = False,
+                            choice: str = "auto") -> ImageDataset:
     """The balanced set FID reference statistics are computed against (METHOD.md, "Metrics").
 
     CIFAR names: the full balanced training set, as the paper. Digits names: the held-out balanced split. Never
@@ -187,11 +193,12 @@ def build_reference_dataset(name: str, *, root: str | Path | None = None, downlo
         root: CIFAR folder (ignored for digits).
         download: fetch CIFAR with torchvision when the files are missing.
 
-    A prepared set (name PREPARED, root its folder): its reference split, else the reference part of its held-out
-    split (``pdcbdm.data.own``).
+    A prepared set (name PREPARED, root its folder): the reference ``choice`` (``eval.reference``) names
+    (``pdcbdm.data.own``).
     """
     if name == PREPARED:
-        return prepared_reference(root)
+        return prepared_reference(root, choice)
+    reference_kind(name, root, choice)
     _check_name(name)
     if name.startswith("digits"):
         return _digits("test")
@@ -200,7 +207,8 @@ def build_reference_dataset(name: str, *, root: str | Path | None = None, downlo
     return data
 
 
-def build_floor_dataset(name: str, *, root: str | Path | None = None, download: bool = False) -> ImageDataset:
+def build_floor_dataset(name: str, *, root: str | Path | None = None, download: bool = False,
+                        choice: str = "auto") -> ImageDataset:
     """Real images, disjoint from `build_reference_dataset(name)`, that the evaluation's noise floors are drawn from
     (pdcbdm.metrics.floor: each metric computed for real images against the reference at the generated set's size).
 
@@ -213,12 +221,22 @@ def build_floor_dataset(name: str, *, root: str | Path | None = None, download: 
         root: CIFAR folder (ignored for digits).
         download: fetch CIFAR with torchvision when the files are missing.
 
-    A prepared set (name PREPARED, root its folder): its held-out split outside the reference
-    (``pdcbdm.data.own``).
+    A prepared set (name PREPARED, root its folder): its held-out images outside the judge's calibration images and
+    a heldout reference, for the reference ``choice`` (``pdcbdm.data.own``).
     """
     if name == PREPARED:
-        return prepared_floor(root)
+        return prepared_floor(root, choice)
     _check_name(name)
     if name.startswith("digits"):
         return _digits("train")
     return _cifar(name, root, "test", download)
+
+
+def build_calibration_dataset(name: str, *, root: str | Path | None = None, download: bool = False,
+                              choice: str = "auto") -> ImageDataset:
+    """The real images the class judge is calibrated on (images its classifier never trained on, disjoint from
+    the floors'): the reference set of a built-in set (digits' held-out split), for a prepared set
+    ``pdcbdm.data.own.prepared_calibration``."""
+    if name == PREPARED:
+        return prepared_calibration(root, choice)
+    return build_reference_dataset(name, root=root, download=download)

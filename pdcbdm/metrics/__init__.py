@@ -13,7 +13,8 @@ Typical use:
 """
 
 from .class_metrics import (class_consistency, group_consistency, group_fid, per_class_fid, reject_rate,
-                            tail_to_head_confusion)
+                            shot_groups, tail_to_head_confusion)
+from .mixture import balanced_shares, mixture_weights
 from .evaluate import EvalResult, FeatureSet, evaluate_features
 from .extractors import EXTRACTOR_KINDS, FeatureExtractor, build_extractor, extract_all, extract_feature_set
 from .fid import feature_statistics, fid_from_features, frechet_distance
@@ -33,5 +34,6 @@ __all__ = [
     "inception_score", "kid_from_features", "knn_radii", "load_feature_set", "load_or_calibrate_judge",
     "manifold_membership", "max_f_beta", "noise_floor", "per_class_fid", "per_class_kid", "prd_cluster_count",
     "prd_curve", "prd_f_scores", "prd_from_features", "proxy_noise_floor", "reference_cache_path",
-    "reference_features", "reject_rate", "save_feature_set", "tail_to_head_confusion",
+    "reference_features", "reject_rate", "save_feature_set", "tail_to_head_confusion", "shot_groups",
+    "balanced_shares", "mixture_weights",
 ]

@@ -17,9 +17,27 @@ from collections.abc import Sequence
 import numpy as np
 
 from .fid import fid_from_features
+from .mixture import mixture_weights
 
-__all__ = ["check_split", "per_class_fid", "group_fid", "class_consistency", "tail_to_head_confusion",
+__all__ = ["SHOT_MANY", "SHOT_FEW", "shot_groups", "check_split", "per_class_fid", "group_fid", "class_consistency", "tail_to_head_confusion",
            "group_consistency", "reject_rate"]
+
+
+# Many-shot classes have more than SHOT_MANY training images, few-shot fewer than SHOT_FEW, medium-shot the rest
+# (the usual long-tail recognition groups of Liu et al. 2019, OLTR).
+SHOT_MANY = 100
+SHOT_FEW = 20
+
+
+def shot_groups(train_counts: Sequence[int], *, many: int = SHOT_MANY,
+                few: int = SHOT_FEW) -> dict[str, tuple[int, ...]]:
+    """{"many": classes with > many training images, "medium": few..many, "few": < few} (a group may be empty:
+    its metrics are then None). Beside head/tail, which split by rank, these split by absolute count: a "tail"
+    class of a mild imbalance may still hold hundreds of images."""
+    counts = [int(c) for c in train_counts]
+    return {"many": tuple(k for k, c in enumerate(counts) if c > many),
+            "medium": tuple(k for k, c in enumerate(counts) if few <= c <= many),
+            "few": tuple(k for k, c in enumerate(counts) if c < few)}
 
 
 def check_split(head_classes: Sequence[int], tail_classes: Sequence[int], num_classes: int) -> tuple[tuple[int, ...],
@@ -39,13 +57,15 @@ def check_split(head_classes: Sequence[int], tail_classes: Sequence[int], num_cl
 
 
 def group_fid(gen_features: np.ndarray, gen_labels: np.ndarray, ref_features: np.ndarray, ref_labels: np.ndarray,
-              classes: Sequence[int]) -> float | None:
+              classes: Sequence[int], *, ref_shares: np.ndarray | None = None) -> float | None:
     """FID between the generated and the reference samples whose labels are in `classes`.
 
     Args:
         gen_features, ref_features: [M, D] and [N, D] features.
         gen_labels, ref_labels: [M] and [N] integer labels (generated: the class each sample was generated for).
         classes: the class group (one class for per-class FID).
+        ref_shares: the class mixture the reference stands for (``mixture.py``), renormalised over the group;
+            None: the reference's own proportions.
 
     Returns:
         The FID, or None when either side has fewer than 2 samples in the group (no covariance).
@@ -54,7 +74,8 @@ def group_fid(gen_features: np.ndarray, gen_labels: np.ndarray, ref_features: np
     ref_mask = np.isin(ref_labels, list(classes))
     if gen_mask.sum() < 2 or ref_mask.sum() < 2:
         return None
-    return fid_from_features(gen_features[gen_mask], ref_features[ref_mask])
+    weights = mixture_weights(ref_labels[ref_mask], ref_shares)
+    return fid_from_features(gen_features[gen_mask], ref_features[ref_mask], weights2=weights)
 
 
 def per_class_fid(gen_features: np.ndarray, gen_labels: np.ndarray, ref_features: np.ndarray,

@@ -8,7 +8,8 @@ cannot read is `reject_rate`. PRD runs on equal-size sets with at most N / 10 cl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from .fid import as_float64, fid_from_features
 from .inception_score import inception_score
 from .judge import Judge, calibrate_judge
 from .kid import group_kid, per_class_kid
+from .mixture import balanced_shares, mixture_weights, stratified_subsample
 from .prd import PRD_CLUSTERS_PER_CLASS, prd_cluster_count, prd_f_scores
 from .precision_recall import improved_precision_recall
 
@@ -47,6 +49,8 @@ class FeatureSet:
         extractor: identity of the FeatureExtractor that made them ("" if unknown); sets from different
             extractors are refused by `evaluate_features`.
         logits_note: why `logits` is None, reported as the Inception Score's unavailability reason.
+        class_shares: [K] the class mixture a reference stands for (``mixture.py``; the class-balanced training
+            set: ``balanced``); None: its own class proportions. Every metric reads it through `weights`.
     """
 
     features: np.ndarray
@@ -54,6 +58,7 @@ class FeatureSet:
     labels: np.ndarray
     extractor: str = ""
     logits_note: str = ""
+    class_shares: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         feats = as_float64(self.features, "features", 2)
@@ -67,6 +72,26 @@ class FeatureSet:
         object.__setattr__(self, "features", feats)
         object.__setattr__(self, "labels", labels.astype(np.int64))
         object.__setattr__(self, "logits", logits)
+        if self.class_shares is not None:
+            shares = as_float64(self.class_shares, "class_shares", 1)
+            if (shares < 0).any() or (labels.size and labels.max() >= len(shares)):
+                raise ValueError(f"class_shares must be >= 0 with an entry for every label, got {len(shares)} "
+                                 f"entries for labels up to {labels.max() if labels.size else None}")
+            object.__setattr__(self, "class_shares", shares)
+
+    def weights(self) -> np.ndarray | None:
+        """Row weights w_i = pi_k / n_k summing to 1 (``mixture.mixture_weights``), None when the set stands for
+        its own class proportions."""
+        return mixture_weights(self.labels, self.class_shares)
+
+    def balanced(self, num_classes: int) -> FeatureSet:
+        """The set re-weighted to the class-balanced mixture over the classes it holds."""
+        return dataclasses.replace(self, class_shares=balanced_shares(self.labels, num_classes))
+
+    def subset(self, rows: np.ndarray) -> FeatureSet:
+        """The rows ``rows`` (indices or a mask), the class shares kept."""
+        return dataclasses.replace(self, features=self.features[rows], labels=self.labels[rows],
+                                   logits=None if self.logits is None else self.logits[rows])
 
     @classmethod
     def coerce(cls, value: FeatureSet | Sequence[Any]) -> FeatureSet:
@@ -118,12 +143,14 @@ class EvalResult:
     num_generated: int = 0
     num_reference: int = 0
     extractor: str = ""
+    group_scores: dict[str, float | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, float | int | str | None]:
         """Flat, JSON-friendly view: Python floats/ints/strings/None only; per-class rows become fid_class_{k},
         kid_class_{k}, consistency_class_{k}, reject_rate_class_{k}, n_class_{k}; the IS pair becomes is_mean /
         is_std."""
-        flat = {k: v for k, v in asdict(self).items() if k not in ("per_class", "inception_score")}
+        flat = {k: v for k, v in asdict(self).items() if k not in ("per_class", "inception_score", "group_scores")}
+        flat.update(self.group_scores)
         flat["is_mean"], flat["is_std"] = self.inception_score if self.inception_score else (None, None)
         for row in self.per_class:
             for key in PER_CLASS_KEYS:
@@ -169,10 +196,11 @@ def _judge_for(ref: FeatureSet, num_classes: int, judge: Judge | None) -> tuple[
     return calibrate_judge(ref.features, ref.logits, ref.labels, num_classes, extractor=ref.extractor), None
 
 
-def _consistency(gen: FeatureSet, ref: FeatureSet, num_classes: int, head: tuple[int, ...], tail: tuple[int, ...],
+def _consistency(gen: FeatureSet, ref: FeatureSet, num_classes: int, groups: dict[str, tuple[int, ...]],
                  judge: Judge | None) -> tuple[list[float | None], list[float | None], dict[str, Any]]:
-    """Per-class consistency and reject rate plus their summaries; all None when the logits do not classify the
-    data set's classes."""
+    """Per-class consistency and reject rate plus their summaries (``consistency_<group>``,
+    ``reject_rate_<group>`` for every named group, the head's and tail's included); all None when the logits do
+    not classify the data set's classes. Only the classes the judge covers are judged (judge.py, "Coverage")."""
     none: list[float | None] = [None] * num_classes
     if gen.logits is None or gen.logits.shape[1] != num_classes:
         width = None if gen.logits is None else gen.logits.shape[1]
@@ -182,36 +210,60 @@ def _consistency(gen: FeatureSet, ref: FeatureSet, num_classes: int, head: tuple
     judge, note = _judge_for(ref, num_classes, judge)
     if judge is None:
         return none, none, {"consistency_note": note}
-    decided, labels, every = judge.decide(gen.features, gen.logits), gen.labels, range(num_classes)
-    summary = {
-        "consistency_mean": group_consistency(labels, decided, every),
-        "consistency_head": group_consistency(labels, decided, head),
-        "consistency_tail": group_consistency(labels, decided, tail),
-        "tail_to_head_confusion": tail_to_head_confusion(labels, decided, head, tail),
-        "reject_rate": reject_rate(labels, decided, every),
-        "reject_rate_head": reject_rate(labels, decided, head),
-        "reject_rate_tail": reject_rate(labels, decided, tail),
-    }
-    rejected = [reject_rate(labels, decided, [k]) for k in every]
-    return class_consistency(labels, decided, num_classes), rejected, summary
+    covered = set(judge.covered_classes)
+    decided, labels = judge.decide(gen.features, gen.logits), gen.labels
+
+    def judged(classes: Sequence[int]) -> list[int]:
+        return [c for c in classes if c in covered]
+
+    every = judged(range(num_classes))
+    summary: dict[str, Any] = {"consistency_mean": group_consistency(labels, decided, every),
+                               "reject_rate": reject_rate(labels, decided, every),
+                               "tail_to_head_confusion": tail_to_head_confusion(labels, decided, groups["head"],
+                                                                                judged(groups["tail"]))}
+    for name, classes in groups.items():
+        summary[f"consistency_{name}"] = group_consistency(labels, decided, judged(classes))
+        summary[f"reject_rate_{name}"] = reject_rate(labels, decided, judged(classes))
+    unjudged = sorted(set(range(num_classes)) - covered)
+    if unjudged:
+        summary["consistency_note"] = (f"classes {unjudged} have < 2 held-out images: the judge cannot read them, "
+                                       f"their samples are not judged")
+    consistency = [v if k in covered else None for k, v in enumerate(class_consistency(labels, decided,
+                                                                                          num_classes))]
+    rejected = [reject_rate(labels, decided, [k]) if k in covered else None for k in range(num_classes)]
+    return consistency, rejected, summary
 
 
-def _kid_reference(ref: FeatureSet, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reference features and labels for KID: all of them, or a seeded subsample of KID_MAX_REFERENCE."""
+def _pairwise_reference(ref: FeatureSet, seed: int) -> FeatureSet:
+    """The reference of the pairwise metrics (KID; precision/recall of a weighted reference): all of it, or a
+    seeded subsample of KID_MAX_REFERENCE rows, stratified by class for a weighted reference
+    (``mixture.stratified_subsample``: its tail kept whole, its shares kept)."""
     if len(ref) <= KID_MAX_REFERENCE:
-        return ref.features, ref.labels
-    keep = np.sort(np.random.default_rng(seed).choice(len(ref), size=KID_MAX_REFERENCE, replace=False))
-    return ref.features[keep], ref.labels[keep]
+        return ref
+    if ref.class_shares is not None:
+        return ref.subset(stratified_subsample(ref.labels, KID_MAX_REFERENCE, seed))
+    return ref.subset(np.sort(np.random.default_rng(seed).choice(len(ref), size=KID_MAX_REFERENCE, replace=False)))
 
 
-def _kid(gen: FeatureSet, ref: FeatureSet, num_classes: int, head: tuple[int, ...], tail: tuple[int, ...],
+def _kid(gen: FeatureSet, ref: FeatureSet, num_classes: int, groups: dict[str, tuple[int, ...]],
          seed: int) -> tuple[list[float | None], dict[str, float | None]]:
-    """Per-class KID and KID of the whole set and of each group."""
-    ref_feats, ref_labels = _kid_reference(ref, seed)
-    groups = {f"kid_{name}": group_kid(gen.features, gen.labels, ref_feats, ref_labels, classes)
-              for name, classes in (("head", head), ("tail", tail))}
-    overall = group_kid(gen.features, gen.labels, ref_feats, ref_labels, range(num_classes))
-    return per_class_kid(gen.features, gen.labels, ref_feats, ref_labels, num_classes), {"kid": overall, **groups}
+    """Per-class KID and KID of the whole set and of each named group (``kid_<name>``)."""
+    sub = _pairwise_reference(ref, seed)
+
+    def kid(classes: Sequence[int]) -> float | None:
+        return group_kid(gen.features, gen.labels, sub.features, sub.labels, classes, ref_shares=sub.class_shares)
+
+    per_class = [kid([k]) for k in range(num_classes)]
+    return per_class, {"kid": kid(range(num_classes)), **{f"kid_{name}": kid(c) for name, c in groups.items()}}
+
+
+def _precision_recall(gen: FeatureSet, ref: FeatureSet, k: int, seed: int,
+                      device: torch.device | str) -> tuple[float, float]:
+    """Improved precision/recall; a weighted reference is read through its pairwise subsample and weights."""
+    if ref.class_shares is None:
+        return improved_precision_recall(ref.features, gen.features, k=k, device=device)
+    sub = _pairwise_reference(ref, seed)
+    return improved_precision_recall(sub.features, gen.features, k=k, device=device, ref_weights=sub.weights())
 
 
 def _prd(gen: FeatureSet, ref: FeatureSet, clusters: int | None, runs: int, seed: int,
@@ -223,7 +275,7 @@ def _prd(gen: FeatureSet, ref: FeatureSet, clusters: int | None, runs: int, seed
         return {"f8": None, "f1_8": None, "prd_n": n, "prd_clusters": 0,
                 "prd_note": f"PRD needs >= 2 clusters of 10 points; the equal-size sets hold {n} points"}
     f8, f1_8 = prd_f_scores(gen.features, ref.features, num_clusters=count, num_runs=runs, seed=seed,
-                            n_init=n_init)
+                            n_init=n_init, ref_weights=ref.weights())
     return {"f8": f8, "f1_8": f1_8, "prd_n": n, "prd_clusters": count}
 
 
@@ -239,12 +291,13 @@ def evaluate_features(gen: FeatureSet | Sequence[Any], ref: FeatureSet | Sequenc
                       head_classes: Sequence[int], tail_classes: Sequence[int], num_classes: int, k: int = 5,
                       prd_runs: int = 10, seed: int = 0, prd_clusters: int | None = None, prd_n_init: int = 10,
                       is_splits: int = 10, device: torch.device | str = "cpu",
-                      judge: Judge | None = None) -> EvalResult:
+                      judge: Judge | None = None, groups: Mapping[str, Sequence[int]] | None = None) -> EvalResult:
     """Score generated features against reference features with every metric of METHOD.md "Metrics" plus KID.
 
     Args:
         gen: generated samples' FeatureSet (labels = the class each was generated for) or a 3-tuple.
-        ref: reference FeatureSet (the full balanced training set in the paper), e.g. from `reference_features`.
+        ref: reference FeatureSet (the full balanced training set in the paper), e.g. from `reference_features`;
+            one with ``class_shares`` (the class-balanced training set) is read with its weights by every metric.
         head_classes, tail_classes: disjoint head/tail split (as the PD loss's, Eq. 10) for group FID/consistency.
         num_classes: K, the data set's number of classes.
         k: neighbourhood size of improved precision/recall (paper: 5).
@@ -257,6 +310,8 @@ def evaluate_features(gen: FeatureSet | Sequence[Any], ref: FeatureSet | Sequenc
         device: where precision/recall distances are computed.
         judge: the calibrated reading rule of class consistency (judge.py); None calibrates one on `ref` (which
             should then be images the classifier was not trained on, as the digits reference is).
+        groups: further named class groups (e.g. the many/medium/few-shot groups of ``shot_groups``), scored as
+            head and tail are: ``fid_<name>``, ``kid_<name>``, ``consistency_<name>``, ``reject_rate_<name>``.
 
     Returns:
         An EvalResult. IS is None (with a note) when `gen` has no logits; consistency and reject-rate entries are
@@ -265,15 +320,30 @@ def evaluate_features(gen: FeatureSet | Sequence[Any], ref: FeatureSet | Sequenc
     gen, ref = FeatureSet.coerce(gen), FeatureSet.coerce(ref)
     _check_pair(gen, ref, num_classes)
     head, tail = check_split(head_classes, tail_classes, num_classes)
-    precision, recall = improved_precision_recall(ref.features, gen.features, k=k, device=device)
+    extra = _check_groups(groups, num_classes)
+    named = {"head": head, "tail": tail, **extra}
+    precision, recall = _precision_recall(gen, ref, k, seed, device)
     is_value, is_note = _inception_score(gen, is_splits)
-    consistency, rejected, summary = _consistency(gen, ref, num_classes, head, tail, judge)
-    kid_per_class, kid = _kid(gen, ref, num_classes, head, tail, seed)
+    consistency, rejected, summary = _consistency(gen, ref, num_classes, named, judge)
+    kid_per_class, kid = _kid(gen, ref, num_classes, named, seed)
+    fid = {f"fid_{name}": group_fid(gen.features, gen.labels, ref.features, ref.labels, classes,
+                                    ref_shares=ref.class_shares) for name, classes in named.items()}
+    extra_scores = {f"{metric}_{name}": scores.pop(f"{metric}_{name}", None) for name in extra
+                    for metric, scores in (("fid", fid), ("kid", kid), ("consistency", summary),
+                                           ("reject_rate", summary))}
     return EvalResult(
-        fid=fid_from_features(gen.features, ref.features), inception_score=is_value, inception_score_note=is_note,
-        precision=precision, recall=recall,
-        fid_head=group_fid(gen.features, gen.labels, ref.features, ref.labels, head),
-        fid_tail=group_fid(gen.features, gen.labels, ref.features, ref.labels, tail),
-        per_class=_per_class_rows(gen, ref, num_classes, kid_per_class, consistency, rejected),
+        fid=fid_from_features(gen.features, ref.features, weights2=ref.weights()), inception_score=is_value,
+        inception_score_note=is_note, precision=precision, recall=recall, fid_head=fid["fid_head"],
+        fid_tail=fid["fid_tail"], per_class=_per_class_rows(gen, ref, num_classes, kid_per_class, consistency, rejected),
         num_generated=len(gen), num_reference=len(ref), extractor=gen.extractor or ref.extractor,
-        **_prd(gen, ref, prd_clusters, prd_runs, seed, prd_n_init), **kid, **summary)
+        group_scores=extra_scores, **_prd(gen, ref, prd_clusters, prd_runs, seed, prd_n_init), **kid, **summary)
+
+
+def _check_groups(groups: Mapping[str, Sequence[int]] | None, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """Extra named class groups as int tuples; names must not collide with the head/tail fields."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, classes in (groups or {}).items():
+        if name in ("head", "tail", "mean") or not name.isidentifier():
+            raise ValueError(f"group name {name!r}: must be an identifier other than head, tail and mean")
+        out[name], _ = check_split(classes, (), num_classes)
+    return out

@@ -38,11 +38,17 @@ def as_float64(array: np.ndarray | torch.Tensor, name: str, ndim: int) -> np.nda
     return out
 
 
-def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and unbiased covariance (divisor N - 1) of N feature vectors.
+def feature_statistics(features: np.ndarray | torch.Tensor,
+                       weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance of N feature vectors, plain or weighted.
+
+    Plain: the mean and the covariance with divisor N - 1. Weighted (``weights`` w >= 0, normalised to sum 1; the
+    class-mixture weights of ``mixture.py``): mu = sum_i w_i x_i and the reliability-weighted unbiased covariance
+    sum_i w_i (x_i - mu)(x_i - mu)^T / (1 - sum_i w_i^2), which for w_i = 1 / N is the plain one.
 
     Args:
         features: [N, D] features, N >= 2.
+        weights: [N] non-negative weights, or None.
 
     Returns:
         (mu [D], sigma [D, D]) in float64.
@@ -50,7 +56,18 @@ def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray,
     x = as_float64(features, "features", 2)
     if x.shape[0] < 2:
         raise ValueError(f"features needs at least 2 rows to estimate a covariance, got {x.shape[0]}")
-    return x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
+    if weights is None:
+        return x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
+    w = as_float64(weights, "weights", 1)
+    if w.shape[0] != x.shape[0] or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be {x.shape[0]} non-negative values with a positive sum")
+    w = w / w.sum()
+    spread = 1.0 - float(w @ w)
+    if spread <= 0.0:
+        raise ValueError("weights put all mass on one row: no covariance can be estimated")
+    mu = w @ x
+    centred = x - mu
+    return mu, (centred * w[:, None]).T @ centred / spread
 
 
 def _sqrtm_with_error(a: np.ndarray) -> tuple[np.ndarray, float]:
@@ -105,8 +122,10 @@ def frechet_distance(mu1: np.ndarray | torch.Tensor, sigma1: np.ndarray | torch.
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(root))
 
 
-def fid_from_features(features1: np.ndarray | torch.Tensor, features2: np.ndarray | torch.Tensor) -> float:
-    """FID between two feature sets [N1, D] and [N2, D] (each N >= 2)."""
-    mu1, sigma1 = feature_statistics(features1)
-    mu2, sigma2 = feature_statistics(features2)
+def fid_from_features(features1: np.ndarray | torch.Tensor, features2: np.ndarray | torch.Tensor, *,
+                      weights1: np.ndarray | None = None, weights2: np.ndarray | None = None) -> float:
+    """FID between two feature sets [N1, D] and [N2, D] (each N >= 2); either side may carry row weights
+    (``feature_statistics``: a reference re-weighted to another class mixture)."""
+    mu1, sigma1 = feature_statistics(features1, weights1)
+    mu2, sigma2 = feature_statistics(features2, weights2)
     return frechet_distance(mu1, sigma1, mu2, sigma2)

@@ -106,10 +106,12 @@ def summarise_draws(draws: Sequence[dict[str, Any]]) -> dict[str, float | None]:
 
 
 def floor_data_key(pool: FeatureSet, reference: FeatureSet) -> str:
-    """Content key of the two feature sets a floor depends on (hash of their arrays and extractor identities)."""
+    """Content key of the two feature sets a floor depends on (hash of their arrays, extractor identities and the
+    reference's class shares: the same images re-weighted are another reference)."""
+    shares = "own" if reference.class_shares is None else repr(reference.class_shares.tolist())
     return sha256_text(feature_set_digest(pool.features, pool.logits, pool.labels), pool.extractor,
                        feature_set_digest(reference.features, reference.logits, reference.labels),
-                       reference.extractor)
+                       reference.extractor, shares)
 
 
 def _judge_key(judge: Judge | None) -> str:

@@ -28,6 +28,12 @@ image the CNN splits between two classes still counts as read; keep 0.98 puts it
 on half of them). Both (and 0.97) reject every noise and blank image above. Calibrated on half, keep 0.98 kept
 96-99% of the unseen half (4 splits), with 99% of the kept ones classified correctly. The price is a reject-rate
 floor of 1-2% on real images (1.2% for 200 pool digits), which the evaluation reports as reject_rate_floor.
+
+Coverage. A user's tail class may have no held-out image at all (preparation never robs a tail class of its few
+training images). The judge covers the classes with at least 2 calibration images (``Judge.covered``) and needs 2
+such classes: a class it does not cover has no centroid to test typicality against, so a sample it would read as
+that class is rejected, and the evaluation leaves samples generated for such a class unjudged (no consistency or
+reject rate of their own, not in any group's), naming the classes.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ __all__ = ["REJECT", "DEFAULT_KEEP", "Judge", "calibrate_judge", "judge_cache_pa
 
 REJECT = -1
 DEFAULT_KEEP = 0.98
-_FORMAT = "pdcbdm-judge-v1"
+_FORMAT = "pdcbdm-judge-v2"
 # Per-test quantiles tried, from strict to lenient: the first whose joint rule keeps `keep` is chosen.
 _QUANTILE_STEPS = 401
 
@@ -73,6 +79,7 @@ class Judge:
         kept: the share it keeps on them (leave-one-out distances), >= keep.
         num_calibration: number of calibration images.
         extractor: identity of the network whose features and logits it reads.
+        covered: [K] bool, the classes with >= 2 calibration images (module docstring); None: all of them.
     """
 
     min_confidence: float
@@ -83,10 +90,18 @@ class Judge:
     kept: float
     num_calibration: int
     extractor: str = ""
+    covered: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
         return int(self.centroids.shape[0])
+
+    @property
+    def covered_classes(self) -> tuple[int, ...]:
+        """The classes the judge can read (all when ``covered`` is None)."""
+        if self.covered is None:
+            return tuple(range(self.num_classes))
+        return tuple(int(k) for k in np.flatnonzero(self.covered))
 
     def distances(self, features: np.ndarray, classes: np.ndarray) -> np.ndarray:
         """Scaled distance of each feature row to the centroid of `classes[i]`."""
@@ -107,12 +122,15 @@ class Judge:
             raise ValueError(f"features has {len(features)} rows but logits has {len(logits)}")
         confidence, predicted = softmax_confidence(logits)
         readable = (confidence >= self.min_confidence) & (self.distances(features, predicted) <= self.max_distance)
+        if self.covered is not None:
+            readable &= self.covered[predicted]  # no centroid to test typicality against
         return np.where(readable, predicted, REJECT)
 
     def summary(self) -> dict[str, float | int]:
         """The thresholds and shares, for logs and JSON."""
         return {"judge_min_confidence": self.min_confidence, "judge_max_distance": self.max_distance,
-                "judge_keep": self.keep, "judge_kept": self.kept, "judge_calibration_n": self.num_calibration}
+                "judge_keep": self.keep, "judge_kept": self.kept, "judge_calibration_n": self.num_calibration,
+                "judge_classes": len(self.covered_classes)}
 
 
 def _leave_one_out_distances(features: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
@@ -134,7 +152,8 @@ def calibrate_judge(features: np.ndarray, logits: np.ndarray, labels: np.ndarray
     Args:
         features: [N, D] features of real images the classifier was not trained on.
         logits: [N, K] its logits on them.
-        labels: [N] their true classes in [0, K); every class needs >= 2 images.
+        labels: [N] their true classes in [0, K); a class with < 2 images is not covered (module docstring),
+            at least 2 classes must be.
         num_classes: K.
         keep: share of these images the joint rule must keep, in (0, 1).
         extractor: identity of the network (recorded).
@@ -147,21 +166,32 @@ def calibrate_judge(features: np.ndarray, logits: np.ndarray, labels: np.ndarray
         raise ValueError(f"need features [N, D], logits [N, {num_classes}] and labels [N] with one N, got "
                          f"{feats.shape}, {lg.shape}, {labels.shape}")
     counts = np.bincount(labels, minlength=num_classes)
-    if len(counts) != num_classes or counts.min() < 2:
-        raise ValueError(f"every class needs >= 2 calibration images; counts per class: {counts.tolist()}")
-    centroids = np.stack([feats[labels == k].mean(axis=0) for k in range(num_classes)])
+    if len(counts) != num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got up to {int(labels.max())}")
+    covered = counts >= 2
+    if covered.sum() < 2:
+        raise ValueError(f"the judge needs >= 2 calibration images in at least 2 classes; counts per class: "
+                         f"{counts.tolist()}")
+    rows = covered[labels]
+    feats, lg, labels = feats[rows], lg[rows], labels[rows]
+    centroids = np.stack([feats[labels == k].mean(axis=0) if covered[k] else np.zeros(feats.shape[1])
+                          for k in range(num_classes)])
     residual = feats - centroids[labels]
-    scale = np.sqrt((residual ** 2).sum(axis=0) / (len(feats) - num_classes))
+    scale = np.sqrt((residual ** 2).sum(axis=0) / (len(feats) - int(covered.sum())))
     scale = np.maximum(scale, 1e-12 * max(float(scale.max()), 1.0))
     confidence, predicted = softmax_confidence(lg)
     distance = _leave_one_out_distances(feats, labels, predicted, centroids, scale)
+    distance[~covered[predicted]] = np.inf  # read as a class the judge cannot test: rejected, as decide() does
+    if not np.isfinite(distance).any():
+        raise ValueError("the classifier reads every calibration image as a class with < 2 calibration images")
     for q in np.linspace(keep, 1.0, _QUANTILE_STEPS):
         min_conf = float(np.quantile(confidence, 1.0 - q, method="lower"))
-        max_dist = float(np.quantile(distance, q, method="higher"))
+        max_dist = float(np.quantile(distance[np.isfinite(distance)], q, method="higher"))
         kept = float(((confidence >= min_conf) & (distance <= max_dist)).mean())
         if kept >= keep:
             break
-    return Judge(min_conf, max_dist, centroids, scale, float(keep), kept, len(feats), extractor)
+    return Judge(min_conf, max_dist, centroids, scale, float(keep), kept, len(feats), extractor,
+                 None if covered.all() else covered)
 
 
 def feature_set_digest(features: np.ndarray, logits: np.ndarray | None, labels: np.ndarray) -> str:
@@ -189,7 +219,8 @@ def _save(path: Path, judge: Judge) -> None:
     arrays = {"format": np.array(_FORMAT), "min_confidence": np.array(judge.min_confidence),
               "max_distance": np.array(judge.max_distance), "centroids": judge.centroids, "scale": judge.scale,
               "keep": np.array(judge.keep), "kept": np.array(judge.kept),
-              "num_calibration": np.array(judge.num_calibration), "extractor": np.array(judge.extractor)}
+              "num_calibration": np.array(judge.num_calibration), "extractor": np.array(judge.extractor),
+              "covered": np.ones(judge.num_classes, bool) if judge.covered is None else judge.covered}
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
@@ -197,8 +228,10 @@ def _load(path: Path) -> Judge | None:
     with np.load(path, allow_pickle=False) as data:
         if "format" not in data.files or str(data["format"]) != _FORMAT:
             return None
+        covered = data["covered"].astype(bool)
         return Judge(float(data["min_confidence"]), float(data["max_distance"]), data["centroids"], data["scale"],
-                     float(data["keep"]), float(data["kept"]), int(data["num_calibration"]), str(data["extractor"]))
+                     float(data["keep"]), float(data["kept"]), int(data["num_calibration"]), str(data["extractor"]),
+                     None if covered.all() else covered)
 
 
 def load_or_calibrate_judge(features: np.ndarray, logits: np.ndarray, labels: np.ndarray, num_classes: int, *,

@@ -19,6 +19,11 @@ block (a, b), diagonal excluded when a = b, with p the set's class proportions. 
 with those proportions under stratified sampling (and equal to the plain estimate for one class). The cross term
 needs no change: its plain mean already weighs every block by p_a q_b. A set with a class of fewer than 2 points
 falls back to the plain within-set term.
+
+A reference re-weighted to another class mixture (``ref_shares``, ``mixture.py``: the class-balanced training set)
+uses its shares in place of its proportions in the within-set term and its row weights pi_k / n_k in the cross
+term. A class of that set with a single point has no pair: its diagonal block takes the point's own kernel value
+(biased up by pi_k^2 times the gap to a pair's value; with K classes at most a 1 / K^2 share of the term).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 import torch
 
 from .fid import as_float64
+from .mixture import mixture_weights
 
 __all__ = ["KID_DEGREE", "KID_COEF0", "kid_from_features", "group_kid", "per_class_kid"]
 
@@ -38,33 +44,42 @@ KID_COEF0 = 1.0
 _BLOCK_ROWS = 1024
 
 
-def _kernel_sum(a: np.ndarray, b: np.ndarray, gamma: float, degree: int, coef0: float) -> float:
-    """sum over all (i, j) of (a_i . b_j * gamma + coef0)^degree, in row blocks."""
-    return float(sum((((a[s:s + _BLOCK_ROWS] @ b.T) * gamma + coef0) ** degree).sum()
-                     for s in range(0, a.shape[0], _BLOCK_ROWS)))
+def _kernel_sum(a: np.ndarray, b: np.ndarray, gamma: float, degree: int, coef0: float,
+                weights_b: np.ndarray | None = None) -> float:
+    """sum over all (i, j) of (a_i . b_j * gamma + coef0)^degree (times weights_b[j] when given), in row blocks."""
+    def block(s: int) -> float:
+        k = ((a[s:s + _BLOCK_ROWS] @ b.T) * gamma + coef0) ** degree
+        return float(k.sum() if weights_b is None else (k @ weights_b).sum())
+    return float(sum(block(s) for s in range(0, a.shape[0], _BLOCK_ROWS)))
 
 
-def _within_mean(a: np.ndarray, labels: np.ndarray | None, gamma: float, degree: int, coef0: float) -> float:
+def _within_mean(a: np.ndarray, labels: np.ndarray | None, gamma: float, degree: int, coef0: float,
+                 shares: np.ndarray | None = None) -> float:
     """Unbiased estimate of E k(A, A') for independent A, A' from the set's distribution: the mean over i != j of
-    k(a_i, a_j), or with labels the stratified estimate of the module docstring."""
+    k(a_i, a_j), or with labels the stratified estimate of the module docstring (class proportions from the
+    counts, or from ``shares`` indexed by label)."""
     n = a.shape[0]
     diagonal = (np.einsum("nd,nd->n", a, a) * gamma + coef0) ** degree
-    index = np.zeros(n, dtype=np.int64) if labels is None else np.unique(np.asarray(labels), return_inverse=True)[1]
+    classes, index = ((np.zeros(1, dtype=np.int64), np.zeros(n, dtype=np.int64)) if labels is None
+                      else np.unique(np.asarray(labels), return_inverse=True))
     counts = np.bincount(index).astype(np.float64)
-    if counts.min() < 2:
+    if counts.min() < 2 and shares is None:
         return (_kernel_sum(a, a, gamma, degree, coef0) - float(diagonal.sum())) / (n * (n - 1))
     onehot = np.eye(len(counts))[index]                                               # [n, C]
     blocks = sum(onehot[s:s + _BLOCK_ROWS].T @ (((a[s:s + _BLOCK_ROWS] @ a.T) * gamma + coef0) ** degree) @ onehot
                  for s in range(0, n, _BLOCK_ROWS))                                  # [C, C] kernel sums
     pairs = np.outer(counts, counts) - np.diag(counts)                                # off-diagonal pair counts
-    means = (blocks - np.diag(onehot.T @ diagonal)) / pairs
-    share = counts / n
+    means = (blocks - np.diag(onehot.T @ diagonal)) / np.where(pairs > 0, pairs, 1.0)
+    single = np.flatnonzero(counts < 2)                                               # only with shares
+    means[single, single] = blocks[single, single]
+    share = counts / n if shares is None else np.asarray(shares, dtype=np.float64)[classes]
+    share = share / share.sum()
     return float(share @ means @ share)
 
 
 def kid_from_features(gen_features: np.ndarray | torch.Tensor, ref_features: np.ndarray | torch.Tensor, *,
                       gen_labels: np.ndarray | None = None, ref_labels: np.ndarray | None = None,
-                      degree: int = KID_DEGREE, gamma: float | None = None, coef0: float = KID_COEF0) -> float:
+                      ref_shares: np.ndarray | None = None, degree: int = KID_DEGREE, gamma: float | None = None, coef0: float = KID_COEF0) -> float:
     """Unbiased KID (squared MMD, polynomial kernel) between two feature sets.
 
     Args:
@@ -72,6 +87,8 @@ def kid_from_features(gen_features: np.ndarray | torch.Tensor, ref_features: np.
         ref_features: [N, D] features, N >= 2 (M and N may differ).
         gen_labels, ref_labels: [M] and [N] class labels of sets drawn class by class with fixed counts; given,
             the within-set terms are estimated stratum by stratum (module docstring). None: i.i.d. samples.
+        ref_shares: the class mixture the reference stands for (indexed by label; needs ``ref_labels``), None:
+            its own proportions (module docstring).
         degree, gamma, coef0: kernel (x.y * gamma + coef0)^degree; gamma None = 1 / D (torch-fidelity's default).
 
     Returns:
@@ -87,23 +104,26 @@ def kid_from_features(gen_features: np.ndarray | torch.Tensor, ref_features: np.
     for name, labels, size in (("gen_labels", gen_labels, m), ("ref_labels", ref_labels, n)):
         if labels is not None and np.shape(labels) != (size,):
             raise ValueError(f"{name} must have one label per row ({size}), got shape {np.shape(labels)}")
+    if ref_shares is not None and ref_labels is None:
+        raise ValueError("ref_shares needs ref_labels (the shares are per class)")
     g = 1.0 / x.shape[1] if gamma is None else float(gamma)
     xx = _within_mean(x, gen_labels, g, degree, coef0)
-    yy = _within_mean(y, ref_labels, g, degree, coef0)
-    xy = _kernel_sum(x, y, g, degree, coef0) / (m * n)
+    yy = _within_mean(y, ref_labels, g, degree, coef0, ref_shares)
+    weights = None if ref_shares is None else mixture_weights(ref_labels, ref_shares) * n
+    xy = _kernel_sum(x, y, g, degree, coef0, weights) / (m * n)
     return xx + yy - 2.0 * xy
 
 
 def group_kid(gen_features: np.ndarray, gen_labels: np.ndarray, ref_features: np.ndarray, ref_labels: np.ndarray,
-              classes: Sequence[int]) -> float | None:
+              classes: Sequence[int], *, ref_shares: np.ndarray | None = None) -> float | None:
     """Class-stratified KID between the generated and reference samples whose labels are in `classes` (None: < 2
-    on a side)."""
+    on a side); ``ref_shares`` as `kid_from_features`."""
     gen_mask = np.isin(gen_labels, list(classes))
     ref_mask = np.isin(ref_labels, list(classes))
     if gen_mask.sum() < 2 or ref_mask.sum() < 2:
         return None
     return kid_from_features(gen_features[gen_mask], ref_features[ref_mask], gen_labels=gen_labels[gen_mask],
-                             ref_labels=ref_labels[ref_mask])
+                             ref_labels=ref_labels[ref_mask], ref_shares=ref_shares)
 
 
 def per_class_kid(gen_features: np.ndarray, gen_labels: np.ndarray, ref_features: np.ndarray,

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .fid import as_float64
+from .mixture import weighted_draw
 
 __all__ = ["prd_curve", "prd_from_features", "max_f_beta", "prd_f_scores", "equal_size_sets", "prd_cluster_count",
            "PRD_CLUSTERS_PER_CLASS", "PRD_POINTS_PER_CLUSTER"]
@@ -79,23 +80,33 @@ def prd_cluster_count(n: int, num_classes: int, *, per_class: int = PRD_CLUSTERS
 
 
 def _cluster_histograms(gen: np.ndarray, ref: np.ndarray, num_clusters: int, seed: int,
-                        n_init: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster the union of both sets once and return each set's normalised cluster histogram."""
+                        n_init: int, ref_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster the union of both sets once and return each set's normalised cluster histogram (the reference's
+    weighted by ``ref_weights`` when given)."""
     # float64: scikit-learn's float32 distance path up-casts chunk by chunk and is slower here.
     union = np.concatenate([gen, ref])
     # imported here: scikit-learn (with scipy) costs about 1 s to import, and most importers never cluster
     from sklearn.cluster import MiniBatchKMeans
-
     kmeans = MiniBatchKMeans(n_clusters=num_clusters, n_init=n_init, random_state=seed)
     labels = kmeans.fit(union).labels_
     gen_hist = np.bincount(labels[:len(gen)], minlength=num_clusters) / len(gen)
-    ref_hist = np.bincount(labels[len(gen):], minlength=num_clusters) / len(ref)
-    return gen_hist, ref_hist
+    ref_hist = np.bincount(labels[len(gen):], weights=ref_weights, minlength=num_clusters)
+    return gen_hist, ref_hist / ref_hist.sum()
+
+
+def _weighted_equal_sizes(gen: np.ndarray, ref: np.ndarray, ref_weights: np.ndarray | None,
+                          seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``equal_size_sets``, except that a weighted reference larger than the generated set is cut by a draw with
+    probabilities proportional to its weights (``mixture.weighted_draw``: about its mixture, then unweighted)."""
+    if ref_weights is None or len(ref) <= len(gen) or np.ptp(ref_weights) <= 1e-12 * np.max(ref_weights):
+        gen, cut = equal_size_sets(gen, ref, seed)  # uniform weights (a balanced set): the plain cut
+        return gen, cut, ref_weights if len(cut) == len(ref) else None  # a whole reference keeps its weights
+    return gen, ref[weighted_draw(ref_weights, len(gen), seed)], None
 
 
 def prd_from_features(gen_features: np.ndarray | torch.Tensor, ref_features: np.ndarray | torch.Tensor, *,
                       num_clusters: int, num_angles: int = 1001, num_runs: int = 10, seed: int = 0,
-                      n_init: int = 10) -> tuple[np.ndarray, np.ndarray]:
+                      n_init: int = 10, ref_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """PRD curve of generated against reference features, averaged over `num_runs` clusterings.
 
     Args:
@@ -108,6 +119,8 @@ def prd_from_features(gen_features: np.ndarray | torch.Tensor, ref_features: np.
         seed: seeds the subsample; run r uses random_state seed + r.
         n_init: k-means++ initialisations per run, the best kept (10 in Sajjadi et al.'s code; on 2048-d
             features they dominate the cost, so fewer trade some stability for speed).
+        ref_weights: [N] weights of a reference re-weighted to another class mixture (``mixture.py``): a larger
+            reference is cut by a weighted draw, an equal one weighs its histogram.
 
     Returns:
         (precision [num_angles], recall [num_angles]), the mean curves.
@@ -116,14 +129,17 @@ def prd_from_features(gen_features: np.ndarray | torch.Tensor, ref_features: np.
     ref = as_float64(ref_features, "ref_features", 2)
     if gen.shape[1] != ref.shape[1]:
         raise ValueError(f"feature dims differ: gen_features {gen.shape[1]}, ref_features {ref.shape[1]}")
-    gen, ref = equal_size_sets(gen, ref, seed)
+    if ref_weights is not None and np.shape(ref_weights) != (len(ref),):
+        raise ValueError(f"ref_weights must have one entry per reference row ({len(ref)})")
+    gen, ref, ref_weights = _weighted_equal_sizes(gen, ref, ref_weights, seed)
     limit = len(gen) // PRD_POINTS_PER_CLUSTER
     if not 1 <= num_clusters <= limit:
         raise ValueError(f"num_clusters must be in [1, {limit}] (at most one cluster per "
                          f"{PRD_POINTS_PER_CLUSTER} points of the equal-size sets of {len(gen)}), got {num_clusters}")
     if num_runs < 1 or n_init < 1:
         raise ValueError(f"num_runs and n_init must be >= 1, got num_runs={num_runs}, n_init={n_init}")
-    curves = [prd_curve(*_cluster_histograms(gen, ref, num_clusters, seed + run, n_init), num_angles=num_angles)
+    curves = [prd_curve(*_cluster_histograms(gen, ref, num_clusters, seed + run, n_init, ref_weights),
+                        num_angles=num_angles)
               for run in range(num_runs)]
     return np.mean([c[0] for c in curves], axis=0), np.mean([c[1] for c in curves], axis=0)
 
@@ -139,11 +155,12 @@ def max_f_beta(precision: np.ndarray, recall: np.ndarray, beta: float) -> float:
 
 def prd_f_scores(gen_features: np.ndarray | torch.Tensor, ref_features: np.ndarray | torch.Tensor, *,
                  num_clusters: int, num_angles: int = 1001, num_runs: int = 10, seed: int = 0,
-                 n_init: int = 10, beta: float = 8.0) -> tuple[float, float]:
+                 n_init: int = 10, beta: float = 8.0, ref_weights: np.ndarray | None = None) -> tuple[float, float]:
     """(F_beta, F_1/beta) of the averaged PRD curve: with beta = 8, (F_8 recall-like, F_1/8 precision-like).
 
     Arguments as `prd_from_features`; `beta` is the recall weight of the first score.
     """
     precision, recall = prd_from_features(gen_features, ref_features, num_clusters=num_clusters,
-                                          num_angles=num_angles, num_runs=num_runs, seed=seed, n_init=n_init)
+                                          num_angles=num_angles, num_runs=num_runs, seed=seed, n_init=n_init,
+                                          ref_weights=ref_weights)
     return max_f_beta(precision, recall, beta), max_f_beta(precision, recall, 1.0 / beta)

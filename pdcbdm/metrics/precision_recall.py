@@ -88,7 +88,8 @@ def manifold_membership(queries: torch.Tensor, points: torch.Tensor, radii: torc
 def improved_precision_recall(ref_features: np.ndarray | torch.Tensor, gen_features: np.ndarray | torch.Tensor, *,
                               k: int = 5, block_elements: int = DEFAULT_BLOCK_ELEMENTS,
                               device: torch.device | str = "cpu",
-                              dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+                              dtype: torch.dtype = torch.float32,
+                              ref_weights: np.ndarray | None = None) -> tuple[float, float]:
     """Improved precision and recall of generated features against reference features.
 
     Args:
@@ -98,6 +99,9 @@ def improved_precision_recall(ref_features: np.ndarray | torch.Tensor, gen_featu
         block_elements: bound on the elements of one distance slab; memory beyond the inputs is O(block_elements).
         device: where distances are computed.
         dtype: float32 (fast; both sets are centred on the reference mean first to limit cancellation) or float64.
+        ref_weights: [N] weights of a reference re-weighted to another class mixture (``mixture.py``): recall is
+            then the weighted share of reference points inside the generated manifold. Precision is unweighted:
+            the real manifold is a support, which weights do not change.
 
     Returns:
         (precision, recall), each in [0, 1].
@@ -114,4 +118,9 @@ def improved_precision_recall(ref_features: np.ndarray | torch.Tensor, gen_featu
         fake_radii = knn_radii(fake, k, block_elements=block_elements)
         precision = manifold_membership(fake, real, real_radii, block_elements=block_elements)
         recall = manifold_membership(real, fake, fake_radii, block_elements=block_elements)
-    return float(precision.double().mean()), float(recall.double().mean())
+    if ref_weights is None:
+        return float(precision.double().mean()), float(recall.double().mean())
+    w = np.asarray(ref_weights, dtype=np.float64)
+    if w.shape != (real.shape[0],) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"ref_weights must be {real.shape[0]} non-negative values with a positive sum")
+    return float(precision.double().mean()), float(w @ recall.cpu().numpy().astype(np.float64) / w.sum())
