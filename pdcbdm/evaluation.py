@@ -29,7 +29,9 @@ from pdcbdm.data import (PREPARED, HeadTailSplit, build_calibration_dataset, bui
                          reference_kind)
 from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.metrics import FeatureExtractor, FeatureSet, build_extractor, evaluate_features, extract_all
+from pdcbdm.data.own import prepared_train
 from pdcbdm.metrics import fid_from_features, group_fid, reference_features, shot_groups
+from pdcbdm.metrics.memorisation import memorisation_floor, memorisation_report, memorisation_share
 from pdcbdm.metrics import (FLOOR_SEEDS, FloorUnavailable, Judge, floor_data_key, load_or_calibrate_judge, noise_floor,
                             proxy_noise_floor)
 from pdcbdm.sampling import generate, share_indices, uniform_labels
@@ -238,6 +240,9 @@ class Evaluator:
     floor_seeds: int = FLOOR_SEEDS
     reference_kind: str | None = None
     groups: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    train_features: FeatureSet | None = None
+    judge_accuracy: float | None = None
+    _memorisation_floor: dict[str, Any] | None = field(default=None, repr=False)
     _floors: dict[tuple, dict[str, Any]] = field(default_factory=dict, repr=False)
     _floor_key: str | None = field(default=None, repr=False)
 
@@ -265,9 +270,11 @@ class Evaluator:
         pool, note = _floor_pool(cfg, extractor, cache_dir, progress)
         shape = dataset_image_shape(d.dataset, d.image_size, root=d.root)
         groups = {} if train_counts is None else shot_groups(train_counts)
+        train = _train_features(cfg, extractor, reference, kind, cache_dir, progress) if pool is not None else None
         return cls(cfg, extractor, reference, num_classes, tuple(head), tuple(tail), shape, device,
                    score_shape=tuple(ref_ds.image_shape), judge=judge, floor_pool=pool, floor_note=note,
-                   cache_dir=cache_dir, reference_kind=kind, groups=groups)
+                   cache_dir=cache_dir, reference_kind=kind, groups=groups, train_features=train,
+                   judge_accuracy=None if judge is None else _accuracy(calibration, judge))
 
     @property
     def judge_kind(self) -> str:
@@ -275,7 +282,8 @@ class Evaluator:
         covers, or "none"."""
         if self.judge is None:
             return "none"
-        return f"{self.extractor.name} ({len(self.judge.covered_classes)} of {self.num_classes} classes)"
+        accuracy = "" if self.judge_accuracy is None else f", held-out accuracy {self.judge_accuracy:.3f}"
+        return f"{self.extractor.name} ({len(self.judge.covered_classes)} of {self.num_classes} classes{accuracy})"
 
     def tags(self) -> dict[str, str]:
         """How this evaluator scores, for a run's tags: runs scored differently are never ranked together."""
@@ -323,7 +331,30 @@ class Evaluator:
                                    num_classes=self.num_classes, seed=seed, judge=self.judge, groups=self.groups)
         floors = self.floors(feats.labels)
         flat = {k: v for k, v in floors.items() if "_class_" not in k}
-        return {**result.to_dict(), **flat}, _rows_with_floors(result.per_class, floors)
+        rows = _rows_with_floors(result.per_class, floors)
+        memorisation = self.memorisation(feats)
+        if memorisation:
+            for row in rows:
+                row["memorisation"] = memorisation["memorisation_class"][row["label"]]
+                row["memorisation_floor"] = memorisation["memorisation_floor_class"][row["label"]]
+        scalars = {k: v for k, v in memorisation.items() if not k.endswith("_class")}
+        return {**result.to_dict(), **flat, **scalars}, rows
+
+    def memorisation(self, feats: FeatureSet) -> dict[str, Any]:
+        """The memorisation check of a prepared set's samples (``pdcbdm.metrics.memorisation``: the share of
+        samples closer to their nearest training image than that image's nearest held-out image), beside its
+        floor at the same class composition (held-out images scored leave-one-out, computed once); {} where the
+        data have no training features disjoint from held-out ones (the built-in sets) or no held-out images."""
+        if self.train_features is None or self.floor_pool is None or len(feats) == 0:
+            return {}
+        train, pool = self.train_features.features, self.floor_pool
+        if self._memorisation_floor is None:
+            self._memorisation_floor = memorisation_floor(train, pool.features, pool.labels,
+                                                          num_classes=self.num_classes, tail_classes=self.tail,
+                                                          device=self.device)
+        share = memorisation_share(feats.features, feats.labels, train, pool.features,
+                                   num_classes=self.num_classes, tail_classes=self.tail, device=self.device)
+        return memorisation_report(share, self._memorisation_floor, feats.labels, self.tail)
 
     def floors(self, labels: Any, *, proxy: bool = False) -> dict[str, Any]:
         """The noise floors for a generated set with these labels (same count per class), computed once per count
@@ -401,6 +432,26 @@ def _features(extractor: FeatureExtractor, data: Any, cache_dir: str | os.PathLi
                               progress=progress)
 
 
+def _accuracy(calibration: FeatureSet, judge: Judge) -> float | None:
+    """The classifier's plain accuracy (argmax) on its held-out calibration images of the classes the judge
+    covers: how well it knows the classes it judges."""
+    rows = np.isin(calibration.labels, judge.covered_classes)
+    if calibration.logits is None or not rows.any():
+        return None
+    return float((calibration.logits[rows].argmax(axis=1) == calibration.labels[rows]).mean())
+
+
+def _train_features(cfg: Config, extractor: FeatureExtractor, reference: FeatureSet, kind: str,
+                    cache_dir: str | os.PathLike | None, progress: bool) -> FeatureSet | None:
+    """Features of a prepared set's training images for the memorisation check (the reference's own when it is
+    the training set); None for a built-in set, whose floor pool may hold training images."""
+    if cfg.data.dataset != PREPARED:
+        return None
+    if kind in ("balanced-train", "train"):
+        return reference
+    return _features(extractor, prepared_train(cfg.data.root), cache_dir, progress)
+
+
 def _floor_pool(cfg: Config, extractor: FeatureExtractor, cache_dir: str | os.PathLike | None,
                 progress: bool) -> tuple[FeatureSet | None, str | None]:
     """Features of the floor data set (``build_floor_dataset``), cached like the reference's; or a note."""
@@ -439,7 +490,8 @@ def best_by_fid(results: Sequence[GuidanceResult], min_consistency: float = 0.0)
 
 HEADLINE_KEYS = ("fid", "is_mean", "precision", "recall", "f8", "f1_8", "fid_head", "fid_tail", "kid", "kid_head",
                  "kid_tail", "consistency_mean", "consistency_head", "consistency_tail", "tail_to_head_confusion",
-                 "reject_rate", "reject_rate_head", "reject_rate_tail")
+                 "reject_rate", "reject_rate_head", "reject_rate_tail", "fid_few", "kid_few", "consistency_few",
+                 "memorisation", "memorisation_tail")
 
 
 def headline(result: GuidanceResult) -> dict[str, float | None]:

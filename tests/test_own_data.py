@@ -202,16 +202,26 @@ def test_evaluation_of_own_data_scores_with_judge_and_floors(own, cache):
     cfg = own_config(own)
     data = load_data(cfg)
     split = evaluation_split(cfg, data.counts())
-    evaluator = Evaluator.build(cfg, num_classes=4, head=split.head, tail=split.tail, cache_dir=cache)
+    evaluator = Evaluator.build(cfg, num_classes=4, head=split.head, tail=split.tail, cache_dir=cache,
+                                train_counts=data.counts())
     assert evaluator.reference_kind == "balanced-train" and evaluator.judge is not None
     assert np.allclose(evaluator.reference.class_shares, 0.25) and len(evaluator.reference) == 72
-    assert evaluator.tags() == {"pdcbdm.reference_kind": "balanced-train", "pdcbdm.judge": "domain-cnn (4 of 4 classes)"}
+    assert evaluator.tags()["pdcbdm.reference_kind"] == "balanced-train" and evaluator.judge_accuracy >= 0.75
+    assert evaluator.tags()["pdcbdm.judge"].startswith("domain-cnn (4 of 4 classes, held-out accuracy ")
     real = build_floor_dataset("parquet", root=own)
     metrics, rows = evaluator.score(real.images, real.labels)
     assert metrics["consistency_mean"] >= 0.75 and isinstance(metrics["fid_floor"], float)
     assert all(row["fid_floor"] is not None for row in rows)
     short = evaluator.floors(torch.arange(28) % 4)  # 7 per class, the floor part holds 5: every class short
     assert set(short) == {"floor_note"}
+    # the memorisation check: real unseen images sit at their floor, copies of training images are all flagged
+    assert 0.0 <= metrics["memorisation_floor"] <= 1.0 and rows[3]["memorisation_floor"] is not None
+    fresh = build_calibration_dataset("parquet", root=own)  # unseen real images, outside the floor pool
+    unseen, _ = evaluator.score(fresh.images, fresh.labels)
+    assert abs(unseen["memorisation"] - unseen["memorisation_floor"]) < 0.35, unseen
+    train = load_data(cfg)
+    copies, _ = evaluator.score(train.images[:40:2], train.labels[:40:2])
+    assert copies["memorisation"] == 1.0 and metrics["fid_few"] is not None  # classes of 8 and 4: few-shot
 
 
 # ---------------------------------------------------------------- commands and records

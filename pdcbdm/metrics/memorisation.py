@@ -33,7 +33,7 @@ import torch
 
 from .precision_recall import DEFAULT_BLOCK_ELEMENTS, _as_tensor, _squared_distances
 
-__all__ = ["nearest_neighbours", "memorised", "memorisation_share", "memorisation_floor"]
+__all__ = ["nearest_neighbours", "memorised", "memorisation_share", "memorisation_floor", "memorisation_report"]
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -257,3 +257,24 @@ def memorisation_floor(train_features: ArrayLike, heldout_features: ArrayLike, h
     labels = _check_labels(heldout_labels, "heldout_labels", held.shape[0], num_classes)
     flags = _leave_one_out_flags(train, held, block_rows)
     return _summarise(flags, labels, num_classes, tail)
+
+
+def memorisation_report(share: dict[str, Any], floor: dict[str, Any], gen_labels: ArrayLike,
+                        tail_classes: Iterable[int]) -> dict[str, Any]:
+    """A sample set's memorisation beside its floor at the same class composition (module docstring): flat
+    ``memorisation``, ``memorisation_tail`` and their ``_floor`` (the floor's per-class shares weighted by the
+    generated counts, over the classes that have a floor, i.e. held-out images; None when none has), plus
+    ``memorisation_class`` and ``memorisation_floor_class`` (K entries each, for the per-class rows)."""
+    counts = np.bincount(np.asarray(gen_labels, dtype=np.int64), minlength=len(floor["memorisation_class"]))
+
+    def weighted(classes: Iterable[int]) -> float | None:
+        pairs = [(counts[k], floor["memorisation_class"][k]) for k in classes
+                 if counts[k] > 0 and floor["memorisation_class"][k] is not None]
+        total = sum(n for n, _ in pairs)
+        return float(sum(n * v for n, v in pairs) / total) if total else None
+
+    every = range(len(counts))
+    return {"memorisation": share["memorisation"], "memorisation_tail": share["memorisation_tail"],
+            "memorisation_floor": weighted(every), "memorisation_tail_floor": weighted(tail_classes),
+            "memorisation_class": share["memorisation_class"],
+            "memorisation_floor_class": floor["memorisation_class"]}
