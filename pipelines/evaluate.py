@@ -42,16 +42,16 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from pdcbdm.config import Config, ConfigError, apply_overrides, parse_float_list, write_json_atomic
 from pdcbdm.data import HeadTailSplit, reference_kind, to_unit_range
 from pdcbdm.diffusion import GaussianDiffusion
-from pdcbdm.evaluation import Evaluator, GuidanceResult, best_by_fid, evaluation_split, headline
+from pdcbdm.evaluation import Evaluator, GuidanceResult, best_by_fid, evaluation_split, headline, sampling_autocast
 from pdcbdm.noise_error import noise_error
 from pdcbdm.train import load_data
-from pdcbdm.training import CheckpointError, load_model, resolve_device, resolve_precision
+from pdcbdm.training import CheckpointError
 from pdcbdm.viz import save_grid
+from pipelines.model_source import UsageError, load_network, pick_device, source_name
 
 __all__ = ["build_parser", "evaluate_checkpoint", "format_table", "grid_of_classes", "main", "parse_guidance"]
 
@@ -66,10 +66,6 @@ GRID_CLASSES = 20
 GRID_PER_ROW = 10
 TABLE_KEYS = (("FID", "fid"), ("IS", "is_mean"), ("prec", "precision"), ("recall", "recall"), ("F8", "f8"),
               ("F1/8", "f1_8"), ("FID tail", "fid_tail"), ("tail->head", "tail_to_head_confusion"))
-
-
-class UsageError(ValueError):
-    """A command-line value is invalid; the message names the option."""
 
 
 # -- options --------------------------------------------------------------------------------------------------------
@@ -154,9 +150,14 @@ def resolve_config(base: Config, overrides: dict[str, Any], guidance: Sequence[f
         overrides: ``{"section.field": value}`` (see FLAG_FIELDS).
         guidance: the grid of w to record as eval.guidance_grid (None keeps the checkpoint's).
 
+    The samples follow the checkpoint's ``eval.protocol`` as a trial's final evaluation does, except that
+    ``--sampler`` or ``--steps`` switch it to ``fast`` (the config's sampler, with those values).
+
     Raises UsageError naming the option and the config field when a value is invalid.
     """
     items = dict(overrides)
+    if {"sample.sampler", "sample.steps"} & set(items):
+        items["eval.protocol"] = "fast"  # asked for a sampler: the paper protocol's fixed DDPM would ignore it
     if guidance is not None:
         items["eval.guidance_grid"] = ",".join(f"{w:g}" for w in guidance)
     kind = items.get("eval.extractor", base.eval.extractor)
@@ -170,14 +171,6 @@ def resolve_config(base: Config, overrides: dict[str, Any], guidance: Sequence[f
     except ConfigError as exc:
         flags = [f for f, key in FLAG_FIELDS.items() if key in str(exc)]
         raise UsageError(f"{exc}{' (option ' + flags[0] + ')' if flags else ''}") from None
-
-
-def pick_device(spec: str) -> torch.device:
-    """``auto``/``cpu``/``cuda[:N]`` to a torch.device; UsageError when CUDA is asked for but absent."""
-    device = resolve_device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {spec} asks for CUDA, but torch sees no CUDA device")
-    return device
 
 
 # -- outputs --------------------------------------------------------------------------------------------------------
@@ -264,14 +257,6 @@ def measure_noise_error(net: nn.Module, cfg: Config, device: torch.device, *, se
     return value, n
 
 
-def _autocast(cfg: Config, device: torch.device) -> Callable[[], Any] | None:
-    """bf16 autocast for sampling when the run's train.precision resolves to bf16 on this device (as the trainer
-    samples), else None."""
-    if resolve_precision(cfg.train.precision, device) != "bf16":
-        return None
-    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 def _class_rows(w: float, rows: list[dict[str, Any]], head: Sequence[int], names: Sequence[str]) -> list[dict]:
     """Per-class rows of one w, with the guidance value, class name and head/tail group added."""
     out = []
@@ -286,23 +271,18 @@ def _class_rows(w: float, rows: list[dict[str, Any]], head: Sequence[int], names
 def _score_grid(evaluator: Evaluator, net: nn.Module, grid: Sequence[float], out: Path, *, seed: int,
                 save_samples: bool, progress: bool,
                 names: Sequence[str]) -> tuple[list[GuidanceResult], list[dict[str, Any]], dict[str, Any]]:
-    """Sample and score each w, writing its grid PNG (and tensor); returns (results, per-class rows, timings)."""
-    results, rows, timings = [], [], {}
-    autocast = _autocast(evaluator.cfg, evaluator.device)
-    for w in tqdm(grid, desc="guidance", disable=not progress or len(grid) < 2):
-        t0 = time.perf_counter()
-        images, labels = evaluator.sample(net, w, evaluator.cfg.eval.num_samples, seed=seed, progress=progress,
-                                          autocast=autocast)
-        t1 = time.perf_counter()
-        metrics, per_class = evaluator.score(images, labels, seed=seed)
-        t2 = time.perf_counter()
-        results.append(GuidanceResult(w, {"guidance": w, **metrics}, per_class))
-        rows += _class_rows(w, per_class, evaluator.head, names)
-        tiles, n = grid_of_classes(images, labels, evaluator.num_classes)
-        save_grid(tiles, out / f"samples_w{w_name(w)}.png", nrow=n, scale=max(1, 64 // images.shape[-1]))
+    """The evaluator's report of each w (``Evaluator.evaluate_grid``, as a trial's final evaluation), with its grid
+    PNG (and tensor) written; returns (results, per-class rows, timings)."""
+    results = evaluator.evaluate_grid(net, grid, n=evaluator.cfg.eval.num_samples, seed=seed, progress=progress,
+                                      autocast=sampling_autocast(evaluator.cfg, evaluator.device))
+    rows, timings = [], {}
+    for r in results:
+        rows += _class_rows(r.guidance, r.per_class, evaluator.head, names)
+        tiles, n = grid_of_classes(r.images, r.labels, evaluator.num_classes)
+        save_grid(tiles, out / f"samples_w{w_name(r.guidance)}.png", nrow=n, scale=max(1, 64 // r.images.shape[-1]))
         if save_samples:
-            save_sample_tensor(out / f"samples_w{w_name(w)}.pt", images, labels, w)
-        timings[w_name(w)] = {"sample_s": t1 - t0, "score_s": t2 - t1}
+            save_sample_tensor(out / f"samples_w{w_name(r.guidance)}.pt", r.images, r.labels, r.guidance)
+        timings[w_name(r.guidance)] = r.timings
     return results, rows, timings
 
 
@@ -329,7 +309,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *
     """
     start = time.perf_counter()
     out = Path(out)
-    net, base_cfg, data = _load_network(checkpoint, which)  # checked before any slow work
+    net, base_cfg, data = load_network(checkpoint, which)  # checked before any slow work
     cfg = resolve_config(base_cfg, overrides or {}, guidance)
     device = pick_device(cfg.train.device)
     net = net.to(device)
@@ -349,20 +329,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *
     write_per_class_csv(out / "per_class.csv", rows)
     write_json_atomic(out / "metrics.json", summary)
     return summary
-
-
-def _load_network(checkpoint: str | os.PathLike, which: str) -> tuple[nn.Module, Config, dict[str, Any]]:
-    """(network, config, checkpoint data) of a checkpoint file or of an MLflow model URI (EMA weights only)."""
-    from tune.mlflow_model import ModelLoadError, is_model_uri, load_logged_model
-
-    if not is_model_uri(checkpoint):
-        return load_model(checkpoint, which=which, device="cpu")
-    if which != "ema":
-        raise UsageError(f"--which {which}: an MLflow model holds only the EMA network; use --which ema")
-    try:
-        return load_logged_model(str(checkpoint), device="cpu")
-    except ModelLoadError as exc:
-        raise CheckpointError(str(exc)) from None
 
 
 def log_to_run(model_uri: str, summary: dict[str, Any]) -> str:
@@ -400,11 +366,6 @@ def _build_evaluator(cfg: Config, data: dict[str, Any], device: torch.device,
     return evaluator, split
 
 
-def _source_name(checkpoint: str | os.PathLike) -> str:
-    """An MLflow model URI as given, a checkpoint file as its absolute path."""
-    return str(checkpoint) if ":/" in str(checkpoint) else str(Path(checkpoint).resolve())
-
-
 def _summary(checkpoint: str | os.PathLike, which: str, cfg: Config, data: dict[str, Any], split: HeadTailSplit,
              results: list[GuidanceResult], nerr: tuple[float, int] | None, device: torch.device) -> dict[str, Any]:
     """The metrics.json content (timings are added by the caller)."""
@@ -412,7 +373,7 @@ def _summary(checkpoint: str | os.PathLike, which: str, cfg: Config, data: dict[
     noise = None if nerr is None else {"value": nerr[0], "metric": "mse", "images": nerr[1],
                                        "stride": cfg.eval.noise_error_stride}
     return {
-        "checkpoint": _source_name(checkpoint), "which": which, "step": int(data["step"]),
+        "checkpoint": source_name(checkpoint), "which": which, "step": int(data["step"]),
         "config": cfg.to_dict(), "device": str(device), "num_classes": int(data["num_classes"]),
         "class_counts": [int(c) for c in data["class_counts"]], "head_classes": list(split.head),
         "tail_classes": list(split.tail), "guidance_values": [r.guidance for r in results],

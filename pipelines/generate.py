@@ -46,7 +46,8 @@ from pdcbdm.evaluation import evaluation_split
 from pdcbdm.generate_folder import (MANIFEST, Outcome, Settings, folder_names, generate_folder, read_manifest,
                                     top_up_targets)
 from pdcbdm.training import CheckpointError
-from pipelines.evaluate import UsageError, _autocast, _load_network, _source_name, pick_device
+from pdcbdm.evaluation import sampling_autocast
+from pipelines.model_source import UsageError, load_network, pick_device, source_name
 
 __all__ = ["build_parser", "select_classes", "real_counts", "main"]
 
@@ -125,7 +126,7 @@ def resolve_settings(args: argparse.Namespace, cfg: Config, meta: dict[str, Any]
                          f"steps")
     settings = Settings(sampler=s.sampler, steps=s.steps if s.sampler == "ddim" else cfg.diffusion.timesteps,
                         eta=s.eta if s.sampler == "ddim" else 1.0, guidance=s.guidance, seed=args.seed,
-                        batch_size=cfg.eval.batch_size, model=_source_name(args.model),
+                        batch_size=cfg.eval.batch_size, model=source_name(args.model),
                         model_step=int(meta.get("step", -1)))
     return cfg, settings
 
@@ -260,7 +261,7 @@ def _check_out(out: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the model, work out what to make, generate it, print the table."""
     _check_out(Path(args.out))
-    net, cfg, meta = _load_network(args.model, "ema")
+    net, cfg, meta = load_network(args.model, "ema")
     _check_meta(meta, str(args.model))
     cfg, settings = resolve_settings(args, cfg, meta)
     counts = [int(c) for c in meta["class_counts"]]
@@ -272,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
     outcome = generate_folder(net.to(device), GaussianDiffusion(cfg.diffusion), args.out,
                               class_names=meta["class_names"], targets=targets,
                               shape=tuple(int(s) for s in meta["image_shape"]), settings=settings, device=device,
-                              autocast=_autocast(cfg, device) or nullcontext,
+                              autocast=sampling_autocast(cfg, device) or nullcontext,
                               progress=not args.no_progress)
     _warn(outcome, Path(args.out))
     print(report(outcome, meta, targets, real))

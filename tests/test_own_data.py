@@ -18,7 +18,8 @@ from pdcbdm.data import (build_calibration_dataset, build_dataset, build_floor_d
                          prepared_summary, reference_kind)
 from pdcbdm.data.own import prepared_identity
 from pdcbdm.data.prepared import read_prepared_meta
-from pdcbdm.evaluation import Evaluator, _judge, _readable, evaluation_split
+from pdcbdm.evaluation import Evaluator, evaluation_split
+from pdcbdm.evaluation.real_sets import calibrated_judge, readable_reference
 from pdcbdm.metrics import FeatureSet, FloorUnavailable, noise_floor, reference_features
 from pdcbdm.metrics.domain_net import DomainExtractor
 from pdcbdm.metrics.floor import floor_draw
@@ -169,12 +170,12 @@ def test_domain_network_learns_the_classes_and_is_cached_by_digest(own, cache):
 def test_only_a_network_trained_on_the_data_classes_judges_them(own, cache):
     extractor = DomainExtractor.load_or_train(own, cache_dir=cache)
     reference = reference_features(extractor, build_calibration_dataset("parquet", root=own), cache, progress=False)
-    assert _judge(extractor, reference, 4, NAMES[:4], cache) is not None
+    assert calibrated_judge(extractor, reference, 4, NAMES[:4], cache) is not None
     # the same count of logits over other classes (Inception's 1,008 against a 1,008-class set): no judge, and the
     # metrics get no logits to calibrate one on
     extractor.logit_classes = ("a", "b", "c", "d")
-    assert _judge(extractor, reference, 4, NAMES[:4], cache) is None
-    assert _readable(extractor, reference, NAMES[:4], 4).logits is None
+    assert calibrated_judge(extractor, reference, 4, NAMES[:4], cache) is None
+    assert readable_reference(extractor, reference, NAMES[:4], 4).logits is None
 
 
 # ---------------------------------------------------------------- floors and the evaluation

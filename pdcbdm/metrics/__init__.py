@@ -15,7 +15,7 @@ Typical use:
 from .class_metrics import (class_consistency, group_consistency, group_fid, per_class_fid, reject_rate,
                             shot_groups, tail_to_head_confusion)
 from .mixture import balanced_shares, mixture_weights
-from .evaluate import EvalResult, FeatureSet, evaluate_features
+from .scoring import EvalResult, FeatureSet, evaluate_features
 from .extractors import EXTRACTOR_KINDS, FeatureExtractor, build_extractor, extract_all, extract_feature_set
 from .fid import feature_statistics, fid_from_features, frechet_distance
 from .floor import FLOOR_SEEDS, FloorUnavailable, floor_data_key, floor_draw, noise_floor, proxy_noise_floor

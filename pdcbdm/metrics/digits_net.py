@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._io import atomic_torch_save, dataset_identity, resolve_cache_dir, sha256_state, sha256_text
-from .extractors import InDomainExtractor
+from .extractor_base import InDomainExtractor
 
 __all__ = ["DigitsNetConfig", "DigitsNet", "DigitsExtractor", "train_digits_net", "digits_net_path"]
 

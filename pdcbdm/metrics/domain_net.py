@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._io import atomic_torch_save, resolve_cache_dir, sha256_state, sha256_text
-from .extractors import InDomainExtractor
+from .extractor_base import InDomainExtractor
 
 __all__ = ["DomainNetConfig", "DomainNet", "DomainExtractor", "train_domain_net", "domain_net_path"]
 

@@ -42,7 +42,7 @@ from pdcbdm.io import write_json_atomic
 
 from ._io import resolve_cache_dir, sha256_text
 from .class_metrics import group_fid
-from .evaluate import METRICS_VERSION, FeatureSet, evaluate_features
+from .scoring import METRICS_VERSION, FeatureSet, evaluate_features
 from .fid import fid_from_features
 from .judge import Judge, feature_set_digest
 

@@ -26,7 +26,7 @@ import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
 from ._io import atomic_write, sha256_file, sha256_state
-from .extractors import FeatureExtractor
+from .extractor_base import FeatureExtractor
 
 __all__ = ["WEIGHTS_ENV", "OFFLINE_ENV", "InceptionWeights", "InceptionExtractor", "build_inception_module",
            "load_inception_weights", "map_fid_helper_state", "fid_helper_model_path", "resolve_inception_weights"]

@@ -18,7 +18,6 @@ per class at most an equal share of the budget, so that a 100,000-image training
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import numpy as np
 

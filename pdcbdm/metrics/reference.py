@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ._io import atomic_write, dataset_identity, resolve_cache_dir, sha256_text
-from .evaluate import FeatureSet
+from .scoring import FeatureSet
 from .extractors import FeatureExtractor, extract_feature_set
 
 __all__ = ["reference_cache_path", "reference_features", "load_feature_set", "save_feature_set"]

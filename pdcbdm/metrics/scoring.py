@@ -21,7 +21,7 @@ from .class_metrics import (check_split, class_consistency, group_consistency, g
 from .fid import as_float64, fid_from_features
 from .inception_score import inception_score
 from .judge import Judge, calibrate_judge
-from .kid import group_kid, per_class_kid
+from .kid import group_kid
 from .mixture import balanced_shares, mixture_weights, stratified_subsample
 from .prd import PRD_CLUSTERS_PER_CLASS, prd_cluster_count, prd_f_scores
 from .precision_recall import improved_precision_recall

@@ -1,0 +1,138 @@
+"""The real images an evaluation compares samples with, as features: what ``Evaluator.build`` loads once.
+
+``RealSets.load`` resolves ``eval.reference`` and reads, each cached on disk by its data's identity and the
+extractor's: the reference (a prepared set's training images re-weighted to a class-balanced mixture by default,
+``pdcbdm.metrics.mixture``), the class judge's calibration images and the judge (only a network trained on the data's
+own classes judges them: ``FeatureExtractor.judges``, never the count of its logits), the floor pool (real images
+disjoint from both, for the noise floors) and, for a prepared set, the training images' features (the memorisation
+check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from pdcbdm.config import Config
+from pdcbdm.data import (PREPARED, build_calibration_dataset, build_floor_dataset, build_reference_dataset,
+                         reference_kind)
+from pdcbdm.data.own import prepared_train
+from pdcbdm.metrics import FeatureExtractor, FeatureSet, Judge, load_or_calibrate_judge, reference_features
+
+__all__ = ["RealSets", "readable_reference", "calibrated_judge", "cached_features", "judge_accuracy",
+           "training_features", "floor_pool"]
+
+
+@dataclass
+class RealSets:
+    """The features of the real sets one evaluation scores with (module docstring)."""
+
+    kind: str
+    reference: FeatureSet
+    score_shape: tuple[int, int, int]
+    judge: Judge | None
+    judge_accuracy: float | None
+    floor_pool: FeatureSet | None
+    floor_note: str | None
+    train: FeatureSet | None
+
+    @classmethod
+    def load(cls, cfg: Config, extractor: FeatureExtractor, num_classes: int,
+             cache_dir: str | os.PathLike | None = None, progress: bool = False) -> RealSets:
+        """Resolve ``eval.reference`` and read every set's features (computed once, then from the cache)."""
+        d, choice = cfg.data, cfg.eval.reference
+        kind = reference_kind(d.dataset, d.root, choice)
+        ref_ds = build_reference_dataset(d.dataset, root=d.root, download=d.download, choice=choice)
+        reference = cached_features(extractor, ref_ds, cache_dir, progress)
+        if kind == "balanced-train":
+            reference = reference.balanced(num_classes)
+        calibration = _calibration(cfg, extractor, ref_ds, reference, cache_dir, progress)
+        judge = calibrated_judge(extractor, calibration, num_classes, ref_ds.class_names, cache_dir)
+        pool, note = floor_pool(cfg, extractor, cache_dir, progress)
+        train = training_features(cfg, extractor, reference, kind, cache_dir, progress) if pool is not None else None
+        return cls(kind, readable_reference(extractor, reference, ref_ds.class_names, num_classes),
+                   tuple(ref_ds.image_shape), judge, None if judge is None else judge_accuracy(calibration, judge),
+                   pool, note, train)
+
+
+def _calibration(cfg: Config, extractor: FeatureExtractor, ref_ds: Any, reference: FeatureSet,
+                 cache_dir: str | os.PathLike | None, progress: bool) -> FeatureSet:
+    """The judge's calibration images' features: the reference's own when they are the same images (a built-in
+    set's balanced reference, a prepared set's reference folder or heldout reference part)."""
+    d = cfg.data
+    if d.dataset != PREPARED:
+        return reference
+    cal_ds = build_calibration_dataset(d.dataset, root=d.root, download=d.download, choice=cfg.eval.reference)
+    if cal_ds.identity == getattr(ref_ds, "identity", None):
+        return reference
+    return cached_features(extractor, cal_ds, cache_dir, progress)
+
+
+def readable_reference(extractor: FeatureExtractor, reference: FeatureSet, class_names: Sequence[str],
+              num_classes: int) -> FeatureSet:
+    """The reference as the metrics see it: without its logits when they number K but are not this data's classes
+    (``evaluate_features`` would calibrate a judge on any K-way logits), so that no class metric reads them."""
+    if reference.logits is None or reference.logits.shape[1] != num_classes or extractor.judges(class_names):
+        return reference
+    note = f"{extractor.name}'s logits are not the data set's classes (no judge of class consistency)"
+    return dataclasses.replace(reference, logits=None, logits_note=note)
+
+
+def calibrated_judge(extractor: FeatureExtractor, calibration: FeatureSet, num_classes: int, class_names: Sequence[str],
+           cache_dir: str | os.PathLike | None) -> Judge | None:
+    """The class judge calibrated on real images the in-domain CNN never trained on (``calibration``: digits'
+    reference, a prepared set's held-out reference part), cached on disk; it covers the classes with >= 2 of them
+    (judge.py, "Coverage"). None when the extractor was not trained on the data set's classes (Inception) or fewer
+    than 2 classes have 2 images to calibrate on."""
+    c = calibration
+    if c.logits is None or not extractor.judges(class_names) or c.logits.shape[1] != num_classes:
+        return None
+    try:
+        return load_or_calibrate_judge(c.features, c.logits, c.labels, num_classes, extractor=extractor.identity,
+                                       cache_dir=cache_dir)
+    except ValueError:  # fewer than 2 classes to calibrate on: the metrics report why there is no consistency
+        return None
+
+
+def cached_features(extractor: FeatureExtractor, data: Any, cache_dir: str | os.PathLike | None,
+              progress: bool) -> FeatureSet:
+    """Features of a real image set, cached on disk by its identity and the extractor's."""
+    return reference_features(extractor, data, cache_dir, dataset_id=getattr(data, "identity", None),
+                              progress=progress)
+
+
+def judge_accuracy(calibration: FeatureSet, judge: Judge) -> float | None:
+    """The classifier's plain accuracy (argmax) on its held-out calibration images of the classes the judge
+    covers: how well it knows the classes it judges."""
+    rows = np.isin(calibration.labels, judge.covered_classes)
+    if calibration.logits is None or not rows.any():
+        return None
+    return float((calibration.logits[rows].argmax(axis=1) == calibration.labels[rows]).mean())
+
+
+def training_features(cfg: Config, extractor: FeatureExtractor, reference: FeatureSet, kind: str,
+                    cache_dir: str | os.PathLike | None, progress: bool) -> FeatureSet | None:
+    """Features of a prepared set's training images for the memorisation check (the reference's own when it is
+    the training set); None for a built-in set, whose floor pool may hold training images."""
+    if cfg.data.dataset != PREPARED:
+        return None
+    if kind in ("balanced-train", "train"):
+        return reference
+    return cached_features(extractor, prepared_train(cfg.data.root), cache_dir, progress)
+
+
+def floor_pool(cfg: Config, extractor: FeatureExtractor, cache_dir: str | os.PathLike | None,
+                progress: bool) -> tuple[FeatureSet | None, str | None]:
+    """Features of the floor data set (``build_floor_dataset``), cached like the reference's; or a note."""
+    try:
+        data = build_floor_dataset(cfg.data.dataset, root=cfg.data.root, download=cfg.data.download,
+                                   choice=cfg.eval.reference)
+    except (OSError, ValueError) as exc:
+        return None, f"no noise floor: the floor data set is unavailable ({exc})"
+    if len(data) == 0:
+        return None, "no noise floor: the floor data set is empty (every held-out image is in the reference)"
+    return cached_features(extractor, data, cache_dir, progress), None
