@@ -240,9 +240,11 @@ def test_head_tail_split_rejects_ratio_outside_open_interval(ratio):
         head_tail_split([5, 4, 3, 2], ratio)
 
 
-def test_head_tail_split_needs_both_groups():
-    with pytest.raises(ValueError, match="non-empty"):
-        head_tail_split([5, 4, 3, 2], 0.9)  # ceil(3.6) = 4: no tail left
+def test_head_tail_split_always_keeps_a_tail_and_needs_two_classes():
+    assert head_tail_split([5, 4, 3, 2], 0.9) == HeadTailSplit(head=(0, 1, 2), tail=(3,))  # ceil(3.6) = 4: capped
+    assert head_tail_split([900, 40]) == HeadTailSplit(head=(0,), tail=(1,))  # two classes at the paper's 7:3
+    assert head_tail_split([50, 900, 40]) == HeadTailSplit(head=(0, 1), tail=(2,))
+    assert head_tail_split([900, 40], 0.99, mode="samples") == HeadTailSplit(head=(0,), tail=(1,))
     with pytest.raises(ValueError, match="at least 2"):
         head_tail_split([5])
     with pytest.raises(ValueError, match="mode"):

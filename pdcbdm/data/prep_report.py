@@ -144,15 +144,14 @@ def label_dist_shares(counts: Sequence[int], class_names: Sequence[str]) -> dict
 
 
 def _head_tail(counts: Sequence[int], class_names: Sequence[str], ratio: float) -> tuple[HeadTailSplit, str | None]:
-    """The head/tail split at ``ratio`` (``eval.split_ratio``); with too few classes for a tail at that ratio, the
-    largest K-1 classes form the head, and a note says so."""
-    try:
-        return head_tail_split(counts, ratio), None
-    except ValueError:
-        k = len(counts)
-        split = head_tail_split(counts, (k - 1) / k)
-        return split, (f"ratio {ratio} leaves no tail class among {k} classes; recorded head = the {k - 1} largest, "
-                       f"tail = {', '.join(class_names[c] for c in split.tail)}")
+    """The head/tail split at ``ratio`` (``eval.split_ratio``); with too few classes for a tail at that ratio the
+    split keeps the rarest class as tail (``head_tail_split``), and a note says so."""
+    split = head_tail_split(counts, ratio)
+    k = len(counts)
+    if math.ceil(ratio * k) < k:
+        return split, None
+    return split, (f"ratio {ratio} leaves no tail class among {k} classes; head = the {k - 1} largest, "
+                   f"tail = {', '.join(class_names[c] for c in split.tail)}")
 
 
 def _by_reason(skipped: Sequence[tuple[str, str]]) -> str:

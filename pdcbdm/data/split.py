@@ -66,7 +66,12 @@ def _class_order(counts: list[int], seed: int) -> list[int]:
 
 
 def _head_size(counts: list[int], order: list[int], ratio: float, mode: str) -> int:
-    """Number of leading classes of `order` that form the head."""
+    """Number of leading classes of `order` that form the head, at most K - 1: every split keeps a tail (with 2 or 3
+    classes, ceil(0.7 K) would be all of them; a lesion set of benign and malignant is the common case)."""
+    return min(_ratio_head_size(counts, order, ratio, mode), len(counts) - 1)
+
+
+def _ratio_head_size(counts: list[int], order: list[int], ratio: float, mode: str) -> int:
     if mode == "classes":
         return math.ceil(ratio * len(counts) - _EPS)
     total = sum(counts)
@@ -90,7 +95,8 @@ def head_tail_split(counts: Sequence[int], ratio: float = 0.7, *, mode: str = "c
     Args:
         counts: images per class, n_0..n_{K-1} (K >= 2).
         ratio: r in (0, 1). mode="classes": the head is the first ceil(r K) classes. mode="samples": the head is
-            the shortest prefix of the sorted classes holding at least r of all images.
+            the shortest prefix of the sorted classes holding at least r of all images. Either way at most K - 1
+            classes: the rarest class is always tail (K = 2: one head class, one tail class).
         mode: "classes" (default, the paper's reading) or "samples".
         seed: seed of the class shuffle used on balanced data (ignored otherwise).
 
