@@ -41,7 +41,7 @@ from pdcbdm.io import atomic_write_bytes
 from pdcbdm.sampling import Rows, ddim_sample, ddpm_sample, to_uint8
 
 __all__ = ["MANIFEST", "MANIFEST_COLUMNS", "Settings", "Job", "Outcome", "folder_names", "batch_seed", "image_path",
-           "plan_jobs", "sample_job", "png_bytes", "read_manifest", "write_manifest", "generate_folder",
+           "plan_jobs", "sample_job", "png_bytes", "read_manifest", "write_manifest", "generate_folder", "write_preview",
            "top_up_targets"]
 
 MANIFEST = "manifest.csv"
@@ -287,3 +287,28 @@ def generate_folder(net: nn.Module, diffusion: GaussianDiffusion, out: str | Pat
     if not jobs:
         write_manifest(out / MANIFEST, rows.values())  # drops the rows of deleted files
     return outcome
+
+
+PREVIEW = "preview.png"
+
+
+def write_preview(out: str | Path, class_names: Sequence[str], targets: Mapping[int, int], *,
+                  per_class: int = 8) -> Path:
+    """``out/preview.png``: the first ``per_class`` images of each generated class, a row per class with its name
+    (a picture to look at before the folder goes to a classifier)."""
+    from PIL import Image
+
+    from pdcbdm.viz import save_labelled_rows
+
+    out, folders = Path(out), folder_names(class_names)
+    rows = []
+    for k in sorted(targets):
+        files = [image_path(out, folders[k], n) for n in range(min(per_class, targets[k]))]
+        images = [torch.from_numpy(_as_chw(np.asarray(Image.open(f)))) for f in files if f.is_file()]
+        rows.append((class_names[k], images))
+    return save_labelled_rows(rows, out / PREVIEW, title=f"generated images, first {per_class} per class")
+
+
+def _as_chw(pixels: np.ndarray) -> np.ndarray:
+    """A PNG's pixels (H, W) or (H, W, C) as uint8 (C, H, W)."""
+    return (pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)).astype(np.uint8)

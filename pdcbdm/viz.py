@@ -63,3 +63,31 @@ def save_curves(history: Sequence[Mapping[str, float]], keys: Sequence[str], pat
         return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
+
+
+def save_labelled_rows(rows: Sequence[tuple[str, Sequence[Tensor]]], path: str | os.PathLike,
+                       title: str = "") -> Path:
+    """One row of uint8 images [C, H, W] per (label, images) pair, the label written left of its row, as a PNG
+    (nearest-neighbour pixels: small images stay sharp). Rows may hold different numbers of images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = max((len(images) for _, images in rows), default=1) or 1
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(1.0 * width + 1.6, 4.0), 1.0 * len(rows) + 0.5),
+                             squeeze=False)
+    for ax, (label, images) in zip(axes[:, 0], rows):
+        if images:
+            grid = image_grid(torch.stack(list(images)), nrow=width).permute(1, 2, 0).numpy()
+            ax.imshow(grid[:, :, 0] if grid.shape[2] == 1 else grid, cmap="gray", vmin=0, vmax=255,
+                      interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    written = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return written

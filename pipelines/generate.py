@@ -44,7 +44,7 @@ from pdcbdm.data.prepared import read_prepared_meta
 from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.evaluation import evaluation_split
 from pdcbdm.generate_folder import (MANIFEST, Outcome, Settings, folder_names, generate_folder, read_manifest,
-                                    top_up_targets)
+                                    top_up_targets, write_preview)
 from pdcbdm.training import CheckpointError
 from pdcbdm.evaluation import sampling_autocast
 from pipelines.model_source import UsageError, load_network, pick_device, source_name
@@ -276,9 +276,10 @@ def run(args: argparse.Namespace) -> int:
                               autocast=sampling_autocast(cfg, device) or nullcontext,
                               progress=not args.no_progress)
     _warn(outcome, Path(args.out))
+    preview = write_preview(args.out, meta["class_names"], targets)
     print(report(outcome, meta, targets, real))
     print(f"wrote {sum(outcome.generated.values())} image(s), kept {sum(outcome.kept.values())}; manifest "
-          f"{Path(args.out) / MANIFEST}")
+          f"{Path(args.out) / MANIFEST}; preview {preview}")
     return 0
 
 

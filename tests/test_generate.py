@@ -95,15 +95,17 @@ def test_folder_layout_png_size_mode_and_manifest(tiny, tmp_path, capsys):
     assert row["model"] == str(tiny.resolve()) and row["model_step"] == "10" and row["batch_size"] == "2"
     assert row["noise_seed"] == str(batch_seed(0, 7, 1))
     assert "wrote 30 image(s)" in captured.out and not list(out.rglob(".*.tmp"))
+    preview = Image.open(out / "preview.png")  # a row per class to look at, named
+    assert preview.format == "PNG" and preview.size[1] > 10 * 80 and "preview.png" in captured.out
 
 
 def test_resume_keeps_existing_files_and_fills_the_missing_ones_with_the_same_images(tiny, tmp_path):
     out, fresh = tmp_path / "gen", tmp_path / "fresh"
     assert run("--model", str(tiny), "--per-class", "3", "--classes", "3,5", "--out", str(out)) == 0
-    first = {p: pixels(p) for p in out.rglob("*.png")}
+    first = {p: pixels(p) for p in out.glob("*/*.png")}
     (out / "3" / "1.png").unlink()
     (out / "5" / "2.png").unlink()
-    kept = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    kept = {p: p.stat().st_mtime_ns for p in out.glob("*/*.png")}
     assert run("--model", str(tiny), "--per-class", "5", "--classes", "3,5", "--out", str(out)) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # existing files are never rewritten
     assert files_per_folder(out) == {"3": 5, "5": 5}
@@ -111,7 +113,7 @@ def test_resume_keeps_existing_files_and_fills_the_missing_ones_with_the_same_im
     assert sorted(r["file"] for r in rows) == sorted(f"{k}/{n}.png" for k in (3, 5) for n in range(5))
     # the seed rule: image n is the same whichever rows of its batch a run makes (here 1 of 2, then both)
     assert run("--model", str(tiny), "--per-class", "5", "--classes", "3,5", "--out", str(fresh)) == 0
-    for path in out.rglob("*.png"):
+    for path in out.glob("*/*.png"):
         again = pixels(fresh / path.relative_to(out))
         assert np.abs(pixels(path) - again).max() <= 1  # the network at another batch size: float noise only
         if path in first:  # kept ones untouched, the deleted two made again as they were
