@@ -19,7 +19,7 @@ from pdcbdm.data import (build_calibration_dataset, build_dataset, build_floor_d
 from pdcbdm.data.own import prepared_identity
 from pdcbdm.data.prepared import read_prepared_meta
 from pdcbdm.evaluation import Evaluator, evaluation_split
-from pdcbdm.evaluation.real_sets import calibrated_judge, readable_reference
+from pdcbdm.evaluation.real_sets import calibrated_judge, judge_accuracy, readable_reference
 from pdcbdm.metrics import FeatureSet, FloorUnavailable, noise_floor, reference_features
 from pdcbdm.metrics.domain_net import DomainExtractor
 from pdcbdm.metrics.floor import floor_draw
@@ -27,7 +27,7 @@ from pdcbdm.models import OWN_PRESETS, build_unet
 from pdcbdm.models.attention import SelfAttention, TimestepSelfAttention
 from pdcbdm.train import load_data
 from tests.own_data import NAMES, write_own_data
-from tests.searchutil import ROOT, TINY, artifact_paths, run_search, trial_runs
+from tests.searchutil import ROOT, artifact_paths, run_search, trial_runs
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +176,15 @@ def test_only_a_network_trained_on_the_data_classes_judges_them(own, cache):
     extractor.logit_classes = ("a", "b", "c", "d")
     assert calibrated_judge(extractor, reference, 4, NAMES[:4], cache) is None
     assert readable_reference(extractor, reference, NAMES[:4], 4).logits is None
+    # given the training images' features, a class-balanced linear probe on the features judges instead (what
+    # Inception gets on a user's set): it reads features only, and knows the held-out images' classes
+    train = reference_features(extractor, load_data(own_config(own)), cache, progress=False)
+    judge = calibrated_judge(extractor, reference, 4, NAMES[:4], cache, train=train)
+    assert judge is not None and judge.probe is not None and judge.probe.heldout_accuracy >= 0.75
+    decided = judge.decide(reference.features, None)
+    assert (decided == reference.labels).mean() >= 0.75
+    assert judge_accuracy(reference, judge) == pytest.approx(
+        float((judge.probe.logits(reference.features).argmax(1) == reference.labels).mean()))
 
 
 # ---------------------------------------------------------------- floors and the evaluation
@@ -266,13 +275,21 @@ def test_a_trial_records_its_data_from_meta(own, tmp_path):
     assert {"data/_meta.json", "data/_report.json", "data/summary.json"} <= set(artifact_paths(uri, run))
 
 
+# 4 steps with a report (proxy scores, checkpoint) at 2 and the final evaluation at 4; 4 images for the noise error
+# (the preset's 100 would be all 72 training images, 20 forwards each) and two guidance values instead of four
+OWN_SEARCH = [arg for item in (
+    "train.steps=4", "train.eval_every=2", "train.log_every=2", "train.batch_size=8", "eval.num_samples=20",
+    "eval.proxy_samples=8", "sample.steps=5", "eval.noise_error_images=4", "eval.guidance_grid=0,1")
+    for arg in ("--set", item)]
+
+
 @pytest.mark.slow
 def test_a_search_on_own_data_scores_its_trials(tmp_path):
-    """tune/search.py --preset own32 on a 32 px prepared set: one trial, TINY budget, end to end."""
+    """tune/search.py --preset own32 on a 32 px prepared set: one trial of the own32 U-Net, end to end, on a budget
+    of its own (``OWN_SEARCH``: a step of own32 costs 0.8 s here, five times the smoke net's)."""
     root = write_own_data(tmp_path / "D", size=32)
     proc = run_search(tmp_path / "out", "own", "--preset", "own32", "--trials", "1", "--set", f"data.root={root}",
-                      *TINY, "--set", "train.batch_size=8", "--set", "eval.num_samples=20", "--set",
-                      "eval.proxy_samples=8", "--set", "sample.steps=5")
+                      *OWN_SEARCH)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = trial_runs(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", "own")
     assert len(runs) == 1

@@ -92,7 +92,8 @@ class Evaluator:
         if self.judge is None:
             return "none"
         accuracy = "" if self.judge_accuracy is None else f", held-out accuracy {self.judge_accuracy:.3f}"
-        return f"{self.extractor.name} ({len(self.judge.covered_classes)} of {self.num_classes} classes{accuracy})"
+        network = self.extractor.name if self.judge.probe is None else f"linear probe on {self.extractor.name}"
+        return f"{network} ({len(self.judge.covered_classes)} of {self.num_classes} classes{accuracy})"
 
     def tags(self) -> dict[str, str]:
         """How this evaluator scores, for a run's tags: runs scored differently are never ranked together."""

@@ -5,7 +5,7 @@ extractor's: the reference (a prepared set's training images re-weighted to a cl
 ``pdcbdm.metrics.mixture``), the class judge's calibration images and the judge (only a network trained on the data's
 own classes judges them: ``FeatureExtractor.judges``, never the count of its logits), the floor pool (real images
 disjoint from both, for the noise floors) and, for a prepared set, the training images' features (the memorisation
-check).
+check; the class-balanced linear probe that judges classes for a network with no head over them, Inception).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pdcbdm.data import (PREPARED, build_calibration_dataset, build_floor_datase
                          reference_kind)
 from pdcbdm.data.own import prepared_train
 from pdcbdm.metrics import FeatureExtractor, FeatureSet, Judge, load_or_calibrate_judge, reference_features
+from pdcbdm.metrics.probe import load_or_train_probe
 
 __all__ = ["RealSets", "readable_reference", "calibrated_judge", "cached_features", "judge_accuracy",
            "training_features", "floor_pool"]
@@ -51,9 +52,9 @@ class RealSets:
         if kind == "balanced-train":
             reference = reference.balanced(num_classes)
         calibration = _calibration(cfg, extractor, ref_ds, reference, cache_dir, progress)
-        judge = calibrated_judge(extractor, calibration, num_classes, ref_ds.class_names, cache_dir)
+        train = training_features(cfg, extractor, reference, kind, cache_dir, progress)
+        judge = calibrated_judge(extractor, calibration, num_classes, ref_ds.class_names, cache_dir, train)
         pool, note = floor_pool(cfg, extractor, cache_dir, progress)
-        train = training_features(cfg, extractor, reference, kind, cache_dir, progress) if pool is not None else None
         return cls(kind, readable_reference(extractor, reference, ref_ds.class_names, num_classes),
                    tuple(ref_ds.image_shape), judge, None if judge is None else judge_accuracy(calibration, judge),
                    pool, note, train)
@@ -82,42 +83,54 @@ def readable_reference(extractor: FeatureExtractor, reference: FeatureSet, class
     return dataclasses.replace(reference, logits=None, logits_note=note)
 
 
-def calibrated_judge(extractor: FeatureExtractor, calibration: FeatureSet, num_classes: int, class_names: Sequence[str],
-           cache_dir: str | os.PathLike | None) -> Judge | None:
-    """The class judge calibrated on real images the in-domain CNN never trained on (``calibration``: digits'
+def calibrated_judge(extractor: FeatureExtractor, calibration: FeatureSet, num_classes: int,
+                     class_names: Sequence[str], cache_dir: str | os.PathLike | None,
+                     train: FeatureSet | None = None) -> Judge | None:
+    """The class judge calibrated on real images its classifier never trained on (``calibration``: digits'
     reference, a prepared set's held-out reference part), cached on disk; it covers the classes with >= 2 of them
-    (judge.py, "Coverage"). None when the extractor was not trained on the data set's classes (Inception) or fewer
-    than 2 classes have 2 images to calibrate on."""
+    (judge.py, "Coverage"). The classifier: the extractor's own logits when it was trained on these classes (the
+    digits and domain CNNs), else, given the training images' features ``train`` (a prepared set), a class-balanced
+    linear probe on the features (``pdcbdm.metrics.probe``; Inception). None when neither applies or fewer than 2
+    classes have 2 images to calibrate on."""
     c = calibration
-    if c.logits is None or not extractor.judges(class_names) or c.logits.shape[1] != num_classes:
+    own = c.logits is not None and extractor.judges(class_names) and c.logits.shape[1] == num_classes
+    if not own and train is None:
         return None
     try:
-        return load_or_calibrate_judge(c.features, c.logits, c.labels, num_classes, extractor=extractor.identity,
-                                       cache_dir=cache_dir)
+        if own:
+            return load_or_calibrate_judge(c.features, c.logits, c.labels, num_classes,
+                                           extractor=extractor.identity, cache_dir=cache_dir)
+        probe = load_or_train_probe(train.features, train.labels, num_classes, heldout_features=c.features,
+                                    heldout_labels=c.labels, extractor=extractor.identity, cache_dir=cache_dir)
+        judge = load_or_calibrate_judge(c.features, probe.logits(c.features), c.labels, num_classes,
+                                        extractor=f"{extractor.identity}+probe", cache_dir=cache_dir)
+        return dataclasses.replace(judge, probe=probe)
     except ValueError:  # fewer than 2 classes to calibrate on: the metrics report why there is no consistency
         return None
 
 
 def cached_features(extractor: FeatureExtractor, data: Any, cache_dir: str | os.PathLike | None,
-              progress: bool) -> FeatureSet:
+                    progress: bool) -> FeatureSet:
     """Features of a real image set, cached on disk by its identity and the extractor's."""
     return reference_features(extractor, data, cache_dir, dataset_id=getattr(data, "identity", None),
                               progress=progress)
 
 
 def judge_accuracy(calibration: FeatureSet, judge: Judge) -> float | None:
-    """The classifier's plain accuracy (argmax) on its held-out calibration images of the classes the judge
-    covers: how well it knows the classes it judges."""
+    """The judge's classifier's plain accuracy (argmax of its logits, or of its probe's) on the held-out
+    calibration images of the classes it covers: how well it knows the classes it judges."""
     rows = np.isin(calibration.labels, judge.covered_classes)
-    if calibration.logits is None or not rows.any():
+    logits = judge.probe.logits(calibration.features) if judge.probe is not None else calibration.logits
+    if logits is None or not rows.any():
         return None
-    return float((calibration.logits[rows].argmax(axis=1) == calibration.labels[rows]).mean())
+    return float((logits[rows].argmax(axis=1) == calibration.labels[rows]).mean())
 
 
 def training_features(cfg: Config, extractor: FeatureExtractor, reference: FeatureSet, kind: str,
-                    cache_dir: str | os.PathLike | None, progress: bool) -> FeatureSet | None:
-    """Features of a prepared set's training images for the memorisation check (the reference's own when it is
-    the training set); None for a built-in set, whose floor pool may hold training images."""
+                      cache_dir: str | os.PathLike | None, progress: bool) -> FeatureSet | None:
+    """Features of a prepared set's training images, for the memorisation check and the judge's probe (the
+    reference's own when it is the training set); None for a built-in set, whose floor pool may hold training
+    images."""
     if cfg.data.dataset != PREPARED:
         return None
     if kind in ("balanced-train", "train"):
@@ -126,7 +139,7 @@ def training_features(cfg: Config, extractor: FeatureExtractor, reference: Featu
 
 
 def floor_pool(cfg: Config, extractor: FeatureExtractor, cache_dir: str | os.PathLike | None,
-                progress: bool) -> tuple[FeatureSet | None, str | None]:
+               progress: bool) -> tuple[FeatureSet | None, str | None]:
     """Features of the floor data set (``build_floor_dataset``), cached like the reference's; or a note."""
     try:
         data = build_floor_dataset(cfg.data.dataset, root=cfg.data.root, download=cfg.data.download,

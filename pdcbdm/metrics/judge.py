@@ -42,6 +42,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,6 +81,9 @@ class Judge:
         num_calibration: number of calibration images.
         extractor: identity of the network whose features and logits it reads.
         covered: [K] bool, the classes with >= 2 calibration images (module docstring); None: all of them.
+        probe: a classifier of the features (``probe.LinearProbe``) whose logits the judge reads instead of the
+            network's own, for a feature network with no head over the data's classes (Inception); None: the
+            network's logits.
     """
 
     min_confidence: float
@@ -91,6 +95,7 @@ class Judge:
     num_calibration: int
     extractor: str = ""
     covered: np.ndarray | None = None
+    probe: Any = None  # a probe.LinearProbe; typed loosely so that judge.py imports no training code
 
     @property
     def num_classes(self) -> int:
@@ -113,8 +118,10 @@ class Judge:
 
         Args:
             features: [N, D] features of the same network as the logits.
-            logits: [N, K] classifier logits.
+            logits: [N, K] classifier logits (ignored, may be None, when the judge reads its ``probe``).
         """
+        if self.probe is not None:
+            logits = self.probe.logits(features)
         logits = np.asarray(logits, dtype=np.float64)
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"logits must be [N, {self.num_classes}], got shape {logits.shape}")

@@ -202,7 +202,8 @@ def _consistency(gen: FeatureSet, ref: FeatureSet, num_classes: int, groups: dic
     ``reject_rate_<group>`` for every named group, the head's and tail's included); all None when the logits do
     not classify the data set's classes. Only the classes the judge covers are judged (judge.py, "Coverage")."""
     none: list[float | None] = [None] * num_classes
-    if gen.logits is None or gen.logits.shape[1] != num_classes:
+    reads_features = judge is not None and judge.probe is not None
+    if not reads_features and (gen.logits is None or gen.logits.shape[1] != num_classes):
         width = None if gen.logits is None else gen.logits.shape[1]
         note = (f"no classifier over the {num_classes} data classes (logits width {width}); "
                 "class consistency needs the digits network or another matching classifier")
