@@ -27,13 +27,17 @@ from .prd import PRD_CLUSTERS_PER_CLASS, prd_cluster_count, prd_f_scores
 from .precision_recall import improved_precision_recall
 
 __all__ = ["FeatureSet", "EvalResult", "evaluate_features", "PRD_CLUSTERS_PER_CLASS", "KID_MAX_REFERENCE",
+           "CLASS_FID_MIN_REFERENCE",
            "PER_CLASS_KEYS", "METRICS_VERSION"]
 
 # KID's reference side is a seeded subsample of at most this many points: the estimate stays unbiased and the
 # reference-reference kernel sum of a 50,000-image reference (5e12 multiply-adds at 2048-d) is avoided.
 KID_MAX_REFERENCE = 10_000
 # Bump when a metric's definition changes: cached noise floors (floor.py) are keyed by it.
-METRICS_VERSION = 2
+METRICS_VERSION = 3
+# A class's FID needs this many reference images of it: below, its covariance is a few points' (a tail class of a
+# user's training set used as the reference) and the value mostly its own bias; its KID is reported instead.
+CLASS_FID_MIN_REFERENCE = 10
 # Per-class row entries, flattened by EvalResult.to_dict as f"{key}_class_{k}".
 PER_CLASS_KEYS = ("fid", "kid", "consistency", "reject_rate", "n")
 
@@ -282,7 +286,11 @@ def _prd(gen: FeatureSet, ref: FeatureSet, clusters: int | None, runs: int, seed
 
 def _per_class_rows(gen: FeatureSet, ref: FeatureSet, num_classes: int, kid: list[float | None],
                     consistency: list[float | None], rejected: list[float | None]) -> list[dict[str, Any]]:
+    """One row per class; its FID only where the reference holds CLASS_FID_MIN_REFERENCE images of it (KID, unbiased
+    at any size, stands for the others)."""
     fids = per_class_fid(gen.features, gen.labels, ref.features, ref.labels, num_classes)
+    real = np.bincount(ref.labels, minlength=num_classes)
+    fids = [f if real[k] >= CLASS_FID_MIN_REFERENCE else None for k, f in enumerate(fids)]
     counts = np.bincount(gen.labels, minlength=num_classes)
     return [{"label": k, "fid": fids[k], "kid": kid[k], "consistency": consistency[k], "reject_rate": rejected[k],
              "n": int(counts[k])} for k in range(num_classes)]
