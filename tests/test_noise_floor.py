@@ -111,6 +111,9 @@ def test_judge_is_calibrated_once_and_cached(heldout, cache_dir):
     assert second.min_confidence == first.min_confidence and np.array_equal(second.centroids, first.centroids)
     load_or_calibrate_judge(*args, extractor="digits-test", keep=0.95, cache_dir=cache_dir)
     assert len(list((cache_dir / "judge").glob("judge-*.npz"))) == 2
+    files[0].write_bytes(files[0].read_bytes()[:100])  # a truncated cache file is computed and written again
+    third = load_or_calibrate_judge(*args, extractor="digits-test", cache_dir=cache_dir)
+    assert third.min_confidence == first.min_confidence and files[0].stat().st_size > 100
 
 
 # ---------------------------------------------------------------- PRD at the evaluation size

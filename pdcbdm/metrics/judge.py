@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,7 @@ def feature_set_digest(features: np.ndarray, logits: np.ndarray | None, labels: 
             continue
         array = np.ascontiguousarray(array)
         digest.update(f"{array.dtype}|{array.shape}|".encode())
-        digest.update(array.tobytes())
+        digest.update(memoryview(array).cast("B"))  # no copy of a 50,000 x 2,048 feature array
     return digest.hexdigest()
 
 
@@ -232,6 +233,15 @@ def _save(path: Path, judge: Judge) -> None:
 
 
 def _load(path: Path) -> Judge | None:
+    """The cached judge, or None for a file that is not one (foreign, truncated, another format): it is computed
+    and written again."""
+    try:
+        return _read(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+def _read(path: Path) -> Judge | None:
     with np.load(path, allow_pickle=False) as data:
         if "format" not in data.files or str(data["format"]) != _FORMAT:
             return None
