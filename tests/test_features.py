@@ -101,6 +101,9 @@ def test_reference_features_are_cached_per_extractor(digits, digits_test, cache_
     assert path.stat().st_mtime_ns == mtime
     assert np.array_equal(first.features, second.features) and np.array_equal(first.labels, second.labels)
     assert reference_cache_path(data_id, "inception-v3-compat/sha256:0", cache_dir) != path
+    path.write_bytes(path.read_bytes()[:200])  # truncated: computed and written again, not a failed evaluation
+    third = reference_features(digits, digits_test, cache_dir, progress=False)
+    assert np.array_equal(first.features, third.features) and path.stat().st_size > 200
 
 
 def test_reference_stats_cli(digits, cache_dir, capsys):

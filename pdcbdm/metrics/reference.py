@@ -9,6 +9,7 @@ images never reuse a stale file.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,17 @@ def load_feature_set(path: str | os.PathLike[str]) -> FeatureSet:
                           logits_note=str(data["logits_note"]))
 
 
+def _cached(path: Path) -> FeatureSet | None:
+    """The cached feature set at ``path``, or None when there is none or the file is not one (truncated by a crash
+    on another writer's disk, foreign): then the features are computed and written again."""
+    if not path.is_file():
+        return None
+    try:
+        return load_feature_set(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+
+
 def reference_features(extractor: FeatureExtractor, dataset: Any,
                        cache_dir: str | os.PathLike[str] | None = None, *, dataset_id: str | None = None,
                        batch_size: int = 100, progress: bool = True) -> FeatureSet:
@@ -87,10 +99,9 @@ def reference_features(extractor: FeatureExtractor, dataset: Any,
     if dataset_id is None:
         dataset_id = dataset_identity(dataset.images, dataset.labels, getattr(dataset, "class_names", None))
     path = reference_cache_path(dataset_id, extractor.identity, cache_dir)
-    if path.is_file():
-        cached = load_feature_set(path)
-        if cached.extractor == extractor.identity and len(cached) == len(dataset.labels):
-            return cached
+    cached = _cached(path)
+    if cached is not None and cached.extractor == extractor.identity and len(cached) == len(dataset.labels):
+        return cached
     result = extract_feature_set(extractor, dataset, batch_size=batch_size, progress=progress)
     save_feature_set(path, result, dataset_id)
     return result
