@@ -34,6 +34,19 @@ def smoke_search(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def digits_network(tmp_path_factory):
+    """A cache folder holding only the trained digits CNN (``DigitsExtractor.load_or_train``), trained once for the
+    session. Tests whose subject is not that training copy it into their own cache folder
+    (``searchutil.seed_cache``) instead of training it again (about 9 s on one core each); their reference
+    statistics, judges and floors are still computed in their own folder. tests/test_features.py trains its own."""
+    from pdcbdm.metrics.digits_net import DigitsExtractor
+
+    folder = tmp_path_factory.mktemp("digits-network")
+    DigitsExtractor.load_or_train(cache_dir=folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def search_cache(smoke_search):
     """The feature cache the smoke search filled (digits network, reference statistics, judge, floors of the smoke
     preset at the TINY budget), for ``searchutil.run_search(cache=...)``: later searches copy it instead of

@@ -53,6 +53,18 @@ def _run(workers: int, out: Path, cfg) -> list[float]:
     return json.loads(out.read_text())
 
 
+def _one_worker(cfg) -> list[float]:
+    """The one-worker trajectory: ``_loop``'s steps with world size 1 (no process group, no wrapped model, as a
+    one-worker trial runs them), here in the test's process rather than in a Ray Train run of its own."""
+    from pdcbdm.train import load_data
+    from pdcbdm.training import Trainer
+
+    data = load_data(cfg)
+    data.hflip = True
+    trainer = Trainer(cfg, data, device="cpu")
+    return [trainer.train_step()["loss"] for _ in range(STEPS)]
+
+
 def test_two_workers_match_one_worker_with_flips(tmp_path):
     import ray
 
@@ -60,10 +72,10 @@ def test_two_workers_match_one_worker_with_flips(tmp_path):
 
     cfg = apply_overrides(preset("smoke"), ["model.dropout=0", "train.batch_size=16", "loss.p_uncond=0",
                                             "train.lr=1e-3", "train.warmup=1"])
+    one = _one_worker(cfg)
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
     try:
-        one = _run(1, tmp_path / "one.json", cfg)
         two = _run(2, tmp_path / "two.json", cfg)
     finally:
         ray.shutdown()
@@ -182,11 +194,14 @@ def test_shares_of_a_sampling_are_the_one_worker_samples():
         assert (together.int() - whole.int()).abs().max() <= 1, world
 
 
-def test_two_rank_final_evaluation_scores_as_one_worker(tmp_path):
+def test_two_rank_final_evaluation_scores_as_one_worker(tmp_path, digits_network):
     import torch
     import torch.multiprocessing as mp
 
-    cfg, net, evaluator = _eval_setup(str(tmp_path / "cache"))  # builds the caches (digits network) once
+    from tests.searchutil import seed_cache
+
+    seed_cache(tmp_path, digits_network)  # the session's digits network: its training is not under test here
+    cfg, net, evaluator = _eval_setup(str(tmp_path / "cache"))  # builds the caches (reference features) once
     one = evaluator.evaluate_grid(net, EVAL_GRID, n=EVAL_N, seed=EVAL_SEED)
     mp.spawn(_eval_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
     split = torch.load(tmp_path / "split.pt", weights_only=True)

@@ -17,6 +17,7 @@ from PIL import Image
 from pdcbdm.config import apply_overrides, preset
 from pdcbdm.train import train
 from pipelines.evaluate import UsageError, grid_of_classes, main, parse_guidance
+from tests.searchutil import seed_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = ("fid", "precision", "recall", "f8", "f1_8", "fid_tail", "kid", "reject_rate", "is_mean", "fid_floor",
@@ -38,9 +39,11 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    """Shared by the module: the first run trains and caches the digits network and the reference features."""
-    return tmp_path_factory.mktemp("evalcache")
+def cache_dir(tmp_path_factory, digits_network) -> Path:
+    """Shared by the module: the session's digits network; the first run caches the reference features."""
+    out = tmp_path_factory.mktemp("evalcache")
+    seed_cache(out, digits_network)
+    return out / "cache"
 
 
 def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
@@ -48,6 +51,19 @@ def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PDCBDM_CACHE": str(cache)}
     cmd = [sys.executable, "-m", "pipelines.evaluate", *args, "--cache-dir", str(cache), "--no-progress"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run_here(*args: str, cache: Path) -> int:
+    """The command's ``main`` in this process (threads already 1 here): for the runs after the first, which
+    ``evaluated`` makes as a process, a Python start each is work the test does not need. The MLflow tracking URI
+    that ``--tracking-uri`` sets for the process is put back."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    try:
+        return main([*args, "--cache-dir", str(cache), "--no-progress"])
+    finally:
+        mlflow.set_tracking_uri(before)
 
 
 @pytest.fixture(scope="module")
@@ -152,10 +168,9 @@ def test_printed_table_lists_each_w(evaluated):
 
 
 def test_ddpm_run_saves_the_samples(checkpoint, cache_dir, evaluated, tmp_path):
-    proc = run_cli("--checkpoint", str(checkpoint), "--which", "net", "--sampler", "ddpm", "--guidance", "0.5",
-                   "--num-samples", "20", "--batch-size", "8", "--noise-error-images", "0", "--save-samples",
-                   "--out", str(tmp_path), cache=cache_dir)
-    assert proc.returncode == 0, proc.stderr
+    assert run_here("--checkpoint", str(checkpoint), "--which", "net", "--sampler", "ddpm", "--guidance", "0.5",
+                    "--num-samples", "20", "--batch-size", "8", "--noise-error-images", "0", "--save-samples",
+                    "--out", str(tmp_path), cache=cache_dir) == 0
     saved = torch.load(tmp_path / "samples_w0.5.pt", weights_only=True)
     assert saved["images"].dtype == torch.uint8 and saved["images"].shape == (20, 1, 16, 16)
     assert torch.equal(saved["labels"], torch.arange(20) % 10) and saved["guidance"] == 0.5
@@ -165,13 +180,13 @@ def test_ddpm_run_saves_the_samples(checkpoint, cache_dir, evaluated, tmp_path):
     assert (tmp_path / "samples_w0.5.png").is_file()
 
 
-def test_corrupt_checkpoint_exits_2_without_traceback(checkpoint, cache_dir, tmp_path):
+def test_corrupt_checkpoint_exits_2_without_traceback(checkpoint, cache_dir, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     data = checkpoint.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
-    proc = run_cli("--checkpoint", str(bad), "--out", str(tmp_path / "o"), cache=cache_dir)
-    assert proc.returncode == 2
-    assert "corrupt" in proc.stderr and "Traceback" not in proc.stderr
+    assert run_here("--checkpoint", str(bad), "--out", str(tmp_path / "o"), cache=cache_dir) == 2  # no exception
+    err = capsys.readouterr().err
+    assert "corrupt" in err and "Traceback" not in err
     assert not (tmp_path / "o" / "metrics.json").exists()
 
 
@@ -260,10 +275,9 @@ def test_mlflow_model_of_the_ema_network_samples_like_the_checkpoint(checkpoint,
             assert torch.allclose(loaded(x, t, y), net(x, t, y), atol=1e-5)
 
     out = tmp_path / "out"
-    proc = run_cli("--checkpoint", model_uri_of_run(run_id), "--tracking-uri", uri, "--log-to-run",
-                   "--num-samples", "40", "--guidance", "0,1", "--steps", "3", "--noise-error-images", "4",
-                   "--noise-error-stride", "250", "--device", "cpu", "--out", str(out), cache=cache_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_here("--checkpoint", model_uri_of_run(run_id), "--tracking-uri", uri, "--log-to-run",
+                    "--num-samples", "40", "--guidance", "0,1", "--steps", "3", "--noise-error-images", "4",
+                    "--noise-error-stride", "250", "--device", "cpu", "--out", str(out), cache=cache_dir) == 0
     from_model = json.loads((out / "metrics.json").read_text())
     from_file = json.loads((evaluated[1] / "metrics.json").read_text())
     assert from_model["checkpoint"] == model_uri_of_run(run_id) and from_model["step"] == from_file["step"]

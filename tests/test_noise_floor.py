@@ -20,13 +20,17 @@ from pdcbdm.metrics import floor as floor_module
 from pdcbdm.metrics.floor import floor_draw
 from pipelines import noise_floor as noise_floor_cli
 from pipelines.noise_floor import synthetic_images
+from tests.searchutil import seed_cache
 
 HEAD, TAIL = tuple(range(7)), (7, 8, 9)
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("floor-cache")
+def cache_dir(tmp_path_factory, digits_network):
+    """The module's cache folder, holding the session's digits network (its training is not tested here)."""
+    out = tmp_path_factory.mktemp("floor-cache")
+    seed_cache(out, digits_network)
+    return out / "cache"
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pdcbdm.config import write_json_atomic
-from tests.searchutil import ROOT, trial_runs
+from tests.searchutil import ROOT, seed_cache, trial_runs
 from tune import search, tracking
 from tune.search import SearchError, SearchInterrupted, fits, main, parse_args, plan
 
@@ -233,7 +233,7 @@ def test_storage_probe_tells_a_shared_folder_from_a_node_local_one(tmp_path):
 
 
 
-def test_asset_probe_tells_a_node_with_its_own_digits_network_apart(tmp_path):
+def test_asset_probe_tells_a_node_with_its_own_digits_network_apart(tmp_path, digits_network):
     """The per-node part of the asset check (Ray runs ``node_assets`` on each node): the driver's digits network
     is installed where a node lacks it; a node that trained its own (same file name, other weights) or cannot
     load the data is named."""
@@ -247,7 +247,8 @@ def test_asset_probe_tells_a_node_with_its_own_digits_network_apart(tmp_path):
     from tune.cluster import asset_differences, node_assets
 
     cfg = preset("smoke")
-    payload = cache_payload(cfg, tmp_path / "driver")  # trains the digits network once, in the driver's cache
+    seed_cache(tmp_path / "driver", digits_network)  # the session's digits network, trained in the driver's cache
+    payload = cache_payload(cfg, tmp_path / "driver" / "cache")
     ((name, data),) = payload.items()
     blob = torch.load(io.BytesIO(data), weights_only=True)
     blob["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
