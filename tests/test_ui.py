@@ -89,12 +89,12 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
 
 
 def _render(url: str, screenshot: Path) -> str:
-    """The page's DOM after the app rendered it; a screenshot of it into ``screenshot``."""
-    dom = _chromium("--dump-dom", url)
-    assert dom.returncode == 0 and "<body" in dom.stdout, dom.stderr[-2000:]
-    shot = _chromium(f"--screenshot={screenshot}", url)
-    assert shot.returncode == 0 and screenshot.is_file() and screenshot.stat().st_size > 10_000, shot.stderr[-2000:]
-    return dom.stdout
+    """The page's DOM after the app rendered it, and a screenshot of the same rendering into ``screenshot`` (one
+    Chromium run does both: headless=new writes the screenshot and prints the DOM)."""
+    page = _chromium("--dump-dom", f"--screenshot={screenshot}", url)
+    assert page.returncode == 0 and "<body" in page.stdout, page.stderr[-2000:]
+    assert screenshot.is_file() and screenshot.stat().st_size > 10_000, page.stderr[-2000:]
+    return page.stdout
 
 
 def _text(dom: str) -> str:
