@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import multiprocessing as mp
 import os
 import platform
@@ -220,6 +221,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline = torch.cuda.memory_allocated(self.device) / 2**20
         else:
+            gc.collect()  # garbage of earlier work, freed during this work, would lower the RSS and hide its growth
             _reset_cpu_peak()
             self.baseline = _proc_status_mb("VmRSS")
 

@@ -4,6 +4,7 @@ the documented structure. Only structure and positivity are asserted, never a ti
 from __future__ import annotations
 
 import json
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -184,7 +185,10 @@ def test_format_table_aligns_columns():
 def test_peak_memory_sees_a_large_temporary_allocation():
     memory = PeakMemory("cpu")
     memory.start()
-    block = np.ones(40 * 2**20 // 8)  # 40 MiB, touched
-    del block
+    # 40 MiB of fresh pages, touched: an anonymous map, so that memory an earlier test freed into malloc's arena (still
+    # resident) cannot serve it without the resident set growing
+    block = mmap.mmap(-1, 40 * 2**20)
+    block.write(b"\1" * len(block))
+    block.close()
     result = memory.stop()
     assert result["growth_mb"] >= 30 and result["peak_mb"] >= result["growth_mb"]
