@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from pipelines.benchmark import (VARIANTS, PeakMemory, build_parser, format_table, network_images_per_step,
