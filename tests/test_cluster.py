@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -12,11 +13,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.searchutil import TINY, artifact_paths, files_holding, run_search, trial_runs
+from tests.searchutil import TINY, artifact_paths, files_holding, run_search, seed_cache, trial_runs
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -45,28 +47,43 @@ ADMIN = "pdcbdm-admin"
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server_started(tmp_path):
     """The README's recipe: ``mlflow server --app-name basic-auth`` (the admin's password from the environment,
-    never in a file), on 127.0.0.1. Yields (URI, user, password)."""
+    never in a file), on 127.0.0.1, started and not yet waited for (``mlflow_server`` waits). Yields (process,
+    URI, user, password).
+
+    Two settings the recipe leaves at MLflow's defaults, for the suite's time on 2 cores: one server process
+    (``--workers 1``; the default 4 take most of the start), and MLflow's opt-in cache of successful credential
+    checks (``auth_cache_ttl_seconds``): without it every request pays the password hash (0.3 s a request here,
+    about 130 requests a search). A request without or with wrong credentials is checked as before."""
     port, password = _free_port(), secrets.token_urlsafe(16)
     config = tmp_path / "auth.ini"
     config.write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
                       f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = {ADMIN}\n"
-                      f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                      f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                      f"auth_cache_ttl_seconds = 600\n")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_AUTH_CONFIG_PATH": str(config),
            "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
     cmd = [str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--backend-store-uri",
            f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts"),
-           "--host", "127.0.0.1", "--port", str(port)]
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     log = open(tmp_path / "mlflow-server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        _wait_http(f"http://127.0.0.1:{port}/health", 180, proc)
-        yield f"http://127.0.0.1:{port}", ADMIN, password
+        yield proc, f"http://127.0.0.1:{port}", ADMIN, password
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture
+def mlflow_server(mlflow_server_started, ray_head):
+    """(URI, user, password) of the basic-auth server once it answers. It starts before the Ray head and is waited
+    for after it: the two start-ups overlap."""
+    proc, uri, user, password = mlflow_server_started
+    _wait_http(f"{uri}/health", 180, proc)
+    return uri, user, password
 
 
 @pytest.fixture
@@ -88,12 +105,14 @@ def ray_head(tmp_path):
 
 
 def _stop_cluster(temp: str) -> None:
-    """Kill this cluster's processes only (`ray stop` would stop every Ray instance on the machine)."""
+    """Kill this cluster's processes only (`ray stop` would stop every Ray instance on the machine): those whose
+    command line names its temp folder, /tmp/ray-test-6379 but not /tmp/ray-test-63790 (another run's cluster)."""
     import psutil
 
+    own = re.compile(re.escape(temp) + r"(?![\w-])")
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if temp in " ".join(proc.info["cmdline"] or []):
+            if own.search(" ".join(proc.info["cmdline"] or [])):
                 proc.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
@@ -120,8 +139,9 @@ def test_search_on_a_token_ray_cluster_with_a_basic_auth_mlflow_server(tmp_path,
     assert _status(f"{dashboard}/api/jobs/", {"Authorization": f"Bearer {token}"}) == 200
     out, shared = tmp_path / "out", tmp_path / "shared-storage"
     ray_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    # Ray tries to join 20 times a second apart by default; the wrong token is refused at the first try
     stranger = run_search(tmp_path / "stranger", "stranger", "--address", address, "--tracking-uri", uri,
-                          env={**ray_env, "RAY_AUTH_TOKEN": "not-the-token"})
+                          env={**ray_env, "RAY_AUTH_TOKEN": "not-the-token", "RAY_gcs_server_port_wait_time_s": "1"})
     assert stranger.returncode == 2, stranger.stdout[-3000:] + stranger.stderr[-3000:]
     assert "cannot join the Ray cluster" in stranger.stderr and "needs the head's token" in stranger.stderr
     assert "ray get-auth-token --generate" in stranger.stderr and token not in stranger.stderr
@@ -141,11 +161,13 @@ def test_search_on_a_token_ray_cluster_with_a_basic_auth_mlflow_server(tmp_path,
     assert files_holding(tmp_path, hidden) == []  # search folder, Tune's pickles, study, server db, artifacts
     assert [k for k, v in hidden.items() if v in proc.stdout + proc.stderr] == []
     # a resume needs the URLs again, from the flags or the environment: refused before Ray starts without them
-    refused = run_search(out, "ignored", "--resume", str(out / "searches" / "cluster"), "--address", address,
-                         env=ray_env)
+    resume = ("--resume", str(out / "searches" / "cluster"), "--address", address)
+    with ThreadPoolExecutor(2) as pool:  # both end before Ray starts: the two start-ups overlap
+        no_uri = pool.submit(run_search, out, "ignored", *resume, env=ray_env)
+        no_storage = pool.submit(run_search, out, "ignored", *resume, env={**ray_env, "MLFLOW_TRACKING_URI": login})
+    refused = no_uri.result()
     assert refused.returncode == 2 and "MLFLOW_TRACKING_URI" in refused.stderr, refused.stderr[-3000:]
-    refused = run_search(out, "ignored", "--resume", str(out / "searches" / "cluster"), "--address", address,
-                         env={**ray_env, "MLFLOW_TRACKING_URI": login})
+    refused = no_storage.result()
     assert refused.returncode == 2 and "PDCBDM_OPTUNA_STORAGE" in refused.stderr, refused.stderr[-3000:]
     assert not (out / "mlflow.db").exists()  # everything went to the server
     assert (shared / "cluster" / "tune").is_dir() and any((shared / "cluster" / "train").iterdir())
@@ -239,15 +261,17 @@ def test_credentials_reach_the_workers_through_the_object_store_not_the_runtime_
         assert SEARCH_SECRET not in shown and NODE_SECRET not in shown, shown
 
 
-def test_asset_check_ships_the_digits_network_and_names_a_node_without_data(search_ray, tmp_path, monkeypatch):
+def test_asset_check_ships_the_digits_network_and_names_a_node_without_data(search_ray, tmp_path, monkeypatch,
+                                                                             digits_network):
     from pdcbdm.config import apply_overrides
     from tune.cluster import ClusterError, check_assets_for_cluster
 
     p, node_cache, _ = search_ray
-    monkeypatch.setenv("PDCBDM_CACHE", str(tmp_path / "driver-cache"))  # the driver's; the node's is node_cache
+    seed_cache(tmp_path / "driver", digits_network)  # the session's network, trained in the driver's cache
+    monkeypatch.setenv("PDCBDM_CACHE", str(tmp_path / "driver" / "cache"))  # the driver's; the node's is node_cache
     check_assets_for_cluster(p.cfg, "127.0.0.1:6379")
-    (trained,) = (tmp_path / "driver-cache").glob("digits-cnn-*.pt")
-    assert (node_cache / trained.name).read_bytes() == trained.read_bytes()  # built once, shipped
+    (trained,) = (tmp_path / "driver" / "cache").glob("digits-cnn-*.pt")
+    assert (node_cache / trained.name).read_bytes() == trained.read_bytes()  # the driver's, shipped
     no_data = apply_overrides(p.cfg, ["data.dataset=cifar10-lt", f"data.root={tmp_path / 'nothing'}"])
     with pytest.raises(ClusterError, match=r"node \S+ \(\w{8}\): cannot load the data .*FileNotFoundError"):
         check_assets_for_cluster(no_data, "127.0.0.1:6379")
