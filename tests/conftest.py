@@ -35,10 +35,10 @@ def smoke_search(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def digits_network(tmp_path_factory):
-    """A cache folder holding only the trained digits CNN (``DigitsExtractor.load_or_train``), trained once for the
-    session. Tests whose subject is not that training copy it into their own cache folder
-    (``searchutil.seed_cache``) instead of training it again (about 9 s on one core each); their reference
-    statistics, judges and floors are still computed in their own folder. tests/test_features.py trains its own."""
+    """A cache folder holding only the digits CNN that ``DigitsExtractor.load_or_train`` trained into it, once for
+    the session (about 9 s on one core). Tests copy it into their own cache folder (``searchutil.seed_cache``)
+    instead of training it again; their reference statistics, judges and floors are still computed in their own
+    folder. tests/test_features.py checks the training's result (accuracy, cache file, read back)."""
     from pdcbdm.metrics.digits_net import DigitsExtractor
 
     folder = tmp_path_factory.mktemp("digits-network")

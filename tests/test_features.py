@@ -19,11 +19,16 @@ from pdcbdm.metrics import inception as inception_mod
 from pdcbdm.metrics._io import dataset_identity
 from pdcbdm.metrics.digits_net import DigitsExtractor
 from pipelines import reference_stats
+from tests.searchutil import seed_cache
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("pdcbdm-cache")
+def cache_dir(tmp_path_factory, digits_network):
+    """The module's cache folder with a copy of the session's digits network, which ``DigitsExtractor.load_or_train``
+    trained into an empty folder (conftest ``digits_network``): the tests below check that training's result."""
+    out = tmp_path_factory.mktemp("pdcbdm-cache")
+    seed_cache(out, digits_network)
+    return out / "cache"
 
 
 @pytest.fixture(scope="module")
