@@ -131,14 +131,14 @@ def test_batch_must_split_across_workers(digits):
 
 def test_train_cli_smoke_writes_outputs(tmp_path, capsys):
     out = tmp_path / "smoke"
-    cmd = [sys.executable, "-m", "pdcbdm.train", "--preset", "smoke", "--steps", "30", "--no-progress",
+    cmd = [sys.executable, "-m", "pdcbdm.train", "--preset", "smoke", "--steps", "10", "--no-progress",
            "--set", "sample.steps=5", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     for name in ("checkpoint.pt", "samples.png", "metrics.json", "loss.png", "config.json"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 30 and metrics["history"][-1]["step"] == 30
+    assert metrics["steps"] == 10 and metrics["history"][-1]["step"] == 10
     from PIL import Image
     img = Image.open(out / "samples.png")
     assert img.size[1] > img.size[0]  # ten rows (one per class) of eight samples
