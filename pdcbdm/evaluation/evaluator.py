@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pdcbdm.config import Config, parse_float_list
-from pdcbdm.data import dataset_image_shape
+from pdcbdm.data import PREPARED, dataset_image_shape
 from pdcbdm.metrics import (FLOOR_SEEDS, FeatureExtractor, FeatureSet, FloorUnavailable, Judge, evaluate_features,
                             fid_from_features, floor_data_key, group_fid, noise_floor, proxy_noise_floor,
                             shot_groups)
@@ -82,7 +82,7 @@ class Evaluator:
         return cls(cfg, extractor, real.reference, num_classes, tuple(head), tuple(tail), shape, device,
                    score_shape=real.score_shape, judge=real.judge, floor_pool=real.floor_pool,
                    floor_note=real.floor_note, cache_dir=cache_dir, reference_kind=real.kind,
-                   groups={} if train_counts is None else shot_groups(train_counts), train_features=real.train,
+                   groups=_groups(cfg, train_counts), train_features=real.train,
                    judge_accuracy=real.judge_accuracy)
 
     @property
@@ -212,6 +212,14 @@ class Evaluator:
             timings = {"sample_s": sampled - start, "score_s": time.perf_counter() - sampled}
             out.append(GuidanceResult(w, {"guidance": w, **metrics}, per_class, got.images, got.labels, timings))
         return out
+
+
+def _groups(cfg: Config, train_counts: Sequence[int] | None) -> dict[str, tuple[int, ...]]:
+    """The many/medium/few-shot groups of a prepared set (a user's data); the built-in sets keep the paper's
+    head/tail only."""
+    if train_counts is None or cfg.data.dataset != PREPARED:
+        return {}
+    return shot_groups(train_counts)
 
 
 def _rows_with_floors(rows: list[dict[str, Any]], floors: dict[str, Any]) -> list[dict[str, Any]]:
