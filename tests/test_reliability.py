@@ -98,10 +98,25 @@ def test_divergence_sigkill_and_a_worker_crash_then_resume_finish_every_trial_on
     assert not [t.number for t in study.trials if t.state.name == "RUNNING"]  # no orphan left to TPE's liar
 
 
+def _wait_for_folder(proc: subprocess.Popen, log: Path, pattern: Path, timeout: float) -> None:
+    """Wait until a path matching ``pattern`` (a glob in its last part) exists while ``proc`` runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(pattern.parent.glob(pattern.name)):
+            return
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.5)
+    raise AssertionError(f"no {pattern} in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
 @pytest.mark.slow
 def test_ctrl_c_marks_unfinished_runs_killed_and_prints_the_resume_command(tmp_path, search_cache):
     """Tune returns normally on SIGINT: the search must still end non-zero, with the parent and the interrupted
-    trials' runs KILLED (not FINISHED, not RUNNING) and the exact command that resumes it."""
+    trials' runs KILLED (not FINISHED, not RUNNING) and the exact command that resumes it.
+
+    Ctrl-C comes once the trial's training has started: its Ray Train folder exists, which the trial creates after
+    its MLflow run (the driver's handling does not depend on how far the trial got; waiting for its first report
+    cost the worker's start, its first 20 steps and an evaluation)."""
     log = tmp_path / "search.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(tmp_path / "cache")}
     seed_cache(tmp_path, search_cache)
@@ -109,7 +124,7 @@ def test_ctrl_c_marks_unfinished_runs_killed_and_prints_the_resume_command(tmp_p
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        _wait_for(proc, log, "step 20/40", timeout=400)
+        _wait_for_folder(proc, log, tmp_path / "searches" / "cut" / "train" / "train-*", timeout=400)
         proc.send_signal(signal.SIGINT)  # Ctrl-C reaches the driver
         code = proc.wait(timeout=180)
     finally:
