@@ -19,6 +19,7 @@ from pdcbdm.config import Config
 from pdcbdm.data import build_dataset, build_floor_dataset, build_reference_dataset, reference_kind
 from pdcbdm.io import atomic_write_bytes
 from pdcbdm.evaluation import feature_extractor
+from pdcbdm.evaluation.settings import judge_network
 from pdcbdm.metrics._io import dataset_identity, resolve_cache_dir
 
 __all__ = ["ASSET_NAMES", "evaluation_assets", "cache_payload", "install_cache_files"]
@@ -57,19 +58,21 @@ def evaluation_assets(cfg: Config, cache_dir: str | os.PathLike | None = None) -
     reference = build_reference_dataset(d.dataset, root=d.root, download=d.download, choice=cfg.eval.reference)
     kind = reference_kind(d.dataset, d.root, cfg.eval.reference)  # the training images re-weighted are another set
     extractor = feature_extractor(cfg, cache_dir=cache_dir)
+    judge = judge_network(cfg, cache_dir=cache_dir)
+    networks = extractor.identity if judge is None else f"{extractor.identity}, judged by {judge.identity}"
     return dict(zip(ASSET_NAMES, (_identity(train), f"{_identity(reference)} as {kind}", _floor_identity(cfg),
-                                  extractor.identity)))
+                                  networks)))
 
 
 def cache_payload(cfg: Config, cache_dir: str | os.PathLike | None = None) -> dict[str, bytes]:
-    """The cache files of ``eval.extractor`` (a trained network: the digits CNN or the domain CNN of data.root,
-    trained here if missing), by their path in the cache folder; {} for a network with no cache file (Inception:
-    its weights come from a file or a download)."""
-    if cfg.eval.extractor not in TRAINED_EXTRACTORS:
-        return {}
+    """The cache files of ``eval.extractor`` and of the judging network (``eval.judge=cnn``) that are trained
+    networks (the digits CNN, the domain CNN of data.root: trained here if missing), by their path in the cache
+    folder; {} for networks with no cache file (Inception: its weights come from a file or a download)."""
     root = resolve_cache_dir(cache_dir)
-    extractor = feature_extractor(cfg, cache_dir=cache_dir)
-    return {Path(f).relative_to(root).as_posix(): Path(f).read_bytes() for f in extractor.cache_files}
+    networks = [feature_extractor(cfg, cache_dir=cache_dir)] if cfg.eval.extractor in TRAINED_EXTRACTORS else []
+    networks += [judge for judge in [judge_network(cfg, cache_dir=cache_dir)] if judge is not None]
+    files = [f for net in networks for f in net.cache_files]
+    return {Path(f).relative_to(root).as_posix(): Path(f).read_bytes() for f in files}
 
 
 def install_cache_files(payload: dict[str, bytes], cache_dir: str | os.PathLike | None = None) -> list[Path]:

@@ -81,6 +81,8 @@ DATASETS = ("digits-lt", "digits", "cifar10-lt", "cifar100-lt", "cifar10", "cifa
 PREPARED = "parquet"  # a user's own data, prepared into the folder data.root (pdcbdm.data.own)
 # eval.reference (pdcbdm.data.own.REFERENCE_CHOICES; config does not import the data package)
 REFERENCE_CHOICES = ("auto", "balanced-train", "train", "heldout", "folder")
+# eval.judge: which classifier judges class consistency (pdcbdm.evaluation.real_sets)
+JUDGE_CHOICES = ("auto", "probe", "cnn")
 EXTRACTORS = ("digits", "domain", "inception")
 
 
@@ -292,6 +294,12 @@ class EvalConfig:
     class-balanced mixture (``pdcbdm.metrics.mixture``). A prepared set also takes ``train`` (unweighted),
     ``heldout`` (half of its held-out split) and ``folder``. Runs scored against different references are never
     ranked together (their tag ``pdcbdm.reference_kind``).
+
+    ``judge`` is the classifier behind class consistency, tail-to-head confusion and the reject rate (its tag
+    ``pdcbdm.judge``). ``auto``: the extractor's own logits when it was trained on the data's classes (the digits
+    and domain CNNs), else, on a prepared set, ``probe``: a class-balanced linear probe on the extractor's
+    features. ``cnn``: the domain CNN of the prepared set (its features and logits), whatever the extractor: the
+    in-domain judge beside Inception features. ``probe`` and ``cnn`` need a prepared set.
     """
 
     extractor: str = "digits"
@@ -307,11 +315,13 @@ class EvalConfig:
     noise_error_stride: int = 50
     protocol: str = "fast"
     reference: str = "auto"
+    judge: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.protocol in ("fast", "paper"), "eval.protocol", self.protocol, "must be 'fast' or 'paper'")
         _check(self.reference in REFERENCE_CHOICES, "eval.reference", self.reference,
                f"must be one of {', '.join(REFERENCE_CHOICES)}")
+        _check(self.judge in JUDGE_CHOICES, "eval.judge", self.judge, f"must be one of {', '.join(JUDGE_CHOICES)}")
         _check(self.extractor in EXTRACTORS, "eval.extractor", self.extractor,
                "must be 'digits', 'domain' or 'inception'")
         _check(self.num_samples >= 2, "eval.num_samples", self.num_samples, "must be >= 2")
@@ -360,6 +370,9 @@ class Config:
         if self.eval.reference != "auto" and dataset != PREPARED:
             raise ConfigError(f"eval.reference: {self.eval.reference!r} applies to a prepared set "
                               f"(data.dataset={PREPARED}); {dataset} is scored against its balanced set (auto)")
+        if self.eval.judge != "auto" and dataset != PREPARED:
+            raise ConfigError(f"eval.judge: {self.eval.judge!r} is trained on a prepared set's classes (data.dataset="
+                              f"{PREPARED}); {dataset} is judged by its extractor's own classifier (auto)")
         if extractor == "domain" and dataset != PREPARED:
             raise ConfigError(f"eval.extractor: 'domain' is trained on a prepared data set; it needs "
                               f"data.dataset={PREPARED}, got data.dataset={dataset!r}")

@@ -33,9 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 GUIDANCE_METRIC = re.compile(r"^fid_w(?P<w>[0-9.]+)$")
 CATEGORICAL = ("loss.label_dist", "model.tsa_resolutions")  # searched as choices: kept as text
 STATUS_COLORS = {"completed": "C0", "stopped": "C1", "failed": "C3"}
+# how a run was scored (Evaluator.tags): table column -> MLflow tag
+SCORING_TAGS = {"reference_kind": "pdcbdm.reference_kind", "judge": "pdcbdm.judge"}
 
 __all__ = ["SearchResults", "AblationResults", "find_folder", "load_search", "load_ablation", "format_table",
-           "searched_columns", "plot_metric_vs_params", "guidance_curves", "plot_guidance", "param_importance",
+           "searched_columns", "scoring_note", "plot_metric_vs_params", "guidance_curves", "plot_guidance", "param_importance",
            "plot_importance", "plot_head_tail", "best_trial", "best_samples", "per_class_table", "plot_per_class",
            "show_image", "ablation_head_tail", "plot_ablation_head_tail", "ablation_per_class",
            "plot_ablation_per_class"]
@@ -105,7 +107,8 @@ def load_search(search_dir: str | Path, source: str = "auto") -> SearchResults:
             trials = _with_run_metrics(trials, uri)
         except Exception as exc:  # noqa: BLE001 - an unreachable store leaves the Parquet table usable
             notes.append(f"MLflow metrics not loaded from {uri}: {exc}")
-    return SearchResults(folder, name, meta, uri, _numeric(trials), used, notes)
+    note = scoring_note(trials)
+    return SearchResults(folder, name, meta, uri, _numeric(trials), used, notes + ([note] if note else []))
 
 
 def _numeric(df: pd.DataFrame) -> pd.DataFrame:
@@ -162,9 +165,29 @@ def _with_run_metrics(trials: pd.DataFrame, uri: str) -> pd.DataFrame:
     client = _client(uri)
     extra = []
     for run_id in trials["mlflow_run_id"]:
-        metrics = client.get_run(run_id).data.metrics if isinstance(run_id, str) and run_id else {}
-        extra.append({k: v for k, v in metrics.items() if k not in trials.columns})
+        data = client.get_run(run_id).data if isinstance(run_id, str) and run_id else None
+        metrics = data.metrics if data else {}
+        scoring = {column: data.tags.get(tag) for column, tag in SCORING_TAGS.items()} if data else {}
+        extra.append({k: v for k, v in {**metrics, **scoring}.items() if k not in trials.columns})
     return pd.concat([trials.reset_index(drop=True), pd.DataFrame(extra)], axis=1)
+
+
+def scoring_note(trials: pd.DataFrame) -> str | None:
+    """Why the trials' scores do not compare, or None: they were scored against more than one reference or by more
+    than one kind of judge (the runs' ``pdcbdm.reference_kind`` / ``pdcbdm.judge`` tags; a search refuses to mix
+    them, a table assembled by hand may not)."""
+    mixed = []
+    for column in SCORING_TAGS:
+        if column in trials:
+            kinds = sorted({_judge_network(v) if column == "judge" else v for v in trials[column].dropna()})
+            if len(kinds) > 1:
+                mixed.append(f"{column}: {', '.join(map(str, kinds))}")
+    return None if not mixed else f"trials scored differently, do not rank them together ({'; '.join(mixed)})"
+
+
+def _judge_network(tag: str) -> str:
+    """The judging network of a ``pdcbdm.judge`` tag, without its coverage and accuracy (which vary by run)."""
+    return str(tag).split(" (")[0]
 
 
 def searched_columns(trials: pd.DataFrame) -> list[str]:

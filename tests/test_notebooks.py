@@ -188,3 +188,19 @@ def test_param_importance_explains_when_it_cannot_be_computed(tmp_path):
     # the bootstrap interval: within [0, 1], from resampled trials
     assert ((0 <= importance["low"]) & (importance["low"] <= importance["high"]) & (importance["high"] <= 1)).all()
     assert (importance["resamples"] > 0).all() and importance.attrs["n_trials"] == 8
+
+
+def test_trials_scored_differently_are_named_not_ranked_together():
+    import pandas as pd
+
+    from pipelines import analysis
+
+    same = pd.DataFrame({"reference_kind": ["balanced-train"] * 2,
+                         "judge": ["domain-cnn (4 of 4 classes, held-out accuracy 0.900)",
+                                   "domain-cnn (3 of 4 classes, held-out accuracy 0.850)"]})
+    assert analysis.scoring_note(same) is None  # coverage and accuracy vary by run; the network is what counts
+    mixed = same.assign(reference_kind=["balanced-train", "heldout"],
+                        judge=["domain-cnn (4 of 4 classes)", "linear probe on inception-v3-compat (4 of 4 classes)"])
+    note = analysis.scoring_note(mixed)
+    assert "do not rank" in note and "balanced-train, heldout" in note and "linear probe on inception" in note
+    assert analysis.scoring_note(pd.DataFrame({"fid": [1.0]})) is None  # a table without the tags: nothing to say

@@ -20,7 +20,7 @@ from pdcbdm.data.own import prepared_identity
 from pdcbdm.data.prepared import read_prepared_meta
 from pdcbdm.evaluation import Evaluator, evaluation_split
 from pdcbdm.evaluation.real_sets import calibrated_judge, judge_accuracy, readable_reference
-from pdcbdm.metrics import FeatureSet, FloorUnavailable, noise_floor, reference_features
+from pdcbdm.metrics import FeatureSet, FloorUnavailable, evaluate_features, noise_floor, reference_features
 from pdcbdm.metrics.domain_net import DomainExtractor
 from pdcbdm.metrics.floor import floor_draw
 from pdcbdm.models import OWN_PRESETS, build_unet
@@ -236,6 +236,45 @@ def test_evaluation_of_own_data_scores_with_judge_and_floors(own, cache):
     assert copies["memorisation"] == 1.0 and metrics["fid_few"] is not None  # classes of 8 and 4: few-shot
 
 
+def test_eval_judge_picks_the_network_that_judges_classes(own, cache, tmp_path):
+    """eval.judge=cnn: the domain CNN judges beside a feature network with no head over the data's classes (the
+    role of Inception, played here by a second, briefly trained CNN whose logits are not the classes: Inception on
+    a CPU costs minutes); the metrics and the Inception Score stay the feature network's. eval.judge=probe: a
+    linear probe even on a network that could judge itself."""
+    from pdcbdm.evaluation import RealSets
+    from pdcbdm.metrics.domain_net import DomainNetConfig
+
+    features = DomainExtractor.load_or_train(own, cache_dir=tmp_path,
+                                             config=DomainNetConfig(seed=1, min_steps=20, max_steps=20))
+    features.logit_classes = None  # a head over other classes, as Inception's
+    cfg = own_config(own, "eval.extractor=inception", "eval.judge=cnn")
+    split = evaluation_split(cfg, load_data(cfg).counts())
+    real = RealSets.load(cfg, features, 4, cache)
+    evaluator = Evaluator(cfg, features, real.reference, 4, split.head, split.tail, (3, 16, 16), torch.device("cpu"),
+                          score_shape=real.score_shape, judge=real.judge, floor_pool=real.floor_pool,
+                          floor_note=real.floor_note, cache_dir=cache, reference_kind=real.kind,
+                          train_features=real.train, judge_accuracy=real.judge_accuracy,
+                          judge_network=real.judge_network)
+    domain = DomainExtractor.load_or_train(own, cache_dir=cache)
+    assert real.judge_network.identity == domain.identity != features.identity
+    assert real.judge.extractor == domain.identity and real.judge.probe is None
+    assert real.floor_pool.judged.extractor == domain.identity and real.floor_pool.extractor == features.identity
+    assert evaluator.tags()["pdcbdm.judge"].startswith("domain-cnn (4 of 4 classes, held-out accuracy ")
+    floor = build_floor_dataset("parquet", root=own)
+    metrics, _ = evaluator.score(floor.images, floor.labels)
+    assert metrics["consistency_mean"] >= 0.75 and isinstance(metrics["consistency_mean_floor"], float)
+    plain = evaluate_features(FeatureSet(features.extract(floor.images)[0], None, floor.labels), real.reference,
+                              head_classes=split.head, tail_classes=split.tail, num_classes=4).to_dict()
+    assert metrics["fid"] == pytest.approx(plain["fid"])  # the FID is the feature network's
+    assert list(cache_payload(cfg, cache)) == [domain.cache_files[0].name]  # the judge is shipped to the nodes
+    probe = Evaluator.build(own_config(own, "eval.judge=probe"), num_classes=4, head=split.head, tail=split.tail,
+                            cache_dir=cache)
+    assert probe.judge.probe is not None and probe.tags()["pdcbdm.judge"].startswith("linear probe on domain-cnn")
+    for bad in ("eval.judge=cnn", "eval.judge=resnet"):  # cnn on a built-in set; an unknown judge
+        with pytest.raises(ConfigError, match="eval.judge"):
+            apply_overrides(preset("smoke"), [bad])
+
+
 # ---------------------------------------------------------------- commands and records
 
 def test_train_and_evaluate_commands_run_on_own_data(own, cache, tmp_path, capsys):
@@ -304,6 +343,11 @@ def test_a_search_on_own_data_scores_its_trials(tmp_path):
         assert r.data.metrics["fid"] > 0 and "proxy_fid_floor" in r.data.metrics
         assert r.data.tags["pdcbdm.extractor"].startswith("domain-cnn/sha256:")
         assert r.data.tags["pdcbdm.reference_kind"] == "balanced-train" and r.data.tags["pdcbdm.data.num_images"] == "72"
+    from pipelines import analysis  # the notebooks' table says how each trial was scored
+
+    results = analysis.load_search(tmp_path / "out" / "searches" / "own")
+    assert results.trials["reference_kind"].tolist() == ["balanced-train"]
+    assert results.trials["judge"][0].startswith("domain-cnn (") and not results.notes
 
 
 def test_the_data_benchmark_measures_load_and_private_memory_of_workers(tmp_path):

@@ -33,7 +33,7 @@ from tune.search_folder import read_search_json
 WARM_START_ATTR = "pdcbdm.warm_start"  # the folder of the search a copied trial comes from
 SOURCE_TRIAL_ATTR = "pdcbdm.warm_start_trial"  # its number in that search's study
 # fields that decide what a trial's scores are measured against: trials scored otherwise are never ranked together
-SCORING_FIELDS = ("eval.reference", "eval.extractor", "eval.inception_weights")
+SCORING_FIELDS = ("eval.reference", "eval.extractor", "eval.inception_weights", "eval.judge")
 
 
 class WarmStartError(ValueError):

@@ -16,8 +16,9 @@ from .evaluator import Evaluator, GuidanceResult
 from .real_sets import RealSets
 from .samples import Samples, SampleSource, gather_to_rank0, resize_samples
 from .selection import HEADLINE_KEYS, best_by_fid, headline
-from .settings import evaluation_split, feature_extractor, final_sampling, sampler_settings, sampling_autocast
+from .settings import (evaluation_split, feature_extractor, final_sampling, judge_network, sampler_settings,
+                       sampling_autocast)
 
 __all__ = ["Evaluator", "GuidanceResult", "RealSets", "Samples", "SampleSource", "gather_to_rank0", "resize_samples",
            "HEADLINE_KEYS", "best_by_fid", "headline", "evaluation_split", "feature_extractor", "final_sampling",
-           "sampler_settings", "sampling_autocast"]
+           "judge_network", "sampler_settings", "sampling_autocast"]

@@ -6,6 +6,7 @@ every sample set with ``pdcbdm.metrics``, each score beside its noise floor (``<
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,12 +19,12 @@ from torch import nn
 from pdcbdm.config import Config, parse_float_list
 from pdcbdm.data import PREPARED, dataset_image_shape
 from pdcbdm.metrics import (FLOOR_SEEDS, FeatureExtractor, FeatureSet, FloorUnavailable, Judge, evaluate_features,
-                            fid_from_features, floor_data_key, group_fid, noise_floor, proxy_noise_floor,
-                            shot_groups)
+                            extract_all, fid_from_features, floor_data_key, group_fid, noise_floor,
+                            proxy_noise_floor, shot_groups)
 from pdcbdm.metrics.memorisation import memorisation_floor, memorisation_report, memorisation_share
 
 from .real_sets import RealSets
-from .samples import SampleSource
+from .samples import SampleSource, resize_samples
 from .settings import feature_extractor
 
 __all__ = ["GuidanceResult", "Evaluator"]
@@ -63,6 +64,7 @@ class Evaluator:
     groups: dict[str, tuple[int, ...]] = field(default_factory=dict)
     train_features: FeatureSet | None = None
     judge_accuracy: float | None = None
+    judge_network: FeatureExtractor | None = None  # the judging network when it is not the extractor (eval.judge)
     _memorisation_floor: dict[str, Any] | None = field(default=None, repr=False)
     _floors: dict[tuple, dict[str, Any]] = field(default_factory=dict, repr=False)
     _floor_key: str | None = field(default=None, repr=False)
@@ -83,7 +85,7 @@ class Evaluator:
                    score_shape=real.score_shape, judge=real.judge, floor_pool=real.floor_pool,
                    floor_note=real.floor_note, cache_dir=cache_dir, reference_kind=real.kind,
                    groups=_groups(cfg, train_counts), train_features=real.train,
-                   judge_accuracy=real.judge_accuracy)
+                   judge_accuracy=real.judge_accuracy, judge_network=real.judge_network)
 
     @property
     def judge_kind(self) -> str:
@@ -92,7 +94,8 @@ class Evaluator:
         if self.judge is None:
             return "none"
         accuracy = "" if self.judge_accuracy is None else f", held-out accuracy {self.judge_accuracy:.3f}"
-        network = self.extractor.name if self.judge.probe is None else f"linear probe on {self.extractor.name}"
+        network = (self.judge_network.name if self.judge_network is not None else self.extractor.name
+                   if self.judge.probe is None else f"linear probe on {self.extractor.name}")
         return f"{network} ({len(self.judge.covered_classes)} of {self.num_classes} classes{accuracy})"
 
     def tags(self) -> dict[str, str]:
@@ -112,7 +115,18 @@ class Evaluator:
         return self.source.sample(net, guidance, n, seed=seed, progress=progress, autocast=autocast, final=final)
 
     def features(self, images: torch.Tensor, labels: torch.Tensor) -> FeatureSet:
-        return self.source.features(images, labels)
+        """The samples' features (and the judging network's, ``_with_judged``)."""
+        return self._with_judged(self.source.features(images, labels), images)
+
+    def _with_judged(self, feats: FeatureSet, images: torch.Tensor) -> FeatureSet:
+        """``feats`` with the judging network's features and logits of ``images`` attached when another network
+        than the extractor judges classes (``eval.judge=cnn``)."""
+        if self.judge_network is None:
+            return feats
+        judged, logits = extract_all(self.judge_network, resize_samples(images, self.score_shape),
+                                     batch_size=self.cfg.eval.batch_size, progress=False)
+        return dataclasses.replace(feats, judged=FeatureSet(judged, logits, feats.labels,
+                                                            extractor=self.judge_network.identity))
 
     def proxy(self, net: nn.Module, *, guidance: float, seed: int = 0,
               autocast: Callable[[], Any] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
@@ -208,7 +222,7 @@ class Evaluator:
             got = self.source.shared_samples(net, w, n, seed=seed, progress=progress, autocast=autocast, final=True,
                                              world=world)
             sampled = time.perf_counter()
-            metrics, per_class = self.score_features(got.features, seed=seed)
+            metrics, per_class = self.score_features(self._with_judged(got.features, got.images), seed=seed)
             timings = {"sample_s": sampled - start, "score_s": time.perf_counter() - sampled}
             out.append(GuidanceResult(w, {"guidance": w, **metrics}, per_class, got.images, got.labels, timings))
         return out

@@ -14,7 +14,8 @@ from pdcbdm.data import HeadTailSplit, head_tail_split
 from pdcbdm.metrics import FeatureExtractor, build_extractor
 from pdcbdm.training import resolve_precision
 
-__all__ = ["evaluation_split", "feature_extractor", "sampler_settings", "final_sampling", "sampling_autocast"]
+__all__ = ["evaluation_split", "feature_extractor", "judge_network", "sampler_settings", "final_sampling",
+           "sampling_autocast"]
 
 
 def evaluation_split(cfg: Config, counts: Sequence[int]) -> HeadTailSplit:
@@ -34,6 +35,16 @@ def feature_extractor(cfg: Config, device: torch.device | str = "cpu",
     root = cfg.data.root if cfg.eval.extractor == "domain" else None
     return build_extractor(cfg.eval.extractor, weights_path=cfg.eval.inception_weights, device=device,
                            cache_dir=cache_dir, data_root=root)
+
+
+def judge_network(cfg: Config, device: torch.device | str = "cpu",
+                  cache_dir: str | os.PathLike | None = None) -> FeatureExtractor | None:
+    """The network that judges classes when it is not ``eval.extractor`` (``eval.judge=cnn`` with another
+    extractor than the domain CNN: the domain CNN of data.root, read from ``cache_dir``); None: the extractor
+    judges (its own logits, or a linear probe on its features)."""
+    if cfg.eval.judge != "cnn" or cfg.eval.extractor == "domain":
+        return None
+    return build_extractor("domain", device=device, cache_dir=cache_dir, data_root=cfg.data.root)
 
 
 def sampler_settings(cfg: Config) -> dict[str, Any]:

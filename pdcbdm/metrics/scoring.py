@@ -55,6 +55,8 @@ class FeatureSet:
         logits_note: why `logits` is None, reported as the Inception Score's unavailability reason.
         class_shares: [K] the class mixture a reference stands for (``mixture.py``; the class-balanced training
             set: ``balanced``); None: its own class proportions. Every metric reads it through `weights`.
+        judged: the same images (same rows) seen by the network that judges classes when it is not this one
+            (``eval.judge=cnn`` beside Inception features): the judge reads its features and logits; None: this set.
     """
 
     features: np.ndarray
@@ -63,6 +65,7 @@ class FeatureSet:
     extractor: str = ""
     logits_note: str = ""
     class_shares: np.ndarray | None = None
+    judged: FeatureSet | None = None
 
     def __post_init__(self) -> None:
         feats = as_float64(self.features, "features", 2)
@@ -82,6 +85,13 @@ class FeatureSet:
                 raise ValueError(f"class_shares must be >= 0 with an entry for every label, got {len(shares)} "
                                  f"entries for labels up to {labels.max() if labels.size else None}")
             object.__setattr__(self, "class_shares", shares)
+        if self.judged is not None and len(self.judged) != feats.shape[0]:
+            raise ValueError(f"judged has {len(self.judged)} rows but features has {feats.shape[0]}")
+
+    @property
+    def reader(self) -> FeatureSet:
+        """The features and logits the class judge reads: ``judged`` when another network judges, else this set."""
+        return self if self.judged is None else self.judged
 
     def weights(self) -> np.ndarray | None:
         """Row weights w_i = pi_k / n_k summing to 1 (``mixture.mixture_weights``), None when the set stands for
@@ -95,7 +105,8 @@ class FeatureSet:
     def subset(self, rows: np.ndarray) -> FeatureSet:
         """The rows ``rows`` (indices or a mask), the class shares kept."""
         return dataclasses.replace(self, features=self.features[rows], labels=self.labels[rows],
-                                   logits=None if self.logits is None else self.logits[rows])
+                                   logits=None if self.logits is None else self.logits[rows],
+                                   judged=None if self.judged is None else self.judged.subset(rows))
 
     @classmethod
     def coerce(cls, value: FeatureSet | Sequence[Any]) -> FeatureSet:
@@ -207,8 +218,9 @@ def _consistency(gen: FeatureSet, ref: FeatureSet, num_classes: int, groups: dic
     not classify the data set's classes. Only the classes the judge covers are judged (judge.py, "Coverage")."""
     none: list[float | None] = [None] * num_classes
     reads_features = judge is not None and judge.probe is not None
-    if not reads_features and (gen.logits is None or gen.logits.shape[1] != num_classes):
-        width = None if gen.logits is None else gen.logits.shape[1]
+    seen = gen.reader
+    if not reads_features and (seen.logits is None or seen.logits.shape[1] != num_classes):
+        width = None if seen.logits is None else seen.logits.shape[1]
         note = (f"no classifier over the {num_classes} data classes (logits width {width}); "
                 "class consistency needs the digits network or another matching classifier")
         return none, none, {"consistency_note": note}
@@ -216,7 +228,7 @@ def _consistency(gen: FeatureSet, ref: FeatureSet, num_classes: int, groups: dic
     if judge is None:
         return none, none, {"consistency_note": note}
     covered = set(judge.covered_classes)
-    decided, labels = judge.decide(gen.features, gen.logits), gen.labels
+    decided, labels = judge.decide(seen.features, seen.logits), gen.labels
 
     def judged(classes: Sequence[int]) -> list[int]:
         return [c for c in classes if c in covered]
