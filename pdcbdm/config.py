@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,9 +28,21 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the bad value."""
 
 
+# every value an error message shows is cut to a readable length (a space file's value may be huge)
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 120
+_SHOW.maxlist = _SHOW.maxdict = 8
+_SHOW.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, cut to a length an error message can carry."""
+    return _SHOW.repr(value)
+
+
 def _check(cond: bool, name: str, value: Any, why: str) -> None:
     if not cond:
-        raise ConfigError(f"{name} {why}, got {value!r}")
+        raise ConfigError(f"{name} {why}, got {shown(value)}")
 
 
 LABEL_DIST_NAMES = ("cbdm", "inverted", "uniform")
@@ -72,7 +86,39 @@ def parse_float_list(spec: str, name: str) -> tuple[float, ...]:
     except ValueError:
         raise ConfigError(f"{name} must be comma-separated numbers such as '0,1,2', got {spec!r}") from None
     _check(len(values) > 0, name, spec, "must hold at least one value")
+    _check(all(math.isfinite(v) for v in values), name, spec, "must hold finite numbers")
     return values
+
+
+# Plausible ceilings of the sizes that set a run's memory and time: a value past one is a typo far more often than
+# a plan (2e9 timesteps would allocate schedules of 16 GB each); ``check_ceilings`` refuses them unless the
+# caller's explicit flag (--allow-large) says the size is meant.
+CEILINGS: dict[str, int] = {
+    "diffusion.timesteps": 10_000, "sample.steps": 10_000, "train.steps": 10_000_000, "train.batch_size": 8_192,
+    "train.threads": 1_024, "loss.pd_pairs": 8_192, "eval.num_samples": 100_000, "eval.proxy_samples": 100_000,
+    "eval.batch_size": 16_384, "eval.noise_error_images": 100_000,
+}
+ALLOW_LARGE_FLAG = "--allow-large"
+
+
+def check_ceilings(cfg: "Config", allow_large: bool = False) -> None:
+    """Refuse a size above its ``CEILINGS`` entry (ConfigError naming the field, the ceiling and the flag that
+    lifts them), unless ``allow_large``."""
+    if allow_large:
+        return
+    flat = cfg.flat()
+    for key, ceiling in CEILINGS.items():
+        value = flat[key]
+        if value is not None and value > ceiling:
+            raise ConfigError(f"{key} = {shown(value)} is above its ceiling {ceiling:,} (a size that would exhaust "
+                              f"memory or time); pass {ALLOW_LARGE_FLAG} if you mean it")
+
+
+def _finite_numbers(cfg: "Config") -> None:
+    """Every float field finite: inf or nan trains nothing useful and fails late (a NaN loss after minutes)."""
+    for key, value in cfg.flat().items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
 
 
 # the U-Nets of pdcbdm.models.PRESETS (named here: the config imports no torch)
@@ -185,6 +231,12 @@ class DataConfig:
         _check(self.dataset in names, "data.dataset", self.dataset, f"must be one of {', '.join(names)}")
         if self.imbalance is not None:
             _check(self.imbalance >= 1.0, "data.imbalance", self.imbalance, "must be >= 1")
+        if self.dataset.startswith("digits"):  # scikit-learn's digits: no folder, nothing to download
+            for name, value in (("root", self.root), ("download", self.download or None)):
+                if value is not None:
+                    raise ConfigError(f"data.{name} = {shown(value)} is not read by data.dataset={self.dataset} (the "
+                                      f"digits come with scikit-learn); leave it unset, or choose a data set that "
+                                      f"reads it (cifar10-lt, cifar100-lt, parquet)")
         if self.dataset == PREPARED:
             self._check_prepared()
         elif self.image_size is not None:
@@ -360,6 +412,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        _finite_numbers(self)
         # a network trained on other images cannot read a prepared set's classes, and the domain CNN exists only
         # for a prepared set
         extractor, dataset = self.eval.extractor, self.data.dataset

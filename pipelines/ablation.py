@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -290,7 +289,7 @@ def base_config(args: argparse.Namespace) -> Config:
 
 def make_plan(args: argparse.Namespace) -> GridPlan:
     """Validate every option and build every run's config before anything is trained or logged."""
-    from tune import grid
+    from tune import arguments, grid
 
     saved, reuse = None, not args.no_reuse  # --no-reuse of this call, also with --resume
     if args.resume is not None:
@@ -310,7 +309,7 @@ def make_plan(args: argparse.Namespace) -> GridPlan:
     if saved:
         out, name = Path(args.resume), saved["name"]
     else:
-        name = args.name or f"ablation-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = args.name or arguments.default_name(f"ablation-{args.preset}")
         out = Path(args.out) if args.out else Path("ablations") / name
         name = args.name or grid.existing_name(out.resolve(), KIND) or name
     return grid.make_plan(args, base, cells, kind=KIND, command=COMMAND, out=out, name=name, saved=saved,

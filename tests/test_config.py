@@ -19,7 +19,8 @@ def test_presets_are_valid_and_round_trip(name, tmp_path):
 
 def test_overrides_convert_types_and_keep_search_names():
     cfg = apply_overrides(Config(), ["loss.pd_weight=0.05", "model.tsa_resolutions=16,8", "data.imbalance=none",
-                                     "data.download=true", "train.steps=7", "sample.guidance=1.4",
+                                     "data.dataset=cifar10-lt", "data.download=true",
+                                     "train.steps=7", "sample.guidance=1.4",
                                      "loss.label_dist=power:0.5"])
     assert cfg.loss.pd_weight == 0.05 and cfg.model.tsa_resolutions == "16,8" and cfg.data.imbalance is None
     assert cfg.data.download is True and cfg.train.steps == 7 and cfg.sample.guidance == 1.4

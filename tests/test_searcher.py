@@ -86,7 +86,7 @@ def test_multi_objective_uses_tpe_and_prunes_stopped_trials(tmp_path):
     assert trials["b"].state == TrialState.PRUNED
 
 
-@pytest.mark.parametrize("trials, startup", [(1, 2), (3, 2), (8, 2), (12, 3), (32, 8), (100, 25)])
+@pytest.mark.parametrize("trials, startup", [(1, 2), (3, 2), (8, 2), (12, 3), (32, 8), (100, 25), (100_000, 25)])
 def test_tpe_start_up_is_sized_to_the_budget(tmp_path, trials, startup):
     assert startup_trials(trials) == startup
     searcher = _searcher(tmp_path, trials=trials)

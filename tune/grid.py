@@ -31,7 +31,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
-from pdcbdm.config import Config, ConfigError, apply_overrides, write_json_atomic
+from pdcbdm.config import ALLOW_LARGE_FLAG, Config, ConfigError, apply_overrides, check_ceilings, write_json_atomic
+from tune import arguments
 from tune import search as driver
 from tune import tracking
 from tune.search import SearchError, SearchInterrupted, SearchPlan
@@ -113,6 +114,8 @@ def add_runner_args(p: argparse.ArgumentParser, experiment: str | None) -> None:
     g.add_argument("--max-trial-failures", type=int, default=0, help="retries of a run that raises")
     g.add_argument("--max-worker-failures", type=int, default=1, help="restarts of a run's workers from their last "
                    "checkpoint after a worker dies")
+    g.add_argument(ALLOW_LARGE_FLAG, dest="allow_large", action="store_true",
+                   help="accept sizes above their ceilings (as tune/search.py --allow-large)")
     g.add_argument("--no-reuse", action="store_true", help="train every cell, even one with a finished run of the "
                    "same config in the MLflow experiment")
 
@@ -160,6 +163,11 @@ def make_plan(args: argparse.Namespace, cfg: Config, cells: Sequence[Cell], *, k
     """Validate resources, cells, data and the tracking store before Ray or MLflow is touched (``out`` is created
     for the default sqlite store). ``saved``: the KIND.json of a --resume. ``reuse`` False (--no-reuse): take no
     run from MLflow (with --resume: continue from Tune's state alone)."""
+    try:
+        arguments.check_runner_args(args)
+        check_ceilings(cfg, getattr(args, "allow_large", False))
+    except (arguments.ArgumentError, ConfigError) as exc:
+        raise SearchError(str(exc)) from None
     cfg = driver.check_resources(args, cfg)
     names = [c.name for c in cells]
     if not cells or len(set(names)) != len(names):

@@ -35,7 +35,9 @@ if __package__ in (None, ""):  # run as a script: import the repository's packag
 
 import torch  # noqa: E402
 
-from pdcbdm.config import PRESETS, Config, ConfigError, apply_overrides, preset, write_json_atomic  # noqa: E402
+from pdcbdm.config import (ALLOW_LARGE_FLAG, CEILINGS, PRESETS, Config, ConfigError, apply_overrides,  # noqa: E402
+                           check_ceilings, preset, write_json_atomic)
+from tune import arguments  # noqa: E402
 from tune import budget as budget_mod  # noqa: E402
 from tune import cluster  # noqa: E402
 from tune import ray_access  # noqa: E402
@@ -129,12 +131,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "default from the PDCBDM_OPTUNA_STORAGE environment variable, which keeps a password off "
                         "the command line. search.json keeps the URL with its password masked: a --resume needs it "
                         "again, here or in PDCBDM_OPTUNA_STORAGE")
+    p.add_argument(ALLOW_LARGE_FLAG, dest="allow_large", action="store_true",
+                   help=f"accept sizes above their ceilings: --trials {arguments.MAX_TRIALS:,}, "
+                        + ", ".join(f"{k} {v:,}" for k, v in CEILINGS.items())
+                        + " (in --set and in the space file)")
     return p.parse_args(argv)
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
+    """The preset with the --set overrides, within the ceilings of ``pdcbdm.config.CEILINGS`` unless
+    --allow-large."""
     try:
-        return apply_overrides(preset(args.preset), args.overrides)
+        cfg = apply_overrides(preset(args.preset), args.overrides)
+        check_ceilings(cfg, getattr(args, "allow_large", False))
+        return cfg
     except ConfigError as exc:
         raise SearchError(str(exc)) from None
 
@@ -167,7 +177,7 @@ def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_stora
     """
     import optuna
 
-    from tune.searcher import StepOptunaSearch, startup_trials
+    from tune.searcher import MAX_STARTUP_TRIALS, StepOptunaSearch, startup_trials
 
     if space is None:
         space, starts = space_file.load_with_starts(space_file.DEFAULT_SPACE, cfg, pinned_knobs(args.overrides))
@@ -182,7 +192,10 @@ def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_stora
     metric, mode = (["objective", "objective_tail"], ["min", "min"]) if args.multi_objective else ("objective", "min")
     storage = optuna_storage(study_storage)
     # one sampler for one or several objectives: Optuna's TPE is multi-objective (MOTPE) when the study is
-    sampler = optuna.samplers.TPESampler(n_startup_trials=startup_trials(trials), seed=args.seed)
+    startup = startup_trials(trials)
+    print(f"TPE: {startup} random start-up trial(s) (a quarter of --trials, 2 to {MAX_STARTUP_TRIALS}), then "
+          f"guided by the finished ones", flush=True)
+    sampler = optuna.samplers.TPESampler(n_startup_trials=startup, seed=args.seed)
     searcher = StepOptunaSearch(space=partial(space_file.suggest, spec=space), metric=metric, mode=mode,
                                 points_to_evaluate=points or None, sampler=sampler, study_name=name,
                                 storage=storage, max_steps=cfg.train.steps, budget_file=budget_file)
@@ -202,7 +215,8 @@ def load_space(args: argparse.Namespace, cfg: Config) -> tuple[dict[str, dict], 
     start points (``tune.space_file.start_points``)."""
     path = Path(args.space).resolve() if args.space else space_file.DEFAULT_SPACE
     try:
-        spec, starts = space_file.load_with_starts(path, cfg, pinned_knobs(args.overrides))
+        spec, starts = space_file.load_with_starts(path, cfg, pinned_knobs(args.overrides),
+                                                   getattr(args, "allow_large", False))
         return spec, str(path), starts
     except space_file.SpaceError as exc:
         raise SearchError(str(exc)) from None
@@ -342,10 +356,14 @@ def plan(args: argparse.Namespace) -> SearchPlan:
     --optuna-storage, else PDCBDM_OPTUNA_STORAGE, else sqlite in the search folder."""
     if args.resume is not None:
         return plan_resume(args)
+    try:
+        arguments.check_search_args(args)
+    except arguments.ArgumentError as exc:
+        raise SearchError(str(exc)) from None
     cfg, trials = check_args(args)
     space, space_path, starts = load_space(args, cfg)
     out = Path(args.out).resolve()
-    name = args.name or f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = args.name or arguments.default_name(args.preset)
     search_dir = out / "searches" / name
     if (search_dir / "search.json").exists():
         raise SearchError(f"search {name!r} already exists in {search_dir}; resume it with --resume {search_dir} "

@@ -41,10 +41,14 @@ class MaskedRDBStorage(RDBStorage):
         super().__setstate__({**state, "url": reveal(state["url"], (OPTUNA_STORAGE_ENV,))})
 
 
+# TPE's random start-up never exceeds this many trials: a quarter of a huge budget would stay random for days
+MAX_STARTUP_TRIALS = 25
+
+
 def startup_trials(trials: int) -> int:
     """TPE's random start-up trials for a budget of ``trials``: a quarter of it, at least 2 (Optuna's default of
-    10 would leave a search of 8 trials random throughout)."""
-    return max(2, round(trials / 4))
+    10 would leave a search of 8 trials random throughout), at most ``MAX_STARTUP_TRIALS``."""
+    return min(MAX_STARTUP_TRIALS, max(2, round(trials / 4)))
 
 
 class StepOptunaSearch(OptunaSearch):

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pdcbdm.config import Config, ConfigError, apply_overrides, parse_resolution_list
+from pdcbdm.config import Config, ConfigError, apply_overrides, check_ceilings, parse_resolution_list, shown
 from pdcbdm.training import network_levels
 from tune.space import tsa_choices
 
@@ -46,9 +46,12 @@ def read_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         text = path.read_text()
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except OSError as exc:
         raise SpaceError(f"space file {path}: cannot be read ({exc.strerror or exc})") from None
+    if path.suffix.lower() != ".json":
+        _refuse_aliases(text, path)
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:  # json.JSONDecodeError is a ValueError
         raise SpaceError(f"space file {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} "
                          f"({' '.join(str(exc).split())})") from None
@@ -58,24 +61,41 @@ def read_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def resolve(data: Mapping[str, Any], cfg: Config, fixed: Sequence[str] = (), source: str = "") -> dict[str, dict]:
+def _refuse_aliases(text: str, path: Path) -> None:
+    """A space file is a handful of knobs: YAML anchors and aliases serve no purpose in one, and nested aliases
+    expand exponentially (a few hundred bytes become gigabytes when loaded or shown)."""
+    import yaml
+
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                line = event.start_mark.line + 1
+                raise SpaceError(f"space file {path}, line {line}: YAML anchors and aliases (&name, *name) are not "
+                                 f"accepted in a space file; write each entry out")
+    except yaml.YAMLError:
+        return  # the loader reports the syntax error
+
+
+def resolve(data: Mapping[str, Any], cfg: Config, fixed: Sequence[str] = (), source: str = "",
+            allow_large: bool = False) -> dict[str, dict]:
     """The searched knobs of a space file, in file order, checked against ``cfg`` (the search's base config) and
     made explicit; knobs in ``fixed`` (pinned with ``--set``) are left out. ``source`` names the file in errors.
 
     An entry resolves to ``{"type": "float"|"int", "low", "high", "log", "step"}`` or ``{"type":
-    "categorical", "choices"}``."""
+    "categorical", "choices"}``. Every bound and choice must make a valid config within the ceilings of
+    ``pdcbdm.config.CEILINGS`` (unless ``allow_large``)."""
     flat = cfg.flat()
     out: dict[str, dict] = {}
     for knob, entry in data.items():
         if knob == START_KEY:
             continue
-        where = f"space file {source}, entry {knob!r}"
+        where = f"space file {source}, entry {shown(knob)}"
         check_knob(knob, flat, where)
         if knob in fixed:
             continue
         if not isinstance(entry, dict):
             raise SpaceError(f"{where}: expected a mapping with range, range_around_preset or choices, "
-                             f"got {entry!r}")
+                             f"got {shown(entry)}")
         unknown = sorted(set(entry) - set(ENTRY_KEYS))
         if unknown:
             raise SpaceError(f"{where}: unknown key(s) {unknown}; valid: {list(ENTRY_KEYS)}")
@@ -85,7 +105,7 @@ def resolve(data: Mapping[str, Any], cfg: Config, fixed: Sequence[str] = (), sou
                              f"{kinds or 'none'}")
         resolved = (_choices(knob, entry, cfg, where) if kinds == ["choices"]
                     else _numeric(knob, entry, flat[knob], where))
-        _check_values(knob, resolved, cfg, where)
+        _check_values(knob, resolved, cfg, where, allow_large)
         out[knob] = resolved
     return out
 
@@ -103,18 +123,18 @@ def check_knob(knob: Any, flat: Mapping[str, Any], where: str) -> None:
 def _numeric(knob: str, entry: Mapping[str, Any], current: Any, where: str) -> dict:
     """A ``range`` or ``range_around_preset`` entry as explicit bounds, scale and step."""
     if isinstance(current, bool) or not isinstance(current, (int, float)):
-        raise SpaceError(f"{where}: the field holds {current!r}, not a number: give choices instead of a range")
+        raise SpaceError(f"{where}: the field holds {shown(current)}, not a number: give choices instead of a range")
     is_int = isinstance(current, int)
     if "range" in entry:
         bounds = entry["range"]
         if not (isinstance(bounds, list) and len(bounds) == 2 and all(_is_number(b) for b in bounds)):
-            raise SpaceError(f"{where}: range must be [LOW, HIGH] (two numbers), got {bounds!r}")
+            raise SpaceError(f"{where}: range must be [LOW, HIGH] (two finite numbers), got {shown(bounds)}")
         low, high = bounds
     else:
         low, high = _around_preset(entry["range_around_preset"], current, where)
     scale = entry.get("scale", "linear")
     if scale not in ("linear", "log"):
-        raise SpaceError(f"{where}: scale must be linear or log, got {scale!r}")
+        raise SpaceError(f"{where}: scale must be linear or log, got {shown(scale)}")
     step = entry.get("step")
     if not low < high:
         raise SpaceError(f"{where}: empty or inverted range [{low}, {high}] (LOW must be below HIGH)")
@@ -134,20 +154,20 @@ def _around_preset(factor: Any, current: float, where: str) -> tuple[float, floa
     """[preset / F, preset x F]: a range that follows the preset (and --set of other fields) it is used with."""
     if not _is_number(factor) or factor <= 1:
         raise SpaceError(f"{where}: range_around_preset must be a number > 1 (the factor either side of the "
-                         f"preset's value), got {factor!r}")
+                         f"preset's value), got {shown(factor)}")
     if current <= 0:
         raise SpaceError(f"{where}: range_around_preset needs a positive preset value, the preset holds "
-                         f"{current!r}; give range: [LOW, HIGH] instead")
+                         f"{shown(current)}; give range: [LOW, HIGH] instead")
     return current / factor, current * factor
 
 
 def _check_step(step: Any, low: float, high: float, scale: str, is_int: bool, where: str) -> None:
     if not _is_number(step) or step <= 0:
-        raise SpaceError(f"{where}: step must be a positive number, got {step!r}")
+        raise SpaceError(f"{where}: step must be a positive number, got {shown(step)}")
     if scale == "log":
         raise SpaceError(f"{where}: step cannot be combined with a log scale (Optuna has no stepped log scale)")
     if is_int and not float(step).is_integer():
-        raise SpaceError(f"{where}: the field is an integer, so step must be one, got {step!r}")
+        raise SpaceError(f"{where}: the field is an integer, so step must be one, got {shown(step)}")
     steps = (high - low) / step
     if abs(steps - round(steps)) > 1e-9 * max(1.0, abs(steps)):
         raise SpaceError(f"{where}: step {step} does not fit the range [{low}, {high}] ({steps:.4g} steps; "
@@ -165,26 +185,26 @@ def _choices(knob: str, entry: Mapping[str, Any], cfg: Config, where: str) -> di
         return {"type": "categorical", "choices": list(tsa_choices(network_levels(cfg)))}
     if not isinstance(choices, list) or not choices:
         raise SpaceError(f"{where}: choices must be a non-empty list{' or auto' if knob == TSA_KNOB else ''}, "
-                         f"got {choices!r}")
+                         f"got {shown(choices)}")
     if isinstance(cfg.flat()[knob], str):  # YAML reads `8` as a number; the field (and Optuna's choice) is text
         choices = [str(c) if _is_number(c) else c for c in choices]
     bad = [c for c in choices if c is not None and not isinstance(c, (bool, int, float, str))]
     if bad:
         raise SpaceError(f"{where}: choices must be strings, numbers or booleans, got {bad[0]!r}")
     if len(set(map(repr, choices))) != len(choices):
-        raise SpaceError(f"{where}: choices repeat a value: {choices!r}")
+        raise SpaceError(f"{where}: choices repeat a value: {shown(choices)}")
     return {"type": "categorical", "choices": list(choices)}
 
 
-def _check_values(knob: str, entry: Mapping[str, Any], cfg: Config, where: str) -> None:
+def _check_values(knob: str, entry: Mapping[str, Any], cfg: Config, where: str, allow_large: bool = False) -> None:
     """Every choice and both bounds make a valid config (the config's own checks), and every TSA placement
     exists in the preset's U-Net."""
     values = entry["choices"] if entry["type"] == "categorical" else [entry["low"], entry["high"]]
     for value in values:
         try:
-            apply_overrides(cfg, {knob: value})
+            check_ceilings(apply_overrides(cfg, {knob: value}), allow_large)
         except (ConfigError, TypeError, ValueError) as exc:
-            raise SpaceError(f"{where}: {value!r} is not a valid value ({exc})") from None
+            raise SpaceError(f"{where}: {shown(value)} is not a valid value ({exc})") from None
         if knob == TSA_KNOB:
             _check_tsa(value, cfg, where)
 
@@ -193,7 +213,7 @@ def _check_tsa(value: Any, cfg: Config, where: str) -> None:
     levels = network_levels(cfg)
     bad = [r for r in parse_resolution_list(value, TSA_KNOB) if r not in levels]
     if bad:
-        raise SpaceError(f"{where}: TSA choice {value!r} names resolution(s) {bad} that the {cfg.model.preset!r} "
+        raise SpaceError(f"{where}: TSA choice {shown(value)} names resolution(s) {bad} that the {cfg.model.preset!r} "
                          f"U-Net does not have (its levels: {list(levels)})")
 
 
@@ -245,15 +265,16 @@ def preset_point(spec: Mapping[str, Mapping[str, Any]], flat: Mapping[str, Any])
     return point, [k for k in spec if k not in point]
 
 
-def load(path: str | Path, cfg: Config, fixed: Sequence[str] = ()) -> dict[str, dict]:
+def load(path: str | Path, cfg: Config, fixed: Sequence[str] = (), allow_large: bool = False) -> dict[str, dict]:
     """``read_file`` then ``resolve``: the searched knobs of the file at ``path`` against ``cfg``."""
-    return load_with_starts(path, cfg, fixed)[0]
+    return load_with_starts(path, cfg, fixed, allow_large)[0]
 
 
-def load_with_starts(path: str | Path, cfg: Config, fixed: Sequence[str] = ()) -> tuple[dict[str, dict], list[dict]]:
+def load_with_starts(path: str | Path, cfg: Config, fixed: Sequence[str] = (),
+                     allow_large: bool = False) -> tuple[dict[str, dict], list[dict]]:
     """The searched knobs of the file at ``path`` against ``cfg`` (``resolve``) and its ``start_points``."""
     data = read_file(path)
-    spec = resolve(data, cfg, fixed, str(path))
+    spec = resolve(data, cfg, fixed, str(path), allow_large)
     return spec, start_points(data, spec, str(path))
 
 
@@ -267,7 +288,7 @@ def start_points(data: Mapping[str, Any], spec: Mapping[str, Mapping[str, Any]],
     raw = data.get(START_KEY, [])
     if not isinstance(raw, list) or not all(isinstance(p, dict) for p in raw):
         raise SpaceError(f"space file {source}: {START_KEY} must be a list of mappings from knobs to values, "
-                         f"got {raw!r}")
+                         f"got {shown(raw)}")
     dists = distributions(spec)
     points = []
     for i, raw_point in enumerate(raw):
@@ -276,13 +297,13 @@ def start_points(data: Mapping[str, Any], spec: Mapping[str, Mapping[str, Any]],
         for knob, value in raw_point.items():
             if knob not in spec:
                 if knob not in data or knob == START_KEY:  # a typo would otherwise leave the point unchanged
-                    raise SpaceError(f"{where}: {knob!r} is not a config field the file searches "
+                    raise SpaceError(f"{where}: {shown(knob)} is not a config field the file searches "
                                      f"({', '.join(k for k in data if k != START_KEY)})")
                 continue  # pinned with --set: the pin holds for every trial
             if value in RANGE_ENDS and spec[knob]["type"] != "categorical":
                 value = spec[knob][value]
             if not contains(dists[knob], value):
-                raise SpaceError(f"{where}: {knob} = {value!r} lies outside the searched "
+                raise SpaceError(f"{where}: {knob} = {shown(value)} lies outside the searched "
                                  f"{_describe(spec[knob])}")
             point[knob] = value
         points.append(point)
