@@ -6,7 +6,8 @@
 
 Writes into ``--out``: ``config.json`` (the resolved config), ``checkpoint.pt`` (network, EMA, optimiser, step,
 config), ``samples.png`` (EMA samples, a row per class), ``metrics.json`` (loss terms over time) and ``loss.png``.
-Re-running with the same ``--out`` resumes from the checkpoint.
+Re-running with the same ``--out`` resumes from the checkpoint (a longer ``--steps`` continues it); a checkpoint
+trained under another config is refused, naming the fields, unless ``--overwrite`` starts again from step 0.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pdcbdm.config import PRESETS, Config, ConfigError, apply_overrides, preset, write_json_atomic
+from pdcbdm.config import (ALLOW_LARGE_FLAG, PRESETS, Config, ConfigError, apply_overrides, check_ceilings, preset,
+                           write_json_atomic)
 from pdcbdm.data import ImageDataset, build_dataset
 from pdcbdm.models import check_preset_size
 from pdcbdm.sampling import generate
 from pdcbdm.training import Trainer, resolve_device
+from pdcbdm.training.checkpoint import CheckpointError, config_differences, load_checkpoint
 from pdcbdm.viz import class_rows, save_curves, save_grid
 
 LOSS_KEYS = ("loss", "dm", "cbdm", "pd", "pd_kl")
@@ -108,7 +111,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="override any config field, e.g. --set loss.pd_weight=0.05 (repeatable)")
     p.add_argument("--out", required=True, help="output folder (created; an existing checkpoint there is resumed)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again from step 0 when --out holds a checkpoint of another config (else refused)")
+    p.add_argument(ALLOW_LARGE_FLAG, dest="allow_large", action="store_true",
+                   help="accept sizes above their ceilings (pdcbdm.config.CEILINGS: diffusion.timesteps 10,000, "
+                        "train.batch_size 8,192, ...)")
     return p.parse_args(argv)
+
+
+def check_out(cfg: Config, out: Path, overwrite: bool) -> None:
+    """Refuse to continue a checkpoint in ``out`` trained under another config (beyond ``RESUMABLE_FIELDS``), or
+    with ``overwrite`` remove it and its metrics so that training starts again from step 0."""
+    ckpt = out / "checkpoint.pt"
+    if not ckpt.exists():
+        return
+    differences = config_differences(load_checkpoint(ckpt)["config"], cfg.to_dict())
+    if not differences:
+        return
+    if not overwrite:
+        shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
+        raise ConfigError(f"--out {out} holds a checkpoint trained under another config ({shown}); choose another "
+                          f"--out, or pass --overwrite to train from step 0 there")
+    for name in ("checkpoint.pt", "metrics.json"):
+        (out / name).unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,8 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = preset(args.preset)
         overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
         cfg = apply_overrides(cfg, overrides)
+        check_ceilings(cfg, args.allow_large)
         data = load_data(cfg)  # a missing or mismatched data set fails here with its reason, not a traceback
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        check_out(cfg, Path(args.out), args.overwrite)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summary = train(cfg, args.out, progress=not args.no_progress, data=data)

@@ -145,6 +145,18 @@ def test_train_cli_smoke_writes_outputs(tmp_path, capsys):
     # a bad value, in this process (the command's process start is checked above): exit status 2 and the reason
     assert train_main(["--set", "loss.pd_weight=-1", "--out", str(out)]) == 2
     assert "loss.pd_weight must be >= 0" in capsys.readouterr().err
+    # the checkpoint there was trained under another config: refused, naming the field, the checkpoint kept
+    same = ["--preset", "smoke", "--no-progress", "--set", "sample.steps=5", "--out", str(out)]
+    assert train_main([*same, "--steps", "12", "--set", "loss.pd_weight=0.9"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a checkpoint trained under another config (loss.pd_weight: 0.1 -> 0.9)" in err and "--overwrite" in err
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 10
+    assert train_main([*same, "--steps", "12"]) == 0  # a longer budget continues it
+    assert json.loads((out / "metrics.json").read_text())["history"][0]["step"] <= 10
+    assert train_main([*same, "--steps", "3", "--set", "loss.pd_weight=0.9", "--overwrite"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 3  # trained again from step 0
+    assert train_main([*same, "--set", "diffusion.timesteps=20000"]) == 2
+    assert "pass --allow-large" in capsys.readouterr().err
 
 
 def test_ema_warm_up_tracks_the_network_not_the_init(digits):

@@ -55,3 +55,20 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], w
         )
         raise CheckpointError(f"checkpoint {path}: {what} does not match the configured network ({detail})")
     module.load_state_dict(state)
+
+
+# Fields a run may change when it continues a checkpoint: the budget, and where and how fast it runs.
+RESUMABLE_FIELDS = ("train.steps", "train.device", "train.threads")
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any],
+                       resumable: tuple[str, ...] = RESUMABLE_FIELDS) -> list[str]:
+    """The fields (``section.field: saved -> current``) in which a checkpoint's config (``Config.to_dict``) and the
+    current one differ, beyond ``resumable``: continuing the checkpoint under such a config would record the new
+    values for steps trained with the old ones."""
+    def flat(cfg: dict[str, Any]) -> dict[str, Any]:
+        return {f"{s}.{k}": v for s, section in cfg.items() if isinstance(section, dict) for k, v in section.items()}
+
+    old, new = flat(saved), flat(current)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in resumable and old.get(k) != new.get(k)]
