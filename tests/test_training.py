@@ -149,7 +149,8 @@ def test_train_cli_smoke_writes_outputs(tmp_path, capsys):
     same = ["--preset", "smoke", "--no-progress", "--set", "sample.steps=5", "--out", str(out)]
     assert train_main([*same, "--steps", "12", "--set", "loss.pd_weight=0.9"]) == 2
     err = capsys.readouterr().err
-    assert "holds a checkpoint trained under another config (loss.pd_weight: 0.1 -> 0.9)" in err and "--overwrite" in err
+    assert "holds a checkpoint trained under another config (loss.pd_weight: 0.1 -> 0.9)" in err
+    assert "--overwrite" in err
     assert json.loads((out / "metrics.json").read_text())["steps"] == 10
     assert train_main([*same, "--steps", "12"]) == 0  # a longer budget continues it
     assert json.loads((out / "metrics.json").read_text())["history"][0]["step"] <= 10
