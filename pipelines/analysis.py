@@ -134,8 +134,9 @@ def _trials_from_mlflow(uri: str | None, name: str, meta: dict[str, Any]) -> pd.
         raise FileNotFoundError(f"search {name!r}: neither trials.parquet nor a tracking_uri in search.json")
     client = _client(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, filter_string=f"tags.`pdcbdm.search` = '{name}' and tags.`pdcbdm.kind` = 'trial'",
-                              max_results=10_000)
+    sid = meta.get("search_id") or name
+    runs = client.search_runs(experiments, filter_string=f"tags.`pdcbdm.search_id` = '{sid}' and "
+                              f"tags.`pdcbdm.kind` = 'trial'", max_results=10_000)
     rows = []
     for run in runs:
         m = run.data.metrics

@@ -80,14 +80,22 @@ def test_resume_reads_a_search_json_of_the_previous_format(tmp_path, monkeypatch
 def test_stop_search_marks_unfinished_runs_and_parent_killed(tmp_path, capsys):
     p = plan(parse_args(["--preset", "smoke", "--out", str(tmp_path), "--name", "cut"]))
     exp = tracking.ensure_experiment(p.uri, "pdcbdm", tmp_path / "mlartifacts")
-    parent = tracking.parent_run(p.uri, exp, "cut", {})
-    done = tracking.trial_run(p.uri, exp, parent, "cut", "t1", "t1", {})
+    sid = p.search_id
+    assert len(sid) == 32 and sid != plan(parse_args(["--preset", "smoke", "--out", str(tmp_path / "b"),
+                                                     "--name", "cut"])).search_id
+    parent = tracking.parent_run(p.uri, exp, "cut", {}, search_id=sid)
+    done = tracking.trial_run(p.uri, exp, parent, "cut", "t1", "t1", {}, search_id=sid)
     tracking.finish_run(p.uri, done, "FINISHED")
-    failed = tracking.trial_run(p.uri, exp, parent, "cut", "t2", "t2", {})
+    failed = tracking.trial_run(p.uri, exp, parent, "cut", "t2", "t2", {}, search_id=sid)
     tracking.finish_run(p.uri, failed, "FAILED", "boom")
-    running = tracking.trial_run(p.uri, exp, parent, "cut", "t3", "t3", {})
-    # a resume finds the parent again, not one of the trial runs that carry the search name too
-    assert tracking.parent_run(p.uri, exp, "cut", {}) == parent
+    running = tracking.trial_run(p.uri, exp, parent, "cut", "t3", "t3", {}, search_id=sid)
+    # a resume finds the parent again, not one of the trial runs that carry the search id too
+    assert tracking.parent_run(p.uri, exp, "cut", {}, search_id=sid) == parent
+    # another search of the same name in the same experiment (a colleague's, or a folder made again) has its own
+    # parent and trial runs, even with the same Ray trial id, and the first one's Ctrl-C leaves them alone
+    other = tracking.parent_run(p.uri, exp, "cut", {}, search_id="another-search")
+    theirs = tracking.trial_run(p.uri, exp, other, "cut", "t3", "t3", {}, search_id="another-search")
+    assert other != parent and theirs != running
     with pytest.raises(RuntimeError):
         try:
             raise RuntimeError("driver bug")
@@ -97,12 +105,14 @@ def test_stop_search_marks_unfinished_runs_and_parent_killed(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"python tune/search.py --resume {tmp_path / 'searches' / 'cut'}" in err
     assert "RuntimeError: driver bug" in err and "1 unfinished trial run(s)" in err
-    status = {r.data.tags["pdcbdm.trial_id"]: r.info.status for r in trial_runs(p.uri, "cut")}
+    status = {r.data.tags["pdcbdm.trial_id"]: r.info.status for r in trial_runs(p.uri, "cut")
+              if r.data.tags["pdcbdm.search_id"] == sid}
     assert status == {"t1": "FINISHED", "t2": "FAILED", "t3": "KILLED"}
     client = MlflowClient(p.uri)
     assert client.get_run(parent).info.status == "KILLED" and client.get_run(running).info.status == "KILLED"
+    assert client.get_run(other).info.status == "RUNNING" and client.get_run(theirs).info.status == "RUNNING"
     # a resume continues the same runs: RUNNING again
-    assert tracking.trial_run(p.uri, exp, parent, "cut", "t3", "t3", {}) == running
+    assert tracking.trial_run(p.uri, exp, parent, "cut", "t3", "t3", {}, search_id=sid) == running
     assert client.get_run(running).info.status == "RUNNING"
 
     search.stop_search(p, exp, parent, SearchInterrupted("interrupted"))

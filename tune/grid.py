@@ -36,7 +36,7 @@ from tune import arguments
 from tune import search as driver
 from tune import tracking
 from tune.search import SearchError, SearchInterrupted, SearchPlan
-from tune.search_folder import warn_if_writable_by_others
+from tune.search_folder import driver_lock, warn_if_writable_by_others
 
 REUSED_TAG = "pdcbdm.reused_runs"  # on a grid's parent run: the cells' runs it took from earlier invocations
 
@@ -192,9 +192,12 @@ def make_plan(args: argparse.Namespace, cfg: Config, cells: Sequence[Cell], *, k
         uri = tracking.absolute_uri(args.tracking_uri) if args.tracking_uri else tracking.default_tracking_uri(out)
         tune_name = f"tune-{time.strftime('%Y%m%d-%H%M%S')}"  # a re-run's new Tuner beside the earlier ones
     driver.check_tracking(uri, create=out)
+    # a re-run with the same --out continues the grid there (its KIND.json): same id, same parent run
+    search_id = ((saved or {}).get("search_id") or _saved_field(out / f"{kind}.json", "search_id")
+                 or driver.new_search_id())
     return GridPlan(args, cfg, name, len(cells), out, storage, tracking.use_uri(uri), resume=bool(saved), out=out,
                     optuna_storage="", cells=list(cells), kind=kind, tune_name=tune_name, command=command,
-                    reuse=reuse, uri_given=uri)
+                    reuse=reuse, uri_given=uri, search_id=search_id)
 
 
 def saved_tracking_uri(saved: str, given: str | None, record: str) -> str:
@@ -235,11 +238,18 @@ def exit_status(run: Callable[[], pd.DataFrame], bad_input: tuple[type[Exception
 def run_grid(p: GridPlan, params: Mapping[str, Any]) -> GridRun:
     """Reuse what is finished, train the rest on Ray (or continue it, with --resume), collect every cell's row.
     The parent run stays open for the caller's tables (``close``); an interruption or a driver error leaves no run
-    RUNNING (``tune.search.stop_search``) and prints the command that resumes the grid."""
+    RUNNING (``tune.search.stop_search``) and prints the command that resumes the grid. One driver per grid
+    folder (``driver_lock``)."""
+    with driver_lock(p.search_dir, f"{p.kind} {p.name!r}", SearchError):
+        tracking.prepare_store(p.uri)
+        return _run_grid(p, params)
+
+
+def _run_grid(p: GridPlan, params: Mapping[str, Any]) -> GridRun:
     experiment_id = tracking.ensure_experiment(p.uri, p.args.experiment, p.out / "mlartifacts")
     reused = reusable_runs(p, experiment_id)
     todo = [c for c in p.cells if c.name not in reused]
-    parent = tracking.parent_run(p.uri, experiment_id, p.name, params, kind=p.kind)
+    parent = tracking.parent_run(p.uri, experiment_id, p.name, params, kind=p.kind, search_id=p.search_id)
     if not todo:  # no new Tuner: a later --resume restores the last one that ran
         p.tune_name = _saved_field(p.meta_path, "tune_name") or p.tune_name
     write_json_atomic(p.meta_path, {**p.meta(), "experiment_id": experiment_id, "parent_run_id": parent})
@@ -317,7 +327,8 @@ def build_tuner(p: GridPlan, cells: Sequence[Cell], concurrency: int, experiment
         tune_config=tune.TuneConfig(num_samples=1, scheduler=FIFOScheduler(), max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=p.tune_name, storage_path=p.storage, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=p.args.max_trial_failures),
-                                  callbacks=[MlflowStatusCallback(p.uri, experiment_id, steps), ProgressPrinter(steps)])
+                                  callbacks=[MlflowStatusCallback(p.uri, experiment_id, steps, p.search_id),
+                                             ProgressPrinter(steps)])
     ), False
 
 
@@ -328,7 +339,7 @@ def collect(p: GridPlan, experiment_id: str, reused: dict[str, Any], results: di
     metric's last value."""
     rows = []
     for cell in p.cells:
-        run = reused.get(cell.name) or tracking.cell_run(p.uri, experiment_id, p.name, cell.name)
+        run = reused.get(cell.name) or tracking.cell_run(p.uri, experiment_id, p.search_id, cell.name)
         result = results.get(cell.name)
         if run is not None and result is not None:
             run = _settle(p, run, result)

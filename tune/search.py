@@ -25,6 +25,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -49,7 +50,8 @@ from tune import working_dir  # noqa: E402
 from tune.redact import (OPTUNA_STORAGE_ENV, has_secret, is_redacted, redact_text, redact_url, remember,  # noqa: E402
                          reveal)
 from tune.report import record_search  # noqa: E402
-from tune.search_folder import read_search_json, warn_if_writable_by_others  # noqa: E402
+from tune.search_folder import (create_json, driver_lock, read_search_json,  # noqa: E402
+                                warn_if_writable_by_others)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRIALS = {"smoke": 3, "digits": 3, "cifar10-lt": 32, "cifar100-lt": 32, "own32": 16, "own64": 16,
@@ -312,6 +314,8 @@ class SearchPlan:
     warm: list[Any] = field(default_factory=list)  # tune.warm_start.WarmStart per --warm-start folder
     starts: list[dict] = field(default_factory=list)  # the space file's start points
     uri_given: str = ""
+    search_id: str = ""  # unique per search (search.json): the MLflow runs are found by it, never by the name
+    restart: bool = False  # a --resume of a search that never started a trial: it starts from its search.json
 
     @property
     def tune_path(self) -> str:
@@ -338,6 +342,7 @@ class SearchPlan:
         args = {**vars(self.args), **{k: redact_url(v) for k, v in vars(self.args).items()
                                       if k in real and isinstance(v, str)}}
         return {"args": args, "config": self.cfg.to_dict(), "trials": self.trials, "name": self.name,
+                "search_id": self.search_id,
                 "out": str(self.out), "search_dir": str(self.search_dir), "storage": self.storage,
                 "tracking_uri": redact_url(real["tracking_uri"]), "optuna_storage": redact_url(self.optuna_storage),
                 "redacted": sorted(k for k, v in real.items() if has_secret(v)), "space": self.space_record(),
@@ -375,7 +380,7 @@ def plan(args: argparse.Namespace) -> SearchPlan:
     warm = load_warm_starts(args, cfg, space)
     check_tracking(given, create=out if args.tracking_uri is None else None)
     return SearchPlan(args, cfg, name, trials, search_dir, storage, tracking.use_uri(given), False, out,
-                      optuna_storage, space, space_path, warm, starts, uri_given=given)
+                      optuna_storage, space, space_path, warm, starts, uri_given=given, search_id=new_search_id())
 
 
 def plan_resume(args: argparse.Namespace) -> SearchPlan:
@@ -406,11 +411,20 @@ def plan_resume(args: argparse.Namespace) -> SearchPlan:
                                             given_storage, folder)
     space = saved.get("space") or {}  # the saved space: Tune restores the searcher (and its space) pickled
     p = SearchPlan(args, cfg, name, trials, folder, storage, uri, True, out, optuna_storage, space.get("knobs"),
-                   space.get("file", ""), starts=space.get("start_points") or [], uri_given=uri)
-    check_restorable(p)
+                   space.get("file", ""), starts=space.get("start_points") or [], uri_given=uri,
+                   search_id=saved.get("search_id") or name)
+    if not check_restorable(p):
+        print(f"--resume {folder}: no trial had started (the search stopped before Ray ran one): starting it from "
+              f"its search.json", flush=True)
+        p.resume, p.restart, p.warm = False, True, load_warm_starts(args, cfg, p.space or {})
     check_tracking(uri)
     p.uri = tracking.use_uri(uri)
     return p
+
+
+def new_search_id() -> str:
+    """A search's unique id (``tracking.SEARCH_ID_TAG``): two searches of one name never share MLflow runs."""
+    return uuid.uuid4().hex
 
 
 def resumed_study_location(saved: str, given: str | None, folder: Path) -> str:
@@ -486,13 +500,18 @@ def check_tracking(uri: str, create: Path | None = None) -> None:
         raise SearchError(str(exc)) from None
 
 
-def check_restorable(p: SearchPlan) -> None:
-    """Fail before MLflow or Ray is touched when the Tune state of a --resume is missing."""
+def check_restorable(p: SearchPlan) -> bool:
+    """Whether the Tune state of a --resume can be restored; False when the search never started Tune (no Tune
+    folder in a local storage: it can start from its search.json); a SearchError, before MLflow or Ray is
+    touched, when Tune's state is missing from a folder or storage that should hold it."""
     from ray import tune
 
-    if not tune.Tuner.can_restore(p.tune_path):
-        raise SearchError(f"--resume {p.search_dir}: no restorable Tune state at {p.tune_path} (the search was "
-                          f"killed before its first trial started, or its storage moved)")
+    if tune.Tuner.can_restore(p.tune_path):
+        return True
+    if "://" not in p.tune_path and not Path(p.tune_path).exists():
+        return False
+    raise SearchError(f"--resume {p.search_dir}: no restorable Tune state at {p.tune_path} (the search was "
+                      f"killed before its first trial started, or its storage moved)")
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
@@ -621,9 +640,22 @@ def run_search(args: argparse.Namespace) -> Any:
     import ray
 
     try:
-        return execute(p, concurrency)
+        with driver_lock(p.search_dir, f"search {p.name!r}", SearchError):
+            tracking.prepare_store(p.uri)
+            if not p.resume:
+                write_meta(p)
+            return execute(p, concurrency)
     finally:
         ray.shutdown()
+
+
+def write_meta(p: SearchPlan) -> None:
+    """search.json of a new search, created exclusively (two drivers that planned the same name: one wins); a
+    search restarted from its search.json (``SearchPlan.restart``) writes it again."""
+    if p.restart:
+        write_json_atomic(p.search_dir / "search.json", p.meta())
+    else:
+        create_json(p.search_dir / "search.json", p.meta(), f"search {p.name!r}", SearchError)
 
 
 class SearchInterrupted(RuntimeError):
@@ -635,12 +667,10 @@ def execute(p: SearchPlan, concurrency: int) -> Any:
     driver before the end (Ctrl-C, an exception) leaves no run RUNNING: the unfinished trial runs and the parent
     are marked KILLED and the command that resumes the search is printed."""
     a = p.args
-    p.search_dir.mkdir(parents=True, exist_ok=True)
-    if not p.resume:
-        write_json_atomic(p.search_dir / "search.json", p.meta())
     experiment_id = tracking.ensure_experiment(p.uri, a.experiment, p.out / "mlartifacts")
     parent = tracking.parent_run(p.uri, experiment_id, p.name, {"preset": a.preset, "trials": p.trials,
-                                                                "overrides": " ".join(a.overrides), **p.cfg.flat()})
+                                                                "overrides": " ".join(a.overrides), **p.cfg.flat()},
+                                 search_id=p.search_id)
     record_space(p, parent)
     print(f"search {p.name}: {p.trials} trials, {concurrency} at a time, {a.workers_per_trial} worker(s) per trial "
           f"({'GPU' if a.gpus_per_worker else 'CPU'}); MLflow {p.uri_shown}; folder {p.search_dir}", flush=True)
@@ -689,7 +719,8 @@ def trial_settings(p: SearchPlan, experiment_id: str, parent: str) -> Any:
     return TrialSettings(base=p.cfg.to_dict(), search=p.name, storage=f"{p.storage}/train", tracking_uri=p.uri,
                          experiment_id=experiment_id, parent_run_id=parent, workers=a.workers_per_trial,
                          cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
-                         worker_failures=a.max_worker_failures, env=tracking.env_for_workers())
+                         worker_failures=a.max_worker_failures, env=tracking.env_for_workers(),
+                         search_id=p.search_id)
 
 
 def build_tuner(p: SearchPlan, concurrency: int, experiment_id: str, parent: str) -> Any:
@@ -713,7 +744,8 @@ def build_tuner(p: SearchPlan, concurrency: int, experiment_id: str, parent: str
         run_config=tune.RunConfig(name="tune", storage_path=p.storage, verbose=0,
                                   stop=BudgetStopper(p.budget_file, cfg.train.steps),
                                   failure_config=tune.FailureConfig(max_failures=a.max_trial_failures),
-                                  callbacks=[MlflowStatusCallback(p.uri, experiment_id, cfg.train.steps),
+                                  callbacks=[MlflowStatusCallback(p.uri, experiment_id, cfg.train.steps,
+                                                                  p.search_id),
                                              ProgressPrinter(cfg.train.steps)]),
     )
 
@@ -752,7 +784,7 @@ def stop_search(p: SearchPlan, experiment_id: str, parent: str, exc: BaseExcepti
     why = "was interrupted" if isinstance(exc, (SearchInterrupted, KeyboardInterrupt)) else \
         f"stopped on an error in the driver ({type(exc).__name__}: {redact_text(str(exc))})"
     try:
-        killed = tracking.kill_unfinished(p.uri, experiment_id, p.name, parent)
+        killed = tracking.kill_unfinished(p.uri, experiment_id, p.search_id, parent)
     except Exception as err:  # noqa: BLE001 - the store may be what failed
         killed = f"could not mark its MLflow runs KILLED ({type(err).__name__}: {redact_text(str(err))})"
     else:
@@ -773,7 +805,7 @@ def summarise(grid: Any, p: SearchPlan, experiment_id: str, parent: str) -> Any:
     """Ranked table (printed and saved as trials.parquet), Optuna and MLflow brought in line with it, parent run
     closed with the best trial's metrics."""
     cfg, uri = p.cfg, p.uri
-    found = tracking.runs_of_search(uri, experiment_id, p.name)
+    found = tracking.runs_of_search(uri, experiment_id, p.search_id)
     runs = {r.data.tags.get(tracking.TRIAL_TAG): r.info.run_id for r in found}
     table = results_mod.trial_rows(grid, cfg.train.steps, runs)
     reconcile_records(p, table, {r.info.run_id: r.info.status for r in found})

@@ -24,7 +24,8 @@ from tune import redact
 from tune.redact import redact_text, redact_url
 
 TRIAL_TAG = "pdcbdm.trial_id"
-SEARCH_TAG = "pdcbdm.search"
+SEARCH_TAG = "pdcbdm.search"  # the readable name; two searches may share it
+SEARCH_ID_TAG = "pdcbdm.search_id"  # unique per search (search.json): every lookup of a search's runs uses it
 KIND_TAG = "pdcbdm.kind"
 # how a trial's run ended, in words: "completed", "early-stopped by ASHA at step N", "failed: REASON", "killed"
 # (MLflow's status says FINISHED for the first two)
@@ -164,6 +165,22 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
                             f"sqlite:////abs/path/mlflow.db or http://host:port")
 
 
+def prepare_store(uri: str) -> None:
+    """Create and migrate a sqlite store once, under an exclusive lock on its folder: two searches started at once
+    in a fresh --out would otherwise race MLflow's schema creation (one of them crashing). Other stores: nothing."""
+    import fcntl
+
+    if urlparse(uri).scheme != "sqlite":
+        return
+    folder = Path(uri[len("sqlite:///"):].split("?", 1)[0]).parent
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        MlflowClient(uri).search_experiments(max_results=1)  # creates the tables, or migrates them
+    finally:
+        os.close(fd)
+
+
 def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
     """The experiment's id, creating it (with an absolute artifact location for local stores) if missing."""
     client = MlflowClient(uri)
@@ -182,19 +199,29 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
         return exp.experiment_id
 
 
-def _find_run(client: MlflowClient, experiment_id: str, tag: str, value: str, kind: str) -> str | None:
-    query = f"tags.`{tag}` = '{value}' and tags.`{KIND_TAG}` = '{kind}'"
+def _find_run(client: MlflowClient, experiment_id: str, kind: str, **tags: str) -> str | None:
+    """The run of ``kind`` with these tag values (keys: tag names with ``.`` written ``__``), or None."""
+    query = " and ".join([*(f"tags.`{k.replace('__', '.')}` = '{v}'" for k, v in tags.items()),
+                          f"tags.`{KIND_TAG}` = '{kind}'"])
     runs = client.search_runs([experiment_id], filter_string=query, max_results=1)
     return runs[0].info.run_id if runs else None
 
 
-def parent_run(uri: str, experiment_id: str, search: str, params: Mapping[str, Any], kind: str = "search") -> str:
-    """The search's parent run: found by the search name (resume; its kind tag tells it from the trial runs,
-    which carry the search name too) or created. ``kind``: "search", or a grid's ("ablation", "confirm")."""
+def _by(tag: str, value: str) -> dict[str, str]:
+    return {tag.replace(".", "__"): value}
+
+
+def parent_run(uri: str, experiment_id: str, search: str, params: Mapping[str, Any], kind: str = "search",
+               search_id: str | None = None) -> str:
+    """The search's parent run: found by the search's id (a resume; its kind tag tells it from the trial runs,
+    which carry the id too) or created. ``kind``: "search", or a grid's ("ablation", "confirm"); ``search_id``
+    defaults to the name (a caller with no search.json)."""
     client = MlflowClient(uri)
-    run_id = _find_run(client, experiment_id, SEARCH_TAG, search, kind)
+    sid = search_id or search
+    run_id = _find_run(client, experiment_id, kind, **_by(SEARCH_ID_TAG, sid))
     if run_id is None:
-        run = client.create_run(experiment_id, run_name=search, tags={SEARCH_TAG: search, KIND_TAG: kind})
+        run = client.create_run(experiment_id, run_name=search,
+                                tags={SEARCH_TAG: search, SEARCH_ID_TAG: sid, KIND_TAG: kind})
         run_id = run.info.run_id
         log_params(uri, run_id, params)
     else:
@@ -203,12 +230,15 @@ def parent_run(uri: str, experiment_id: str, search: str, params: Mapping[str, A
 
 
 def trial_run(uri: str, experiment_id: str, parent_id: str, search: str, trial_id: str, trial_name: str,
-              params: Mapping[str, Any]) -> str:
-    """The trial's child run: the existing one of this trial id (a resumed or retried trial), or a new one."""
+              params: Mapping[str, Any], search_id: str | None = None) -> str:
+    """The trial's child run: the existing one of this trial id in this search (a resumed or retried trial), or a
+    new one."""
     client = MlflowClient(uri)
-    run_id = _find_run(client, experiment_id, TRIAL_TAG, trial_id, "trial")
+    sid = search_id or search
+    run_id = _find_run(client, experiment_id, "trial", **_by(TRIAL_TAG, trial_id), **_by(SEARCH_ID_TAG, sid))
     if run_id is None:
-        tags = {TRIAL_TAG: trial_id, SEARCH_TAG: search, KIND_TAG: "trial", "mlflow.parentRunId": parent_id}
+        tags = {TRIAL_TAG: trial_id, SEARCH_TAG: search, SEARCH_ID_TAG: sid, KIND_TAG: "trial",
+                "mlflow.parentRunId": parent_id}
         run_id = client.create_run(experiment_id, run_name=trial_name, tags=tags).info.run_id
         log_params(uri, run_id, params)
     else:
@@ -318,11 +348,12 @@ def finish_run(uri: str, run_id: str, status: str, error: str | None = None, out
     client.set_terminated(run_id, status=status)
 
 
-def kill_unfinished(uri: str, experiment_id: str, search: str, parent_id: str) -> int:
+def kill_unfinished(uri: str, experiment_id: str, search_id: str, parent_id: str) -> int:
     """Mark the search's trial runs that are still RUNNING (or SCHEDULED) KILLED, then its parent run; returns the
     number of trial runs marked. A resumed search sets them RUNNING again when it continues them."""
     client = MlflowClient(uri)
-    unfinished = [r for r in runs_of_search(uri, experiment_id, search) if r.info.status in ("RUNNING", "SCHEDULED")]
+    unfinished = [r for r in runs_of_search(uri, experiment_id, search_id)
+                  if r.info.status in ("RUNNING", "SCHEDULED")]
     for run in unfinished:
         client.set_tag(run.info.run_id, OUTCOME_TAG, "killed")
         client.set_terminated(run.info.run_id, status="KILLED")
@@ -348,21 +379,24 @@ def finished_run(uri: str, experiment_id: str, key: str) -> Any | None:
     return runs[0] if runs else None
 
 
-def cell_run(uri: str, experiment_id: str, search: str, cell: str) -> Any | None:
-    """The latest trial run of grid ``search`` for ``cell`` (a re-run's retry of a failed cell is newer)."""
-    query = f"tags.`{SEARCH_TAG}` = '{search}' and tags.`{CELL_TAG}` = '{cell}' and tags.`{KIND_TAG}` = 'trial'"
+def cell_run(uri: str, experiment_id: str, search_id: str, cell: str) -> Any | None:
+    """The latest trial run of the grid ``search_id`` for ``cell`` (a re-run's retry of a failed cell is newer)."""
+    query = (f"tags.`{SEARCH_ID_TAG}` = '{search_id}' and tags.`{CELL_TAG}` = '{cell}' and "
+             f"tags.`{KIND_TAG}` = 'trial'")
     runs = MlflowClient(uri).search_runs([experiment_id], filter_string=query, max_results=1,
                                          order_by=["attributes.start_time DESC"])
     return runs[0] if runs else None
 
 
-def trial_run_id(uri: str, experiment_id: str, trial_id: str) -> str | None:
-    return _find_run(MlflowClient(uri), experiment_id, TRIAL_TAG, trial_id, "trial")
+def trial_run_id(uri: str, experiment_id: str, trial_id: str, search_id: str) -> str | None:
+    return _find_run(MlflowClient(uri), experiment_id, "trial", **_by(TRIAL_TAG, trial_id),
+                     **_by(SEARCH_ID_TAG, search_id))
 
 
-def runs_of_search(uri: str, experiment_id: str, search: str) -> list[Any]:
+def runs_of_search(uri: str, experiment_id: str, search_id: str) -> list[Any]:
+    """The trial runs of the search ``search_id`` (never those of another search of the same name)."""
     client = MlflowClient(uri)
-    return client.search_runs([experiment_id], filter_string=f"tags.`{SEARCH_TAG}` = '{search}' and "
+    return client.search_runs([experiment_id], filter_string=f"tags.`{SEARCH_ID_TAG}` = '{search_id}' and "
                               f"tags.`{KIND_TAG}` = 'trial'", max_results=10_000)
 
 

@@ -48,6 +48,7 @@ class TrialSettings:
     worker_failures: int = 1
     cache_dir: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    search_id: str = ""  # the search's unique id (``tracking.SEARCH_ID_TAG``); "" in hand-made settings: the name
 
 
 def trial_config(settings: TrialSettings, suggested: dict[str, Any]) -> Config:
@@ -77,7 +78,8 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
     cell = config.get("cell")  # a grid's cell (tune/grid.py) names its run; a search trial has none
     run_id = tracking.trial_run(settings.tracking_uri, settings.experiment_id, settings.parent_run_id,
-                                settings.search, trial_id, cell or trial_name, cfg.flat())
+                                settings.search, trial_id, cell or trial_name, cfg.flat(),
+                                search_id=settings.search_id or None)
     _log_config(settings, run_id, cfg)
     train_dir = f"{settings.storage}/train-{trial_id}"
     tags = {CHECKPOINTS_TAG: train_dir, tracking.CONFIG_KEY_TAG: tracking.config_key(cfg.to_dict()),
@@ -113,8 +115,8 @@ class MlflowStatusCallback(tune.Callback):
     how it ended (``tracking.OUTCOME_TAG``: completed, early-stopped by ASHA at step N, failed: reason) and its
     last training checkpoint in Ray's storage (``CHECKPOINT_TAG``; MLflow holds only the EMA network as a model)."""
 
-    def __init__(self, uri: str, experiment_id: str, max_steps: int | None = None) -> None:
-        self.uri, self.experiment_id, self.max_steps = uri, experiment_id, max_steps
+    def __init__(self, uri: str, experiment_id: str, max_steps: int | None = None, search_id: str = "") -> None:
+        self.uri, self.experiment_id, self.max_steps, self.search_id = uri, experiment_id, max_steps, search_id
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles the callbacks into tuner.pkl under the search folder: the URI goes there masked
@@ -125,7 +127,7 @@ class MlflowStatusCallback(tune.Callback):
         self.__dict__.update(state, uri=reveal(state["uri"], (tracking.TRACKING_ENV,)))
 
     def _finish(self, trial: Any, status: str, error: str | None = None, outcome: str | None = None) -> None:
-        run_id = tracking.trial_run_id(self.uri, self.experiment_id, trial.trial_id)
+        run_id = tracking.trial_run_id(self.uri, self.experiment_id, trial.trial_id, self.search_id)
         if run_id:
             path = (trial.last_result or {}).get(CHECKPOINT_PATH_KEY)
             if path:

@@ -1,0 +1,84 @@
+"""One identity per search and one driver per search folder: the driver lock, search.json created exclusively,
+the sqlite store created once under a lock, and a search that never started a trial resumed by starting it."""
+
+from __future__ import annotations
+
+import subprocess
+import os
+import sys
+
+import pytest
+
+from pdcbdm.config import write_json_atomic
+from tests.searchutil import ROOT
+from tune import tracking
+from tune.search import SearchError, parse_args, plan
+from tune.search_folder import LOCK_FILE, create_json, driver_lock
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from tune.search_folder import driver_lock
+with driver_lock(Path(sys.argv[1]), "search 'x'", RuntimeError):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_driver_of_one_folder_is_refused_naming_the_first(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SearchError, match=rf"is being run by pid {holder.pid} on host .+ since"):
+            with driver_lock(tmp_path, "search 'x'", SearchError):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock, no stale file blocks the next driver
+        holder.wait()
+    with driver_lock(tmp_path, "search 'x'", SearchError):
+        assert f"pid {os.getpid()} on host" in (tmp_path / LOCK_FILE).read_text()
+
+
+def test_search_json_is_created_by_exactly_one_of_two_drivers(tmp_path):
+    create_json(tmp_path / "search.json", {"name": "a"}, "search 'a'", SearchError)
+    with pytest.raises(SearchError, match="already exists"):
+        create_json(tmp_path / "search.json", {"name": "b"}, "search 'a'", SearchError)
+    assert '"a"' in (tmp_path / "search.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["search.json"]  # no temporary file left
+
+
+def test_two_processes_create_one_sqlite_store_at_once(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = (f"from tune import tracking; tracking.prepare_store({uri!r}); "
+            f"print(tracking.ensure_experiment({uri!r}, 'pdcbdm', None))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    assert len({out.strip() for out, _ in results}) == 1  # one experiment, found by all three
+
+
+def test_a_search_that_never_started_a_trial_is_started_by_its_resume(tmp_path, capsys):
+    p = plan(parse_args(["--preset", "smoke", "--out", str(tmp_path), "--name", "early", "--trials", "2"]))
+    p.search_dir.mkdir(parents=True)
+    write_json_atomic(p.search_dir / "search.json", p.meta())  # then the driver died before Tune ran
+    resumed = plan(parse_args(["--resume", str(p.search_dir)]))
+    assert resumed.restart and not resumed.resume and resumed.search_id == p.search_id and resumed.trials == 2
+    assert "no trial had started" in capsys.readouterr().out
+    # a re-run of the same name is refused before Ray starts, pointing at the resume
+    with pytest.raises(SearchError, match="already exists.*--resume"):
+        plan(parse_args(["--preset", "smoke", "--out", str(tmp_path), "--name", "early"]))
+
+
+def test_every_lookup_of_a_search_uses_its_id(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    exp = tracking.ensure_experiment(uri, "pdcbdm", tmp_path / "mlartifacts")
+    first = tracking.parent_run(uri, exp, "same", {}, search_id="id-1")
+    second = tracking.parent_run(uri, exp, "same", {}, search_id="id-2")
+    tracking.trial_run(uri, exp, first, "same", "t0", "t0", {}, search_id="id-1")
+    tracking.trial_run(uri, exp, second, "same", "t0", "t0", {}, search_id="id-2")
+    assert first != second
+    assert [r.data.tags["pdcbdm.search_id"] for r in tracking.runs_of_search(uri, exp, "id-1")] == ["id-1"]
+    assert tracking.trial_run_id(uri, exp, "t0", "id-2") != tracking.trial_run_id(uri, exp, "t0", "id-1")
