@@ -82,3 +82,27 @@ def test_every_lookup_of_a_search_uses_its_id(tmp_path):
     assert first != second
     assert [r.data.tags["pdcbdm.search_id"] for r in tracking.runs_of_search(uri, exp, "id-1")] == ["id-1"]
     assert tracking.trial_run_id(uri, exp, "t0", "id-2") != tracking.trial_run_id(uri, exp, "t0", "id-1")
+
+
+def test_a_finished_run_stands_in_only_for_the_same_code_and_feature_network(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pdcbdm.version import code_version
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.ensure_experiment(uri, "pdcbdm", tmp_path / "mlartifacts")
+    code = code_version()
+    assert len(code) == 16 and code == code_version()
+    client = MlflowClient(uri)
+
+    def run(**tags):
+        return client.get_run(client.create_run(exp, tags=tags).info.run_id)
+
+    same = run(**{tracking.CODE_VERSION_TAG: code, tracking.EXTRACTOR_TAG: "digits-cnn/sha256:a"})
+    assert tracking.reuse_mismatch(same, code, "digits-cnn/sha256:a") is None
+    older = run(**{tracking.CODE_VERSION_TAG: "0123456789abcdef", tracking.EXTRACTOR_TAG: "digits-cnn/sha256:a"})
+    assert "trained by other code (code version 0123456789abcdef" in tracking.reuse_mismatch(older, code,
+                                                                                              "digits-cnn/sha256:a")
+    untagged = run()  # a run of code from before the tag
+    assert "code version unknown" in tracking.reuse_mismatch(untagged, code, "digits-cnn/sha256:a")
+    assert "another feature network" in tracking.reuse_mismatch(same, code, "inception-v3-compat/sha256:b")

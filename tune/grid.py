@@ -9,8 +9,9 @@ There is no searcher and no early stopping: Tune's grid over the cell names, FIF
 
 Reuse: every trial run carries its config key (``tracking.config_key`` of the resolved config, seed and evaluation
 settings included). Before Ray starts, each cell's key is looked up in the MLflow experiment: a FINISHED run that
-trained that config to the end (outcome "completed") is reused, with no new run and no training, and the table
-lists its run id (``reused`` True). Re-running a grid's command with the same --out therefore trains only what is
+trained that config to the end (outcome "completed") by this code (``pdcbdm.version.code_version``) and scored with
+this feature network (its identity) is reused, with no new run and no training, and the table lists its run id
+(``reused`` True); a run passed over is printed with the reason. Re-running a grid's command with the same --out therefore trains only what is
 missing, under the same parent run (found by the grid's name); --no-reuse trains every cell again.
 """
 
@@ -265,12 +266,27 @@ def _run_grid(p: GridPlan, params: Mapping[str, Any]) -> GridRun:
 
 
 def reusable_runs(p: GridPlan, experiment_id: str) -> dict[str, Any]:
-    """Cell name -> a finished run of the same config in the experiment (none with --no-reuse)."""
+    """Cell name -> a finished run of the same config in the experiment, trained by this code and scored by this
+    feature network (none with --no-reuse); each finished run passed over is printed with the reason."""
     if not p.reuse:
         return {}
     found = {c.name: tracking.finished_run(p.uri, experiment_id, tracking.config_key(p.cell_config(c).to_dict()))
              for c in p.cells}
-    return {name: run for name, run in found.items() if run is not None}
+    found = {name: run for name, run in found.items() if run is not None}
+    if not found:
+        return {}
+    from pdcbdm.evaluation import feature_extractor
+    from pdcbdm.version import code_version
+
+    code, extractor = code_version(), feature_extractor(p.cfg).identity
+    reused = {}
+    for name, run in found.items():
+        why = tracking.reuse_mismatch(run, code, extractor)
+        if why:
+            print(f"{name}: not reusing run {run.info.run_id} of the same config: {why}", flush=True)
+        else:
+            reused[name] = run
+    return reused
 
 
 def _train(p: GridPlan, todo: list[Cell], experiment_id: str, parent: str) -> dict[str, Any]:

@@ -33,6 +33,8 @@ OUTCOME_TAG = "pdcbdm.outcome"
 # a hash of a trial's resolved config (seed and evaluation settings included): two runs with the same key trained
 # and scored the same thing, so a grid (tune/grid.py) reuses a FINISHED, completed run instead of training again
 CONFIG_KEY_TAG = "pdcbdm.config_key"
+CODE_VERSION_TAG = "pdcbdm.code_version"  # pdcbdm.version.code_version() of the code that trained the run
+EXTRACTOR_TAG = "pdcbdm.extractor"  # the feature network's identity (its weights' sha256)
 CELL_TAG = "pdcbdm.cell"  # a grid cell's name (``variant-sSEED``, ``rank1-s1000``): the run of that cell
 
 
@@ -371,12 +373,23 @@ def config_key(cfg: Mapping[str, Any]) -> str:
 
 def finished_run(uri: str, experiment_id: str, key: str) -> Any | None:
     """The latest run of ``experiment_id`` that trained the config with this ``config_key`` to the end (FINISHED,
-    outcome "completed"), or None."""
+    outcome "completed"), or None; whichever code trained it (``reusable`` says whether it may stand in)."""
     query = (f"tags.`{CONFIG_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED' and "
              f"tags.`{OUTCOME_TAG}` = 'completed' and tags.`{KIND_TAG}` = 'trial'")
     runs = MlflowClient(uri).search_runs([experiment_id], filter_string=query, max_results=1,
                                          order_by=["attributes.start_time DESC"])
     return runs[0] if runs else None
+
+
+def reuse_mismatch(run: Any, code: str, extractor: str) -> str | None:
+    """Why a finished run of the same config cannot stand in for a new one, or None: it was trained by other
+    code, or scored in another feature space."""
+    tags = run.data.tags
+    if tags.get(CODE_VERSION_TAG) != code:
+        return f"trained by other code (code version {tags.get(CODE_VERSION_TAG) or 'unknown'}, now {code})"
+    if tags.get(EXTRACTOR_TAG) != extractor:
+        return f"scored with another feature network ({tags.get(EXTRACTOR_TAG) or 'unknown'}, now {extractor})"
+    return None
 
 
 def cell_run(uri: str, experiment_id: str, search_id: str, cell: str) -> Any | None:

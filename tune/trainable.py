@@ -20,6 +20,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 
 from pdcbdm.config import Config, apply_overrides
 from pdcbdm.training import NonFiniteLossError
+from pdcbdm.version import code_version
 from tune import budget, tracking
 from tune.entry import train_loop
 from tune.redact import redact_text, redact_url, reveal
@@ -83,6 +84,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     _log_config(settings, run_id, cfg)
     train_dir = f"{settings.storage}/train-{trial_id}"
     tags = {CHECKPOINTS_TAG: train_dir, tracking.CONFIG_KEY_TAG: tracking.config_key(cfg.to_dict()),
+            tracking.CODE_VERSION_TAG: code_version(),
             **({tracking.CELL_TAG: cell} if cell else {})}
     tracking.set_tags(settings.tracking_uri, run_id, tags)
     use_gpu = settings.gpus_per_worker > 0

@@ -31,7 +31,7 @@ SAMPLES_KEY = "samples"  # the image series of the proxy grids, one per evaluati
 # reported to Tune (the scheduler's time_attr, the progress lines) but never logged at an evaluation step:
 # ``step`` is MLflow's own x axis, loss and dm are logged as window means every train.log_every steps
 REPORT_ONLY = ("step", "loss", "dm")
-EXTRACTOR_TAG = "pdcbdm.extractor"  # the feature network's identity (its weights' sha256): the space FIDs live in
+EXTRACTOR_TAG = tracking.EXTRACTOR_TAG  # the feature network's identity (its weights' sha256): the space FIDs live in
 
 
 class RankZeroLogger:
