@@ -379,6 +379,21 @@ def test_parquet_reader_refuses_incomplete_or_changed_folders(tmp_path):
         write_parquet(_toy_dataset(), tmp_path / "foreign", shard_rows=8, meta={"dataset": "toy"})
 
 
+def test_overwrite_removes_only_what_the_writer_listed(tmp_path):
+    """--overwrite into a folder holding the user's own meta.json and counts.parquet (names the earlier layout
+    used): they are kept, only the files an earlier write listed in its manifest are replaced or removed."""
+    out = tmp_path / "mixed"
+    out.mkdir()
+    mine = {"meta.json": b'{"project": "my own notes"}', "counts.parquet": b"my own table", "notes.txt": b"mine"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    write_parquet(_toy_dataset(n=30), out, shard_rows=8, meta={"dataset": "toy"}, overwrite=True)
+    report = write_parquet(_toy_dataset(n=12), out, shard_rows=8, meta={"dataset": "toy", "n": 12}, overwrite=True)
+    assert sorted(report.removed) == ["part-00002.parquet", "part-00003.parquet"]
+    assert all((out / name).read_bytes() == data for name, data in mine.items())
+    assert len(ParquetImageDataset(out)) == 12
+
+
 def test_parquet_folder_of_the_earlier_layout_is_read_and_moved(tmp_path):
     """meta.json and counts.parquet among the shards (the first layout) still read; a rewrite renames them."""
     out = tmp_path / "old"

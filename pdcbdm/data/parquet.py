@@ -160,6 +160,24 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _manifest(out: Path) -> set[str]:
+    """The files an earlier write listed: its meta file (_meta.json, or the earlier layout's meta.json, when it is
+    this writer's format), the shards and the counts file it names. A rewrite removes only these (and its own
+    temporary files): a user's own meta.json or counts.parquet in the folder is never deleted."""
+    names: set[str] = set()
+    for meta_name, counts_name in ((META_FILE, COUNTS_FILE), (LEGACY_META_FILE, LEGACY_COUNTS_FILE)):
+        try:
+            meta = json.loads((out / meta_name).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            continue
+        shards = meta.get("shards") if isinstance(meta.get("shards"), list) else []
+        names |= {meta_name, counts_name, str(meta.get("counts_file") or counts_name)}
+        names |= {str(e["file"]) for e in shards if isinstance(e, dict) and "file" in e}
+    return names
+
+
 def _is_ours(name: str) -> bool:
     return (bool(_SHARD_RE.fullmatch(name)) or name in (META_FILE, COUNTS_FILE, LEGACY_META_FILE, LEGACY_COUNTS_FILE)
             or is_temp_name(name))
@@ -238,15 +256,17 @@ def _commit(out: Path, shards: dict[str, bytes], counts: bytes, meta_bytes: byte
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / META_FILE
     files = {**shards, COUNTS_FILE: counts}
+    written_before = _manifest(out)
     stale = sorted(p.name for p in out.iterdir()
-                   if _is_ours(p.name) and p.name not in files and p.name not in (META_FILE, LEGACY_META_FILE))
+                   if (p.name in written_before or is_temp_name(p.name)) and p.name not in files
+                   and p.name not in (META_FILE, LEGACY_META_FILE))
     up_to_date = meta_path.is_file() and meta_path.read_bytes() == meta_bytes and not stale and all(
         (out / name).is_file() and _sha256((out / name).read_bytes()) == _sha256(b) for name, b in files.items())
     if up_to_date:
         report.unchanged.extend([*files, META_FILE])
         return report
     meta_path.unlink(missing_ok=True)
-    if (out / LEGACY_META_FILE).is_file():
+    if LEGACY_META_FILE in written_before:
         (out / LEGACY_META_FILE).unlink()
         report.removed.append(LEGACY_META_FILE)
     for name, data in files.items():
