@@ -1,5 +1,7 @@
-"""One identity per search and one driver per search folder: the driver lock, search.json created exclusively,
-the sqlite store created once under a lock, and a search that never started a trial resumed by starting it."""
+"""State integrity of a search: one identity per search (its id on every MLflow run) and one driver per folder
+(the driver lock, search.json created exclusively), the sqlite store created once under a lock, a search that never
+started a trial resumed by starting it, finished runs reused only by the same code and feature network, and an
+unreadable newest checkpoint replaced by the one before it."""
 
 from __future__ import annotations
 
@@ -106,3 +108,27 @@ def test_a_finished_run_stands_in_only_for_the_same_code_and_feature_network(tmp
     untagged = run()  # a run of code from before the tag
     assert "code version unknown" in tracking.reuse_mismatch(untagged, code, "digits-cnn/sha256:a")
     assert "another feature network" in tracking.reuse_mismatch(same, code, "inception-v3-compat/sha256:b")
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+    import ray.train
+
+    from pdcbdm.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from tune.worker import CKPT, first_readable
+
+    run = tmp_path / "train-x"
+    for i, name in enumerate(("checkpoint_2026-12-07_01-00-00.000000", "checkpoint_2026-12-07_01-10-00.000000",
+                              "checkpoint_2026-12-07_01-20-00.000000")):
+        (run / name).mkdir(parents=True)
+        save_checkpoint(run / name / CKPT, {"config": {}, "num_classes": 2, "step": 10 * (i + 1), "net": {},
+                                            "ema": {}})
+    newest = run / "checkpoint_2026-12-07_01-20-00.000000" / CKPT
+    newest.write_bytes(newest.read_bytes()[:100])  # a half-uploaded file
+    step = first_readable(ray.train.Checkpoint(str(newest.parent)), lambda f: load_checkpoint(f / CKPT)["step"])
+    assert step == 20
+    err = capsys.readouterr().err
+    assert "checkpoint_2026-12-07_01-20-00.000000 cannot be read" in err and "older checkpoint" in err
+    for folder in run.iterdir():
+        (folder / CKPT).write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="01-20-00"):  # none readable: the newest one's error
+        first_readable(ray.train.Checkpoint(str(newest.parent)), lambda f: load_checkpoint(f / CKPT))

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import pandas as pd
 import ray
@@ -21,12 +22,14 @@ from pdcbdm.evaluation import Evaluator, SampleSource, best_by_fid, evaluation_s
 from pdcbdm.noise_error import noise_error
 from pdcbdm.train import load_data
 from pdcbdm.training import NonFiniteLossError, Trainer
+from pdcbdm.training.checkpoint import CheckpointError
 from pdcbdm.viz import save_grid
 from tune import tracking
 from tune.mlflow_model import log_ema_model
 
 CKPT = "checkpoint.pt"
 METRICS = "metrics.json"
+T = TypeVar("T")
 SAMPLES_KEY = "samples"  # the image series of the proxy grids, one per evaluation step
 # reported to Tune (the scheduler's time_attr, the progress lines) but never logged at an evaluation step:
 # ``step`` is MLflow's own x axis, loss and dm are logged as window means every train.log_every steps
@@ -135,14 +138,54 @@ def window_means(window: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _restore(trainer: Trainer) -> dict[str, Any] | None:
-    """Continue from the run's latest checkpoint (after a worker restart or a resumed search); returns the
-    metrics reported with it ({} for a checkpoint without them), or None without a checkpoint."""
+    """Continue from the run's latest readable checkpoint (after a worker restart or a resumed search); returns
+    the metrics reported with it ({} for a checkpoint without them), or None without a checkpoint."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
-    with checkpoint.as_directory() as folder:
-        trainer.load(Path(folder) / CKPT)
-        return stored_metrics(Path(folder))
+
+    def load(folder: Path) -> dict[str, Any]:
+        trainer.load(folder / CKPT)
+        return stored_metrics(folder)
+
+    return first_readable(checkpoint, load)
+
+
+def first_readable(checkpoint: ray.train.Checkpoint, load: Callable[[Path], T]) -> T:
+    """``load`` of the newest readable of ``checkpoint`` and the older checkpoints beside it (Ray keeps
+    ``num_to_keep`` of them): Ray writes its checkpoint index non-atomically, and a node that died while
+    uploading can leave the newest one unreadable. Falling back says so on stderr; none readable raises the
+    newest one's error."""
+    candidates = [checkpoint, *_older_checkpoints(checkpoint)]
+    first_error: CheckpointError | None = None
+    for candidate in candidates:
+        try:
+            with candidate.as_directory() as folder:
+                value = load(Path(folder))
+        except (CheckpointError, OSError) as exc:
+            first_error = first_error or (exc if isinstance(exc, CheckpointError) else CheckpointError(str(exc)))
+            print(f"checkpoint {candidate.path} cannot be read ({exc}); trying the one before it", file=sys.stderr,
+                  flush=True)
+            continue
+        if candidate is not checkpoint:
+            print(f"continuing from the older checkpoint {candidate.path}", file=sys.stderr, flush=True)
+        return value
+    raise first_error or CheckpointError(f"no readable checkpoint beside {checkpoint.path}")
+
+
+def _older_checkpoints(checkpoint: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The ``checkpoint_*`` folders beside ``checkpoint`` that are older than it (their names sort by time), newest
+    first, on the same filesystem (local or remote storage)."""
+    import pyarrow.fs
+
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    try:
+        infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    except OSError:
+        return []
+    older = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
+    return [ray.train.Checkpoint(f"{parent}/{n}", filesystem=checkpoint.filesystem) for n in older]
 
 
 def stored_metrics(folder: Path) -> dict[str, Any]:
