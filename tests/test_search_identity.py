@@ -132,3 +132,21 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, 
         (folder / CKPT).write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="01-20-00"):  # none readable: the newest one's error
         first_readable(ray.train.Checkpoint(str(newest.parent)), lambda f: load_checkpoint(f / CKPT))
+
+
+def test_the_status_callback_says_what_it_could_not_record_instead_of_killing_the_driver(monkeypatch, capsys):
+    """A tracking server gone when a trial ends: the driver's callback prints what it could not record (a raise
+    would kill the driver before Tune saves the trial's end, and Tune, Optuna and MLflow would disagree)."""
+    from types import SimpleNamespace
+
+    from tune.trainable import MlflowStatusCallback
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    callback = MlflowStatusCallback("http://user:pw@127.0.0.1:9", "0", 40, "id-1")
+    trial = SimpleNamespace(trial_id="t0", last_result={"step": 40})
+    callback.on_trial_complete(0, [], trial)
+    callback.on_trial_error(0, [], SimpleNamespace(trial_id="t1", last_result={}, error_file=None,
+                                                   get_error=lambda: None, error_msg="boom"))
+    err = capsys.readouterr().err
+    assert "could not record the end of trial t0 in MLflow" in err and "trial t1" in err and "pw@" not in err

@@ -48,12 +48,15 @@ def test_resume_without_name_and_relative_out_from_another_folder(tmp_path, monk
 
 
 def test_resume_without_tune_state_touches_no_mlflow_store(tmp_path, monkeypatch, capsys):
-    """A search killed before Tune saved anything: the resume fails before MLflow is opened (no new mlflow.db,
-    no RUNNING parent), from any working directory."""
+    """A Tune folder without a restorable state (a search killed while Tune wrote its first state, or storage
+    moved): the resume fails before MLflow is opened (no new mlflow.db, no RUNNING parent), from any working
+    directory. (A search with no Tune folder at all never started a trial: its resume starts it,
+    tests/test_search_identity.py.)"""
     monkeypatch.chdir(tmp_path)
     p = plan(parse_args(["--preset", "smoke", "--out", "out"]))
     p.search_dir.mkdir(parents=True)
     write_json_atomic(p.search_dir / "search.json", p.meta())
+    (p.search_dir / "tune").mkdir()
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     code = main(["--resume", str(p.search_dir)])

@@ -129,12 +129,19 @@ class MlflowStatusCallback(tune.Callback):
         self.__dict__.update(state, uri=reveal(state["uri"], (tracking.TRACKING_ENV,)))
 
     def _finish(self, trial: Any, status: str, error: str | None = None, outcome: str | None = None) -> None:
-        run_id = tracking.trial_run_id(self.uri, self.experiment_id, trial.trial_id, self.search_id)
-        if run_id:
-            path = (trial.last_result or {}).get(CHECKPOINT_PATH_KEY)
-            if path:
-                tracking.set_tags(self.uri, run_id, {CHECKPOINT_TAG: path})
-            tracking.finish_run(self.uri, run_id, status, error, outcome)
+        """Record the trial's end; an unreachable tracking store is said, never raised: a callback that raises
+        kills the driver before Tune saves the trial's end, and the three records would then disagree."""
+        try:
+            run_id = tracking.trial_run_id(self.uri, self.experiment_id, trial.trial_id, self.search_id)
+            if run_id:
+                path = (trial.last_result or {}).get(CHECKPOINT_PATH_KEY)
+                if path:
+                    tracking.set_tags(self.uri, run_id, {CHECKPOINT_TAG: path})
+                tracking.finish_run(self.uri, run_id, status, error, outcome)
+        except Exception as exc:  # noqa: BLE001 - MLflow's and requests' errors alike: the store is unreachable
+            print(f"could not record the end of trial {trial.trial_id} in MLflow ({redact_text(str(exc))[:300]}); "
+                  f"the search goes on, and its summary (or `--resume` of the search after it ends) sets the run's "
+                  f"status from Tune's record", file=sys.stderr, flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
