@@ -189,3 +189,27 @@ def test_start_points_are_enqueued_up_to_the_trial_budget(tmp_path):
     one.mkdir()
     _searcher(one, trials=1)
     assert len(_study(one).trials) == 1
+
+
+def test_a_trial_pruned_just_before_a_kill_stops_at_its_first_report_after_the_resume(tmp_path):
+    """ASHA stopped trial "a", the searcher told Optuna PRUNED, and the driver was killed before Tune saved the
+    trial's end: the restored searcher records it (tune.verdicts) and the stopper ends it at its first report, so
+    Tune, Optuna and MLflow all say stopped early instead of a completed trial Optuna holds as pruned."""
+    from tune import verdicts
+    from tune.trainable import BudgetStopper
+
+    budget_file = str(tmp_path / "budget.json")
+    args = parse_args(["--preset", "smoke", "--trials", "3"])
+    cfg = apply_overrides(preset("smoke"), [f"train.steps={STEPS}", "train.eval_every=20"])
+    searcher = build_searcher(args, cfg, "s", tmp_path / "optuna.db", 3, budget_file=budget_file)
+    for trial_id in ("a", "b"):
+        assert searcher.suggest(trial_id)
+    searcher._ot_study.tell(searcher._ot_trials["a"], state=TrialState.PRUNED)  # told, then the kill
+    assert searcher.record_pruned() == ["a"]
+    stopper = BudgetStopper(budget_file, STEPS)
+    result = {"step": 20, "objective": 1.0}
+    assert stopper("a", result) and result[verdicts.STOPPED_KEY]
+    assert not stopper("b", {"step": 20}) and not stopper("a", {"step": STEPS})  # the final report is left alone
+    searcher.on_trial_complete("a", result)  # the searcher's own tell of the stop: Optuna keeps PRUNED
+    assert _by_tune_id(_study(tmp_path))["a"].state == TrialState.PRUNED
+    assert searcher.record_pruned() == []

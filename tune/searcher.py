@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from tune import budget
+from tune import budget, verdicts
 from tune.redact import OPTUNA_STORAGE_ENV, redact_url, reveal
 
 logger = logging.getLogger(__name__)
@@ -106,13 +108,35 @@ class StepOptunaSearch(OptunaSearch):
         if isinstance(self.metric, list) or step >= self._max_steps or step <= previous:
             return
         value = finite(result.get(self.metric))
-        if value is not None:
+        if value is None:
+            return
+        try:
             self._ot_trials[trial_id].report(value, step)
+        except UpdateFinishedTrialError:  # told its end before a kill (tune.verdicts): the study keeps that end
+            pass
 
     def restore(self, checkpoint_path: str) -> None:
-        """Tune's restore of the searcher (--resume), then ``fail_orphans``."""
+        """Tune's restore of the searcher (--resume), then ``fail_orphans`` and ``record_pruned``."""
         super().restore(checkpoint_path)
         self.fail_orphans()
+        self.record_pruned()
+
+    def record_pruned(self) -> list[str]:
+        """Record (``tune.verdicts``) the Tune trials the study already holds as PRUNED though this restored
+        searcher still has them running: the driver died between telling Optuna and Tune's next save. Returns
+        their Tune trial ids."""
+        path = getattr(self, "_budget_file", None)
+        if not path:
+            return []
+        ids = [t.user_attrs[TUNE_TRIAL_ATTR] for t in self._ot_study.get_trials(deepcopy=False,
+                                                                                 states=(TrialState.PRUNED,))
+               if t.user_attrs.get(TUNE_TRIAL_ATTR) in self._ot_trials
+               and t.user_attrs[TUNE_TRIAL_ATTR] not in self._completed_trials]
+        verdicts.record(Path(path).parent, ids)
+        if ids:
+            logger.warning("trials %s were stopped by ASHA just before the driver was killed: they stop at their "
+                           "first report", ids)
+        return ids
 
     def fail_orphans(self) -> list[int]:
         """Mark FAIL the study's RUNNING trials that no Tune trial owns: asked (``study.ask``) after Tune's last

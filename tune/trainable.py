@@ -21,7 +21,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from pdcbdm.config import Config, apply_overrides
 from pdcbdm.training import NonFiniteLossError
 from pdcbdm.version import code_version
-from tune import budget, tracking
+from tune import budget, tracking, verdicts
 from tune.entry import train_loop
 from tune.redact import redact_text, redact_url, reveal
 
@@ -168,7 +168,8 @@ class BudgetStopper(tune.Stopper):
     ``budget_file`` on every result, so that a resumed search uses its own budget), and marks that result with
     ``budget.STOPPED_KEY``: Tune keeps the result it stopped on as the trial's last, so the table, the MLflow
     callback and the progress lines see why it ended. A trial's final report (the end of its training) is left
-    alone. ``stop_all`` stays False: running trials end at their next report, not at the deadline."""
+    alone. ``stop_all`` stays False: running trials end at their next report, not at the deadline. It also stops
+    a resumed trial that Optuna already holds as PRUNED (``tune.verdicts``) at its first report."""
 
     def __init__(self, budget_file: str, max_steps: int) -> None:
         self.budget_file, self.max_steps = budget_file, int(max_steps)
@@ -176,6 +177,9 @@ class BudgetStopper(tune.Stopper):
     def __call__(self, trial_id: str, result: dict) -> bool:
         if int(result.get("step", 0)) >= self.max_steps or result.get("diverged"):
             return False
+        if trial_id in verdicts.pruned(Path(self.budget_file).parent):  # ASHA's stop, lost with a killed driver
+            result[verdicts.STOPPED_KEY] = True
+            return True
         if not budget.passed(self.budget_file):
             return False
         result[budget.STOPPED_KEY] = True
