@@ -167,6 +167,21 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
                             f"sqlite:////abs/path/mlflow.db or http://host:port")
 
 
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the tracking store could not be reached (refused, timed out, a gateway's 502-504), as
+    opposed to a request it refused: only an outage is worth retrying later."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, (ConnectionError, TimeoutError, requests.exceptions.ConnectionError,
+                        requests.exceptions.Timeout)):
+        return True
+    text = str(exc)
+    return isinstance(exc, MlflowException) and any(sign in text for sign in (
+        "Max retries exceeded", "Connection refused", "Failed to establish", "timed out", "Read timed out",
+        "502", "503", "504", "TEMPORARILY_UNAVAILABLE", "RemoteDisconnected", "Connection aborted"))
+
+
 def prepare_store(uri: str) -> None:
     """Create and migrate a sqlite store once, under an exclusive lock on its folder: two searches started at once
     in a fresh --out would otherwise race MLflow's schema creation (one of them crashing). Other stores: nothing."""

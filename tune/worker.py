@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -26,6 +27,7 @@ from pdcbdm.training.checkpoint import CheckpointError
 from pdcbdm.viz import save_grid
 from tune import tracking
 from tune.mlflow_model import log_ema_model
+from tune.redact import redact_text
 
 CKPT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -37,60 +39,122 @@ REPORT_ONLY = ("step", "loss", "dm")
 EXTRACTOR_TAG = tracking.EXTRACTOR_TAG  # the feature network's identity (its weights' sha256): the space FIDs live in
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking store stayed unreachable for the patience at the trial's end: its records could not be
+    written, and the trial fails (the driver reads the run when it ends)."""
+
+
 class RankZeroLogger:
     """MLflow logging of one trial's run, done by rank 0 only (other ranks get a no-op instance).
 
     Training metrics go through MLflow's asynchronous queue (``metrics(..., wait=False)``), so that a training step
     never waits on the store; ``flush`` waits for them, which every evaluation does before it reports (the
-    driver reads the runs when a trial ends)."""
+    driver reads the runs when a trial ends).
 
-    def __init__(self, uri: str | None, run_id: str | None) -> None:
+    A tracking-server outage does not stop training: a record that cannot be written (``tracking.is_outage``) is
+    held, in order, and written at the next record or flush once the server answers again (one line says so when
+    the holding starts). The final flush of the trial waits up to ``patience_s`` (``PDCBDM_TRACKING_PATIENCE_S``,
+    default 300) for the server, then fails the trial (``TrackingUnavailable``). MLflow's own retries are cut to a
+    few seconds here (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``_TIMEOUT`` unless set), so that an outage costs a
+    training step seconds, not minutes."""
+
+    def __init__(self, uri: str | None, run_id: str | None, patience_s: float | None = None) -> None:
         self.uri, self.run_id = uri, run_id
-        self._pending: list[Any] = []
+        self._pending: list[tuple[Any, dict[str, Any], int]] = []
+        self._held: list[tuple[Callable[..., Any], tuple]] = []
         self._monitor: Any = None
+        self.patience_s = float(os.environ.get("PDCBDM_TRACKING_PATIENCE_S", 300) if patience_s is None
+                                else patience_s)
+        if self.active:
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
     @property
     def active(self) -> bool:
         return bool(self.uri and self.run_id)
 
-    def metrics(self, values: dict[str, Any], step: int, wait: bool = True) -> None:
-        if self.active:
-            self._pending += tracking.log_metrics(self.uri, self.run_id, values, step, synchronous=wait)
+    @property
+    def held(self) -> int:
+        """Records waiting for the tracking server."""
+        return len(self._held)
 
-    def flush(self) -> None:
-        """Wait until every asynchronous metric batch is in the store."""
+    def _record(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Write one record now, or hold it (after the ones already held) while the server is unreachable."""
+        if self.active:
+            self._held.append((fn, args))
+            self._drain(0.0)
+
+    def _drain(self, patience_s: float) -> None:
+        """Write the held records in order, retrying for up to ``patience_s``; what is left stays held."""
+        deadline = time.monotonic() + patience_s
+        while self._held:
+            fn, args = self._held[0]
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - only an outage is held; anything else is raised
+                if not tracking.is_outage(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    self._say_held(exc)
+                    return
+                time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+                continue
+            self._held.pop(0)
+        self._said = False
+
+    def _say_held(self, exc: BaseException) -> None:
+        if not getattr(self, "_said", False):
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            print(f"MLflow is unreachable ({redact_text(first)[:200]}): holding this trial's records and training "
+                  f"on; they are written when it answers again", file=sys.stderr, flush=True)
+            self._said = True
+
+    def metrics(self, values: dict[str, Any], step: int, wait: bool = True) -> None:
+        if not self.active:
+            return
+        if wait or self._held:  # behind held records: in order, synchronously
+            self._record(tracking.log_metrics, self.uri, self.run_id, values, step, True)
+        else:
+            self._pending += [(op, values, step) for op in
+                              tracking.log_metrics(self.uri, self.run_id, values, step, synchronous=False)]
+
+    def flush(self, final: bool = False) -> None:
+        """Wait until every asynchronous metric batch is in the store and write the held records; ``final`` (the
+        trial's last report) waits up to the patience for the server, then raises ``TrackingUnavailable``."""
         pending, self._pending = self._pending, []
-        for op in pending:
-            op.wait()
+        for op, values, step in pending:
+            try:
+                op.wait()
+            except Exception as exc:  # noqa: BLE001 - an outage: the batch is held and written again
+                if not tracking.is_outage(exc):
+                    raise
+                self._held.append((tracking.log_metrics, (self.uri, self.run_id, values, step, True)))
+        self._drain(self.patience_s if final else 0.0)
+        if final and self._held:
+            raise TrackingUnavailable(f"the MLflow tracking server stayed unreachable for {self.patience_s:g} s at "
+                                      f"the trial's end: {len(self._held)} record(s) of run {self.run_id} not written")
 
     def tags(self, values: dict[str, Any]) -> None:
-        if self.active:
-            tracking.set_tags(self.uri, self.run_id, values)
+        self._record(tracking.set_tags, self.uri, self.run_id, values)
 
     def files(self, paths: list[Path], artifact_path: str | None = None) -> None:
-        if self.active:
-            tracking.log_artifacts(self.uri, self.run_id, paths, artifact_path)
+        self._record(tracking.log_artifacts, self.uri, self.run_id, paths, artifact_path)
 
     def image(self, path: Path, key: str, step: int) -> None:
-        if self.active:
-            tracking.log_image(self.uri, self.run_id, path, key, step)
+        self._record(tracking.log_image, self.uri, self.run_id, path, key, step)
 
     def image_file(self, path: Path, artifact_file: str) -> None:
-        if self.active:
-            tracking.log_image_file(self.uri, self.run_id, path, artifact_file)
+        self._record(tracking.log_image_file, self.uri, self.run_id, path, artifact_file)
 
     def table(self, table: pd.DataFrame, artifact_file: str) -> None:
-        if self.active:
-            tracking.log_table(self.uri, self.run_id, table, artifact_file)
+        self._record(tracking.log_table, self.uri, self.run_id, table, artifact_file)
 
     def json_file(self, data: Any, artifact_file: str) -> None:
-        if self.active:
-            tracking.log_dict(self.uri, self.run_id, data, artifact_file)
+        self._record(tracking.log_dict, self.uri, self.run_id, data, artifact_file)
 
     def model(self, trainer: Trainer) -> None:
         """The EMA network as the run's MLflow model (``tune.mlflow_model``)."""
-        if self.active:
-            log_ema_model(self.uri, self.run_id, trainer.ema.module, trainer.sampling_payload())
+        self._record(log_ema_model, self.uri, self.run_id, trainer.ema.module, trainer.sampling_payload())
 
     def training_data(self, cfg: Config, data: Any) -> None:
         """The training set as the run's record. A prepared set (data.dataset=parquet): from its _meta.json alone
@@ -103,8 +167,8 @@ class RankZeroLogger:
             source = {"builder": "pdcbdm.data.build_dataset", "dataset": cfg.data.dataset,
                       "imbalance": str(cfg.data.imbalance), "seed": str(cfg.data.seed),
                       "image_size": str(cfg.data.image_size)}
-            tracking.log_training_data(self.uri, self.run_id, data.images.numpy(), data.labels.numpy(),
-                                       cfg.data.dataset, source)
+            self._record(tracking.log_training_data, self.uri, self.run_id, data.images.numpy(),
+                         data.labels.numpy(), cfg.data.dataset, source)
 
     def _prepared_data(self, root: str) -> None:
         summary = prepared_summary(root)
@@ -418,7 +482,7 @@ def _train(trainer: Trainer, log: RankZeroLogger, rank: int, cache_dir: str | No
             if rank == 0:
                 metrics.update(_evaluate(trainer, evaluator, log, final))
                 log.metrics({k: v for k, v in metrics.items() if k not in REPORT_ONLY}, trainer.step)
-                log.flush()  # the driver may read the run as soon as this report ends the trial
+                log.flush(final)  # the driver may read the run as soon as this report ends the trial
             elif final:
                 _final_share(trainer, source, rank)
             _report(trainer, metrics, rank)

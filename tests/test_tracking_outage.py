@@ -1,0 +1,84 @@
+"""A trial's MLflow logging survives a tracking-server outage: a real `mlflow server` on 127.0.0.1 is stopped while
+the trial's logger writes, and started again on the same store; the held records arrive in order, and a server
+still gone at the trial's end fails it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tune.worker import RankZeroLogger, TrackingUnavailable
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def _server(store: Path, port: int):
+    """`mlflow server` on ``store`` at 127.0.0.1:``port`` while the block runs (its own session, stopped after)."""
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{store}",
+           "--default-artifact-root", (store.parent / "artifacts").as_uri(), "--host", "127.0.0.1", "--port",
+           str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(store.parent / f"server-{time.monotonic_ns()}.log", "wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_records_are_held_through_an_outage_and_a_server_gone_at_the_end_fails_the_trial(tmp_path, monkeypatch,
+                                                                                         capsys):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    store, port = tmp_path / "mlflow.db", _free_port()
+    with _server(store, port) as uri:
+        client = MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment("outage")).info.run_id
+        log = RankZeroLogger(uri, run_id, patience_s=90)
+        log.metrics({"loss": 1.0}, 1)
+    # the server is gone: training goes on, every record is held in order
+    log.metrics({"loss": 0.5}, 2, wait=False)
+    log.tags({"pdcbdm.stage": "during the outage"})
+    log.metrics({"proxy_fid": 40.0}, 2)
+    log.flush()  # an evaluation's flush: no wait, nothing raised
+    assert log.held == 3 and "MLflow is unreachable" in capsys.readouterr().err
+    with _server(store, port) as uri:
+        log.metrics({"proxy_fid": 30.0}, 3)  # the next record writes the held ones first
+        assert log.held == 0
+        run = MlflowClient(uri).get_run(run_id)
+        history = [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "loss")]
+        assert history == [(1, 1.0), (2, 0.5)] and run.data.tags["pdcbdm.stage"] == "during the outage"
+        assert [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "proxy_fid")] == [
+            (2, 40.0), (3, 30.0)]
+    # gone again at the trial's end: the final flush waits out its patience, then fails the trial
+    log.patience_s = 2
+    log.metrics({"fid": 20.0}, 4)
+    with pytest.raises(TrackingUnavailable, match="stayed unreachable for 2 s at the trial's end: 1 record"):
+        log.flush(final=True)
