@@ -150,3 +150,22 @@ def test_the_status_callback_says_what_it_could_not_record_instead_of_killing_th
                                                    get_error=lambda: None, error_msg="boom"))
     err = capsys.readouterr().err
     assert "could not record the end of trial t0 in MLflow" in err and "trial t1" in err and "pw@" not in err
+
+
+def test_a_run_of_a_trial_tune_never_held_is_closed_at_the_summary(tmp_path):
+    """A trial started in the last seconds before a kill: its MLflow run exists, Tune's saved state never had it;
+    the resumed search's summary marks it KILLED (none is left RUNNING), and leaves the others alone."""
+    from mlflow.tracking import MlflowClient
+
+    from tune.search import close_lost_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.ensure_experiment(uri, "pdcbdm", tmp_path / "mlartifacts")
+    parent = tracking.parent_run(uri, exp, "s", {}, search_id="id")
+    kept = tracking.trial_run(uri, exp, parent, "s", "t0", "t0", {}, search_id="id")
+    lost = tracking.trial_run(uri, exp, parent, "s", "t9", "t9", {}, search_id="id")
+    runs = tracking.runs_of_search(uri, exp, "id")
+    assert close_lost_runs(uri, runs, {"t0"}) == [lost]
+    client = MlflowClient(uri)
+    assert client.get_run(lost).info.status == "KILLED" and client.get_run(kept).info.status == "RUNNING"
+    assert client.get_run(lost).data.tags["pdcbdm.outcome"].startswith("lost: started just before")

@@ -809,6 +809,7 @@ def summarise(grid: Any, p: SearchPlan, experiment_id: str, parent: str) -> Any:
     runs = {r.data.tags.get(tracking.TRIAL_TAG): r.info.run_id for r in found}
     table = results_mod.trial_rows(grid, cfg.train.steps, runs)
     reconcile_records(p, table, {r.info.run_id: r.info.status for r in found})
+    close_lost_runs(uri, found, set(table["trial_id"]) if not table.empty else set())
     path = results_mod.write_parquet(table, p.search_dir / "trials.parquet")
     tracking.log_artifacts(uri, parent, [path])
     command = record_search(uri, parent, table, load_study(p), p.args.preset, p.args.overrides)
@@ -863,6 +864,18 @@ def reconcile_records(p: SearchPlan, table: Any, run_status: dict[str, str]) -> 
             tracking.finish_run(p.uri, run_id, "FAILED" if row.status == "failed" else "FINISHED", error,
                                 row_outcome(row))
     reconcile(study, outcomes)
+
+
+def close_lost_runs(uri: str, runs: Sequence[Any], trial_ids: set[str]) -> list[str]:
+    """Mark KILLED the search's runs still RUNNING whose trial Tune does not hold: a trial started in the last
+    seconds before the driver was killed has its MLflow run, but Tune's saved state never had it and a resume
+    never runs it. Returns their run ids."""
+    lost = [r.info.run_id for r in runs if r.info.status in ("RUNNING", "SCHEDULED")
+            and r.data.tags.get(tracking.TRIAL_TAG) not in trial_ids]
+    for run_id in lost:
+        tracking.finish_run(uri, run_id, "KILLED", None, "lost: started just before the driver was killed, never "
+                                                         "run by Tune")
+    return lost
 
 
 def row_outcome(row: Any) -> str:
