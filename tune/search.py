@@ -83,8 +83,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="trials at once (default: the fewest of what the CPUs (--cpus-per-worker per worker, counted "
                         "from this process's CPU affinity on a local cluster) and the GPUs hold)")
     p.add_argument("--out", default=".", help="folder for everything the search writes (default: .)")
-    p.add_argument("--name", default=None, help="search name: MLflow parent run, Optuna study, folder "
-                   "(default: PRESET-YYYYmmdd-HHMMSS)")
+    p.add_argument("--name", default=None, help="search name: MLflow parent run, Optuna study, folder; letters, "
+                   "digits, '.', '_', '-' (default: PRESET-YYYYmmdd-HHMMSS-xxxx, xxxx random hex)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db); http://host:port for a server "
                         "(credentials: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, or "
