@@ -169,3 +169,17 @@ def test_a_run_of_a_trial_tune_never_held_is_closed_at_the_summary(tmp_path):
     client = MlflowClient(uri)
     assert client.get_run(lost).info.status == "KILLED" and client.get_run(kept).info.status == "RUNNING"
     assert client.get_run(lost).data.tags["pdcbdm.outcome"].startswith("lost: started just before")
+
+
+def test_a_shared_optuna_storage_never_gives_two_searches_one_study(tmp_path):
+    """--optuna-storage shared between searches (a journal file here): a new search whose name already has a study
+    there is refused before Ray starts, instead of continuing the other search's study."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    journal = tmp_path / "studies.journal"
+    optuna.create_study(study_name="taken", storage=JournalStorage(JournalFileBackend(str(journal))))
+    argv = ["--preset", "smoke", "--out", str(tmp_path / "out"), "--optuna-storage", str(journal)]
+    with pytest.raises(SearchError, match="already holds a study named 'taken'"):
+        plan(parse_args([*argv, "--name", "taken"]))
+    assert plan(parse_args([*argv, "--name", "free"])).name == "free"

@@ -377,6 +377,7 @@ def plan(args: argparse.Namespace) -> SearchPlan:
     given = tracking.absolute_uri(args.tracking_uri) if args.tracking_uri else tracking.default_tracking_uri(out)
     # remembered before the warm starts open their studies: one may live in the same database
     optuna_storage = remember(study_location(args.optuna_storage or os.environ.get(OPTUNA_STORAGE_ENV), search_dir))
+    check_study_name_free(optuna_storage, name, shared=bool(args.optuna_storage or os.environ.get(OPTUNA_STORAGE_ENV)))
     warm = load_warm_starts(args, cfg, space)
     check_tracking(given, create=out if args.tracking_uri is None else None)
     return SearchPlan(args, cfg, name, trials, search_dir, storage, tracking.use_uri(given), False, out,
@@ -420,6 +421,26 @@ def plan_resume(args: argparse.Namespace) -> SearchPlan:
     check_tracking(uri)
     p.uri = tracking.use_uri(uri)
     return p
+
+
+def check_study_name_free(location: str, name: str, shared: bool) -> None:
+    """A new search's Optuna study must not exist yet: in a storage shared between searches (--optuna-storage,
+    PDCBDM_OPTUNA_STORAGE) a second search of the same name would otherwise continue the first one's study. The
+    default storage lives in the search's own folder, which search.json already guards."""
+    import optuna
+
+    if not shared:
+        return
+    try:
+        names = optuna.study.get_all_study_names(storage=optuna_storage(location))
+    except SearchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a driver's or a file's error: the storage is unusable
+        raise SearchError(f"--optuna-storage {redact_url(location)}: cannot be opened ({redact_text(str(exc))[:200]})"
+                          ) from None
+    if name in names:
+        raise SearchError(f"the Optuna storage {redact_url(location)} already holds a study named {name!r} (another "
+                          f"search's); choose another --name, or --resume that search")
 
 
 def new_search_id() -> str:
