@@ -153,7 +153,11 @@ class Trainer:
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.counts = dataset.counts()
         self.num_classes = len(self.counts)
-        with torch.random.fork_rng(devices=[]):  # seeded init: same weights for any rank or worker count
+        # seeded init: same weights for any rank or worker count. torch.manual_seed also seeds every CUDA device:
+        # the fork restores this device's CUDA state too, so each rank keeps the dropout RNG its worker seeded
+        cuda = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(cfg.train.seed)
             self.net = build_network(cfg, self.num_classes, tuple(dataset.image_shape)).to(self.device)
         self.ema = EMA(self.net, cfg.train.ema_decay)
