@@ -131,3 +131,20 @@ def test_the_grid_runners_refuse_the_same_flags(tmp_path, capsys):
         assert status == 2 and message in err, err[-2000:]
         assert not (tmp_path / "ab").exists() or not any((tmp_path / "ab").iterdir())
     assert Path(tmp_path).exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine where torch sees no GPU")
+def test_gpus_asked_for_where_torch_sees_none_are_refused_naming_why(tmp_path, capsys):
+    """A search that asks for GPUs (or a network sized for them, by default) on a machine where torch sees none is
+    refused with torch's CUDA build and the driver found, instead of training on the CPU; --gpus-per-worker 0 is
+    the explicit way to train such a network on the CPU."""
+    for argv, message in ((["--gpus-per-worker", "1"], "--gpus-per-worker 1: torch sees no GPU (torch "),
+                          (["--set", "model.preset=own64"], "model.preset own64 is sized for GPUs")):
+        assert search.main(["--preset", "smoke", "--out", str(tmp_path / "out"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "CUDA device(s) visible" in err, err
+    # --gpus-per-worker 0: the GPU check passes (what stops this one is the next check, the digits' 16 px)
+    assert search.main(["--preset", "smoke", "--out", str(tmp_path / "out"), "--set", "model.preset=own64",
+                        "--gpus-per-worker", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "sized for GPUs" not in err and "is sized for 64x64 images" in err, err

@@ -483,6 +483,7 @@ def check_args(args: argparse.Namespace) -> tuple[Config, int]:
 def check_resources(args: argparse.Namespace, cfg: Config) -> Config:
     """Validate the per-worker resources (--gpus-per-worker defaults to 1 with CUDA, else 0); a CPU-only run's
     ``train.device`` "auto" becomes "cpu". Shared with the grid runner (tune/grid.py)."""
+    asked = args.gpus_per_worker
     if args.gpus_per_worker is None:
         args.gpus_per_worker = 1.0 if torch.cuda.is_available() else 0.0
     if args.gpus_per_worker < 0 or args.cpus_per_worker <= 0 or args.workers_per_trial < 1:
@@ -491,9 +492,26 @@ def check_resources(args: argparse.Namespace, cfg: Config) -> Config:
         raise SearchError(f"--gpus-per-worker {args.gpus_per_worker} with --workers-per-trial "
                           f"{args.workers_per_trial}: a fractional GPU would put two NCCL ranks of one trial on one "
                           f"GPU; use whole GPUs per worker, or one worker per trial")
+    check_gpus(args.address, asked, cfg)
     if cfg.train.device == "auto" and args.gpus_per_worker == 0:
         cfg = apply_overrides(cfg, {"train.device": "cpu"})
     return cfg
+
+
+def check_gpus(address: str, asked: float | None, cfg: Config) -> None:
+    """On a local cluster, refuse to train on the CPU what asks for GPUs when torch sees none, naming why
+    (``cuda_diagnosis``): an explicit --gpus-per-worker > 0 (``asked``), or by default a network sized for GPUs
+    (``GPU_MODEL_PRESETS``), which --gpus-per-worker 0 trains on the CPU anyway. A remote cluster's workers have
+    their own GPUs: nothing is checked here."""
+    from pdcbdm.training.cuda import GPU_MODEL_PRESETS, cuda_diagnosis
+
+    if address != "local" or torch.cuda.is_available():
+        return
+    if asked is not None and asked > 0:
+        raise SearchError(f"--gpus-per-worker {asked:g}: torch sees no GPU ({cuda_diagnosis()})")
+    if asked is None and cfg.model.preset in GPU_MODEL_PRESETS:
+        raise SearchError(f"model.preset {cfg.model.preset} is sized for GPUs and torch sees none "
+                          f"({cuda_diagnosis()}); pass --gpus-per-worker 0 to train it on the CPU anyway")
 
 
 def absolute_location(path: str) -> str:
