@@ -32,7 +32,8 @@ Sections (``--sections``, default all three):
             _meta.json against hashing the array (``pipelines.bench_data``).
   metrics   features/s of the digits CNN and, when its weights are on disk, the FID Inception (no download is
             tried); improved precision/recall (k = 5) and PRD (F_8, F_1/8) on random 2048-d features, 10k x 10k
-            (``--quick``: 2k x 2k), with their time and peak memory.
+            (``--quick``: 2k x 2k), with their time and peak memory; FID of n against a 5 x n reference per
+            evaluation, with the reference's statistics kept, from scratch, and by scipy's sqrtm.
 
 Method. Every measurement runs in a fresh process forked from a "forkserver" that has imported torch and pdcbdm
 once (so a job costs no import time, and CUDA is initialised only inside the job). Each job does its set-up,
@@ -502,6 +503,38 @@ def precision_recall_job(spec: dict[str, Any]) -> dict[str, Any]:
             "seconds": sec, "cpu_s": cpu, **out, **memory.stop()}
 
 
+def fid_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """FID of n generated features against a reference 5 x n, as each evaluation paid for it before the reference
+    statistics were kept (both covariances and scipy's sqrtm of their product), computed from scratch with the
+    eigendecomposition (both covariances, the reference's root), and with the reference's statistics kept: the
+    first evaluation (the reference's covariance and root, once) and every later one."""
+    import numpy as np
+    import scipy.linalg
+
+    from pdcbdm.metrics import ReferenceStatistics, feature_statistics, fid_from_features, fid_to_reference
+
+    n, dim = spec["n"], spec["dim"]
+    rng = np.random.default_rng(2)
+    ref = rng.standard_normal((5 * n, dim), dtype=np.float32).astype(np.float64)
+    gen = rng.standard_normal((n, dim), dtype=np.float32).astype(np.float64)
+    labels = np.zeros(len(ref), dtype=np.int64)
+
+    def sqrtm_path() -> float:
+        (m1, s1), (m2, s2) = feature_statistics(gen), feature_statistics(ref)
+        root = scipy.linalg.sqrtm(s1 @ s2).real
+        return float((m1 - m2) @ (m1 - m2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(root))
+
+    values: dict[str, float] = {}
+    stats = ReferenceStatistics(ref, labels)
+    timed = {}
+    for key, call in (("sqrtm_s", sqrtm_path), ("uncached_s", lambda: fid_from_features(gen, ref)),
+                      ("first_s", lambda: (stats.of().root, fid_to_reference(gen, stats))[1]),
+                      ("cached_s", lambda: fid_to_reference(gen, stats))):
+        timed[key], _ = time_call(lambda c=call, k=key: values.__setitem__(k, c()), "cpu")
+    return {"metric": "fid", "n_gen": n, "n_ref": 5 * n, "dim": dim, **timed,
+            "fid": values["cached_s"], "fid_sqrtm": values["sqrtm_s"]}
+
+
 def prd_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Time and peak memory of PRD's (F_8, F_1/8) at n x n random features (scikit-learn k-means, CPU only)."""
     from pdcbdm.metrics import prd_f_scores
@@ -537,7 +570,7 @@ def quality_job(spec: dict[str, Any]) -> dict[str, Any]:
 
 JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "train": train_job, "sampling": sampling_job, "features": features_job,
-    "precision_recall": precision_recall_job, "prd": prd_job, "quality": quality_job,
+    "precision_recall": precision_recall_job, "prd": prd_job, "fid": fid_job, "quality": quality_job,
 }
 
 
@@ -753,7 +786,9 @@ def run_metrics_section(runner: JobRunner, s: BenchSettings) -> dict[str, Any]:
     _log(f"[metrics] PRD at {n} x {n}")
     prd = runner.run("prd", {**_base_spec(s), "n": n, "dim": dim, "clusters": s.prd_clusters, "runs": s.prd_runs,
                              "n_init": s.prd_n_init})
-    return {"features": features, "precision_recall": pr, "prd": prd}
+    _log(f"[metrics] FID at {n} x {5 * n}")
+    fid = runner.run("fid", {**_base_spec(s), "n": n, "dim": dim})
+    return {"features": features, "precision_recall": pr, "prd": prd, "fid": fid}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -848,6 +883,13 @@ def metrics_tables(section: dict[str, Any]) -> list[str]:
                 f"F_8={m['f_8']:.3f} F_1/8={m['f_1_8']:.3f} ({m['num_clusters']} clusters, {m['num_runs']} runs)"
             rows.append([f"{key} {m['n_gen']} x {m['n_ref']} x {m['dim']}-d", m["seconds"], m["cpu_s"], "",
                          m.get("growth_mb"), extra])
+    fid = section.get("fid") or {}
+    if "error" in fid:
+        rows.append(["fid", _error_cell(fid), "", "", "", ""])
+    elif fid:
+        rows.append([f"fid {fid['n_gen']} x {fid['n_ref']} x {fid['dim']}-d, per evaluation", fid["cached_s"], "", "",
+                     "", f"reference kept (first {fid['first_s']:.3g} s); from scratch {fid['uncached_s']:.3g} s, "
+                         f"with scipy sqrtm {fid['sqrtm_s']:.3g} s"])
     return [format_table("Metrics", ["what", "seconds", "cpu s", "features/s", "growth MB", "note"], rows)]
 
 

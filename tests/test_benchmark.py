@@ -95,6 +95,9 @@ def test_metrics_section(report):
     assert 0.0 <= pr["precision"] <= 1.0 and 0.0 <= pr["recall"] <= 1.0 and _positive(pr["peak_mb"])
     assert prd["num_clusters"] == 4 and prd["num_runs"] == 1 and _positive(prd["seconds"])
     assert 0.0 <= prd["f_8"] <= 1.0 and 0.0 <= prd["f_1_8"] <= 1.0
+    fid = metrics["fid"]  # the kept reference gives the FID scipy's sqrtm path gives
+    assert fid["n_gen"] == 64 and fid["n_ref"] == 320 and all(_positive(fid[k]) for k in ("cached_s", "sqrtm_s"))
+    assert fid["fid"] == pytest.approx(fid["fid_sqrtm"], rel=1e-6)
 
 
 def test_quality_section_is_opt_in_and_reports_time_to_quality(tmp_path):

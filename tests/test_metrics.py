@@ -68,6 +68,25 @@ def test_fid_of_rank_deficient_covariances_stays_finite():
     assert np.isfinite(value) and value > 0
 
 
+def test_a_references_statistics_are_kept_and_give_the_plain_fids():
+    """FeatureSet.reference_statistics: computed once per reference object, whole and per class group, with the
+    reference's class shares; the FIDs against it equal the ones computed from the features every time."""
+    from pdcbdm.metrics import FeatureSet, fid_to_reference, group_fid
+
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(3), [60, 30, 10])
+    ref = FeatureSet(rng.normal(size=(100, 6)) + labels[:, None], None, labels, class_shares=np.full(3, 1 / 3))
+    gen = rng.normal(size=(45, 6)) + 0.5
+    gen_labels = np.arange(45) % 3
+    stats = ref.reference_statistics
+    assert ref.reference_statistics is stats and stats.of() is stats.of() and stats.of([2, 1]) is stats.of([1, 2])
+    assert fid_to_reference(gen, stats) == pytest.approx(fid_from_features(gen, ref.features,
+                                                                           weights2=ref.weights()), rel=1e-10)
+    assert fid_to_reference(gen, stats, [1, 2], gen_labels) == pytest.approx(
+        group_fid(gen, gen_labels, ref.features, labels, [1, 2], ref_shares=ref.class_shares), rel=1e-10)
+    assert fid_to_reference(gen, stats, [9], gen_labels) is None  # no reference rows of that class
+
+
 def test_feature_statistics_are_float64_mean_and_unbiased_covariance():
     x = torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, 10.0]])
     mu, sigma = feature_statistics(x)

@@ -19,7 +19,7 @@ from torch import nn
 from pdcbdm.config import Config, parse_float_list
 from pdcbdm.data import PREPARED, dataset_image_shape
 from pdcbdm.metrics import (FLOOR_SEEDS, FeatureExtractor, FeatureSet, FloorUnavailable, Judge, evaluate_features,
-                            extract_all, fid_from_features, floor_data_key, group_fid, noise_floor,
+                            extract_all, fid_to_reference, floor_data_key, noise_floor,
                             proxy_noise_floor, shot_groups)
 from pdcbdm.metrics.memorisation import memorisation_floor, memorisation_report, memorisation_share
 
@@ -134,10 +134,9 @@ class Evaluator:
         FID and the tail classes' FID (the whole set's when no tail sample was drawn). Returns (images, labels, scores)."""
         images, labels = self.sample(net, guidance, self.cfg.eval.proxy_samples, seed=seed, autocast=autocast)
         feats = self.features(images, labels)
-        ref = self.reference
-        fid = fid_from_features(feats.features, ref.features, weights2=ref.weights())
-        tail = group_fid(feats.features, feats.labels, ref.features, ref.labels, self.tail,
-                         ref_shares=ref.class_shares)
+        stats = self.reference.reference_statistics  # computed at the first proxy, then kept
+        fid = fid_to_reference(feats.features, stats, device=self.device)
+        tail = fid_to_reference(feats.features, stats, self.tail, feats.labels, self.device)
         scores = {"proxy_fid": fid, "proxy_fid_tail": fid if tail is None else tail}
         return images, labels, {**scores, **self.floors(feats.labels, proxy=True)}
 

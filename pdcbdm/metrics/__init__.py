@@ -17,7 +17,8 @@ from .class_metrics import (class_consistency, group_consistency, group_fid, per
 from .mixture import balanced_shares, mixture_weights
 from .scoring import EvalResult, FeatureSet, evaluate_features
 from .extractors import EXTRACTOR_KINDS, FeatureExtractor, build_extractor, extract_all, extract_feature_set
-from .fid import feature_statistics, fid_from_features, frechet_distance
+from .fid import (GaussianStats, ReferenceStatistics, feature_statistics, fid_from_features, fid_to_reference,
+                  frechet_distance)
 from .floor import FLOOR_SEEDS, FloorUnavailable, floor_data_key, floor_draw, noise_floor, proxy_noise_floor
 from .inception_score import inception_score
 from .judge import REJECT, Judge, calibrate_judge, load_or_calibrate_judge
@@ -29,7 +30,8 @@ from .reference import load_feature_set, reference_cache_path, reference_feature
 __all__ = [
     "EXTRACTOR_KINDS", "EvalResult", "FLOOR_SEEDS", "FeatureExtractor", "FeatureSet", "FloorUnavailable", "Judge",
     "REJECT", "build_extractor", "calibrate_judge", "class_consistency", "equal_size_sets", "evaluate_features",
-    "extract_all", "extract_feature_set", "feature_statistics", "fid_from_features", "floor_data_key", "floor_draw",
+    "extract_all", "extract_feature_set", "feature_statistics", "fid_from_features", "fid_to_reference",
+    "GaussianStats", "ReferenceStatistics", "floor_data_key", "floor_draw",
     "frechet_distance", "group_consistency", "group_fid", "group_kid", "improved_precision_recall",
     "inception_score", "kid_from_features", "knn_radii", "load_feature_set", "load_or_calibrate_judge",
     "manifold_membership", "max_f_beta", "noise_floor", "per_class_fid", "per_class_kid", "prd_cluster_count",

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .fid import fid_from_features
+from .fid import ReferenceStatistics, fid_from_features, fid_to_reference
 from .mixture import mixture_weights
 
 __all__ = ["SHOT_MANY", "SHOT_FEW", "shot_groups", "check_split", "per_class_fid", "group_fid", "class_consistency", "tail_to_head_confusion",
@@ -57,7 +57,8 @@ def check_split(head_classes: Sequence[int], tail_classes: Sequence[int], num_cl
 
 
 def group_fid(gen_features: np.ndarray, gen_labels: np.ndarray, ref_features: np.ndarray, ref_labels: np.ndarray,
-              classes: Sequence[int], *, ref_shares: np.ndarray | None = None) -> float | None:
+              classes: Sequence[int], *, ref_shares: np.ndarray | None = None,
+              ref_stats: ReferenceStatistics | None = None) -> float | None:
     """FID between the generated and the reference samples whose labels are in `classes`.
 
     Args:
@@ -66,10 +67,14 @@ def group_fid(gen_features: np.ndarray, gen_labels: np.ndarray, ref_features: np
         classes: the class group (one class for per-class FID).
         ref_shares: the class mixture the reference stands for (``mixture.py``), renormalised over the group;
             None: the reference's own proportions.
+        ref_stats: the reference's cached statistics (``fid.ReferenceStatistics`` of the same features, labels
+            and shares): the group's are computed once, not per call.
 
     Returns:
         The FID, or None when either side has fewer than 2 samples in the group (no covariance).
     """
+    if ref_stats is not None:
+        return fid_to_reference(gen_features, ref_stats, classes, gen_labels)
     gen_mask = np.isin(gen_labels, list(classes))
     ref_mask = np.isin(ref_labels, list(classes))
     if gen_mask.sum() < 2 or ref_mask.sum() < 2:
@@ -79,9 +84,12 @@ def group_fid(gen_features: np.ndarray, gen_labels: np.ndarray, ref_features: np
 
 
 def per_class_fid(gen_features: np.ndarray, gen_labels: np.ndarray, ref_features: np.ndarray,
-                  ref_labels: np.ndarray, num_classes: int) -> list[float | None]:
-    """FID of each class k = 0..num_classes-1 against the reference images of class k (None: < 2 samples)."""
-    return [group_fid(gen_features, gen_labels, ref_features, ref_labels, [k]) for k in range(num_classes)]
+                  ref_labels: np.ndarray, num_classes: int,
+                  ref_stats: ReferenceStatistics | None = None) -> list[float | None]:
+    """FID of each class k = 0..num_classes-1 against the reference images of class k (None: < 2 samples);
+    ``ref_stats`` as ``group_fid``."""
+    return [group_fid(gen_features, gen_labels, ref_features, ref_labels, [k], ref_stats=ref_stats)
+            for k in range(num_classes)]
 
 
 def _as_pair(gen_labels: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -6,18 +6,17 @@ of feature vectors (Inception pool3, or the digits network's embedding). Everyth
 
 from __future__ import annotations
 
-import warnings
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 import torch
 
-__all__ = ["as_float64", "feature_statistics", "frechet_distance", "fid_from_features"]
+from .mixture import mixture_weights
 
-# Relative error ||X X - A||_F / ||A||_F above which the plain square root is distrusted and the offset retried.
-_SQRTM_RTOL = 1e-5
-# Largest imaginary part on the diagonal of the square root that is still taken for round-off.
-_IMAG_ATOL = 1e-3
+__all__ = ["as_float64", "feature_statistics", "GaussianStats", "ReferenceStatistics", "frechet_distance",
+           "frechet_distance_of", "fid_from_features", "fid_to_reference"]
 
 
 def as_float64(array: np.ndarray | torch.Tensor, name: str, ndim: int) -> np.ndarray:
@@ -70,32 +69,79 @@ def feature_statistics(features: np.ndarray | torch.Tensor,
     return mu, (centred * w[:, None]).T @ centred / spread
 
 
-def _sqrtm_with_error(a: np.ndarray) -> tuple[np.ndarray, float]:
-    """scipy's matrix square root and its relative residual (inf when the result is not finite)."""
-    with warnings.catch_warnings():
-        # A singular product (fewer samples than dimensions) warns; the residual check below decides instead.
-        warnings.simplefilter("ignore")
-        root = scipy.linalg.sqrtm(a)
-    if not np.isfinite(root).all():
-        return root, float("inf")
-    scale = max(float(np.linalg.norm(a, "fro")), np.finfo(np.float64).tiny)
-    return root, float(np.linalg.norm(root @ root - a, "fro")) / scale
+@dataclass(frozen=True, eq=False)
+class GaussianStats:
+    """The mean and covariance of a feature set, with what the Frechet distance needs of it computed once: the
+    symmetric square root of the covariance (``root``). A reference's statistics are kept and reused by every
+    evaluation against it (``ReferenceStatistics``)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+
+    @classmethod
+    def of(cls, features: np.ndarray | torch.Tensor, weights: np.ndarray | None = None) -> GaussianStats:
+        return cls(*feature_statistics(features, weights))
+
+    @functools.cached_property
+    def root(self) -> torch.Tensor:
+        """Sigma^(1/2): V diag(sqrt(max(l, 0))) V^T from the symmetric eigendecomposition (float64, CPU)."""
+        sym = torch.from_numpy(self.sigma)
+        values, vectors = torch.linalg.eigh((sym + sym.T) / 2)
+        return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+    @functools.cached_property
+    def trace(self) -> float:
+        return float(np.trace(self.sigma))
+
+
+def frechet_distance_of(reference: GaussianStats, other: GaussianStats,
+                        device: torch.device | str | None = None) -> float:
+    """Frechet distance of two Gaussians, with Tr (S1 S2)^(1/2) = Tr (R1 S2 R1)^(1/2) for R1 = S1^(1/2) (both
+    symmetric positive semi-definite): with the reference's root cached, one symmetric eigendecomposition per call,
+    in float64 on ``device`` (the trial's; default CPU). Round-off eigenvalues below 0 are taken as 0, so rank-
+    deficient covariances (fewer samples than dimensions) stay finite."""
+    device = torch.device(device or "cpu")
+    r1 = reference.root.to(device)
+    product = r1 @ torch.from_numpy(other.sigma).to(device) @ r1
+    values = torch.linalg.eigvalsh((product + product.T) / 2)
+    tr_root = float(values.clamp_min(0).sqrt().sum())
+    diff = reference.mu - other.mu
+    return float(diff @ diff + reference.trace + other.trace - 2.0 * tr_root)
+
+
+class ReferenceStatistics:
+    """A reference set's Gaussian statistics, whole and per class group, each computed on first use and kept:
+    the proxy evaluations of a trial, its final evaluation and its floors all compare with one reference, whose
+    covariance (50k x 2,048 features for CIFAR) and root must not be recomputed per evaluation.
+
+    Args:
+        features: [N, D] reference features.
+        labels: [N] their classes.
+        shares: the class mixture the reference stands for (``mixture.py``), renormalised over a group; None: its
+            own proportions.
+    """
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, shares: np.ndarray | None = None) -> None:
+        self.features, self.labels, self.shares = features, np.asarray(labels), shares
+        self._cache: dict[tuple[int, ...] | None, GaussianStats | None] = {}
+
+    def of(self, classes: Sequence[int] | None = None) -> GaussianStats | None:
+        """The statistics of the rows whose class is in ``classes`` (None: every row); None with fewer than 2."""
+        key = None if classes is None else tuple(sorted(int(c) for c in classes))
+        if key not in self._cache:
+            rows = np.ones(len(self.labels), bool) if key is None else np.isin(self.labels, key)
+            self._cache[key] = (None if rows.sum() < 2 else
+                                GaussianStats.of(self.features[rows], mixture_weights(self.labels[rows], self.shares)))
+        return self._cache[key]
 
 
 def frechet_distance(mu1: np.ndarray | torch.Tensor, sigma1: np.ndarray | torch.Tensor,
-                     mu2: np.ndarray | torch.Tensor, sigma2: np.ndarray | torch.Tensor, *,
-                     eps: float = 1e-6) -> float:
-    """Frechet distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2).
-
-    The square root of sigma1 @ sigma2 comes from scipy.linalg.sqrtm. When it is not finite or inaccurate (a
-    near-singular product, e.g. fewer samples than feature dimensions), it is recomputed with `eps` added to both
-    diagonals, the usual fallback of the reference FID code. Imaginary round-off is dropped; a large imaginary part
-    raises ValueError.
+                     mu2: np.ndarray | torch.Tensor, sigma2: np.ndarray | torch.Tensor) -> float:
+    """Frechet distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2) (``frechet_distance_of``).
 
     Args:
         mu1, mu2: [D] means.
         sigma1, sigma2: [D, D] covariances.
-        eps: diagonal offset of the fallback.
 
     Returns:
         The distance as a Python float (>= 0 up to round-off).
@@ -107,25 +153,24 @@ def frechet_distance(mu1: np.ndarray | torch.Tensor, sigma1: np.ndarray | torch.
         expected = (d,) if name.startswith("mu") else (d, d)
         if value.shape != expected:
             raise ValueError(f"{name} has shape {value.shape}, expected {expected} to match mu1's dimension {d}")
-    root, err = _sqrtm_with_error(s1 @ s2)
-    if err > _SQRTM_RTOL:
-        offset = np.eye(d) * eps
-        root, err = _sqrtm_with_error((s1 + offset) @ (s2 + offset))
-        if not np.isfinite(err):
-            raise ValueError(f"the covariance product has no finite square root even with eps={eps} added")
-    if np.iscomplexobj(root):
-        worst = float(np.abs(np.diagonal(root).imag).max())
-        if worst > _IMAG_ATOL:
-            raise ValueError(f"square root of sigma1 @ sigma2 has an imaginary component of {worst:.3g}")
-        root = root.real
-    diff = m1 - m2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(root))
+    return frechet_distance_of(GaussianStats(m1, s1), GaussianStats(m2, s2))
 
 
 def fid_from_features(features1: np.ndarray | torch.Tensor, features2: np.ndarray | torch.Tensor, *,
                       weights1: np.ndarray | None = None, weights2: np.ndarray | None = None) -> float:
     """FID between two feature sets [N1, D] and [N2, D] (each N >= 2); either side may carry row weights
     (``feature_statistics``: a reference re-weighted to another class mixture)."""
-    mu1, sigma1 = feature_statistics(features1, weights1)
-    mu2, sigma2 = feature_statistics(features2, weights2)
-    return frechet_distance(mu1, sigma1, mu2, sigma2)
+    return frechet_distance_of(GaussianStats.of(features2, weights2), GaussianStats.of(features1, weights1))
+
+
+def fid_to_reference(features: np.ndarray | torch.Tensor, reference: ReferenceStatistics,
+                     classes: Sequence[int] | None = None, labels: np.ndarray | None = None,
+                     device: torch.device | str | None = None) -> float | None:
+    """FID of ``features`` (those of ``classes`` when given, by ``labels``) against the cached statistics of the
+    same classes of ``reference``; None when either side has fewer than 2 rows there."""
+    if classes is not None:
+        features = np.asarray(features)[np.isin(np.asarray(labels), list(classes))]
+    ref = reference.of(classes)
+    if ref is None or len(features) < 2:
+        return None
+    return frechet_distance_of(ref, GaussianStats.of(features), device)

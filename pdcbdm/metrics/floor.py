@@ -41,9 +41,8 @@ import numpy as np
 from pdcbdm.io import write_json_atomic
 
 from ._io import resolve_cache_dir, sha256_text
-from .class_metrics import group_fid
+from .fid import fid_to_reference
 from .scoring import METRICS_VERSION, FeatureSet, evaluate_features
-from .fid import fid_from_features
 from .judge import Judge, feature_set_digest
 
 __all__ = ["FLOOR_SEEDS", "FloorUnavailable", "floor_draw", "short_classes", "summarise_draws", "floor_data_key",
@@ -242,8 +241,9 @@ def proxy_noise_floor_draws(pool: FeatureSet, reference: FeatureSet, counts: Seq
 
     def one(seed: int) -> dict[str, float]:
         draw = floor_draw(pool, counts, seed, allow_short=True)
-        fid = fid_from_features(draw.features, reference.features)
-        tail = group_fid(draw.features, draw.labels, reference.features, reference.labels, tail_classes)
+        # against the reference as the proxy scores read it: with its class shares (a re-weighted training set)
+        fid = fid_to_reference(draw.features, reference.reference_statistics)
+        tail = fid_to_reference(draw.features, reference.reference_statistics, tail_classes, draw.labels)
         return {"proxy_fid": fid, "proxy_fid_tail": fid if tail is None else tail}
 
     return _cached_draws(key, cache_dir, lambda: [one(seed) for seed in range(seeds)])

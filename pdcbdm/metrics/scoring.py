@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import dataclasses
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from .class_metrics import (check_split, class_consistency, group_consistency, group_fid, per_class_fid,
+from .class_metrics import (check_split, class_consistency, group_consistency, per_class_fid,
                             reject_rate, tail_to_head_confusion)
-from .fid import as_float64, fid_from_features
+from .fid import ReferenceStatistics, as_float64, fid_to_reference
 from .inception_score import inception_score
 from .judge import Judge, calibrate_judge
 from .kid import group_kid
@@ -33,8 +34,9 @@ __all__ = ["FeatureSet", "EvalResult", "evaluate_features", "PRD_CLUSTERS_PER_CL
 # KID's reference side is a seeded subsample of at most this many points: the estimate stays unbiased and the
 # reference-reference kernel sum of a 50,000-image reference (5e12 multiply-adds at 2048-d) is avoided.
 KID_MAX_REFERENCE = 10_000
-# Bump when a metric's definition changes: cached noise floors (floor.py) are keyed by it.
-METRICS_VERSION = 3
+# Bump when a metric's definition changes: cached noise floors (floor.py) are keyed by it. 4: the proxy floors read
+# a re-weighted reference with its class shares, as the proxy scores do.
+METRICS_VERSION = 4
 # A class's FID needs this many reference images of it: below, its covariance is a few points' (a tail class of a
 # user's training set used as the reference) and the value mostly its own bias; its KID is reported instead.
 CLASS_FID_MIN_REFERENCE = 10
@@ -92,6 +94,12 @@ class FeatureSet:
     def reader(self) -> FeatureSet:
         """The features and logits the class judge reads: ``judged`` when another network judges, else this set."""
         return self if self.judged is None else self.judged
+
+    @functools.cached_property
+    def reference_statistics(self) -> ReferenceStatistics:
+        """The set's Gaussian statistics as a reference (whole and per class group, with its class shares), each
+        computed once for the life of this object (``fid.ReferenceStatistics``)."""
+        return ReferenceStatistics(self.features, self.labels, self.class_shares)
 
     def weights(self) -> np.ndarray | None:
         """Row weights w_i = pi_k / n_k summing to 1 (``mixture.mixture_weights``), None when the set stands for
@@ -300,7 +308,7 @@ def _per_class_rows(gen: FeatureSet, ref: FeatureSet, num_classes: int, kid: lis
                     consistency: list[float | None], rejected: list[float | None]) -> list[dict[str, Any]]:
     """One row per class; its FID only where the reference holds CLASS_FID_MIN_REFERENCE images of it (KID, unbiased
     at any size, stands for the others)."""
-    fids = per_class_fid(gen.features, gen.labels, ref.features, ref.labels, num_classes)
+    fids = per_class_fid(gen.features, gen.labels, ref.features, ref.labels, num_classes, ref.reference_statistics)
     real = np.bincount(ref.labels, minlength=num_classes)
     fids = [f if real[k] >= CLASS_FID_MIN_REFERENCE else None for k, f in enumerate(fids)]
     counts = np.bincount(gen.labels, minlength=num_classes)
@@ -347,13 +355,14 @@ def evaluate_features(gen: FeatureSet | Sequence[Any], ref: FeatureSet | Sequenc
     is_value, is_note = _inception_score(gen, is_splits)
     consistency, rejected, summary = _consistency(gen, ref, num_classes, named, judge)
     kid_per_class, kid = _kid(gen, ref, num_classes, named, seed)
-    fid = {f"fid_{name}": group_fid(gen.features, gen.labels, ref.features, ref.labels, classes,
-                                    ref_shares=ref.class_shares) for name, classes in named.items()}
+    stats = ref.reference_statistics
+    fid = {f"fid_{name}": fid_to_reference(gen.features, stats, classes, gen.labels, device)
+           for name, classes in named.items()}
     extra_scores = {f"{metric}_{name}": scores.pop(f"{metric}_{name}", None) for name in extra
                     for metric, scores in (("fid", fid), ("kid", kid), ("consistency", summary),
                                            ("reject_rate", summary))}
     return EvalResult(
-        fid=fid_from_features(gen.features, ref.features, weights2=ref.weights()), inception_score=is_value,
+        fid=fid_to_reference(gen.features, stats, device=device), inception_score=is_value,
         inception_score_note=is_note, precision=precision, recall=recall, fid_head=fid["fid_head"],
         fid_tail=fid["fid_tail"], per_class=_per_class_rows(gen, ref, num_classes, kid_per_class, consistency, rejected),
         num_generated=len(gen), num_reference=len(ref), extractor=gen.extractor or ref.extractor,
