@@ -156,6 +156,20 @@ def test_concurrency_is_the_fewest_the_cpus_and_gpus_hold(kw, cpus, gpus, fit):
     assert fits(_ns(**kw), cpus, gpus) == fit
 
 
+@pytest.mark.parametrize("address, gpus_per_worker, cpus, gpus, expected", [
+    ("local", 1.0, 16, 1, 16.0),  # a lent H100 machine: its 16 cores go to the one GPU worker's evaluation
+    ("local", 1.0, 64, 8, 8.0),
+    ("local", 2.0, 64, 8, 16.0),
+    ("local", 0.5, 16, 2, 4.0),
+    ("local", 0.0, 16, 0, 1.0),  # CPU workers: one thread each, as before
+    ("auto", 1.0, 16, 1, 1.0),  # a remote cluster's nodes are not counted here
+])
+def test_gpu_workers_get_the_cpus_per_gpu_by_default(address, gpus_per_worker, cpus, gpus, expected):
+    from tune.search import default_cpus_per_worker
+
+    assert default_cpus_per_worker(address, gpus_per_worker, cpus, gpus) == expected
+
+
 def test_concurrency_refuses_what_does_not_fit():
     with pytest.raises(SearchError, match="CPU"):
         fits(_ns(gpus_per_worker=1.0, cpus_per_worker=4.0, workers_per_trial=2), 4, 8)

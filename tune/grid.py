@@ -109,7 +109,8 @@ def add_runner_args(p: argparse.ArgumentParser, experiment: str | None) -> None:
                    "flags are taken from DIR. It unpickles Ray Tune's saved state: resume only folders that only "
                    "you and people you trust can write")
     g.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per run (DDP when > 1)")
-    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker")
+    g.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs (and torch threads) per worker "
+                   "(default as tune/search.py: CPUs per GPU on this machine's GPUs, else 1)")
     g.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default: 1 with CUDA)")
     g.add_argument("--concurrency", type=int, default=None, help="runs at once (default: as many as fit)")
     g.add_argument("--max-trial-failures", type=int, default=0, help="retries of a run that raises")

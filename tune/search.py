@@ -76,7 +76,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "pinned and no longer searched")
     p.add_argument("--trials", type=int, default=None, help="number of trials (default: 3 smoke, 3 digits, 32 cifar, 16 own)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (DDP when > 1)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs (and torch threads) per worker (default: on this machine's GPUs, its CPUs per GPU, so "
+                        "that evaluation gets the cores; else 1)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPUs per worker (default: 1 if this machine has CUDA, else 0 = CPU with gloo)")
     p.add_argument("--concurrency", type=int, default=None,
@@ -486,6 +488,9 @@ def check_resources(args: argparse.Namespace, cfg: Config) -> Config:
     asked = args.gpus_per_worker
     if args.gpus_per_worker is None:
         args.gpus_per_worker = 1.0 if torch.cuda.is_available() else 0.0
+    if args.cpus_per_worker is None:
+        args.cpus_per_worker = default_cpus_per_worker(args.address, args.gpus_per_worker, usable_cpus(),
+                                                       torch.cuda.device_count())
     if args.gpus_per_worker < 0 or args.cpus_per_worker <= 0 or args.workers_per_trial < 1:
         raise SearchError("--workers-per-trial must be >= 1, --cpus-per-worker > 0 and --gpus-per-worker >= 0")
     if args.workers_per_trial > 1 and 0 < args.gpus_per_worker < 1:
@@ -496,6 +501,15 @@ def check_resources(args: argparse.Namespace, cfg: Config) -> Config:
     if cfg.train.device == "auto" and args.gpus_per_worker == 0:
         cfg = apply_overrides(cfg, {"train.device": "cpu"})
     return cfg
+
+
+def default_cpus_per_worker(address: str, gpus_per_worker: float, cpus: int, gpus: int) -> float:
+    """A GPU worker on this machine gets its share of the CPUs (CPUs per GPU, times its GPUs): its evaluation's
+    metrics run on the CPU threads it is given, and one thread would leave the rest idle. A CPU worker, or one on
+    a remote cluster (whose nodes this driver cannot count before it joins), gets 1."""
+    if address != "local" or gpus_per_worker <= 0 or gpus < 1:
+        return 1.0
+    return float(max(1, math.floor(cpus / gpus * gpus_per_worker)))
 
 
 def check_gpus(address: str, asked: float | None, cfg: Config) -> None:
