@@ -9,7 +9,7 @@ model``, ``models:/MODEL_ID``: the EMA network, a pickle-free torch.export graph
 --log-to-run writes the metrics back to that trial's run (metrics evaluate_*, evaluate/metrics.json).
 
 For each guidance value w (classifier-free guidance, eps~ = (1 + w) eps(x, t, y) - w eps(x, t, null)) one set of
-samples is drawn with labels spread uniformly over the classes and scored against the reference features (METHOD.md
+samples is drawn with labels spread uniformly over the classes and scored against the reference features (docs/method.md
 "Metrics": FID, IS, precision/recall with k = 5, PRD F_8 / F_1/8, head/tail FID, class consistency). The noise
 error of Algorithm 2 is measured on the first training images.
 

@@ -5,7 +5,7 @@
     python -m pipelines.reference_stats --dataset parquet --root PREPARED            # your own data: domain CNN
 
 Reference set: `build_reference_dataset(NAME)`, i.e. the full balanced training set for CIFAR names (the paper's
-reference, METHOD.md "Metrics"), the balanced held-out split for digits names, and for a prepared data set
+reference, docs/method.md "Metrics"), the balanced held-out split for digits names, and for a prepared data set
 (``parquet``, --root its folder) its reference split or else its held-out reference part (``reference_kind``).
 Prints the cache file, the number of images N and the feature dimension D. Running it again reads the cache
 instead of recomputing.

@@ -1,7 +1,7 @@
 """In-memory labelled image data set shared by every data source (CIFAR, digits, Parquet shards).
 
 Images are stored as uint8 [N, C, H, W] and served as float32 in [-1, 1], the pixel scaling the paper uses
-(METHOD.md, "Training settings": "pixels scaled to [-1, 1]").
+(docs/method.md, "Training settings": "pixels scaled to [-1, 1]").
 """
 
 from __future__ import annotations

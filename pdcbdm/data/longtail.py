@@ -1,4 +1,4 @@
-"""Long-tailed subsampling (Cao et al. 2019, as used by CBDM and PD-CBDM; METHOD.md, "Data").
+"""Long-tailed subsampling (Cao et al. 2019, as used by CBDM and PD-CBDM; docs/method.md, "Data").
 
 n_k = int(n_max * rho^(-k/(K-1))) images are kept for class k, class 0 being the head; rho = 100 gives 12,406
 images for CIFAR10-LT (n_max 5000) and 10,847 for CIFAR100-LT (n_max 500).

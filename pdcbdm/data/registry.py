@@ -2,7 +2,7 @@
 `build_floor_dataset` (real images for the metrics' real-vs-real noise floors).
 
 Names: "digits-lt" (the download-free default), "digits", "cifar10-lt", "cifar100-lt", "cifar10", "cifar100".
-The "-lt" names apply the long-tail formula n_k = int(n_max * rho^(-k/(K-1))) (METHOD.md, "Data") to the train
+The "-lt" names apply the long-tail formula n_k = int(n_max * rho^(-k/(K-1))) (docs/method.md, "Data") to the train
 split; the plain names are balanced. Test splits are always balanced.
 
 "parquet" (``PREPARED``) is a user's own data prepared into a folder (``root``; ``pdcbdm.data.own``): its shape,
@@ -183,7 +183,7 @@ def dataset_image_shape(name: str, image_size: int | None = None, *,
 
 def build_reference_dataset(name: str, *, root: str | Path | None = None, download: bool = False,
                             choice: str = "auto") -> ImageDataset:
-    """The balanced set FID reference statistics are computed against (METHOD.md, "Metrics").
+    """The balanced set FID reference statistics are computed against (docs/method.md, "Metrics").
 
     CIFAR names: the full balanced training set, as the paper. Digits names: the held-out balanced split. Never
     flipped.

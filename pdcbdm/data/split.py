@@ -1,7 +1,7 @@
 """Head/tail class split and the group samplers that feed the perceptual-distinguish loss (Eq. 10-11).
 
 The paper sorts classes by frequency and splits them 7:3 (6:4 and 8:2 also tried); on balanced data it shuffles
-the classes before splitting (METHOD.md, "Perceptual distinguish loss").
+the classes before splitting (docs/method.md, "Perceptual distinguish loss").
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ class Evaluator:
     def build(cls, cfg: Config, *, num_classes: int, head: Sequence[int], tail: Sequence[int],
               device: torch.device | str = "cpu", cache_dir: str | os.PathLike | None = None,
               progress: bool = False, train_counts: Sequence[int] | None = None) -> "Evaluator":
-        """Load the extractor, the reference features (``eval.reference``: the balanced set METHOD.md names; for a
+        """Load the extractor, the reference features (``eval.reference``: the balanced set docs/method.md names; for a
         prepared set by default its training set re-weighted to a balanced mixture), the class judge calibrated on
         held-out images and the floor data set's features, all cached on disk. ``train_counts`` (images per class
         the network trained on) adds the many/medium/few-shot groups (``shot_groups``)."""
@@ -141,7 +141,7 @@ class Evaluator:
         return images, labels, {**scores, **self.floors(feats.labels, proxy=True)}
 
     def score(self, images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0) -> tuple[dict[str, Any], list[dict]]:
-        """Every metric of METHOD.md for one sample set, with its noise floor: (flat metrics, per-class rows).
+        """Every metric of docs/method.md for one sample set, with its noise floor: (flat metrics, per-class rows).
 
         Flat floors: ``<metric>_floor`` and ``<metric>_floor_std`` of every whole-set and group metric (or a
         ``floor_note`` when there is no floor); per-class rows get fid_floor, kid_floor, consistency_floor and

@@ -1,4 +1,4 @@
-"""Evaluation metrics of METHOD.md "Metrics": FID, IS, improved precision/recall, PRD F_8 / F_1/8, plus KID,
+"""Evaluation metrics of docs/method.md "Metrics": FID, IS, improved precision/recall, PRD F_8 / F_1/8, plus KID,
 per-class and head/tail diagnostics, over features from the FID Inception-V3 or a small digits CNN, and the
 real-vs-real noise floor of each at the evaluated size.
 

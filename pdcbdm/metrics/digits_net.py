@@ -1,5 +1,5 @@
 """A small digits CNN: the feature network for FID / precision-recall / PRD and the classifier for IS and class
-consistency on the digits data sets (the download-free stand-in for the FID Inception of METHOD.md "Metrics").
+consistency on the digits data sets (the download-free stand-in for the FID Inception of docs/method.md "Metrics").
 
 Trained on the balanced digits training split and checked on the held-out split (>= 95% accuracy required), then
 cached on disk with its accuracy. Features are the 64-d penultimate embedding (before its ReLU, so no unit is

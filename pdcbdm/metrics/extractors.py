@@ -1,6 +1,6 @@
 """Feature extractors behind one small interface, a batched `extract_all`, and `build_extractor`.
 
-Three networks give the features every metric works on (METHOD.md "Metrics"): the FID Inception-V3 (2048-d pool3
+Three networks give the features every metric works on (docs/method.md "Metrics"): the FID Inception-V3 (2048-d pool3
 features, 1008-way logits for IS when its weights have them) for CIFAR, a small digits CNN (64-d embedding, 10-way
 logits) for the download-free digits data sets, and the in-domain CNN of a user's prepared data (``domain``, 64-d,
 logits over the data's own classes; ``pdcbdm.metrics.domain_net``).

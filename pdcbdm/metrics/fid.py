@@ -1,4 +1,4 @@
-"""Frechet Inception Distance (Heusel et al. 2017), the paper's main fidelity metric (METHOD.md, "Metrics").
+"""Frechet Inception Distance (Heusel et al. 2017), the paper's main fidelity metric (docs/method.md, "Metrics").
 
 FID = ||mu_1 - mu_2||^2 + Tr(Sigma_1 + Sigma_2 - 2 (Sigma_1 Sigma_2)^(1/2)), with (mu, Sigma) the mean and covariance
 of feature vectors (Inception pool3, or the digits network's embedding). Everything is computed in float64.

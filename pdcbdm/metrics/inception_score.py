@@ -1,4 +1,4 @@
-"""Inception Score (Salimans et al. 2016): IS = exp(E_x KL(p(y|x) || p(y))), METHOD.md "Metrics" (10 splits).
+"""Inception Score (Salimans et al. 2016): IS = exp(E_x KL(p(y|x) || p(y))), docs/method.md "Metrics" (10 splits).
 
 With the FID Inception network the class posteriors p(y|x) come from its 1008-way logits; with the digits network
 from its 10-way logits (a domain IS, comparable only between runs scored by the same network).

@@ -1,6 +1,6 @@
 """Precision and recall for distributions, PRD (Sajjadi et al. 2018), and its F_8 / F_1/8 summary.
 
-METHOD.md "Metrics": MiniBatchKMeans on the union of generated and reference features with 20 x (number of classes
+docs/method.md "Metrics": MiniBatchKMeans on the union of generated and reference features with 20 x (number of classes
 sampled) clusters, 1001 angles, 10 runs averaged. With P the reference and Q the generated cluster histograms, the
 PRD curve is, for slopes lambda = tan(angle), angle in (0, pi/2):
     alpha(lambda) = sum_w min(lambda P(w), Q(w))   (precision),   beta(lambda) = alpha(lambda) / lambda   (recall).

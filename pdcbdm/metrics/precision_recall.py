@@ -1,4 +1,4 @@
-"""Improved precision and recall (Kynkaanniemi et al. 2019), METHOD.md "Metrics" (k = 5).
+"""Improved precision and recall (Kynkaanniemi et al. 2019), docs/method.md "Metrics" (k = 5).
 
 Each set's manifold is the union of balls around its points, each ball reaching that point's k-th nearest neighbour
 within the set. Precision = share of generated points inside the real manifold; recall = share of real points inside

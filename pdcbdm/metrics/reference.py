@@ -1,6 +1,6 @@
 """Reference statistics as a separate, cached step (as edm's `fid.py ref`): features of the reference set.
 
-The paper compares generated samples with the full balanced training set (METHOD.md "Metrics"); the data package's
+The paper compares generated samples with the full balanced training set (docs/method.md "Metrics"); the data package's
 `build_reference_dataset` gives that set. Features, logits and labels are cached as an .npz keyed by the data set's
 identity (a content hash unless given) and the extractor's weights identity, so a different network or different
 images never reuse a stale file.

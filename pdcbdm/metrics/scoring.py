@@ -1,6 +1,6 @@
 """One call that scores generated samples against reference statistics: `evaluate_features`.
 
-All metrics of METHOD.md "Metrics" (FID, IS, improved precision/recall with k = 5, PRD F_8 / F_1/8) plus KID
+All metrics of docs/method.md "Metrics" (FID, IS, improved precision/recall with k = 5, PRD F_8 / F_1/8) plus KID
 (unbiased at small N, kid.py) and the long-tail diagnostics of class_metrics.py, from features computed once by a
 FeatureExtractor. Class consistency counts only the decisions a calibrated judge can read (judge.py); the share it
 cannot read is `reject_rate`. PRD runs on equal-size sets with at most N / 10 clusters (prd.py).
@@ -321,7 +321,7 @@ def evaluate_features(gen: FeatureSet | Sequence[Any], ref: FeatureSet | Sequenc
                       prd_runs: int = 10, seed: int = 0, prd_clusters: int | None = None, prd_n_init: int = 10,
                       is_splits: int = 10, device: torch.device | str = "cpu",
                       judge: Judge | None = None, groups: Mapping[str, Sequence[int]] | None = None) -> EvalResult:
-    """Score generated features against reference features with every metric of METHOD.md "Metrics" plus KID.
+    """Score generated features against reference features with every metric of docs/method.md "Metrics" plus KID.
 
     Args:
         gen: generated samples' FeatureSet (labels = the class each was generated for) or a 3-tuple.

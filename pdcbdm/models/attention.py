@@ -1,4 +1,4 @@
-"""Spatial self-attention and timestep-dependent self-attention, TSA (Eq. 13-14 of PD-CBDM, METHOD.md).
+"""Spatial self-attention and timestep-dependent self-attention, TSA (Eq. 13-14 of PD-CBDM, docs/method.md).
 
 Both blocks share the same submodules (``norm``, ``proj_q``, ``proj_k``, ``proj_v``, ``proj_out``), so a plain
 block's state dict loads into a TSA block; TSA only adds ``time_q``, ``time_k``, ``time_v`` (the W^t of Eq. 13).
@@ -76,7 +76,7 @@ class TimestepSelfAttention(SelfAttention, TimestepBlock):
     Q = h W_q + e_t W_q^t,  K = h W_k + e_t W_k^t,  V = h W_v + e_t W_v^t  (e_t terms broadcast over positions),
     out = x + Attention(Q, K, V) W_o, with h = GroupNorm(x) flattened to [B, HW, C].
 
-    e_t is the output of the U-Net's time MLP *without* the class embedding: METHOD.md calls it "the timestep
+    e_t is the output of the U-Net's time MLP *without* the class embedding: docs/method.md calls it "the timestep
     embedding (the same vector the residual blocks receive)", and the residual blocks receive e_t + e_y, but the
     block is meant to be *timestep*-dependent, so it gets the time part only. Eq. 13 applies W^t to e_t directly
     (no nonlinearity, no bias). The W^t (``time_q``, ``time_k``, ``time_v``) are zero-initialised, so a fresh

@@ -1,6 +1,6 @@
 """Building blocks of the DDPM/CBDM U-Net: time embedding, residual blocks, resampling.
 
-The network predicts the noise eps_theta(x_t, t, y) of Eq. 2/8 (METHOD.md). Two embedding vectors flow through it:
+The network predicts the noise eps_theta(x_t, t, y) of Eq. 2/8 (docs/method.md). Two embedding vectors flow through it:
 
 * ``temb`` = e_t, the output of the time MLP (sinusoidal features -> Linear -> SiLU -> Linear). The
   timestep-dependent self-attention (Eq. 13-14) receives this one.

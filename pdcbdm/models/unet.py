@@ -1,6 +1,6 @@
 """The class-conditional DDPM/CBDM U-Net with optional timestep-dependent self-attention (Eq. 13-14).
 
-The network predicts the noise eps_theta(x_t, t, y) (Eq. 2/8 of METHOD.md). Conditioning: the class embedding
+The network predicts the noise eps_theta(x_t, t, y) (Eq. 2/8 of docs/method.md). Conditioning: the class embedding
 e_y (``nn.Embedding`` with ``num_classes + 1`` rows) is added to the time embedding e_t (sinusoidal -> MLP, dim
 4 * ch) and the sum goes to every residual block, as in CBDM. Row ``num_classes`` is the null label of
 classifier-free guidance; it is fixed at zero (``padding_idx``: never trained), so "no condition" means "no
