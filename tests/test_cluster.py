@@ -7,10 +7,8 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -18,29 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.searchutil import TINY, artifact_paths, files_holding, run_search, seed_cache, trial_runs
+from tests.searchutil import (TINY, artifact_paths, files_holding, free_port, run_search, seed_cache, trial_runs,
+                              wait_http)
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited with {proc.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer in {timeout}s")
 
 
 ADMIN = "pdcbdm-admin"
@@ -56,7 +36,7 @@ def mlflow_server_started(tmp_path):
     (``--workers 1``; the default 4 take most of the start), and MLflow's opt-in cache of successful credential
     checks (``auth_cache_ttl_seconds``): without it every request pays the password hash (0.3 s a request here,
     about 130 requests a search). A request without or with wrong credentials is checked as before."""
-    port, password = _free_port(), secrets.token_urlsafe(16)
+    port, password = free_port(), secrets.token_urlsafe(16)
     config = tmp_path / "auth.ini"
     config.write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
                       f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = {ADMIN}\n"
@@ -82,7 +62,7 @@ def mlflow_server(mlflow_server_started, ray_head):
     """(URI, user, password) of the basic-auth server once it answers. It starts before the Ray head and is waited
     for after it: the two start-ups overlap."""
     proc, uri, user, password = mlflow_server_started
-    _wait_http(f"{uri}/health", 180, proc)
+    wait_http(f"{uri}/health", proc, 180)
     return uri, user, password
 
 
@@ -90,7 +70,7 @@ def mlflow_server(mlflow_server_started, ray_head):
 def ray_head(tmp_path):
     """The README's recipe: a head started with ``RAY_AUTH_MODE=token`` and a token of its own (here in the
     environment: the test must not touch the user's ~/.ray/auth_token). Yields (address, dashboard URL, token)."""
-    port, dashboard, token = _free_port(), _free_port(), secrets.token_hex(32)
+    port, dashboard, token = free_port(), free_port(), secrets.token_hex(32)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     temp = Path("/tmp") / f"ray-test-{port}"  # short: Ray's socket paths must stay under 107 characters
     start = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),

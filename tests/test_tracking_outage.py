@@ -6,26 +6,19 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.searchutil import free_port, wait_http
 from tune.worker import RankZeroLogger, TrackingUnavailable
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
@@ -38,15 +31,7 @@ def _server(store: Path, port: int):
     with open(store.parent / f"server-{time.monotonic_ns()}.log", "wb") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+        wait_http(f"http://127.0.0.1:{port}/health", proc, 120)
         yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -57,7 +42,7 @@ def test_records_are_held_through_an_outage_and_a_server_gone_at_the_end_fails_t
                                                                                          capsys):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    store, port = tmp_path / "mlflow.db", _free_port()
+    store, port = tmp_path / "mlflow.db", free_port()
     with _server(store, port) as uri:
         client = MlflowClient(uri)
         run_id = client.create_run(client.create_experiment("outage")).info.run_id

@@ -14,43 +14,20 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from tests.searchutil import trial_runs
+from tests.searchutil import free_port, trial_runs, wait_http
 from tune.space import SEARCHED
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PAGE_BUDGET_MS = 15000  # Chromium's virtual time for the app's requests and rendering
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"mlflow server at {url} not healthy after {timeout:.0f} s")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +39,7 @@ def mlflow_server(smoke_search, tmp_path_factory):
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     out, name, proc = smoke_search
     assert proc.returncode == 0, proc.stderr[-3000:]
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("mlflow-server") / "server.log"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # 265 MB instead of 1.8 GB
@@ -71,7 +48,7 @@ def mlflow_server(smoke_search, tmp_path_factory):
     with open(log, "wb") as sink:
         server = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        _wait_healthy(url, server)
+        wait_http(f"{url}/health", server)
         yield url, out, name
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # its own session: the server and the workers it started

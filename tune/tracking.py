@@ -216,16 +216,11 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
         return exp.experiment_id
 
 
-def _find_run(client: MlflowClient, experiment_id: str, kind: str, **tags: str) -> str | None:
-    """The run of ``kind`` with these tag values (keys: tag names with ``.`` written ``__``), or None."""
-    query = " and ".join([*(f"tags.`{k.replace('__', '.')}` = '{v}'" for k, v in tags.items()),
-                          f"tags.`{KIND_TAG}` = '{kind}'"])
+def _find_run(client: MlflowClient, experiment_id: str, kind: str, tags: Mapping[str, str]) -> str | None:
+    """The run of ``kind`` carrying every tag value of ``tags``, or None."""
+    query = " and ".join([*(f"tags.`{k}` = '{v}'" for k, v in tags.items()), f"tags.`{KIND_TAG}` = '{kind}'"])
     runs = client.search_runs([experiment_id], filter_string=query, max_results=1)
     return runs[0].info.run_id if runs else None
-
-
-def _by(tag: str, value: str) -> dict[str, str]:
-    return {tag.replace(".", "__"): value}
 
 
 def parent_run(uri: str, experiment_id: str, search: str, params: Mapping[str, Any], kind: str = "search",
@@ -235,7 +230,7 @@ def parent_run(uri: str, experiment_id: str, search: str, params: Mapping[str, A
     defaults to the name (a caller with no search.json)."""
     client = MlflowClient(uri)
     sid = search_id or search
-    run_id = _find_run(client, experiment_id, kind, **_by(SEARCH_ID_TAG, sid))
+    run_id = _find_run(client, experiment_id, kind, {SEARCH_ID_TAG: sid})
     if run_id is None:
         run = client.create_run(experiment_id, run_name=search,
                                 tags={SEARCH_TAG: search, SEARCH_ID_TAG: sid, KIND_TAG: kind})
@@ -252,7 +247,7 @@ def trial_run(uri: str, experiment_id: str, parent_id: str, search: str, trial_i
     new one."""
     client = MlflowClient(uri)
     sid = search_id or search
-    run_id = _find_run(client, experiment_id, "trial", **_by(TRIAL_TAG, trial_id), **_by(SEARCH_ID_TAG, sid))
+    run_id = _find_run(client, experiment_id, "trial", {TRIAL_TAG: trial_id, SEARCH_ID_TAG: sid})
     if run_id is None:
         tags = {TRIAL_TAG: trial_id, SEARCH_TAG: search, SEARCH_ID_TAG: sid, KIND_TAG: "trial",
                 "mlflow.parentRunId": parent_id}
@@ -417,8 +412,7 @@ def cell_run(uri: str, experiment_id: str, search_id: str, cell: str) -> Any | N
 
 
 def trial_run_id(uri: str, experiment_id: str, trial_id: str, search_id: str) -> str | None:
-    return _find_run(MlflowClient(uri), experiment_id, "trial", **_by(TRIAL_TAG, trial_id),
-                     **_by(SEARCH_ID_TAG, search_id))
+    return _find_run(MlflowClient(uri), experiment_id, "trial", {TRIAL_TAG: trial_id, SEARCH_ID_TAG: search_id})
 
 
 def runs_of_search(uri: str, experiment_id: str, search_id: str) -> list[Any]:

@@ -63,6 +63,7 @@ class RankZeroLogger:
         self._pending: list[tuple[Any, dict[str, Any], int]] = []
         self._held: list[tuple[Callable[..., Any], tuple]] = []
         self._monitor: Any = None
+        self._said = False  # the outage line is printed once per outage
         self.patience_s = float(os.environ.get("PDCBDM_TRACKING_PATIENCE_S", 300) if patience_s is None
                                 else patience_s)
         if self.active:
@@ -103,7 +104,7 @@ class RankZeroLogger:
         self._said = False
 
     def _say_held(self, exc: BaseException) -> None:
-        if not getattr(self, "_said", False):
+        if not self._said:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             print(f"MLflow is unreachable ({redact_text(first)[:200]}): holding this trial's records and training "
                   f"on; they are written when it answers again", file=sys.stderr, flush=True)

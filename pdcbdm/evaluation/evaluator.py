@@ -94,8 +94,12 @@ class Evaluator:
         if self.judge is None:
             return "none"
         accuracy = "" if self.judge_accuracy is None else f", held-out accuracy {self.judge_accuracy:.3f}"
-        network = (self.judge_network.name if self.judge_network is not None else self.extractor.name
-                   if self.judge.probe is None else f"linear probe on {self.extractor.name}")
+        if self.judge_network is not None:
+            network = self.judge_network.name
+        elif self.judge.probe is not None:
+            network = f"linear probe on {self.extractor.name}"
+        else:
+            network = self.extractor.name
         return f"{network} ({len(self.judge.covered_classes)} of {self.num_classes} classes{accuracy})"
 
     def tags(self) -> dict[str, str]:

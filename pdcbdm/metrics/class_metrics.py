@@ -16,8 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .fid import ReferenceStatistics, fid_from_features, fid_to_reference
-from .mixture import mixture_weights
+from .fid import ReferenceStatistics, fid_to_reference
 
 __all__ = ["SHOT_MANY", "SHOT_FEW", "shot_groups", "check_split", "per_class_fid", "group_fid", "class_consistency", "tail_to_head_confusion",
            "group_consistency", "reject_rate"]
@@ -57,8 +56,7 @@ def check_split(head_classes: Sequence[int], tail_classes: Sequence[int], num_cl
 
 
 def group_fid(gen_features: np.ndarray, gen_labels: np.ndarray, ref_features: np.ndarray, ref_labels: np.ndarray,
-              classes: Sequence[int], *, ref_shares: np.ndarray | None = None,
-              ref_stats: ReferenceStatistics | None = None) -> float | None:
+              classes: Sequence[int], *, ref_shares: np.ndarray | None = None) -> float | None:
     """FID between the generated and the reference samples whose labels are in `classes`.
 
     Args:
@@ -67,29 +65,23 @@ def group_fid(gen_features: np.ndarray, gen_labels: np.ndarray, ref_features: np
         classes: the class group (one class for per-class FID).
         ref_shares: the class mixture the reference stands for (``mixture.py``), renormalised over the group;
             None: the reference's own proportions.
-        ref_stats: the reference's cached statistics (``fid.ReferenceStatistics`` of the same features, labels
-            and shares): the group's are computed once, not per call.
 
     Returns:
-        The FID, or None when either side has fewer than 2 samples in the group (no covariance).
+        The FID, or None when either side has fewer than 2 samples in the group (no covariance). A caller that
+        scores several sets against one reference keeps its ``fid.ReferenceStatistics`` and calls
+        ``fid_to_reference`` instead, so that the reference's statistics are computed once.
     """
-    if ref_stats is not None:
-        return fid_to_reference(gen_features, ref_stats, classes, gen_labels)
-    gen_mask = np.isin(gen_labels, list(classes))
-    ref_mask = np.isin(ref_labels, list(classes))
-    if gen_mask.sum() < 2 or ref_mask.sum() < 2:
-        return None
-    weights = mixture_weights(ref_labels[ref_mask], ref_shares)
-    return fid_from_features(gen_features[gen_mask], ref_features[ref_mask], weights2=weights)
+    return fid_to_reference(gen_features, ReferenceStatistics(ref_features, ref_labels, ref_shares), classes,
+                            gen_labels)
 
 
 def per_class_fid(gen_features: np.ndarray, gen_labels: np.ndarray, ref_features: np.ndarray,
                   ref_labels: np.ndarray, num_classes: int,
                   ref_stats: ReferenceStatistics | None = None) -> list[float | None]:
     """FID of each class k = 0..num_classes-1 against the reference images of class k (None: < 2 samples);
-    ``ref_stats`` as ``group_fid``."""
-    return [group_fid(gen_features, gen_labels, ref_features, ref_labels, [k], ref_stats=ref_stats)
-            for k in range(num_classes)]
+    ``ref_stats``: the reference's kept statistics (``FeatureSet.reference_statistics``), else computed here."""
+    stats = ref_stats if ref_stats is not None else ReferenceStatistics(ref_features, ref_labels)
+    return [fid_to_reference(gen_features, stats, [k], gen_labels) for k in range(num_classes)]
 
 
 def _as_pair(gen_labels: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

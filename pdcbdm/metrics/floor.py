@@ -82,9 +82,7 @@ def floor_draw(pool: FeatureSet, counts: Sequence[int], seed: int, *, allow_shor
             raise _unavailable(pool, k, count)
         picked.append(rng.choice(members, size=min(int(count), len(members)), replace=False))
     idx = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
-    return FeatureSet(pool.features[idx], None if pool.logits is None else pool.logits[idx], pool.labels[idx],
-                      extractor=pool.extractor, logits_note=pool.logits_note,
-                      judged=None if pool.judged is None else pool.judged.subset(idx))
+    return pool.subset(idx)
 
 
 def _is_number(value: Any) -> bool:

@@ -308,7 +308,8 @@ def _per_class_rows(gen: FeatureSet, ref: FeatureSet, num_classes: int, kid: lis
                     consistency: list[float | None], rejected: list[float | None]) -> list[dict[str, Any]]:
     """One row per class; its FID only where the reference holds CLASS_FID_MIN_REFERENCE images of it (KID, unbiased
     at any size, stands for the others)."""
-    fids = per_class_fid(gen.features, gen.labels, ref.features, ref.labels, num_classes, ref.reference_statistics)
+    fids = per_class_fid(gen.features, gen.labels, ref.features, ref.labels, num_classes,
+                         ref.reference_statistics)
     real = np.bincount(ref.labels, minlength=num_classes)
     fids = [f if real[k] >= CLASS_FID_MIN_REFERENCE else None for k, f in enumerate(fids)]
     counts = np.bincount(gen.labels, minlength=num_classes)
