@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +36,32 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"{url} did not answer in {timeout:.0f} s")
+
+
+class MlflowServer:
+    """A plain `mlflow server` on ``store`` (sqlite) at 127.0.0.1:``port`` in its own session, which a test can
+    stop (the whole session: its workers too) and start again on the same store and port."""
+
+    def __init__(self, store: Path, port: int) -> None:
+        self.store, self.port, self.proc = store, port, None
+        self.uri = f"http://127.0.0.1:{port}"
+
+    def start(self, timeout: float = 120) -> str:
+        cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+               f"sqlite:///{self.store}", "--default-artifact-root", (self.store.parent / "artifacts").as_uri(),
+               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        with open(self.store.parent / f"server-{time.monotonic_ns()}.log", "wb") as sink:
+            self.proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        wait_http(f"{self.uri}/health", self.proc, timeout)
+        return self.uri
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        self.proc = None
 
 
 def search_cmd(out: Path, name: str, *extra: str) -> list[str]:

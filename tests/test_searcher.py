@@ -191,25 +191,28 @@ def test_start_points_are_enqueued_up_to_the_trial_budget(tmp_path):
     assert len(_study(one).trials) == 1
 
 
-def test_a_trial_pruned_just_before_a_kill_stops_at_its_first_report_after_the_resume(tmp_path):
-    """ASHA stopped trial "a", the searcher told Optuna PRUNED, and the driver was killed before Tune saved the
-    trial's end: the restored searcher records it (tune.verdicts) and the stopper ends it at its first report, so
-    Tune, Optuna and MLflow all say stopped early instead of a completed trial Optuna holds as pruned."""
-    from tune import verdicts
-    from tune.trainable import BudgetStopper
+def test_the_studys_verdicts_carry_what_a_resume_needs_to_end_a_trial_the_same_way(tmp_path):
+    """Optuna told a trial's end and the driver was killed before Tune saved it: the resume reads the study's
+    verdicts (tune.verdicts) and each such trial reports the same end without training (tests/test_fault_records.py
+    runs it end to end). A verdict names the step and value a stopped trial was stopped at, and by whom."""
+    from tune import budget, verdicts
 
-    budget_file = str(tmp_path / "budget.json")
-    args = parse_args(["--preset", "smoke", "--trials", "3"])
-    cfg = apply_overrides(preset("smoke"), [f"train.steps={STEPS}", "train.eval_every=20"])
-    searcher = build_searcher(args, cfg, "s", tmp_path / "optuna.db", 3, budget_file=budget_file)
-    for trial_id in ("a", "b"):
-        assert searcher.suggest(trial_id)
-    searcher._ot_study.tell(searcher._ot_trials["a"], state=TrialState.PRUNED)  # told, then the kill
-    assert searcher.record_pruned() == ["a"]
-    stopper = BudgetStopper(budget_file, STEPS)
-    result = {"step": 20, "objective": 1.0}
-    assert stopper("a", result) and result[verdicts.STOPPED_KEY]
-    assert not stopper("b", {"step": 20}) and not stopper("a", {"step": STEPS})  # the final report is left alone
-    searcher.on_trial_complete("a", result)  # the searcher's own tell of the stop: Optuna keeps PRUNED
-    assert _by_tune_id(_study(tmp_path))["a"].state == TrialState.PRUNED
-    assert searcher.record_pruned() == []
+    searcher = _searcher(tmp_path, trials=4)
+    for trial_id in ("asha", "budget", "broken", "done", "running"):
+        assert searcher.suggest(trial_id) or trial_id == "running"
+    searcher.on_trial_result("asha", {"step": 20, "objective": 7.0})
+    searcher.on_trial_complete("asha", {"step": 20, "objective": 7.0})
+    searcher.on_trial_complete("budget", {"step": 20, "objective": 9.0, budget.STOPPED_KEY: True})
+    searcher.on_trial_complete("broken", {"step": 10}, error=True)
+    searcher.on_trial_complete("done", {"step": STEPS, "objective": 5.0})
+    found = verdicts.from_study(_study(tmp_path))
+    assert set(found) == {"asha", "budget", "broken", "done"}  # a trial still running has none
+    assert found["asha"] == verdicts.Verdict("PRUNED", 20, 7.0, (), "ASHA")
+    assert found["budget"] == verdicts.Verdict("PRUNED", 20, 9.0, (), "time budget")
+    assert found["broken"].state == "FAIL" and found["done"] == verdicts.Verdict("COMPLETE", values=(5.0,))
+    searcher.on_trial_complete("asha", {"step": STEPS, "objective": 1.0})  # told again: Optuna keeps its end
+    assert _by_tune_id(_study(tmp_path))["asha"].state == TrialState.PRUNED
+    message = verdicts.failure_message("t1", "Traceback ...\nNonFiniteLossError: non-finite loss at step 16\n")
+    assert "failed before the search was killed" in message and "non-finite loss at step 16" in message
+
+

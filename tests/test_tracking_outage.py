@@ -4,18 +4,13 @@ still gone at the trial's end fails it."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.searchutil import free_port, wait_http
+from tests.searchutil import MlflowServer, free_port
 from tune.worker import RankZeroLogger, TrackingUnavailable
 
 pytestmark = pytest.mark.slow
@@ -23,19 +18,12 @@ pytestmark = pytest.mark.slow
 
 @contextmanager
 def _server(store: Path, port: int):
-    """`mlflow server` on ``store`` at 127.0.0.1:``port`` while the block runs (its own session, stopped after)."""
-    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{store}",
-           "--default-artifact-root", (store.parent / "artifacts").as_uri(), "--host", "127.0.0.1", "--port",
-           str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(store.parent / f"server-{time.monotonic_ns()}.log", "wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    """`mlflow server` on ``store`` at 127.0.0.1:``port`` while the block runs."""
+    server = MlflowServer(store, port)
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, 120)
-        yield f"http://127.0.0.1:{port}"
+        yield server.start()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        server.stop()
 
 
 def test_records_are_held_through_an_outage_and_a_server_gone_at_the_end_fails_the_trial(tmp_path, monkeypatch,

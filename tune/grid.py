@@ -385,7 +385,7 @@ def run_row(run: Any, result: Any = None) -> dict[str, Any]:
         return {"status": "failed", "error": error.strip().splitlines()[-1][:300], "mlflow_run_id": None}
     tags = run.data.tags
     ok = run.info.status == "FINISHED" and tags.get(tracking.OUTCOME_TAG) == "completed"
-    error = None if ok else (tags.get("pdcbdm.error") or tags.get(tracking.OUTCOME_TAG) or run.info.status)
+    error = None if ok else (tags.get(tracking.ERROR_TAG) or tags.get(tracking.OUTCOME_TAG) or run.info.status)
     seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else math.nan
     return {"status": "finished" if ok else "failed", "error": error and error.strip().splitlines()[-1][:300],
             "mlflow_run_id": run.info.run_id, "seconds": seconds,

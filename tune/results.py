@@ -15,6 +15,8 @@ from tune.budget import STOPPED_KEY
 METRIC_COLUMNS = ("fid", "is_mean", "precision", "recall", "f8", "f1_8", "fid_head", "fid_tail",
                   "consistency_mean", "consistency_tail", "tail_to_head_confusion", "noise_error", "best_guidance", "proxy_fid",
                   "proxy_fid_tail", "step", "fid_floor", "fid_tail_floor", "reject_rate")
+# a completed trial's final scores (the columns its run logs at the last step)
+SCORE_COLUMNS = ("fid", "is_mean", "precision", "recall", "f8", "f1_8", "fid_head", "fid_tail", "noise_error")
 
 
 def trial_rows(results: Iterable[Any], max_steps: int, run_ids: dict[str, str] | None = None) -> pd.DataFrame:

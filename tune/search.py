@@ -773,7 +773,19 @@ def trial_settings(p: SearchPlan, experiment_id: str, parent: str) -> Any:
                          experiment_id=experiment_id, parent_run_id=parent, workers=a.workers_per_trial,
                          cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
                          worker_failures=a.max_worker_failures, env=tracking.env_for_workers(),
-                         search_id=p.search_id)
+                         search_id=p.search_id, optuna_verdicts=study_verdicts(p) if p.resume else {})
+
+
+def study_verdicts(p: SearchPlan) -> dict[str, Any]:
+    """A resume's Optuna verdicts (``tune.verdicts``) by Tune trial id; none when the study was never created (a
+    search killed before its first trial)."""
+    from tune import verdicts
+
+    try:
+        study = load_study(p)
+    except KeyError:
+        return {}
+    return verdicts.from_study(study)
 
 
 def build_tuner(p: SearchPlan, concurrency: int, experiment_id: str, parent: str) -> Any:
@@ -912,11 +924,30 @@ def reconcile_records(p: SearchPlan, table: Any, run_status: dict[str, str]) -> 
         values = None if fid is None else ([fid, fid if tail is None else tail] if multi else [fid])
         outcomes[row.trial_id] = (row.status, values)
         run_id = row.mlflow_run_id
+        fill_lost_metrics(p.uri, row)
         if run_id and run_status.get(run_id) in ("RUNNING", "SCHEDULED", "KILLED"):
             error = row.error if row.status == "failed" and isinstance(row.error, str) else None
             tracking.finish_run(p.uri, run_id, "FAILED" if row.status == "failed" else "FINISHED", error,
                                 row_outcome(row))
     reconcile(study, outcomes)
+
+
+def fill_lost_metrics(uri: str, row: Any) -> None:
+    """The metrics Tune holds for the trial's last step (its proxy FID when stopped, its scores when completed),
+    logged to its run where the run has none at that step: a trial stopped by ASHA or the budget while its
+    records waited out a tracking outage, or killed with them, never sent them."""
+    from tune.searcher import finite
+
+    step = finite(getattr(row, "step", None))
+    if not row.mlflow_run_id or step is None or row.status == "failed":
+        return
+    keys = ("proxy_fid", "proxy_fid_tail") if row.status == "stopped" else results_mod.SCORE_COLUMNS
+    values = {k: finite(getattr(row, k, None)) for k in keys}
+    try:
+        tracking.log_missing(uri, row.mlflow_run_id, {k: v for k, v in values.items() if v is not None}, int(step))
+    except Exception as err:  # noqa: BLE001 - a repair: the table and Optuna hold the values regardless
+        print(f"could not add trial {row.trial_id}'s last metrics to its MLflow run "
+              f"({type(err).__name__}: {redact_text(str(err))[:200]})", file=sys.stderr)
 
 
 def close_lost_runs(uri: str, runs: Sequence[Any], trial_ids: set[str]) -> list[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 from optuna.exceptions import UpdateFinishedTrialError
@@ -22,12 +21,12 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from tune import budget, verdicts
+from tune import budget, faults, verdicts
 from tune.redact import OPTUNA_STORAGE_ENV, redact_url, reveal
 
 logger = logging.getLogger(__name__)
 
-TUNE_TRIAL_ATTR = "tune_trial_id"
+TUNE_TRIAL_ATTR = verdicts.TUNE_TRIAL_ATTR
 
 
 class MaskedRDBStorage(RDBStorage):
@@ -116,27 +115,9 @@ class StepOptunaSearch(OptunaSearch):
             pass
 
     def restore(self, checkpoint_path: str) -> None:
-        """Tune's restore of the searcher (--resume), then ``fail_orphans`` and ``record_pruned``."""
+        """Tune's restore of the searcher (--resume), then ``fail_orphans``."""
         super().restore(checkpoint_path)
         self.fail_orphans()
-        self.record_pruned()
-
-    def record_pruned(self) -> list[str]:
-        """Record (``tune.verdicts``) the Tune trials the study already holds as PRUNED though this restored
-        searcher still has them running: the driver died between telling Optuna and Tune's next save. Returns
-        their Tune trial ids."""
-        path = getattr(self, "_budget_file", None)
-        if not path:
-            return []
-        ids = [t.user_attrs[TUNE_TRIAL_ATTR] for t in self._ot_study.get_trials(deepcopy=False,
-                                                                                 states=(TrialState.PRUNED,))
-               if t.user_attrs.get(TUNE_TRIAL_ATTR) in self._ot_trials
-               and t.user_attrs[TUNE_TRIAL_ATTR] not in self._completed_trials]
-        verdicts.record(Path(path).parent, ids)
-        if ids:
-            logger.warning("trials %s were stopped by ASHA just before the driver was killed: they stop at their "
-                           "first report", ids)
-        return ids
 
     def fail_orphans(self) -> list[int]:
         """Mark FAIL the study's RUNNING trials that no Tune trial owns: asked (``study.ask``) after Tune's last
@@ -170,9 +151,16 @@ class StepOptunaSearch(OptunaSearch):
         else:
             state, told = "COMPLETE", values if len(values) > 1 else values[0]
         try:
+            if state == "PRUNED":  # a resume honours the verdict with its stopper (tune.verdicts)
+                self._ot_trials[trial_id].set_user_attr(verdicts.STOPPED_BY_ATTR, "time budget" if
+                                                        result.get(budget.STOPPED_KEY) else "ASHA")
             self._ot_study.tell(self._ot_trials[trial_id], told, state=TrialState[state])
+        except UpdateFinishedTrialError:  # a resumed trial honouring its verdict (tune.verdicts): Optuna keeps it
+            pass
         except Exception as exc:  # noqa: BLE001 - e.g. a trial already finished in the storage
             logger.warning("could not tell Optuna the end of trial %s: %s", trial_id, exc)
+        else:
+            faults.driver_dies_after(state)
         self._completed_trials.add(trial_id)
 
 

@@ -8,6 +8,7 @@ grids during training (the UI's step slider), ``log_table`` (the UI's table view
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -30,6 +31,7 @@ KIND_TAG = "pdcbdm.kind"
 # how a trial's run ended, in words: "completed", "early-stopped by ASHA at step N", "failed: REASON", "killed"
 # (MLflow's status says FINISHED for the first two)
 OUTCOME_TAG = "pdcbdm.outcome"
+ERROR_TAG = "pdcbdm.error"  # a failed run's error text (its traceback's end)
 # a hash of a trial's resolved config (seed and evaluation settings included): two runs with the same key trained
 # and scored the same thing, so a grid (tune/grid.py) reuses a FINISHED, completed run instead of training again
 CONFIG_KEY_TAG = "pdcbdm.config_key"
@@ -355,7 +357,7 @@ def finish_run(uri: str, run_id: str, status: str, error: str | None = None, out
         client.set_tag(run_id, OUTCOME_TAG, redact_text(outcome)[:500])
     if error:
         error = redact_text(error)
-        client.set_tag(run_id, "pdcbdm.error", error[:5000])
+        client.set_tag(run_id, ERROR_TAG, error[:5000])
         client.set_tag(run_id, "mlflow.note.content", f"Trial failed:\n\n```\n{error[:20000]}\n```")
     client.set_terminated(run_id, status=status)
 
@@ -413,6 +415,26 @@ def cell_run(uri: str, experiment_id: str, search_id: str, cell: str) -> Any | N
 
 def trial_run_id(uri: str, experiment_id: str, trial_id: str, search_id: str) -> str | None:
     return _find_run(MlflowClient(uri), experiment_id, "trial", {TRIAL_TAG: trial_id, SEARCH_ID_TAG: search_id})
+
+
+def run_tags(uri: str, run_id: str) -> dict[str, str]:
+    """The run's tags."""
+    return dict(MlflowClient(uri).get_run(run_id).data.tags)
+
+
+def log_missing(uri: str, run_id: str, metrics: Mapping[str, Any], step: int) -> list[str]:
+    """Log the finite entries of ``metrics`` whose history in the run has no value at ``step`` (records a trial
+    held through a tracking outage and lost when it was stopped). Returns the keys logged."""
+    client = MlflowClient(uri)
+    missing = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)
+               and not any(m.step == step for m in client.get_metric_history(run_id, k))}
+    log_metrics(uri, run_id, missing, step)
+    return sorted(missing)
+
+
+def run_metrics(uri: str, run_id: str) -> dict[str, float]:
+    """The run's latest value of each metric."""
+    return dict(MlflowClient(uri).get_run(run_id).data.metrics)
 
 
 def runs_of_search(uri: str, experiment_id: str, search_id: str) -> list[Any]:

@@ -50,6 +50,12 @@ class TrialSettings:
     cache_dir: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     search_id: str = ""  # the search's unique id (``tracking.SEARCH_ID_TAG``); "" in hand-made settings: the name
+    # a resume's Optuna verdicts by Tune trial id (``tune.verdicts``): such a trial reports its recorded end
+    optuna_verdicts: dict[str, verdicts.Verdict] = field(default_factory=dict)
+
+
+class FailedBeforeResume(RuntimeError):
+    """A resumed trial whose failure Optuna recorded before the driver was killed (``tune.verdicts``)."""
 
 
 def trial_config(settings: TrialSettings, suggested: dict[str, Any]) -> Config:
@@ -77,6 +83,10 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     secrets = share_credentials(settings.env)
     ctx = tune.get_context()
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
+    verdict = settings.optuna_verdicts.get(trial_id)
+    if verdict is not None:
+        honour(settings, trial_id, verdict)
+        return
     cell = config.get("cell")  # a grid's cell (tune/grid.py) names its run; a search trial has none
     run_id = tracking.trial_run(settings.tracking_uri, settings.experiment_id, settings.parent_run_id,
                                 settings.search, trial_id, cell or trial_name, cfg.flat(),
@@ -110,6 +120,34 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     result = trainer.fit()
     if (result.metrics or {}).get("diverged"):
         raise NonFiniteLossError(result.metrics.get("error", "training diverged"))
+
+
+def honour(settings: TrialSettings, trial_id: str, verdict: verdicts.Verdict) -> None:
+    """A resumed trial whose end Optuna recorded before the driver was killed (``tune.verdicts``) ends the same way
+    in Tune without training: FAIL raises ``FailedBeforeResume`` (naming the error its MLflow run recorded); PRUNED
+    and COMPLETE report once, its MLflow run's latest metrics with Optuna's step and objective, and return."""
+    uri, sid = settings.tracking_uri, settings.search_id or settings.search
+    run_id = tracking.trial_run_id(uri, settings.experiment_id, trial_id, sid)
+    if verdict.state == "FAIL":
+        earlier = None
+        try:
+            earlier = tracking.run_tags(uri, run_id).get(tracking.ERROR_TAG) if run_id else None
+        except Exception:  # noqa: BLE001 - the earlier error is a courtesy; the verdict stands without it
+            pass
+        raise FailedBeforeResume(verdicts.failure_message(trial_id, earlier))
+    metrics = tracking.run_metrics(uri, run_id) if run_id else {}
+    result: dict[str, Any] = {**metrics, verdicts.RESULT_KEY: True}
+    if verdict.state == "PRUNED":
+        result["step"] = verdict.step if verdict.step is not None else int(metrics.get("step", 0))
+        if verdict.value is not None:
+            result.update(objective=verdict.value, proxy_fid=verdict.value)
+        if verdict.stopped_by == "time budget":
+            result[budget.STOPPED_KEY] = True
+    else:
+        result.update(step=Config.from_dict(settings.base).train.steps, objective=verdict.values[0],
+                      fid=verdict.values[0], **({"objective_tail": verdict.values[1]} if len(verdict.values) > 1
+                                                 else {}))
+    tune.report(result)
 
 
 class MlflowStatusCallback(tune.Callback):
@@ -168,8 +206,7 @@ class BudgetStopper(tune.Stopper):
     ``budget_file`` on every result, so that a resumed search uses its own budget), and marks that result with
     ``budget.STOPPED_KEY``: Tune keeps the result it stopped on as the trial's last, so the table, the MLflow
     callback and the progress lines see why it ended. A trial's final report (the end of its training) is left
-    alone. ``stop_all`` stays False: running trials end at their next report, not at the deadline. It also stops
-    a resumed trial that Optuna already holds as PRUNED (``tune.verdicts``) at its first report."""
+    alone. ``stop_all`` stays False: running trials end at their next report, not at the deadline."""
 
     def __init__(self, budget_file: str, max_steps: int) -> None:
         self.budget_file, self.max_steps = budget_file, int(max_steps)
@@ -177,9 +214,6 @@ class BudgetStopper(tune.Stopper):
     def __call__(self, trial_id: str, result: dict) -> bool:
         if int(result.get("step", 0)) >= self.max_steps or result.get("diverged"):
             return False
-        if trial_id in verdicts.pruned(Path(self.budget_file).parent):  # ASHA's stop, lost with a killed driver
-            result[verdicts.STOPPED_KEY] = True
-            return True
         if not budget.passed(self.budget_file):
             return False
         result[budget.STOPPED_KEY] = True

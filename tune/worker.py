@@ -25,7 +25,7 @@ from pdcbdm.train import load_data
 from pdcbdm.training import NonFiniteLossError, Trainer
 from pdcbdm.training.checkpoint import CheckpointError
 from pdcbdm.viz import save_grid
-from tune import tracking
+from tune import faults, tracking
 from tune.mlflow_model import log_ema_model
 from tune.redact import redact_text
 
@@ -381,20 +381,11 @@ def _report(trainer: Trainer, metrics: dict[str, Any], rank: int) -> None:
 
 
 def _inject_fault(trainer: Trainer, rank: int) -> None:
-    """Test hook for the reliability tests. PDCBDM_FAULTS="nan@25,kill@30" with PDCBDM_FAULT_DIR=D: the first
-    trial whose rank 0 reaches step 25 gets NaN weights (a real divergence, caught by the trainer), the first to
-    reach step 30 exits its process (a worker crash Ray Train recovers from); each fault fires once (marker files
-    in D, created exclusively so that concurrent trials cannot both take it)."""
-    spec, folder = os.environ.get("PDCBDM_FAULTS"), os.environ.get("PDCBDM_FAULT_DIR")
-    if not spec or not folder or rank != 0:
+    """The reliability tests' worker faults (``tune.faults``: ``nan@N``, ``kill@N``), on rank 0."""
+    if rank != 0:
         return
-    for item in spec.split(","):
-        kind, _, at = item.partition("@")
-        if trainer.step != int(at):
-            continue
-        try:
-            os.close(os.open(Path(folder) / f"{kind}@{at}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
+    for kind in ("kill", "nan"):
+        if str(trainer.step) not in faults.armed(kind) or not faults.take(kind, str(trainer.step)):
             continue
         if kind == "kill":
             os._exit(1)
@@ -406,6 +397,7 @@ def _diverged(trainer: Trainer, exc: NonFiniteLossError, log: "RankZeroLogger", 
     """Report the divergence (every rank reaches it at the same step) with the last finite state; the trial
     function turns it into a failed trial, without Train restarting the workers into the same divergence."""
     log.metrics({"diverged": 1.0}, trainer.step)
+    log.tags({tracking.ERROR_TAG: str(exc)})  # the run says why even if the driver dies before it records the end
     # the searcher and scheduler read their metrics from every result: report the worst value
     worst = {k: float("inf") for k in ("proxy_fid", "proxy_fid_tail", "objective", "objective_tail")}
     _report(trainer, {"step": trainer.step, "diverged": 1.0, "error": str(exc), **worst}, rank)
