@@ -109,6 +109,7 @@ def add_runner_args(p: argparse.ArgumentParser, experiment: str | None) -> None:
                    "flags are taken from DIR. It unpickles Ray Tune's saved state: resume only folders that only "
                    "you and people you trust can write")
     g.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per run (DDP when > 1)")
+    g.add_argument("--placement", choices=driver.PLACEMENTS, default="pack", help=driver.PLACEMENT_HELP)
     g.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs (and torch threads) per worker "
                    "(default as tune/search.py: CPUs per GPU on this machine's GPUs, else 1)")
     g.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default: 1 with CUDA)")

@@ -59,6 +59,10 @@ DEFAULT_TRIALS = {"smoke": 3, "digits": 3, "cifar10-lt": 32, "cifar100-lt": 32, 
 # ASHA's first rung as a fraction of the budget, where the EMA rule alone would cut too early: on digits a proxy FID
 # at step 300 of 1,800 did not predict the end (the only trial it kept lost its tail classes after step 1,200)
 GRACE_FRACTION = {"digits": 0.5}
+PLACEMENTS = ("pack", "spread")
+PLACEMENT_HELP = ("where a trial's workers go on a cluster (Ray's placement strategy): pack (default: as few nodes as "
+                  "possible, the fastest collectives) or spread (one per node where there is room: a node lost takes "
+                  "one rank, and the group restarts on the others)")
 
 
 class SearchError(RuntimeError):
@@ -76,6 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "pinned and no longer searched")
     p.add_argument("--trials", type=int, default=None, help="number of trials (default: 3 smoke, 3 digits, 32 cifar, 16 own)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (DDP when > 1)")
+    p.add_argument("--placement", choices=PLACEMENTS, default="pack", help=PLACEMENT_HELP)
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs (and torch threads) per worker (default: on this machine's GPUs, its CPUs per GPU, so "
                         "that evaluation gets the cores; else 1)")
@@ -772,7 +777,7 @@ def trial_settings(p: SearchPlan, experiment_id: str, parent: str) -> Any:
     return TrialSettings(base=p.cfg.to_dict(), search=p.name, storage=f"{p.storage}/train", tracking_uri=p.uri,
                          experiment_id=experiment_id, parent_run_id=parent, workers=a.workers_per_trial,
                          cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
-                         worker_failures=a.max_worker_failures, env=tracking.env_for_workers(),
+                         worker_failures=a.max_worker_failures, placement=getattr(a, "placement", "pack"), env=tracking.env_for_workers(),
                          search_id=p.search_id, optuna_verdicts=study_verdicts(p) if p.resume else {})
 
 

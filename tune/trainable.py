@@ -47,6 +47,7 @@ class TrialSettings:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     worker_failures: int = 1
+    placement: str = "pack"  # Ray's placement strategy for the trial's workers: pack or spread
     cache_dir: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     search_id: str = ""  # the search's unique id (``tracking.SEARCH_ID_TAG``); "" in hand-made settings: the name
@@ -109,7 +110,8 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
                            "cache_dir": settings.cache_dir, "secrets": secrets},
         **backend,
         scaling_config=ray.train.ScalingConfig(num_workers=settings.workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=settings.placement.upper()),
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}", storage_path=settings.storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
