@@ -66,8 +66,9 @@ def test_an_outage_and_kills_between_optuna_and_tune_end_in_three_records_that_a
     """1. Two trials with a time budget. Once they train, the MLflow server is stopped for 5 s and the budget runs
     out: both stop at their step-20 report (its records wait for the server, and are lost with the trial) and the
     driver dies right after Optuna is told the first PRUNED (Tune's saved state: both running).
-    2. --resume: trial X reports the stop Optuna recorded without training; Y continues from its step-20
-    checkpoint, diverges at step 25 and the driver dies right after Optuna is told FAIL.
+    2. --resume: trial X reports the stop Optuna recorded without training; Y trains on from its step-20
+    checkpoint, its worker crashes at step 22 (Ray Train restarts it from that checkpoint), it diverges at step 25
+    and the driver dies right after Optuna is told FAIL.
     3. --resume: Y fails at once (not trained again; the error its run recorded is named). Every record says X
     stopped by the budget at step 20 with one proxy FID, Y failed; no run is left RUNNING."""
     seed_cache(tmp_path, search_cache)
@@ -90,12 +91,12 @@ def test_an_outage_and_kills_between_optuna_and_tune_end_in_three_records_that_a
 
         second = tmp_path / "second.log"
         resume = search_cmd(tmp_path, "ignored", "--resume", str(folder))
-        _killed(_start(tmp_path, second, resume, "nan@25,die@fail"), second)
+        _killed(_start(tmp_path, second, resume, "kill@22,nan@25,die@fail"), second)
 
         done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=400,
                               env={**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(tmp_path / "cache")})
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert sorted(p.name for p in (tmp_path / "faults").iterdir()) == ["die@fail", "die@pruned", "nan@25"]
+        assert sorted(p.name for p in (tmp_path / "faults").iterdir()) == ["die@fail", "die@pruned", "kill@22", "nan@25"]
 
         table = pd.read_parquet(folder / "trials.parquet")
         assert sorted(table["status"]) == ["failed", "stopped"]
@@ -111,9 +112,11 @@ def test_an_outage_and_kills_between_optuna_and_tune_end_in_three_records_that_a
         assert set(runs) == {x["trial_id"], y["trial_id"]}  # one run per trial
         assert runs[y["trial_id"]].info.status == "FAILED"
         assert "non-finite loss at step 26" in runs[y["trial_id"]].data.tags["pdcbdm.error"]
+        assert runs[y["trial_id"]].data.metrics["resumed_from_step"] == 20  # after the kill and after the crash
         stopped = runs[x["trial_id"]]
         assert stopped.info.status == "FINISHED"
         assert stopped.data.tags["pdcbdm.outcome"] == "stopped by the time budget at step 20"
+        assert "resumed_from_step" not in stopped.data.metrics  # never trained again
         assert [(m.step, pytest.approx(m.value)) for m in client.get_metric_history(stopped.info.run_id,
                                                                                     "proxy_fid")] == [
             (20, x["proxy_fid"])]

@@ -1,0 +1,228 @@
+"""A node lost mid-trial: the smoke search on a two-node Ray cluster (a head and a second node started with
+`ray start` on 127.0.0.1, token authentication on), logging to a real `mlflow server`. Each trial's two DDP ranks
+are spread one to a node (``--placement spread``); while the first trial trains, the second node's raylet is
+killed with SIGKILL. Ray Train restarts the trial's worker group on the head from its last checkpoint, and the
+search ends with Tune, Optuna and MLflow agreeing.
+
+Where the ranks ran comes from Ray Train's own record of its runs (``RAY_TRAIN_ENABLE_STATE_TRACKING=1`` on the
+nodes: every attempt of a Train run with each worker's rank, node and status), read from the head's dashboard
+(``/api/train/v2/runs/v1``) after the search: the product records no node ids (the MLflow run's ``pdcbdm.device``
+says "cpu")."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import optuna
+import pandas as pd
+import psutil
+import pytest
+
+from tests.searchutil import ROOT, MlflowServer, free_port, search_cmd, seed_cache, trial_runs
+from tests.test_cluster import _stop_cluster
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+STEPS = ["--set", "train.steps=60", "--set", "train.eval_every=20", "--set", "train.log_every=10"]
+PROGRESS = re.compile(r"\] (\w+) step 20/60: ")
+
+
+@dataclass
+class Cluster:
+    address: str
+    dashboard: str
+    token: str
+    head_temp: str
+    node_temp: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
+    def get(self, path: str) -> Any:
+        """A GET of the head's dashboard with the cluster's token; the JSON it answers."""
+        req = urllib.request.Request(f"{self.dashboard}{path}", headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+
+
+def _ray_start(args: list[str], env: dict[str, str]) -> None:
+    proc = subprocess.run([str(BIN / "ray"), "start", *args], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _raylets(temp: str) -> list[psutil.Process]:
+    """The raylet of the node whose temp folder is ``temp`` (not of one whose folder only starts with it)."""
+    own = re.compile(re.escape(temp) + r"(?![\w-])")
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if proc.info["name"] == "raylet" and own.search(" ".join(proc.info["cmdline"] or [])):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def _node_id(raylet: psutil.Process) -> str:
+    (flag,) = [a for a in raylet.cmdline() if a.startswith("--node_id=")]
+    return flag.split("=", 1)[1]
+
+
+def _alive_nodes(cluster: Cluster) -> list[dict]:
+    try:
+        reply = cluster.get("/api/v0/nodes?limit=100")
+    except OSError:  # the dashboard is still starting
+        return []
+    return [n for n in reply["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+
+@contextmanager
+def two_node_cluster(folder: Path, cache: Path | None) -> Iterator[Cluster]:
+    """A head (1 CPU, the search's ``train_driver`` resource, its dashboard on 127.0.0.1) and a second node (1 CPU),
+    each with its own temp folder (Ray takes ``--temp-dir`` per node) and its own feature cache (a copy of
+    ``cache`` under ``folder``: a trial's rank 0 reads it on its node), sharing the head's token through the
+    environment; waited for until both are alive. Their processes are killed by temp folder at the end (`ray
+    stop` would stop every Ray on the machine)."""
+    port, dashboard, token = free_port(), free_port(), secrets.token_hex(32)
+    head_temp, node_temp = f"/tmp/ray-test-{port}", f"/tmp/ray-test-{port}-n2"  # short: socket paths < 107 chars
+    # every Train run's attempts, with their workers' nodes, kept by a state actor on the head
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
+    for node in ("head", "n2"):
+        seed_cache(folder / node, cache)
+    cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", token, head_temp, node_temp)
+    try:
+        _ray_start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1",
+                    "--num-gpus", "0", "--resources", '{"train_driver": 2}', "--temp-dir", head_temp,
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)],
+                   {**env, "PDCBDM_CACHE": str(folder / "head" / "cache")})
+        _ray_start(["--address", cluster.address, "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+                    "--num-gpus", "0", "--temp-dir", node_temp], {**env, "PDCBDM_CACHE": str(folder / "n2" / "cache")})
+        deadline = time.monotonic() + 120
+        while len(_alive_nodes(cluster)) < 2:
+            assert time.monotonic() < deadline, f"the cluster did not show 2 alive nodes: {_alive_nodes(cluster)}"
+            time.sleep(0.5)
+        yield cluster
+    finally:
+        for temp in (node_temp, head_temp):
+            _stop_cluster(temp)
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster_and_tracking(tmp_path, search_cache):
+    """(Cluster, MLflow URI): the two start-ups overlap."""
+    server = MlflowServer(tmp_path / "mlflow" / "server.db", free_port())
+    server.store.parent.mkdir()
+    with ThreadPoolExecutor(1) as pool:
+        uri = pool.submit(server.start)
+        try:
+            with two_node_cluster(tmp_path / "nodes", search_cache) as cluster:
+                yield cluster, uri.result()
+        finally:
+            uri.exception()  # wait for the start before stopping
+            server.stop()
+
+
+def _wait_line(proc: subprocess.Popen, log: Path, pattern: re.Pattern, timeout: float) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = pattern.search(log.read_text())
+        if found:
+            return found
+        assert proc.poll() is None, f"the search ended ({proc.returncode}) before {pattern.pattern!r}:\n" \
+                                    f"{log.read_text()[-4000:]}"
+        time.sleep(0.2)
+    raise AssertionError(f"{pattern.pattern!r} not seen in {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+def _train_runs(cluster: Cluster) -> dict[str, dict]:
+    """Ray Train's record of its runs on the cluster, by run name (``train-TRIALID``): each with its attempts."""
+    return {run["name"]: run for run in cluster.get("/api/train/v2/runs/v1")["train_runs"]}
+
+
+def test_a_trial_whose_second_node_dies_resumes_on_the_head_and_the_records_agree(tmp_path, cluster_and_tracking,
+                                                                                    search_cache):
+    cluster, uri = cluster_and_tracking
+    lose_a_node(tmp_path, cluster, uri, search_cache)
+
+
+def lose_a_node(tmp_path: Path, cluster: Cluster, uri: str, cache: Path | None) -> None:
+    (head,), (second,) = _raylets(cluster.head_temp), _raylets(cluster.node_temp)
+    head_id, second_id = _node_id(head), _node_id(second)
+    out, shared, log = tmp_path / "out", tmp_path / "shared-storage", tmp_path / "search.log"
+    seed_cache(out, cache)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(out / "cache"), **cluster.env}
+    cmd = search_cmd(out, "nodes", "--trials", "2", "--no-asha", "--concurrency", "1", "--address",
+                     cluster.address, "--tracking-uri", uri, "--storage-path", str(shared), "--workers-per-trial", "2",
+                     "--cpus-per-worker", "0.5", "--placement", "spread", "--max-worker-failures", "2", *STEPS)
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        # the first trial's step-20 report came with its checkpoint: lose the second node now
+        hit = _wait_line(proc, log, PROGRESS, timeout=300)
+        first = hit.group(1)
+        on_second = second.children(recursive=True)  # its worker processes: rank 1 of the trial among them
+        second.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        second.wait(10)
+        proc.wait(timeout=400)
+        text = log.read_text()
+        assert proc.returncode == 0, text[-5000:]
+        assert head.is_running() and head.status() != psutil.STATUS_ZOMBIE
+        print(f"search took {time.monotonic() - killed_at:.0f} s after the kill")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    gone = [p.pid for p in on_second if p.is_running()]
+    assert not gone, f"processes of the dead node still run: {gone}"
+
+    # where the ranks ran: Ray Train's attempts of the first trial's run
+    runs = _train_runs(cluster)
+    attempts = sorted(runs[f"train-{first}"]["attempts"], key=lambda a: a["start_time_ns"])
+    nodes = [sorted((w["world_rank"], w["node_id"]) for w in a["workers"]) for a in attempts]
+    assert [node for _, node in nodes[0]] in ([head_id, second_id], [second_id, head_id]), nodes  # one per node
+    assert attempts[0]["status"] != "FINISHED" and attempts[-1]["status"] == "FINISHED", attempts
+    assert [node for _, node in nodes[-1]] == [head_id, head_id], nodes  # restarted on the head alone
+    others = [run for name, run in runs.items() if name != f"train-{first}"]
+    assert len(others) == 1 and len(others[0]["attempts"]) == 1
+    assert {w["node_id"] for w in others[0]["attempts"][0]["workers"]} == {head_id}
+
+    # Tune's table: both trials completed
+    folder = out / "searches" / "nodes"
+    table = pd.read_parquet(folder / "trials.parquet")
+    assert sorted(table["status"]) == ["completed", "completed"] and first in set(table["trial_id"]), table
+    # MLflow: one finished run per trial; the first continued from the checkpoint it had before the node died
+    runs_by_trial = {r.data.tags["pdcbdm.trial_id"]: r for r in trial_runs(uri, "nodes")}
+    assert set(runs_by_trial) == set(table["trial_id"])
+    assert {r.info.status for r in runs_by_trial.values()} == {"FINISHED"}
+    resumed = runs_by_trial[first].data.metrics
+    assert resumed.get("resumed_from_step") in (20.0, 40.0), resumed
+    assert all("resumed_from_step" not in r.data.metrics for t, r in runs_by_trial.items() if t != first)
+    for row in table.itertuples():
+        run = runs_by_trial[row.trial_id]
+        assert run.info.run_id == row.mlflow_run_id and run.data.tags["pdcbdm.outcome"] == "completed"
+        assert run.data.metrics["fid"] == pytest.approx(row.fid)
+    # Optuna: each trial COMPLETE with the table's FID; its best trial is the table's first
+    study = optuna.load_study(study_name="nodes", storage=f"sqlite:///{folder / 'optuna.db'}")
+    by_trial = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    assert set(by_trial) == set(table["trial_id"])
+    for row in table.itertuples():
+        assert by_trial[row.trial_id].state == optuna.trial.TrialState.COMPLETE
+        assert by_trial[row.trial_id].value == pytest.approx(row.fid)
+    assert study.best_trial.user_attrs["tune_trial_id"] == table.iloc[0]["trial_id"] and table.iloc[0]["rank"] == 1
