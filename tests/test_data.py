@@ -180,6 +180,18 @@ def test_digits_heldout_is_balanced_disjoint_and_the_reference():
     assert torch.equal(build_reference_dataset("digits-lt").images, test.images)
 
 
+def test_digits_are_scikit_learns_digits_read_without_importing_it():
+    from sklearn.datasets import load_digits
+
+    from pdcbdm.data.digits import load_digits_uint8
+
+    images, labels, _ = load_digits_uint8(8)
+    bunch = load_digits()
+    assert torch.equal(labels, torch.from_numpy(bunch.target).to(torch.int64))
+    expected = (torch.from_numpy(bunch.images).float() * (255.0 / 16.0)).round().to(torch.uint8)
+    assert torch.equal(images[:, 0], expected)
+
+
 def test_digits_at_native_size_are_the_same_images_before_upsampling():
     """data.image_size=8: the same images and labels at the digits' own 8x8; upsampled as the default is (bilinear)
     they are the default 16x16 images to within one grey level (rounding); a size the U-Net cannot halve twice is

@@ -606,6 +606,9 @@ def connect_ray(p: SearchPlan) -> int:
         raise SearchError(str(exc)) from None
     if a.address == "local":
         ray_access.bind_loopback()
+        # Ray Train's preemption watcher (an actor per trial) polls for nodes being drained: one machine has no
+        # node to lose to a drain, and each watcher is one more process to start on every trial
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         cpus, gpus = usable_cpus(), torch.cuda.device_count()
         fit = fits(a, cpus, gpus)
         # Train's placement-group cleaner finds the cluster through the state API, which refuses to guess when

@@ -9,7 +9,10 @@ pool, made long-tailed with the CIFAR-LT formula (longtail.py) using n_max = the
 from __future__ import annotations
 
 import functools
+import importlib.util
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -23,13 +26,23 @@ HELDOUT_PER_CLASS = 50
 HELDOUT_SEED = 20240531
 
 
+def _digits_table() -> np.ndarray:
+    """scikit-learn's digits file (1,797 rows: 64 pixels 0..16, then the label), read from the installed package
+    without importing it: ``sklearn.datasets`` takes about a second to import, in every trial's worker."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise ImportError("the digits data sets need scikit-learn (pip install scikit-learn)")
+    table = np.loadtxt(Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz", delimiter=",")
+    if table.shape != (1797, 65):
+        raise ValueError(f"scikit-learn's digits.csv.gz has shape {table.shape}, expected (1797, 65)")
+    return table
+
+
 @functools.lru_cache(maxsize=2)
 def _digits_cached(size: int = DIGITS_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits  # deferred: only this data set needs scikit-learn
-
-    bunch = load_digits()
-    pixels = torch.from_numpy(bunch.images).to(torch.float32)  # [1797, 8, 8], 0..16
-    labels = torch.from_numpy(bunch.target).to(torch.int64)
+    table = _digits_table()
+    pixels = torch.from_numpy(table[:, :64].reshape(-1, 8, 8)).to(torch.float32)  # [1797, 8, 8], 0..16
+    labels = torch.from_numpy(table[:, 64]).to(torch.int64)
     scaled = pixels[:, None] * (255.0 / 16.0)
     if size != DIGITS_NATIVE_SIZE:
         scaled = F.interpolate(scaled, size=(size, size), mode="bilinear", align_corners=False)
