@@ -44,32 +44,33 @@ KID_COEF0 = 1.0
 _BLOCK_ROWS = 1024
 
 
-def _kernel_sum(a: np.ndarray, b: np.ndarray, gamma: float, degree: int, coef0: float,
-                weights_b: np.ndarray | None = None) -> float:
+def _kernel_sum(a: torch.Tensor, b: torch.Tensor, gamma: float, degree: int, coef0: float,
+                weights_b: torch.Tensor | None = None) -> float:
     """sum over all (i, j) of (a_i . b_j * gamma + coef0)^degree (times weights_b[j] when given), in row blocks."""
-    def block(s: int) -> float:
+    total = a.new_zeros(())
+    for s in range(0, a.shape[0], _BLOCK_ROWS):
         k = ((a[s:s + _BLOCK_ROWS] @ b.T) * gamma + coef0) ** degree
-        return float(k.sum() if weights_b is None else (k @ weights_b).sum())
-    return float(sum(block(s) for s in range(0, a.shape[0], _BLOCK_ROWS)))
+        total += k.sum() if weights_b is None else (k @ weights_b).sum()
+    return float(total)
 
 
-def _within_mean(a: np.ndarray, labels: np.ndarray | None, gamma: float, degree: int, coef0: float,
+def _within_mean(a: torch.Tensor, labels: np.ndarray | None, gamma: float, degree: int, coef0: float,
                  shares: np.ndarray | None = None) -> float:
     """Unbiased estimate of E k(A, A') for independent A, A' from the set's distribution: the mean over i != j of
     k(a_i, a_j), or with labels the stratified estimate of the module docstring (class proportions from the
     counts, or from ``shares`` indexed by label)."""
     n = a.shape[0]
-    diagonal = (np.einsum("nd,nd->n", a, a) * gamma + coef0) ** degree
+    diagonal = ((a * a).sum(dim=1) * gamma + coef0) ** degree
     classes, index = ((np.zeros(1, dtype=np.int64), np.zeros(n, dtype=np.int64)) if labels is None
                       else np.unique(np.asarray(labels), return_inverse=True))
     counts = np.bincount(index).astype(np.float64)
     if counts.min() < 2 and shares is None:
         return (_kernel_sum(a, a, gamma, degree, coef0) - float(diagonal.sum())) / (n * (n - 1))
-    onehot = np.eye(len(counts))[index]                                               # [n, C]
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(index).to(a.device), len(counts)).to(a.dtype)  # [n, C]
     blocks = sum(onehot[s:s + _BLOCK_ROWS].T @ (((a[s:s + _BLOCK_ROWS] @ a.T) * gamma + coef0) ** degree) @ onehot
-                 for s in range(0, n, _BLOCK_ROWS))                                  # [C, C] kernel sums
+                 for s in range(0, n, _BLOCK_ROWS)).cpu().numpy()                    # [C, C] kernel sums
     pairs = np.outer(counts, counts) - np.diag(counts)                                # off-diagonal pair counts
-    means = (blocks - np.diag(onehot.T @ diagonal)) / np.where(pairs > 0, pairs, 1.0)
+    means = (blocks - np.diag((onehot.T @ diagonal).cpu().numpy())) / np.where(pairs > 0, pairs, 1.0)
     single = np.flatnonzero(counts < 2)                                               # only with shares
     means[single, single] = blocks[single, single]
     share = counts / n if shares is None else np.asarray(shares, dtype=np.float64)[classes]
@@ -79,7 +80,8 @@ def _within_mean(a: np.ndarray, labels: np.ndarray | None, gamma: float, degree:
 
 def kid_from_features(gen_features: np.ndarray | torch.Tensor, ref_features: np.ndarray | torch.Tensor, *,
                       gen_labels: np.ndarray | None = None, ref_labels: np.ndarray | None = None,
-                      ref_shares: np.ndarray | None = None, degree: int = KID_DEGREE, gamma: float | None = None, coef0: float = KID_COEF0) -> float:
+                      ref_shares: np.ndarray | None = None, degree: int = KID_DEGREE, gamma: float | None = None,
+                      coef0: float = KID_COEF0, device: torch.device | str = "cpu") -> float:
     """Unbiased KID (squared MMD, polynomial kernel) between two feature sets.
 
     Args:
@@ -90,6 +92,7 @@ def kid_from_features(gen_features: np.ndarray | torch.Tensor, ref_features: np.
         ref_shares: the class mixture the reference stands for (indexed by label; needs ``ref_labels``), None:
             its own proportions (module docstring).
         degree, gamma, coef0: kernel (x.y * gamma + coef0)^degree; gamma None = 1 / D (torch-fidelity's default).
+        device: where the kernel sums are taken (float64; the evaluation passes the trial's device).
 
     Returns:
         The estimate as a Python float (may be slightly negative when the distributions agree).
@@ -107,23 +110,25 @@ def kid_from_features(gen_features: np.ndarray | torch.Tensor, ref_features: np.
     if ref_shares is not None and ref_labels is None:
         raise ValueError("ref_shares needs ref_labels (the shares are per class)")
     g = 1.0 / x.shape[1] if gamma is None else float(gamma)
-    xx = _within_mean(x, gen_labels, g, degree, coef0)
-    yy = _within_mean(y, ref_labels, g, degree, coef0, ref_shares)
-    weights = None if ref_shares is None else mixture_weights(ref_labels, ref_shares) * n
-    xy = _kernel_sum(x, y, g, degree, coef0, weights) / (m * n)
+    xt, yt = (torch.from_numpy(v).to(device) for v in (x, y))
+    xx = _within_mean(xt, gen_labels, g, degree, coef0)
+    yy = _within_mean(yt, ref_labels, g, degree, coef0, ref_shares)
+    weights = None if ref_shares is None else torch.from_numpy(mixture_weights(ref_labels, ref_shares) * n).to(device)
+    xy = _kernel_sum(xt, yt, g, degree, coef0, weights) / (m * n)
     return xx + yy - 2.0 * xy
 
 
 def group_kid(gen_features: np.ndarray, gen_labels: np.ndarray, ref_features: np.ndarray, ref_labels: np.ndarray,
-              classes: Sequence[int], *, ref_shares: np.ndarray | None = None) -> float | None:
+              classes: Sequence[int], *, ref_shares: np.ndarray | None = None,
+              device: torch.device | str = "cpu") -> float | None:
     """Class-stratified KID between the generated and reference samples whose labels are in `classes` (None: < 2
-    on a side); ``ref_shares`` as `kid_from_features`."""
+    on a side); ``ref_shares`` and ``device`` as `kid_from_features`."""
     gen_mask = np.isin(gen_labels, list(classes))
     ref_mask = np.isin(ref_labels, list(classes))
     if gen_mask.sum() < 2 or ref_mask.sum() < 2:
         return None
     return kid_from_features(gen_features[gen_mask], ref_features[ref_mask], gen_labels=gen_labels[gen_mask],
-                             ref_labels=ref_labels[ref_mask], ref_shares=ref_shares)
+                             ref_labels=ref_labels[ref_mask], ref_shares=ref_shares, device=device)
 
 
 def per_class_kid(gen_features: np.ndarray, gen_labels: np.ndarray, ref_features: np.ndarray,

@@ -271,12 +271,13 @@ def _pairwise_reference(ref: FeatureSet, seed: int) -> FeatureSet:
 
 
 def _kid(gen: FeatureSet, ref: FeatureSet, num_classes: int, groups: dict[str, tuple[int, ...]],
-         seed: int) -> tuple[list[float | None], dict[str, float | None]]:
+         seed: int, device: torch.device | str) -> tuple[list[float | None], dict[str, float | None]]:
     """Per-class KID and KID of the whole set and of each named group (``kid_<name>``)."""
     sub = _pairwise_reference(ref, seed)
 
     def kid(classes: Sequence[int]) -> float | None:
-        return group_kid(gen.features, gen.labels, sub.features, sub.labels, classes, ref_shares=sub.class_shares)
+        return group_kid(gen.features, gen.labels, sub.features, sub.labels, classes, ref_shares=sub.class_shares,
+                         device=device)
 
     per_class = [kid([k]) for k in range(num_classes)]
     return per_class, {"kid": kid(range(num_classes)), **{f"kid_{name}": kid(c) for name, c in groups.items()}}
@@ -337,7 +338,7 @@ def evaluate_features(gen: FeatureSet | Sequence[Any], ref: FeatureSet | Sequenc
             N = the smaller set's size (prd.py); an explicit value above N // 10 raises ValueError.
         prd_n_init: k-means++ initialisations per PRD run (10 as Sajjadi et al.'s code; fewer is faster).
         is_splits: Inception Score splits (paper: 10).
-        device: where precision/recall distances are computed.
+        device: where FID's statistics, precision/recall distances and KID's kernel sums are computed.
         judge: the calibrated reading rule of class consistency (judge.py); None calibrates one on `ref` (which
             should then be images the classifier was not trained on, as the digits reference is).
         groups: further named class groups (e.g. the many/medium/few-shot groups of ``shot_groups``), scored as
@@ -355,7 +356,7 @@ def evaluate_features(gen: FeatureSet | Sequence[Any], ref: FeatureSet | Sequenc
     precision, recall = _precision_recall(gen, ref, k, seed, device)
     is_value, is_note = _inception_score(gen, is_splits)
     consistency, rejected, summary = _consistency(gen, ref, num_classes, named, judge)
-    kid_per_class, kid = _kid(gen, ref, num_classes, named, seed)
+    kid_per_class, kid = _kid(gen, ref, num_classes, named, seed, device)
     stats = ref.reference_statistics
     fid = {f"fid_{name}": fid_to_reference(gen.features, stats, classes, gen.labels, device)
            for name, classes in named.items()}
