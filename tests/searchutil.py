@@ -126,3 +126,22 @@ def files_holding(folder: Path, secrets: dict[str, str]) -> list[str]:
             data = path.read_bytes()
             found += [f"{path}: {k}" for k, v in secrets.items() if v.encode() in data]
     return found
+
+
+def stop_ray_node(temp: str) -> None:
+    """Kill the processes of the Ray node(s) started with ``--temp-dir temp`` (`ray stop` would stop every Ray on
+    the machine): those whose command line names the folder or that hold a file open under it (/tmp/ray-test-6379
+    but not /tmp/ray-test-63790, another run's). The open files find what the command line misses: the agents
+    (titled ``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``, which outlive a killed raylet) and the head's Ray
+    client server (``-m ray.util.client.server``), all with their logs open in the node's session folder."""
+    import re
+
+    import psutil
+
+    own = re.compile(re.escape(temp) + r"(?![\w-])")
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if own.search(" ".join(proc.info["cmdline"] or [])) or any(own.match(f.path) for f in proc.open_files()):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass

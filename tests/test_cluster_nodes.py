@@ -32,17 +32,18 @@ import pandas as pd
 import psutil
 import pytest
 
-from tests.searchutil import ROOT, MlflowServer, free_port, search_cmd, seed_cache, trial_runs
-from tests.test_cluster import _stop_cluster
+from tests.searchutil import ROOT, MlflowServer, free_port, search_cmd, seed_cache, stop_ray_node, trial_runs
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-STEPS = ["--set", "train.steps=60", "--set", "train.eval_every=20", "--set", "train.log_every=10"]
-PROGRESS = re.compile(r"\] (\w+) step 20/60: ")
+STEPS = ["--set", "train.steps=80", "--set", "train.eval_every=20", "--set", "train.log_every=10"]
+PROGRESS = re.compile(r"\] (\w+) step 20/80: ")
 
 
 @dataclass
 class Cluster:
+    """The two-node cluster: the head's GCS address and dashboard URL, its token, each node's temp folder."""
+
     address: str
     dashboard: str
     token: str
@@ -96,8 +97,8 @@ def two_node_cluster(folder: Path, cache: Path | None) -> Iterator[Cluster]:
     """A head (1 CPU, the search's ``train_driver`` resource, its dashboard on 127.0.0.1) and a second node (1 CPU),
     each with its own temp folder (Ray takes ``--temp-dir`` per node) and its own feature cache (a copy of
     ``cache`` under ``folder``: a trial's rank 0 reads it on its node), sharing the head's token through the
-    environment; waited for until both are alive. Their processes are killed by temp folder at the end (`ray
-    stop` would stop every Ray on the machine)."""
+    environment; waited for until both are alive. Their processes are killed by temp folder at the end
+    (``stop_ray_node``)."""
     port, dashboard, token = free_port(), free_port(), secrets.token_hex(32)
     head_temp, node_temp = f"/tmp/ray-test-{port}", f"/tmp/ray-test-{port}-n2"  # short: socket paths < 107 chars
     # every Train run's attempts, with their workers' nodes, kept by a state actor on the head
@@ -108,7 +109,8 @@ def two_node_cluster(folder: Path, cache: Path | None) -> Iterator[Cluster]:
     try:
         _ray_start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1",
                     "--num-gpus", "0", "--resources", '{"train_driver": 2}', "--temp-dir", head_temp,
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)],
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                    "--ray-client-server-port", str(free_port())],  # not 10001, which another cluster may hold
                    {**env, "PDCBDM_CACHE": str(folder / "head" / "cache")})
         _ray_start(["--address", cluster.address, "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
                     "--num-gpus", "0", "--temp-dir", node_temp], {**env, "PDCBDM_CACHE": str(folder / "n2" / "cache")})
@@ -119,7 +121,7 @@ def two_node_cluster(folder: Path, cache: Path | None) -> Iterator[Cluster]:
         yield cluster
     finally:
         for temp in (node_temp, head_temp):
-            _stop_cluster(temp)
+            stop_ray_node(temp)
             shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -155,17 +157,28 @@ def _train_runs(cluster: Cluster) -> dict[str, dict]:
     return {run["name"]: run for run in cluster.get("/api/train/v2/runs/v1")["train_runs"]}
 
 
+def _name(proc: psutil.Process) -> str:
+    try:
+        return proc.name()
+    except psutil.Error:
+        return ""
+
+
+def _gone(proc: psutil.Process) -> bool:
+    """Ended (a zombie too: its parent, the raylet, was killed, and init may not reap at once)."""
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_a_trial_whose_second_node_dies_resumes_on_the_head_and_the_records_agree(tmp_path, cluster_and_tracking,
                                                                                     search_cache):
     cluster, uri = cluster_and_tracking
-    lose_a_node(tmp_path, cluster, uri, search_cache)
-
-
-def lose_a_node(tmp_path: Path, cluster: Cluster, uri: str, cache: Path | None) -> None:
     (head,), (second,) = _raylets(cluster.head_temp), _raylets(cluster.node_temp)
     head_id, second_id = _node_id(head), _node_id(second)
     out, shared, log = tmp_path / "out", tmp_path / "shared-storage", tmp_path / "search.log"
-    seed_cache(out, cache)
+    seed_cache(out, search_cache)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(out / "cache"), **cluster.env}
     cmd = search_cmd(out, "nodes", "--trials", "2", "--no-asha", "--concurrency", "1", "--address",
                      cluster.address, "--tracking-uri", uri, "--storage-path", str(shared), "--workers-per-trial", "2",
@@ -173,35 +186,34 @@ def lose_a_node(tmp_path: Path, cluster: Cluster, uri: str, cache: Path | None) 
     with open(log, "w") as sink:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        # the first trial's step-20 report came with its checkpoint: lose the second node now
-        hit = _wait_line(proc, log, PROGRESS, timeout=300)
-        first = hit.group(1)
-        on_second = second.children(recursive=True)  # its worker processes: rank 1 of the trial among them
+        # the first trial's step-20 report came with its checkpoint: lose the second node now. Its rank there
+        # outlives its raylet by 1 to 3 s (Ray's workers notice their raylet's death on a timer) and trains on:
+        # 80 steps leave it time to die mid-training, not after the trial's last report. The search's driver
+        # joined through the head's raylet (Ray prefers the head among the nodes of one host): it lives on
+        first = _wait_line(proc, log, PROGRESS, timeout=300).group(1)
+        ranks = [p for p in second.children(recursive=True) if _name(p) == "ray::RayTrainWorker"]
         second.send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-        second.wait(10)
         proc.wait(timeout=400)
-        text = log.read_text()
-        assert proc.returncode == 0, text[-5000:]
-        assert head.is_running() and head.status() != psutil.STATUS_ZOMBIE
-        print(f"search took {time.monotonic() - killed_at:.0f} s after the kill")
+        assert proc.returncode == 0, log.read_text()[-5000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    gone = [p.pid for p in on_second if p.is_running()]
-    assert not gone, f"processes of the dead node still run: {gone}"
+    assert _gone(second) and not _gone(head)
+    assert len(ranks) == 1 and _gone(ranks[0])  # the trial's rank on the second node died with it
 
-    # where the ranks ran: Ray Train's attempts of the first trial's run
+    # where the ranks ran: Ray Train's attempts of the first trial's run, one rank on each node, then (the
+    # attempt that failed when the second node died) a new group on the head alone, which finished
     runs = _train_runs(cluster)
     attempts = sorted(runs[f"train-{first}"]["attempts"], key=lambda a: a["start_time_ns"])
-    nodes = [sorted((w["world_rank"], w["node_id"]) for w in a["workers"]) for a in attempts]
-    assert [node for _, node in nodes[0]] in ([head_id, second_id], [second_id, head_id]), nodes  # one per node
-    assert attempts[0]["status"] != "FINISHED" and attempts[-1]["status"] == "FINISHED", attempts
-    assert [node for _, node in nodes[-1]] == [head_id, head_id], nodes  # restarted on the head alone
+    seen = [(a["status"], [w["node_id"] for w in sorted(a["workers"], key=lambda w: w["world_rank"])])
+            for a in attempts]
+    assert sorted(seen[0][1]) == sorted([head_id, second_id]), seen
+    assert [status for status, _ in seen] == ["ERRORED"] * (len(seen) - 1) + ["FINISHED"], seen
+    assert len(seen) >= 2 and seen[-1][1] == [head_id, head_id], seen
     others = [run for name, run in runs.items() if name != f"train-{first}"]
-    assert len(others) == 1 and len(others[0]["attempts"]) == 1
-    assert {w["node_id"] for w in others[0]["attempts"][0]["workers"]} == {head_id}
+    assert [[[w["node_id"] for w in a["workers"]] for a in run["attempts"]] for run in others] == \
+        [[[head_id, head_id]]]  # the second trial: one attempt, on the head
 
     # Tune's table: both trials completed
     folder = out / "searches" / "nodes"
@@ -212,7 +224,7 @@ def lose_a_node(tmp_path: Path, cluster: Cluster, uri: str, cache: Path | None) 
     assert set(runs_by_trial) == set(table["trial_id"])
     assert {r.info.status for r in runs_by_trial.values()} == {"FINISHED"}
     resumed = runs_by_trial[first].data.metrics
-    assert resumed.get("resumed_from_step") in (20.0, 40.0), resumed
+    assert resumed.get("resumed_from_step") in (20.0, 40.0, 60.0), resumed  # a checkpoint, not the start
     assert all("resumed_from_step" not in r.data.metrics for t, r in runs_by_trial.items() if t != first)
     for row in table.itertuples():
         run = runs_by_trial[row.trial_id]
@@ -220,7 +232,7 @@ def lose_a_node(tmp_path: Path, cluster: Cluster, uri: str, cache: Path | None) 
         assert run.data.metrics["fid"] == pytest.approx(row.fid)
     # Optuna: each trial COMPLETE with the table's FID; its best trial is the table's first
     study = optuna.load_study(study_name="nodes", storage=f"sqlite:///{folder / 'optuna.db'}")
-    by_trial = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    by_trial = {t.user_attrs.get("tune_trial_id"): t for t in study.trials}
     assert set(by_trial) == set(table["trial_id"])
     for row in table.itertuples():
         assert by_trial[row.trial_id].state == optuna.trial.TrialState.COMPLETE
