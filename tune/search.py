@@ -785,10 +785,12 @@ def trial_settings(p: SearchPlan, experiment_id: str, parent: str) -> Any:
 
 
 def study_verdicts(p: SearchPlan) -> dict[str, Any]:
-    """A resume's Optuna verdicts (``tune.verdicts``) by Tune trial id; none when the study was never created (a
-    search killed before its first trial)."""
+    """A resume's Optuna verdicts (``tune.verdicts``) by Tune trial id; none for a grid (no study) or when the
+    study was never created (a search killed before its first trial)."""
     from tune import verdicts
 
+    if not p.optuna_storage:
+        return {}
     try:
         study = load_study(p)
     except KeyError:
