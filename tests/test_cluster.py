@@ -1,101 +1,17 @@
-"""Scale-out: the smoke search on a Ray cluster started with `ray start --head` on 127.0.0.1, logging to a real
-`mlflow server` on 127.0.0.1 (artifacts served over HTTP)."""
+"""Scale-out, the search's own local Ray session: what reaches its workers, and how (the search on a two-node
+`ray start` cluster with a basic-auth `mlflow server`: tests/test_cluster_nodes.py)."""
 
 from __future__ import annotations
 
 import os
-import re
-import secrets
-import shutil
-import subprocess
-import sys
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from tests.searchutil import (TINY, artifact_paths, files_holding, free_port, run_search, seed_cache, trial_runs,
-                              wait_http)
+from tests.searchutil import seed_cache
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-
-
-ADMIN = "pdcbdm-admin"
-
-
-@pytest.fixture
-def mlflow_server_started(tmp_path):
-    """The README's recipe: ``mlflow server --app-name basic-auth`` (the admin's password from the environment,
-    never in a file), on 127.0.0.1, started and not yet waited for (``mlflow_server`` waits). Yields (process,
-    URI, user, password).
-
-    Two settings the recipe leaves at MLflow's defaults, for the suite's time on 2 cores: one server process
-    (``--workers 1``; the default 4 take most of the start), and MLflow's opt-in cache of successful credential
-    checks (``auth_cache_ttl_seconds``): without it every request pays the password hash (0.3 s a request here,
-    about 130 requests a search). A request without or with wrong credentials is checked as before."""
-    port, password = free_port(), secrets.token_urlsafe(16)
-    config = tmp_path / "auth.ini"
-    config.write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
-                      f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = {ADMIN}\n"
-                      f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-                      f"auth_cache_ttl_seconds = 600\n")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_AUTH_CONFIG_PATH": str(config),
-           "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
-    cmd = [str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--backend-store-uri",
-           f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts"),
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    log = open(tmp_path / "mlflow-server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        yield proc, f"http://127.0.0.1:{port}", ADMIN, password
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
-
-
-@pytest.fixture
-def mlflow_server(mlflow_server_started, ray_head):
-    """(URI, user, password) of the basic-auth server once it answers. It starts before the Ray head and is waited
-    for after it: the two start-ups overlap."""
-    proc, uri, user, password = mlflow_server_started
-    wait_http(f"{uri}/health", proc, 180)
-    return uri, user, password
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    """The README's recipe: a head started with ``RAY_AUTH_MODE=token`` and a token of its own (here in the
-    environment: the test must not touch the user's ~/.ray/auth_token). Yields (address, dashboard URL, token)."""
-    port, dashboard, token = free_port(), free_port(), secrets.token_hex(32)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    temp = Path("/tmp") / f"ray-test-{port}"  # short: Ray's socket paths must stay under 107 characters
-    start = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-             "--num-cpus", "2", "--num-gpus", "0", "--resources", '{"train_driver": 2}', "--temp-dir", str(temp),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)]
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
-    try:
-        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", token
-    finally:
-        _stop_cluster(str(temp))
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _stop_cluster(temp: str) -> None:
-    """Kill this cluster's processes only (`ray stop` would stop every Ray instance on the machine): those whose
-    command line names its temp folder, /tmp/ray-test-6379 but not /tmp/ray-test-63790 (another run's cluster)."""
-    import psutil
-
-    own = re.compile(re.escape(temp) + r"(?![\w-])")
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if own.search(" ".join(proc.info["cmdline"] or [])):
-                proc.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
 
 
 def _status(url: str, headers: dict | None = None, data: bytes | None = None) -> int:
@@ -106,61 +22,6 @@ def _status(url: str, headers: dict | None = None, data: bytes | None = None) ->
             return resp.status
     except urllib.error.HTTPError as exc:
         return exc.code
-
-
-def test_search_on_a_token_ray_cluster_with_a_basic_auth_mlflow_server(tmp_path, mlflow_server, ray_head,
-                                                                       search_cache, monkeypatch):
-    uri, user, password = mlflow_server
-    address, dashboard, token = ray_head
-    # the closed recipe refuses strangers: MLflow without credentials, Ray's job API without the token
-    search = f"{uri}/api/2.0/mlflow/runs/search"
-    assert _status(search, data=b'{"experiment_ids": ["0"]}') == 401
-    assert _status(f"{dashboard}/api/jobs/") == 401
-    assert _status(f"{dashboard}/api/jobs/", {"Authorization": f"Bearer {token}"}) == 200
-    out, shared = tmp_path / "out", tmp_path / "shared-storage"
-    ray_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    # Ray tries to join 20 times a second apart by default; the wrong token is refused at the first try
-    stranger = run_search(tmp_path / "stranger", "stranger", "--address", address, "--tracking-uri", uri,
-                          env={**ray_env, "RAY_AUTH_TOKEN": "not-the-token", "RAY_gcs_server_port_wait_time_s": "1"})
-    assert stranger.returncode == 2, stranger.stdout[-3000:] + stranger.stderr[-3000:]
-    assert "cannot join the Ray cluster" in stranger.stderr and "needs the head's token" in stranger.stderr
-    assert "ray get-auth-token --generate" in stranger.stderr and token not in stranger.stderr
-    # the MLflow password in the tracking URI's user info, another in the Optuna storage URL: the search works
-    # with both, and neither (nor Ray's token) reaches a file, the server's records or the output
-    login = uri.replace("http://", f"http://{user}:{password}@")
-    study_password = secrets.token_hex(8)
-    storage = f"sqlite:///{out / 'study.db'}?password={study_password}"
-    proc = run_search(out, "cluster", "--trials", "1", "--no-asha", "--address", address, "--tracking-uri", login,
-                      "--optuna-storage", storage, "--storage-path", str(shared), *TINY, env=ray_env,
-                      cache=search_cache)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"open the MLflow UI: open {uri}" in proc.stdout
-    assert "uploading " in proc.stdout and " MiB (left out: " in proc.stdout
-    hidden = {"MLflow password": password, "Ray token": token, "Optuna password": study_password}
-    assert any(shared.rglob("searcher-state-*.pkl")) and any(shared.rglob("tuner.pkl"))
-    assert files_holding(tmp_path, hidden) == []  # search folder, Tune's pickles, study, server db, artifacts
-    assert [k for k, v in hidden.items() if v in proc.stdout + proc.stderr] == []
-    # a resume needs the URLs again, from the flags or the environment: refused before Ray starts without them
-    resume = ("--resume", str(out / "searches" / "cluster"), "--address", address)
-    with ThreadPoolExecutor(2) as pool:  # both end before Ray starts: the two start-ups overlap
-        no_uri = pool.submit(run_search, out, "ignored", *resume, env=ray_env)
-        no_storage = pool.submit(run_search, out, "ignored", *resume, env={**ray_env, "MLFLOW_TRACKING_URI": login})
-    refused = no_uri.result()
-    assert refused.returncode == 2 and "MLFLOW_TRACKING_URI" in refused.stderr, refused.stderr[-3000:]
-    refused = no_storage.result()
-    assert refused.returncode == 2 and "PDCBDM_OPTUNA_STORAGE" in refused.stderr, refused.stderr[-3000:]
-    assert not (out / "mlflow.db").exists()  # everything went to the server
-    assert (shared / "cluster" / "tune").is_dir() and any((shared / "cluster" / "train").iterdir())
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
-    runs = trial_runs(uri, "cluster")
-    assert len(runs) == 1 and all(r.info.status == "FINISHED" for r in runs)
-    for run in runs:
-        assert "fid" in run.data.metrics and "loss.pd_weight" in run.data.params
-        files = artifact_paths(uri, run.info.run_id)
-        assert "evaluation/per_class.parquet" in files and any(f.startswith("images/samples+step+") for f in files)
-        assert run.outputs.model_outputs  # the EMA network as the run's MLflow model
-    assert any((tmp_path / "server-artifacts").rglob("model.pt2"))  # stored by the server, not the client
 
 
 # -- the search's own local Ray session: what reaches the nodes, and how -------------------------------------------

@@ -1,8 +1,9 @@
-"""A node lost mid-trial: the smoke search on a two-node Ray cluster (a head and a second node started with
-`ray start` on 127.0.0.1, token authentication on), logging to a real `mlflow server`. Each trial's two DDP ranks
-are spread one to a node (``--placement spread``); while the first trial trains, the second node's raylet is
-killed with SIGKILL. Ray Train restarts the trial's worker group on the head from its last checkpoint, and the
-search ends with Tune, Optuna and MLflow agreeing.
+"""Scale-out, and a node lost mid-trial: the smoke search on a two-node Ray cluster (a head and a second node
+started with `ray start` on 127.0.0.1, token authentication on: the README's recipe), logging to a real `mlflow
+server` with basic auth (artifacts served over HTTP), its Optuna study in a storage whose URL holds a password.
+Each trial's two DDP ranks are spread one to a node (``--placement spread``); while the first trial trains, the
+second node's raylet is killed with SIGKILL. Ray Train restarts the trial's worker group on the head from its last
+checkpoint, and the search ends with Tune, Optuna and MLflow agreeing; no secret reaches a file or the output.
 
 Where the ranks ran comes from Ray Train's own record of its runs (``RAY_TRAIN_ENABLE_STATE_TRACKING=1`` on the
 nodes: every attempt of a Train run with each worker's rank, node and status), read from the head's dashboard
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,7 +34,8 @@ import pandas as pd
 import psutil
 import pytest
 
-from tests.searchutil import ROOT, MlflowServer, free_port, search_cmd, seed_cache, stop_ray_node, trial_runs
+from tests.searchutil import (ROOT, BasicAuthMlflowServer, artifact_paths, files_holding, free_port, run_search,
+                              search_cmd, seed_cache, stop_ray_node, trial_runs)
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -127,17 +130,42 @@ def two_node_cluster(folder: Path, cache: Path | None) -> Iterator[Cluster]:
 
 @pytest.fixture
 def cluster_and_tracking(tmp_path, search_cache):
-    """(Cluster, MLflow URI): the two start-ups overlap."""
-    server = MlflowServer(tmp_path / "mlflow" / "server.db", free_port())
-    server.store.parent.mkdir()
+    """(Cluster, the basic-auth MLflow server, started): the two start-ups overlap."""
+    (tmp_path / "mlflow").mkdir()
+    server = BasicAuthMlflowServer(tmp_path / "mlflow", free_port())
     with ThreadPoolExecutor(1) as pool:
-        uri = pool.submit(server.start)
+        started = pool.submit(server.start)
         try:
             with two_node_cluster(tmp_path / "nodes", search_cache) as cluster:
-                yield cluster, uri.result()
+                started.result()
+                yield cluster, server
         finally:
-            uri.exception()  # wait for the start before stopping
+            started.exception()  # wait for the start before stopping
             server.stop()
+
+
+def _status(url: str, headers: dict | None = None, data: bytes | None = None) -> int:
+    """The HTTP status of a request (GET, or POST with ``data``)."""
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _closed_to_strangers(cluster: Cluster, uri: str, tmp_path: Path) -> None:
+    """MLflow without credentials and Ray's job API without the token are refused; a search with the wrong token
+    is refused before it starts, saying how to get the right one."""
+    assert _status(f"{uri}/api/2.0/mlflow/runs/search", data=b'{"experiment_ids": ["0"]}') == 401
+    assert _status(f"{cluster.dashboard}/api/jobs/") == 401
+    assert _status(f"{cluster.dashboard}/api/jobs/", {"Authorization": f"Bearer {cluster.token}"}) == 200
+    # Ray tries to join 20 times a second apart by default; the wrong token is refused at the first try
+    stranger = run_search(tmp_path / "stranger", "stranger", "--address", cluster.address, "--tracking-uri", uri,
+                          env={**cluster.env, "RAY_AUTH_TOKEN": "not-the-token", "RAY_gcs_server_port_wait_time_s": "1"})
+    assert stranger.returncode == 2, stranger.stdout[-3000:] + stranger.stderr[-3000:]
+    assert "cannot join the Ray cluster" in stranger.stderr and "needs the head's token" in stranger.stderr
+    assert "ray get-auth-token --generate" in stranger.stderr and cluster.token not in stranger.stderr
 
 
 def _wait_line(proc: subprocess.Popen, log: Path, pattern: re.Pattern, timeout: float) -> re.Match:
@@ -172,17 +200,24 @@ def _gone(proc: psutil.Process) -> bool:
         return True
 
 
-def test_a_trial_whose_second_node_dies_resumes_on_the_head_and_the_records_agree(tmp_path, cluster_and_tracking,
-                                                                                    search_cache):
-    cluster, uri = cluster_and_tracking
+def test_a_search_on_two_token_nodes_survives_losing_one_and_keeps_its_secrets(tmp_path, cluster_and_tracking,
+                                                                               search_cache, monkeypatch):
+    cluster, server = cluster_and_tracking
+    uri = server.uri
+    _closed_to_strangers(cluster, uri, tmp_path)
     (head,), (second,) = _raylets(cluster.head_temp), _raylets(cluster.node_temp)
     head_id, second_id = _node_id(head), _node_id(second)
     out, shared, log = tmp_path / "out", tmp_path / "shared-storage", tmp_path / "search.log"
     seed_cache(out, search_cache)
+    # the MLflow password in the tracking URI's user info, another in the Optuna storage URL: the search works
+    # with both, and neither (nor Ray's token) reaches a file, the server's records or the output
+    study_password = secrets.token_hex(8)
+    storage = f"sqlite:///{out / 'study.db'}?password={study_password}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(out / "cache"), **cluster.env}
     cmd = search_cmd(out, "nodes", "--trials", "2", "--no-asha", "--concurrency", "1", "--address",
-                     cluster.address, "--tracking-uri", uri, "--storage-path", str(shared), "--workers-per-trial", "2",
-                     "--cpus-per-worker", "0.5", "--placement", "spread", "--max-worker-failures", "2", *STEPS)
+                     cluster.address, "--tracking-uri", server.login, "--optuna-storage", storage, "--storage-path",
+                     str(shared), "--workers-per-trial", "2", "--cpus-per-worker", "0.5", "--placement", "spread",
+                     "--max-worker-failures", "2", *STEPS)
     with open(log, "w") as sink:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -199,8 +234,16 @@ def test_a_trial_whose_second_node_dies_resumes_on_the_head_and_the_records_agre
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    output = log.read_text()
     assert _gone(second) and not _gone(head)
     assert len(ranks) == 1 and _gone(ranks[0])  # the trial's rank on the second node died with it
+    assert f"open the MLflow UI: open {uri}" in output
+    assert "uploading " in output and " MiB (left out: " in output
+    hidden = {"MLflow password": server.password, "Ray token": cluster.token, "Optuna password": study_password}
+    assert any(shared.rglob("searcher-state-*.pkl")) and any(shared.rglob("tuner.pkl"))
+    assert files_holding(tmp_path, hidden) == []  # search folder, Tune's pickles, study, server db, artifacts
+    assert [k for k, v in hidden.items() if v in output] == []
+    _resume_needs_the_urls_again(out, cluster, server)
 
     # where the ranks ran: Ray Train's attempts of the first trial's run, one rank on each node, then (the
     # attempt that failed when the second node died) a new group on the head alone, which finished
@@ -217,9 +260,13 @@ def test_a_trial_whose_second_node_dies_resumes_on_the_head_and_the_records_agre
 
     # Tune's table: both trials completed
     folder = out / "searches" / "nodes"
+    assert not (out / "mlflow.db").exists()  # everything went to the server
+    assert (shared / "nodes" / "tune").is_dir() and any((shared / "nodes" / "train").iterdir())
     table = pd.read_parquet(folder / "trials.parquet")
     assert sorted(table["status"]) == ["completed", "completed"] and first in set(table["trial_id"]), table
     # MLflow: one finished run per trial; the first continued from the checkpoint it had before the node died
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", server.user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", server.password)
     runs_by_trial = {r.data.tags["pdcbdm.trial_id"]: r for r in trial_runs(uri, "nodes")}
     assert set(runs_by_trial) == set(table["trial_id"])
     assert {r.info.status for r in runs_by_trial.values()} == {"FINISHED"}
@@ -230,11 +277,28 @@ def test_a_trial_whose_second_node_dies_resumes_on_the_head_and_the_records_agre
         run = runs_by_trial[row.trial_id]
         assert run.info.run_id == row.mlflow_run_id and run.data.tags["pdcbdm.outcome"] == "completed"
         assert run.data.metrics["fid"] == pytest.approx(row.fid)
+        files = artifact_paths(uri, run.info.run_id)
+        assert "evaluation/per_class.parquet" in files and any(f.startswith("images/samples+step+") for f in files)
+        assert run.outputs.model_outputs  # the EMA network as the run's MLflow model
+    assert any((tmp_path / "mlflow" / "server-artifacts").rglob("model.pt2"))  # stored by the server, not the client
     # Optuna: each trial COMPLETE with the table's FID; its best trial is the table's first
-    study = optuna.load_study(study_name="nodes", storage=f"sqlite:///{folder / 'optuna.db'}")
+    study = optuna.load_study(study_name="nodes", storage=storage)
     by_trial = {t.user_attrs.get("tune_trial_id"): t for t in study.trials}
     assert set(by_trial) == set(table["trial_id"])
     for row in table.itertuples():
         assert by_trial[row.trial_id].state == optuna.trial.TrialState.COMPLETE
         assert by_trial[row.trial_id].value == pytest.approx(row.fid)
     assert study.best_trial.user_attrs["tune_trial_id"] == table.iloc[0]["trial_id"] and table.iloc[0]["rank"] == 1
+
+
+def _resume_needs_the_urls_again(out: Path, cluster: Cluster, server: BasicAuthMlflowServer) -> None:
+    """search.json keeps the URLs masked: a --resume without them (flags or environment) is refused before Ray."""
+    resume = ("--resume", str(out / "searches" / "nodes"), "--address", cluster.address)
+    with ThreadPoolExecutor(2) as pool:  # both end before Ray starts: the two start-ups overlap
+        no_uri = pool.submit(run_search, out, "ignored", *resume, env=cluster.env)
+        no_storage = pool.submit(run_search, out, "ignored", *resume,
+                                 env={**cluster.env, "MLFLOW_TRACKING_URI": server.login})
+    refused = no_uri.result()
+    assert refused.returncode == 2 and "MLFLOW_TRACKING_URI" in refused.stderr, refused.stderr[-3000:]
+    refused = no_storage.result()
+    assert refused.returncode == 2 and "PDCBDM_OPTUNA_STORAGE" in refused.stderr, refused.stderr[-3000:]

@@ -1,7 +1,7 @@
 """Credentials never reach a file, a tag or a message: URLs with their secrets masked (tune/redact.py) in search.json,
 Tune's pickled state, messages and MLflow records; a --resume (and ``confirm --search``) takes the real URL again from
 the flag or environment variable the user gives; no MLflow credentials for a server only search.json names; what the
-workers need travels through Ray's object store. tests/test_cluster.py greps every file a real search writes."""
+workers need travels through Ray's object store. tests/test_cluster_nodes.py greps every file a real search on a cluster writes."""
 
 from __future__ import annotations
 
