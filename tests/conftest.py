@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def smoke_search(tmp_path_factory):
-    """One smoke search (3 trials, sqlite MLflow, local Ray) shared by the tests that inspect a search's output.
+    """One smoke search (2 trials, sqlite MLflow, local Ray) shared by the tests that inspect a search's output.
 
     The search runs with its own system temp folder (TMPDIR; Ray's session stays in /tmp/ray) so that the tests
     can check that no trial leaves files there. Returns (out folder, search name, completed process); the temp
@@ -26,9 +26,8 @@ def smoke_search(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke-search")
     tmpdir = Path(tempfile.mkdtemp(prefix="pdt-", dir="/tmp"))
     (out / "tmpdir").symlink_to(tmpdir)
-    # half a CPU per worker: the three trials run at once (Ray's start-up and the evaluations' waits overlap;
-    # 101 s against about 125 s with two at a time on 2 cores)
-    proc = run_search(out, "e2e", "--trials", "3", "--seed", "1", "--cpus-per-worker", "0.5", *TINY,
+    # half a CPU per worker: both trials run at once (Ray's start-up and the evaluations' waits overlap)
+    proc = run_search(out, "e2e", "--trials", "2", "--seed", "1", "--cpus-per-worker", "0.5", *TINY,
                       env={"TMPDIR": str(tmpdir), "RAY_TMPDIR": "/tmp"}, probe=out / "listeners.json")
     return out, "e2e", proc
 

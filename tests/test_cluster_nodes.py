@@ -272,6 +272,10 @@ def test_a_search_on_two_token_nodes_survives_losing_one_and_keeps_its_secrets(t
     assert {r.info.status for r in runs_by_trial.values()} == {"FINISHED"}
     resumed = runs_by_trial[first].data.metrics
     assert resumed.get("resumed_from_step") in (20.0, 40.0, 60.0), resumed  # a checkpoint, not the start
+    # the run says where each attempt's ranks ran: spread over both nodes, then both on the head
+    tags = runs_by_trial[first].data.tags
+    assert sorted(tags["pdcbdm.nodes.step0"].split(",")) == sorted([head_id, second_id]), tags
+    assert tags[f"pdcbdm.nodes.step{int(resumed['resumed_from_step'])}"] == f"{head_id},{head_id}", tags
     assert all("resumed_from_step" not in r.data.metrics for t, r in runs_by_trial.items() if t != first)
     for row in table.itertuples():
         run = runs_by_trial[row.trial_id]

@@ -55,3 +55,15 @@ def test_records_are_held_through_an_outage_and_a_server_gone_at_the_end_fails_t
     log.metrics({"fid": 20.0}, 4)
     with pytest.raises(TrackingUnavailable, match="stayed unreachable for 2 s at the trial's end: 1 record"):
         log.flush(final=True)
+
+
+def test_a_trial_shorter_than_the_system_metrics_interval_still_logs_one_sample(tmp_path):
+    """MLflow's monitor drops the samples it took since its last point when it stops; the logger publishes them,
+    so a short trial (a 40-step smoke trial ends in seconds) has its system metrics too."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("short")).info.run_id
+    log = RankZeroLogger(uri, run_id)
+    log.start_system_metrics(interval_s=60.0)
+    log.close()
+    assert any(k.startswith("system/cpu") for k in client.get_run(run_id).data.metrics)

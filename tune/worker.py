@@ -189,8 +189,18 @@ class RankZeroLogger:
             self._monitor.start()
 
     def close(self) -> None:
-        """Stop the system-metrics thread and wait for the asynchronous metrics."""
+        """Stop the system-metrics thread (publishing the samples it took since its last point: MLflow's monitor
+        drops them, and a trial shorter than its interval would have none) and wait for the asynchronous metrics."""
         if self._monitor is not None:
+            try:
+                last = self._monitor.aggregate_metrics()
+                if not last:  # stopped before the thread's first sample
+                    self._monitor.collect_metrics()
+                    last = self._monitor.aggregate_metrics()
+                if last:
+                    self._monitor.publish_metrics(last)
+            except Exception:  # noqa: BLE001 - a last system sample is not worth failing a finished trial for
+                pass
             self._monitor.finish()
             self._monitor = None
         self.flush()
@@ -446,10 +456,26 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report(stored or {"step": trainer.step})
             return
     _start_records(log, trainer, resumed=stored is not None)
+    _record_placement(log, trainer.step, world)
     try:
         _train(trainer, log, rank, config.get("cache_dir"))
     finally:
         log.close()
+
+
+NODES_TAG = "pdcbdm.nodes"  # + ".stepN": the Ray node id of each rank (rank order) of the attempt that began at N
+
+
+def _record_placement(log: RankZeroLogger, step: int, world: int) -> None:
+    """Tag the run with where this attempt's ranks run (``NODES_TAG``.step N, N the step it starts from: a
+    restart after a lost worker or node adds a tag, so the run shows every placement). A collective: every rank
+    calls it."""
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [node]
+    if world > 1:
+        nodes = [None] * world
+        torch.distributed.all_gather_object(nodes, node)
+    log.tags({f"{NODES_TAG}.step{step}": ",".join(str(n) for n in nodes)})
 
 
 def _train(trainer: Trainer, log: RankZeroLogger, rank: int, cache_dir: str | None) -> None:
