@@ -180,12 +180,20 @@ class RankZeroLogger:
         self.files([p for p in (Path(root) / "_meta.json", Path(root) / "_report.json") if p.is_file()], "data")
 
     def start_system_metrics(self, interval_s: float = 10.0) -> None:
-        """CPU, memory, disk, network (and GPU) use of this node, sampled in a thread every ``interval_s``."""
+        """CPU, memory, disk, network (and GPU) use of this node: one point now, then a thread's every
+        ``interval_s`` (MLflow's monitor logs its first after one interval: a trial ASHA stops sooner, its worker
+        ended by Ray, would have none)."""
         if self.active and self._monitor is None:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, tracking_uri=self.uri,
                                                  resume_logging=True)
+            try:
+                self._monitor.collect_metrics()
+                self._monitor.publish_metrics(self._monitor.aggregate_metrics())
+                self._monitor.mlflow_logger.flush()
+            except Exception:  # noqa: BLE001 - the store may be out; the thread's points follow
+                pass
             self._monitor.start()
 
     def close(self) -> None:
