@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -47,11 +48,17 @@ class MlflowServer:
         self.store, self.port, self.proc = store, port, None
         self.uri = f"http://127.0.0.1:{port}"
 
+    def _args(self) -> list[str]:
+        return ["--backend-store-uri", f"sqlite:///{self.store}", "--default-artifact-root",
+                (self.store.parent / "artifacts").as_uri()]
+
+    def _env(self) -> dict[str, str]:
+        return {}
+
     def start(self, timeout: float = 120) -> str:
-        cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
-               f"sqlite:///{self.store}", "--default-artifact-root", (self.store.parent / "artifacts").as_uri(),
-               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        cmd = [str(Path(sys.executable).with_name("mlflow")), "server", *self._args(), "--host", "127.0.0.1",
+               "--port", str(self.port), "--workers", "1"]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self._env()}
         with open(self.store.parent / f"server-{time.monotonic_ns()}.log", "wb") as sink:
             self.proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
@@ -85,22 +92,28 @@ class BasicAuthMlflowServer(MlflowServer):
                                f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
                                f"auth_cache_ttl_seconds = 600\n")
 
-    def start(self, timeout: float = 180) -> str:
-        cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
-               "--backend-store-uri", f"sqlite:///{self.store}", "--artifacts-destination",
-               str(self.folder / "server-artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_AUTH_CONFIG_PATH": str(self.config),
-               "MLFLOW_AUTH_ADMIN_PASSWORD": self.password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
-        with open(self.folder / f"server-{time.monotonic_ns()}.log", "wb") as sink:
-            self.proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
-        wait_http(f"{self.uri}/health", self.proc, timeout)
-        return self.uri
+    def _args(self) -> list[str]:
+        return ["--app-name", "basic-auth", "--backend-store-uri", f"sqlite:///{self.store}",
+                "--artifacts-destination", str(self.folder / "server-artifacts")]
+
+    def _env(self) -> dict[str, str]:
+        return {"MLFLOW_AUTH_CONFIG_PATH": str(self.config), "MLFLOW_AUTH_ADMIN_PASSWORD": self.password,
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
 
     @property
     def login(self) -> str:
         """The tracking URI with the credentials in its user info."""
         return self.uri.replace("http://", f"http://{self.user}:{self.password}@")
+
+
+def http_status(url: str, headers: dict | None = None, data: bytes | None = None) -> int:
+    """The HTTP status of a request (GET, or POST with ``data``)."""
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def search_cmd(out: Path, name: str, *extra: str) -> list[str]:

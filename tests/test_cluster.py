@@ -4,24 +4,13 @@
 from __future__ import annotations
 
 import os
-import urllib.error
 import urllib.request
 
 import pytest
 
-from tests.searchutil import seed_cache
+from tests.searchutil import http_status, seed_cache
 
 pytestmark = pytest.mark.slow
-
-
-def _status(url: str, headers: dict | None = None, data: bytes | None = None) -> int:
-    """The HTTP status of a request (GET, or POST with ``data``)."""
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
 # -- the search's own local Ray session: what reaches the nodes, and how -------------------------------------------
@@ -93,7 +82,7 @@ def test_credentials_reach_the_workers_through_the_object_store_not_the_runtime_
     assert got["worker"]["password"] == SEARCH_SECRET
     from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
 
-    assert _status(f"{dashboard}/api/jobs/") == 401  # the search's own cluster wants its token too
+    assert http_status(f"{dashboard}/api/jobs/") == 401  # the search's own cluster wants its token too
     req = urllib.request.Request(f"{dashboard}/api/jobs/", headers=get_auth_headers_if_auth_enabled({}))
     with urllib.request.urlopen(req, timeout=30) as resp:
         jobs = resp.read().decode()

@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -34,8 +33,8 @@ import pandas as pd
 import psutil
 import pytest
 
-from tests.searchutil import (ROOT, BasicAuthMlflowServer, artifact_paths, files_holding, free_port, run_search,
-                              search_cmd, seed_cache, stop_ray_node, trial_runs)
+from tests.searchutil import (ROOT, BasicAuthMlflowServer, artifact_paths, files_holding, free_port, http_status,
+                              run_search, search_cmd, seed_cache, stop_ray_node, trial_runs)
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -144,22 +143,12 @@ def cluster_and_tracking(tmp_path, search_cache):
             server.stop()
 
 
-def _status(url: str, headers: dict | None = None, data: bytes | None = None) -> int:
-    """The HTTP status of a request (GET, or POST with ``data``)."""
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
 def _closed_to_strangers(cluster: Cluster, uri: str, tmp_path: Path) -> None:
     """MLflow without credentials and Ray's job API without the token are refused; a search with the wrong token
     is refused before it starts, saying how to get the right one."""
-    assert _status(f"{uri}/api/2.0/mlflow/runs/search", data=b'{"experiment_ids": ["0"]}') == 401
-    assert _status(f"{cluster.dashboard}/api/jobs/") == 401
-    assert _status(f"{cluster.dashboard}/api/jobs/", {"Authorization": f"Bearer {cluster.token}"}) == 200
+    assert http_status(f"{uri}/api/2.0/mlflow/runs/search", data=b'{"experiment_ids": ["0"]}') == 401
+    assert http_status(f"{cluster.dashboard}/api/jobs/") == 401
+    assert http_status(f"{cluster.dashboard}/api/jobs/", {"Authorization": f"Bearer {cluster.token}"}) == 200
     # Ray tries to join 20 times a second apart by default; the wrong token is refused at the first try
     stranger = run_search(tmp_path / "stranger", "stranger", "--address", cluster.address, "--tracking-uri", uri,
                           env={**cluster.env, "RAY_AUTH_TOKEN": "not-the-token", "RAY_gcs_server_port_wait_time_s": "1"})
