@@ -78,6 +78,19 @@ def parse_resolution_list(spec: str, name: str) -> tuple[int, ...]:
     return values
 
 
+GPU_OPTIONS = ("channels_last", "fused_adam", "tf32", "cudnn_benchmark", "compile")
+
+
+def parse_gpu_options(spec: str) -> tuple[str, ...]:
+    """``train.gpu_options``: comma-separated names from ``GPU_OPTIONS`` (pdcbdm.training.gpu_options), or ""."""
+    names = tuple(part.strip() for part in spec.split(",") if part.strip())
+    unknown = [n for n in names if n not in GPU_OPTIONS]
+    if unknown:
+        raise ValueError(f"train.gpu_options={spec!r}: unknown option(s) {', '.join(unknown)}; "
+                         f"valid: {', '.join(GPU_OPTIONS)}")
+    return names
+
+
 def parse_float_list(spec: str, name: str) -> tuple[float, ...]:
     """Parse "0,1,2" into (0.0, 1.0, 2.0)."""
     parts = [p.strip() for p in str(spec).split(",") if p.strip()]
@@ -287,9 +300,11 @@ class TrainConfig:
     eval_every: int = 1000
     threads: int = 0
     device: str = "auto"
+    gpu_options: str = ""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
+        parse_gpu_options(self.gpu_options)
         _check(self.batch_size >= 2, "train.batch_size", self.batch_size, "must be >= 2")
         _check(self.lr > 0.0, "train.lr", self.lr, "must be > 0")
         _check(self.warmup >= 0, "train.warmup", self.warmup, "must be >= 0")

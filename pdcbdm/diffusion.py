@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -10,7 +12,8 @@ from pdcbdm.config import DiffusionConfig
 
 
 def extract(buffer: Tensor, t: Tensor, like: Tensor) -> Tensor:
-    """Gather ``buffer[t]`` (float64 schedule) and shape it [B, 1, 1, 1] in ``like``'s dtype and device."""
+    """Gather ``buffer[t]`` (float64 schedule) and shape it [B, 1, 1, 1] in ``like``'s dtype and device. The
+    buffer should already live there (``GaussianDiffusion.to``): an upload per call is a host round trip."""
     out = buffer.to(like.device)[t].to(like.dtype if like.is_floating_point() else torch.float32)
     return out.view(-1, *([1] * (like.dim() - 1)))
 
@@ -40,35 +43,56 @@ class GaussianDiffusion:
             # KL and log-likelihoods stay finite at t index 0
             self.sigma2 = torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
         self.eps_coef = self.betas / torch.sqrt(1.0 - self.alphas_bar)
+        # what the steps gather every call, formed once (each would be a kernel launch per call on a GPU)
+        self.sqrt_alphas_bar = self.alphas_bar.sqrt()
+        self.sqrt_one_minus_alphas_bar = (1.0 - self.alphas_bar).sqrt()
+        self.sqrt_alphas = self.alphas.sqrt()
+        self.posterior_coef_x0 = self.betas * self.alphas_bar_prev.sqrt() / (1.0 - self.alphas_bar)
+        self.posterior_coef_xt = (1.0 - self.alphas_bar_prev) * self.sqrt_alphas / (1.0 - self.alphas_bar)
+        self.noise_unit = 2.0 * self.sigma2 * self.alphas * (1.0 - self.alphas_bar) / self.betas ** 2
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> "GaussianDiffusion":
+        """This schedule with every buffer on ``device`` (itself when they are there already): the sampling and
+        training steps then gather from it without an upload per step."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        moved = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor):
+                setattr(moved, name, value.to(device))
+        moved.device = device
+        return moved
 
     def sample_t(self, batch: int, device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
-        """Uniform timesteps for L_DM (Eq. 8)."""
-        return torch.randint(0, self.T, (batch,), device="cpu", generator=generator).to(device)
+        """Uniform timesteps for L_DM (Eq. 8), drawn where ``generator`` lives (so that a seeded draw does not
+        depend on where the result goes) and placed on ``device``."""
+        where = generator.device if generator is not None else torch.device(device)
+        return torch.randint(0, self.T, (batch,), device=where, generator=generator).to(device)
 
     def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Forward process, Eq. 2: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
-        return extract(self.alphas_bar.sqrt(), t, x0) * x0 + extract((1.0 - self.alphas_bar).sqrt(), t, x0) * eps
+        return extract(self.sqrt_alphas_bar, t, x0) * x0 + extract(self.sqrt_one_minus_alphas_bar, t, x0) * eps
 
     def mean_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Reverse mean, Eq. 4/7: mu = (x_t - beta_t / sqrt(1 - abar_t) * eps) / sqrt(alpha_t)."""
-        return (x_t - extract(self.eps_coef, t, x_t) * eps) / extract(self.alphas.sqrt(), t, x_t)
+        return (x_t - extract(self.eps_coef, t, x_t) * eps) / extract(self.sqrt_alphas, t, x_t)
 
     def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Invert Eq. 2 for x0 given a noise estimate."""
-        return (x_t - extract((1.0 - self.alphas_bar).sqrt(), t, x_t) * eps) / extract(self.alphas_bar.sqrt(), t, x_t)
+        return (x_t - extract(self.sqrt_one_minus_alphas_bar, t, x_t) * eps) / extract(self.sqrt_alphas_bar, t, x_t)
 
     def posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """Mean of q(x_{t-1} | x_t, x0); equals Eq. 7 when x0 comes from ``x0_from_eps`` unclipped."""
-        c1 = self.betas * self.alphas_bar_prev.sqrt() / (1.0 - self.alphas_bar)
-        c2 = (1.0 - self.alphas_bar_prev) * self.alphas.sqrt() / (1.0 - self.alphas_bar)
-        return extract(c1, t, x_t) * x0 + extract(c2, t, x_t) * x_t
+        return extract(self.posterior_coef_x0, t, x_t) * x0 + extract(self.posterior_coef_xt, t, x_t) * x_t
 
     def noise_units(self, t: Tensor, like: Tensor) -> Tensor:
         """2 sigma_t^2 alpha_t (1 - abar_t) / beta_t^2, shaped [B, 1, 1, 1]: times a KL between two reverse
         Gaussians (Eq. 11) it gives the squared distance of the means in noise units, since
         mu = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) (Eq. 7). DDPM's L_simple drops the same factor
         from L_t (Ho et al. 2020, Eq. 12 to 14)."""
-        return extract(2.0 * self.sigma2 * self.alphas * (1.0 - self.alphas_bar) / self.betas ** 2, t, like)
+        return extract(self.noise_unit, t, like)
 
     def variance(self, t: Tensor, like: Tensor) -> Tensor:
         """The fixed reverse variance sigma_t^2 ("fixedlarge" or "fixedsmall"), shaped [B, 1, 1, 1]."""

@@ -7,8 +7,9 @@ Seeds. Image ``n`` of class ``k`` is row ``n mod B`` of batch ``b = n // B`` of 
 Every random draw of a batch (the initial x_T and, for DDPM or DDIM with eta > 0, each step's noise) is made for all
 ``B`` rows from a generator seeded with ``batch_seed(seed, k, b)`` and sliced (``pdcbdm.sampling.Rows``), so image
 ``n`` is the same whichever rows of its batch a run generates: a resumed run, or a top-up to a larger count, gives
-the same images for the same indices (same model, sampler settings, seed and batch size; up to the floating-point
-differences of the network run at another batch size).
+the same images for the same indices (same model, sampler settings, seed, batch size and kind of device: the
+noise is drawn on the device, so that a step uploads nothing; up to the floating-point differences of the network
+run at another batch size).
 
 Resuming. A file that exists is kept and never regenerated; only the missing indices are sampled. The manifest
 (one row per generated file) is rewritten atomically before each batch's files are written, so every file the
@@ -161,7 +162,7 @@ def sample_job(net: nn.Module, diffusion: GaussianDiffusion, job: Job, shape: tu
                settings: Settings, *, null_label: int, device: torch.device,
                autocast: Callable[[], Any] = nullcontext) -> torch.Tensor:
     """The images of a job's rows, uint8 [stop - start, C, H, W] on the CPU (the noise rule: module docstring)."""
-    generator = torch.Generator().manual_seed(batch_seed(settings.seed, job.label, job.batch))
+    generator = torch.Generator(device).manual_seed(batch_seed(settings.seed, job.label, job.batch))
     labels = torch.full((job.stop - job.start,), job.label, dtype=torch.long, device=device)
     kw = dict(guidance=settings.guidance, null_label=null_label, generator=generator, autocast=autocast,
               clip_x0=settings.clip_x0, rows=Rows(job.start, job.stop, settings.batch_size))

@@ -43,5 +43,7 @@ def from_spec(counts: Sequence[int], spec: str) -> Tensor:
 
 
 def sample_labels(probs: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
-    """Draw n labels i.i.d. from ``probs`` (on the CPU, so a seeded generator gives the same draw on any device)."""
-    return torch.multinomial(probs.float().cpu(), n, replacement=True, generator=generator)
+    """Draw n labels i.i.d. from ``probs``, where ``generator`` lives (else where ``probs`` do): a seeded draw
+    depends on the generator's device only, and a device generator draws without a host round trip."""
+    where = generator.device if generator is not None else probs.device
+    return torch.multinomial(probs.to(where, torch.float32), n, replacement=True, generator=generator)

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
+
+
+@functools.lru_cache(maxsize=64)
+def _tanh_in(x: float, dtype: torch.dtype) -> float:
+    """tanh(x) rounded as ``dtype`` computes it, as a Python number: a constant of the loss that is not uploaded
+    to the device at every step."""
+    return float(torch.tanh(torch.tensor(x, dtype=dtype)))
 
 
 def _per_sample_mean(x: Tensor) -> Tensor:
@@ -74,6 +83,6 @@ def pd_loss(kl: Tensor, weight: float, form: str = "distance", scale: float = 2.
         bound = scale * d_ref
         # offset so that the term is 0 where the pair is as far apart as the true posteriors (d = d_ref): the
         # logged loss then reads as L_DM + L_DA plus what the separation gains, not plus a constant of the data
-        at_truth = torch.tanh(torch.as_tensor(1.0 / scale, dtype=kl.dtype, device=kl.device))
+        at_truth = _tanh_in(1.0 / scale, kl.dtype)
         return -weight * bound * (torch.tanh(kl.clamp_min(1e-12).sqrt() / bound) - at_truth)
     raise ValueError(f"pd_loss form must be one of {', '.join(PD_FORMS)}, got {form!r}")

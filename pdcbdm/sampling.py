@@ -47,8 +47,10 @@ class Rows:
         return cls(0, n, n)
 
     def noise(self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-        """Noise of shape [stop - start, *shape], this worker's rows of a draw for all ``total`` rows."""
-        return torch.randn((self.total, *shape), generator=generator)[self.start:self.stop].to(device)
+        """Noise of shape [stop - start, *shape], this worker's rows of a draw for all ``total`` rows, drawn where
+        ``generator`` lives (a generator on ``device`` draws without an upload)."""
+        where = generator.device if generator is not None else device
+        return torch.randn((self.total, *shape), generator=generator, device=where)[self.start:self.stop].to(device)
 
 
 def share_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -92,6 +94,7 @@ def ddpm_sample(
     (``Rows``; default: the labels are the batch). Returns images in [-1, 1], shape [N, *shape].
     """
     device, rows = labels.device, _rows(rows, labels)
+    diffusion = diffusion.to(device)
     x = rows.noise(shape, generator, device)
     for i in _steps_bar(list(range(diffusion.T - 1, -1, -1)), progress, "DDPM"):
         t = torch.full((labels.shape[0],), i, device=device, dtype=torch.long)
@@ -125,6 +128,7 @@ def ddim_sample(
     * (1 - abar/abar_prev)). ``rows`` as in ``ddpm_sample``. Returns images in [-1, 1].
     """
     device, rows = labels.device, _rows(rows, labels)
+    diffusion = diffusion.to(device)
     seq = ddim_timesteps(diffusion.T, steps)
     x = rows.noise(shape, generator, device)
     for j, i in enumerate(_steps_bar(seq, progress, "DDIM")):
@@ -135,7 +139,7 @@ def ddim_sample(
         x0 = diffusion.x0_from_eps(x, t, eps)
         if clip_x0:
             x0 = x0.clamp(-1, 1)
-            eps = (x - extract(diffusion.alphas_bar.sqrt(), t, x) * x0) / extract((1 - diffusion.alphas_bar).sqrt(), t, x)
+            eps = (x - extract(diffusion.sqrt_alphas_bar, t, x) * x0) / extract(diffusion.sqrt_one_minus_alphas_bar, t, x)
         abar = extract(diffusion.alphas_bar, t, x)
         abar_prev = extract(diffusion.alphas_bar, torch.full_like(t, prev), x) if prev >= 0 else torch.ones_like(abar)
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).clamp(min=0).sqrt()
@@ -158,10 +162,13 @@ def generate(
 
     With ``world`` > 1 this worker generates only its share of each batch (``share_bounds``): the samples of
     ``labels[share_indices(len(labels), batch_size, rank, world)]``, the very images one worker would draw for
-    them (the noise is drawn for the whole batch and sliced), up to floating-point differences of batch size."""
+    them (the noise is drawn for the whole batch and sliced), up to floating-point differences of batch size.
+    The noise is drawn on the labels' device: a seed gives the same images on every CPU, and other images (of the
+    same distribution) on a GPU."""
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-    generator = torch.Generator().manual_seed(seed)
+    # on the labels' device: the noise of every step is drawn there, without an upload per step
+    generator = torch.Generator(labels.device).manual_seed(seed)
     out = [torch.zeros((0, *shape), dtype=torch.uint8)]
     chunks = labels.split(batch_size)
     for chunk in tqdm(chunks, desc=f"sampling w={guidance:g}", disable=not progress or len(chunks) < 2, leave=False):

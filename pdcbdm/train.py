@@ -81,9 +81,10 @@ def train(cfg: Config, out: str | Path, *, progress: bool = True, data: ImageDat
     start = time.perf_counter()
     bar = tqdm(total=cfg.train.steps, initial=trainer.step, desc="train", disable=not progress)
     while trainer.step < cfg.train.steps:
-        values = trainer.train_step()
+        trainer.advance()
         bar.update(1)
         if trainer.step % cfg.train.log_every == 0 or trainer.step == cfg.train.steps:
+            values = trainer.take_window()  # the means since the last read; raises for a diverged step
             history.append({"step": trainer.step, **values})
             bar.set_postfix(loss=f"{values['loss']:.4f}", dm=f"{values['dm']:.4f}")
     bar.close()

@@ -244,3 +244,51 @@ def test_cosine_schedule_warms_up_then_decays_to_its_final_fraction_and_survives
     for _ in range(4):
         again.train_step()
     assert again.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.train.lr * 0.25)
+
+
+def test_a_training_window_makes_no_host_round_trip_until_it_is_read(digits):
+    """Issue 26: the step gathers, flips, draws and accumulates on the device; what the counter calls ``host``
+    (the guidance coin, Adam's step counts, the CPU-only label check) touches host tensors on every device.
+    The window (with its gradient diagnostics) is read back in one transfer."""
+    from pdcbdm.training.syncs import HostSyncCounter
+
+    cfg = _cfg("model.ch=16", "train.batch_size=16", "train.log_every=4", "loss.p_uncond=0.5")
+    trainer = Trainer(cfg, digits)
+    trainer.train_step()  # the first step makes Adam's state and the loss's cached constants
+    with HostSyncCounter() as counter:
+        for _ in range(3):
+            trainer.advance()
+    assert counter.total == 0, counter.ops
+    assert counter.kinds["host"] > 0  # the counter saw the step's host reads and told them apart
+    values = trainer.take_window()
+    assert {"loss", "dm", "grad_norm", "lr", "pd_grad_share"} <= set(values) and values["grad_dm"] > 0
+    with HostSyncCounter() as counter:  # what a stray read in the step would add
+        weight = trainer.net.head.weight.detach()
+        float(weight.sum())
+        weight[weight > 0]
+    assert dict(counter.kinds) == {"scalar_read": 1, "shape_from_values": 1}
+
+
+def test_a_divergence_is_named_by_its_first_step_when_the_window_is_read(digits):
+    trainer = Trainer(_cfg("model.ch=16", "train.batch_size=16"), digits)
+    trainer.advance()
+    x0, y = digits.batch(torch.arange(16))
+    x0[3] = float("inf")
+    trainer.advance(Batch(x0, y))
+    trainer.advance()
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2: dm="):
+        trainer.take_window()
+
+
+def test_gpu_options_are_checked_and_train_on_the_cpu_too(digits):
+    with pytest.raises(ValueError, match=r"train.gpu_options='fused_adam,warp': unknown option\(s\) warp"):
+        _cfg("train.gpu_options=fused_adam,warp")
+    losses = {}
+    for options in ("", "channels_last,fused_adam"):
+        torch.manual_seed(0)
+        trainer = Trainer(_cfg("model.ch=16", "train.batch_size=16", f"train.gpu_options={options}"), digits)
+        losses[options] = [trainer.train_step()["loss"] for _ in range(3)]
+    if "," in options:
+        assert trainer.net.head.weight.is_contiguous(memory_format=torch.channels_last)
+    # the same draws and arithmetic up to the kernels' rounding
+    assert losses[""] == pytest.approx(losses["channels_last,fused_adam"], rel=1e-3)

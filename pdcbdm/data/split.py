@@ -146,9 +146,15 @@ class ClassGroupSampler:
         """Number of images in the group."""
         return int(self.indices.numel())
 
+    def to(self, device: torch.device | str) -> "ClassGroupSampler":
+        """This sampler with its indices on ``device``: it then draws there (with a generator on that device)."""
+        self.indices = self.indices.to(device)
+        return self
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw `n` data set indices (int64 tensor [n]) with replacement; `generator` (CPU) makes it reproducible."""
+        """Draw `n` data set indices (int64 tensor [n]) with replacement, on the device of the indices (``to``);
+        `generator`, on that device, makes it reproducible."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
-        picks = torch.randint(len(self), (n,), generator=generator)
+        picks = torch.randint(len(self), (n,), generator=generator, device=self.indices.device)
         return self.indices[picks]

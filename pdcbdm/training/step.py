@@ -13,6 +13,7 @@ from pdcbdm.config import LossConfig
 from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.labels import sample_labels
 from pdcbdm.losses import cbdm_loss, dm_loss, gaussian_kl_same_var, pd_loss
+from pdcbdm.training.syncs import host_value
 
 
 @dataclass
@@ -39,13 +40,15 @@ class Shard:
 
 def _randn(shape: torch.Size | tuple[int, ...], like: Tensor, generator: torch.Generator | None,
            shard: Shard) -> Tensor:
-    # Drawn on the CPU so that a seeded run gives the same noise on any device.
-    out = shard.take(lambda n: torch.randn((n, *shape[1:]), generator=generator), shape[0])
+    # drawn where the generator lives: a device generator draws without a host round trip
+    where = generator.device if generator is not None else like.device
+    out = shard.take(lambda n: torch.randn((n, *shape[1:]), generator=generator, device=where), shape[0])
     return out.to(like.device, like.dtype)
 
 
 def _uniform(generator: torch.Generator | None) -> float:
-    return float(torch.rand((), generator=generator))
+    """A draw that decides the step's control flow: read on the host, so its generator must live there."""
+    return host_value(torch.rand((), generator=generator))
 
 
 def pd_terms(
@@ -85,6 +88,7 @@ def loss_terms(
     autocast: Callable[[], object] = nullcontext,
     shard: Shard = Shard(),
     draw_t: TimestepDraw | None = None,
+    host_generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """The terms of Eq. 8, 9 and 10 as scalars that keep their graph: ``dm``, ``cbdm``, ``pd`` and ``pd_kl``.
 
@@ -94,15 +98,17 @@ def loss_terms(
     - The PD pairs share t and eps ("under a given noise") and always keep their labels.
     The main, y' and head/tail inputs go through the network in one batched forward. ``shard`` says which part
     of the global batch this worker holds (every random draw is made globally and sliced). ``draw_t(n, generator)``
-    replaces the uniform timestep draw (diagnostics measure one band of t at a time).
+    replaces the uniform timestep draw (diagnostics measure one band of t at a time). The tensors are drawn from
+    ``generator`` (on the device: no host round trip) and the guidance-dropout coin, which decides which passes
+    run, from ``host_generator`` (default ``generator``, which must then live on the CPU).
     """
-    draw_t = draw_t or (lambda k, g: diffusion.sample_t(k, "cpu", g))
+    draw_t = draw_t or (lambda k, g: diffusion.sample_t(k, x0.device, g))
     x0, y = batch.x0, batch.y
     n = x0.shape[0]
     t = shard.take(lambda k: draw_t(k, generator), n).to(x0.device)
     eps = _randn(x0.shape, x0, generator, shard)
     x_t = diffusion.q_sample(x0, t, eps)
-    uncond = cfg.p_uncond > 0 and _uniform(generator) < cfg.p_uncond
+    uncond = cfg.p_uncond > 0 and _uniform(host_generator or generator) < cfg.p_uncond
     y_in = torch.full_like(y, null_label) if uncond else y
 
     xs, ts, ys = [x_t], [t], [y_in]

@@ -18,18 +18,17 @@ import torch
 from torch import nn
 
 from pdcbdm.config import Config
-from pdcbdm.data import ClassGroupSampler, ImageDataset, dataset_image_shape, head_tail_split
+from pdcbdm.data import ImageDataset, dataset_image_shape, head_tail_split
 from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.labels import from_spec
 from pdcbdm.models import PRESETS as UNET_PRESETS
 from pdcbdm.models import build_unet
-from pdcbdm.training.diagnostics import term_gradient_norms
 from pdcbdm.training.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
+from pdcbdm.training.diagnostics import term_gradient_norm_tensors
+from pdcbdm.training.feed import BatchFeed
+from pdcbdm.training.gpu_options import apply_gpu_options, channels_last, parse_gpu_options
 from pdcbdm.training.step import Batch, Shard, compute_loss
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss; the message names the step and every term's value."""
+from pdcbdm.training.window import LossWindow, NonFiniteLossError
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -140,7 +139,11 @@ class EMA:
 
 
 class Trainer:
-    """Holds network, EMA, optimiser, schedule, data samplers and the step counter of one run (one rank)."""
+    """Holds network, EMA, optimiser, schedule, data feed and the step counter of one run (one rank).
+
+    ``advance`` makes an optimiser step without a host round trip (the batch, its draws, the schedule and the
+    loss window live on the device); ``take_window`` reads the steps' mean values back, once per window, and
+    raises ``NonFiniteLossError`` for a diverged step; ``train_step`` is both, for one step."""
 
     def __init__(
         self, cfg: Config, dataset: ImageDataset, *, device: torch.device | str = "cpu", rank: int = 0,
@@ -160,55 +163,47 @@ class Trainer:
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(cfg.train.seed)
             self.net = build_network(cfg, self.num_classes, tuple(dataset.image_shape)).to(self.device)
+        self.gpu_options = parse_gpu_options(cfg.train.gpu_options)
+        apply_gpu_options(self.gpu_options, self.net)
         self.ema = EMA(self.net, cfg.train.ema_decay)
         self.model = wrap_model(self.net) if wrap_model else self.net
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.train.lr)
+        if "compile" in self.gpu_options:
+            self.model = torch.compile(self.model)
+        fused = {"fused": True} if "fused_adam" in self.gpu_options else {}
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.train.lr, **fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LrFactor.of(cfg.train))
-        self.diffusion = GaussianDiffusion(cfg.diffusion)
-        self.label_probs = from_spec(self.counts, cfg.loss.label_dist)
+        self.diffusion = GaussianDiffusion(cfg.diffusion).to(self.device)
+        self.label_probs = from_spec(self.counts, cfg.loss.label_dist).to(self.device, torch.float32)
         self.split = head_tail_split(self.counts, cfg.loss.split_ratio, mode=cfg.loss.split_mode, seed=cfg.data.seed)
-        self.head_sampler = ClassGroupSampler(dataset.labels, self.split.head)
-        self.tail_sampler = ClassGroupSampler(dataset.labels, self.split.tail)
-        # one seed for every rank: each draws the global batch's randomness and keeps its slice (see Shard)
-        self.generator = torch.Generator().manual_seed(cfg.train.seed * 100_003)
+        # one seed for every rank: each draws the global batch's randomness and keeps its slice (see Shard). The
+        # tensors are drawn on the device; the coin that decides a step's passes (guidance dropout) on the host.
+        # On the CPU both are one generator: the draws of every earlier CPU run.
+        seed = cfg.train.seed * 100_003
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.host_generator = self.generator if self.device.type == "cpu" else torch.Generator().manual_seed(seed + 1)
+        self.feed = BatchFeed(dataset, self.split, self.device, self.generator, rank, world_size)
+        self.window = LossWindow(self.device)
         self.shard = Shard(rank, world_size)
         self.step = 0
-        self._order: torch.Tensor | None = None
-        self._cursor = 0
         self.local_batch = cfg.train.batch_size // world_size
         pairs = cfg.loss.pd_pairs or cfg.train.batch_size // 2
         self.local_pairs = max(1, pairs // world_size)
 
     # -- data -----------------------------------------------------------------------------------------------
-    def _next_indices(self) -> torch.Tensor:
-        """The next global batch's indices (every rank alike); the data are reshuffled each epoch."""
-        batch = self.cfg.train.batch_size
-        if self._order is None or self._cursor + batch > len(self._order):
-            self._order = torch.randperm(len(self.dataset), generator=self.generator)
-            self._cursor = 0
-        idx = self._order[self._cursor:self._cursor + batch]
-        self._cursor += batch
-        return idx
-
-    def _gather(self, indices: torch.Tensor, n_local: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's rows of the global batch at ``indices``: the flips (``hflip``) are drawn for the global
-        batch and sliced like every other draw, so a run is the same with any number of workers."""
-        x, y = self.dataset.batch(indices, generator=self.generator)
-        rows = slice(self.rank * n_local, (self.rank + 1) * n_local)
-        return x[rows], y[rows]
-
     def next_batch(self) -> Batch:
-        x0, y = self._gather(self._next_indices(), self.local_batch)
-        batch = Batch(x0.to(self.device), y.to(self.device))
+        """The next batch (this rank's rows), on the device; with the PD loss on, its head and tail pairs."""
+        feed = self.feed
+        batch = Batch(*self._layout(feed.gather(feed.next_indices(self.cfg.train.batch_size), self.local_batch)))
         if self.cfg.loss.pd_weight > 0:
             n = self.local_pairs * self.world_size
-            head = self.head_sampler.sample(n, self.generator)
-            tail = self.tail_sampler.sample(n, self.generator)
-            hx, hy = self._gather(head, self.local_pairs)
-            tx, ty = self._gather(tail, self.local_pairs)
-            batch.head = (hx.to(self.device), hy.to(self.device))
-            batch.tail = (tx.to(self.device), ty.to(self.device))
+            head, tail = feed.group(True, n), feed.group(False, n)
+            batch.head = self._layout(feed.gather(head, self.local_pairs))
+            batch.tail = self._layout(feed.gather(tail, self.local_pairs))
         return batch
+
+    def _layout(self, xy: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = xy
+        return (channels_last(x) if "channels_last" in self.gpu_options else x), y
 
     # -- optimisation ---------------------------------------------------------------------------------------
     def autocast(self) -> Any:
@@ -216,39 +211,48 @@ class Trainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def train_step(self, batch: Batch | None = None) -> dict[str, float]:
-        """One optimiser step; returns the loss terms as floats. Raises NonFiniteLossError on NaN/inf."""
+    def advance(self, batch: Batch | None = None) -> None:
+        """One optimiser step, with nothing read back to the host: its values go to ``window`` (the gradient
+        diagnostics too, on rank 0 every ``train.log_every`` steps). A non-finite step is found by the next
+        ``take_window``; with DDP the all-reduced gradient norm is non-finite on every rank at once, so all
+        workers stop at the same step instead of one rank leaving the others in a collective."""
         self.model.train()
         batch = batch or self.next_batch()
         loss, terms = compute_loss(
             self.model, self.diffusion, batch, self.cfg.loss, label_probs=self.label_probs,
             null_label=self.num_classes, generator=self.generator, autocast=self.autocast, shard=self.shard,
+            host_generator=self.host_generator,
         )
-        values = {k: float(v) for k, v in terms.items()}
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip))
-        # checked after backward: with DDP the all-reduced gradient norm is non-finite on every rank at once, so
-        # all workers stop at the same step instead of one rank leaving the others in a collective
-        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-            detail = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
-            raise NonFiniteLossError(f"non-finite loss at step {self.step + 1}: {detail}")
+        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip)
         if self.rank == 0 and (self.step + 1) % self.cfg.train.log_every == 0:
-            values.update(self.gradient_norms(batch))
+            self.window.add_extra(self.gradient_norms(batch))
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update(self.net)
         self.step += 1
-        values["lr"] = self.scheduler.get_last_lr()[0]
-        return values
+        self.window.add(terms, self.step, self.scheduler.get_last_lr()[0])
 
-    def gradient_norms(self, batch: Batch) -> dict[str, float]:
-        """Each loss term's parameter-gradient norm on ``batch`` and the PD term's share of L_DM's (logged every
-        ``train.log_every`` steps; see ``pdcbdm.training.diagnostics``). Its own generator: the run's draws stay
-        the same with or without it."""
-        generator = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + self.step)
-        return term_gradient_norms(self.net, self.diffusion, batch, self.cfg.loss, label_probs=self.label_probs,
-                                   null_label=self.num_classes, generator=generator, autocast=self.autocast)
+    def take_window(self) -> dict[str, float]:
+        """The mean values of the steps since the last call (one host round trip); raises NonFiniteLossError
+        naming the first non-finite step. Call it before the state is saved or evaluated."""
+        return self.window.read()
+
+    def train_step(self, batch: Batch | None = None) -> dict[str, float]:
+        """One optimiser step and its values as floats (a host round trip per step: the training loops call
+        ``advance`` and read a window at a time). Raises NonFiniteLossError on NaN/inf."""
+        self.advance(batch)
+        return self.take_window()
+
+    def gradient_norms(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Each loss term's parameter-gradient norm on ``batch`` and the PD term's share of L_DM's, on the device
+        (see ``pdcbdm.training.diagnostics``). Its own generator: the run's draws stay the same with or
+        without it."""
+        generator = torch.Generator(self.device).manual_seed(self.cfg.train.seed * 7919 + self.step)
+        return term_gradient_norm_tensors(self.net, self.diffusion, batch, self.cfg.loss,
+                                          label_probs=self.label_probs, null_label=self.num_classes,
+                                          generator=generator, autocast=self.autocast)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def rng_states(self) -> list[dict[str, torch.Tensor]]:
@@ -272,9 +276,9 @@ class Trainer:
             "image_shape": list(self.dataset.image_shape), "class_names": list(self.dataset.class_names),
             "step": self.step, "net": self.net.state_dict(), "ema": self.ema.module.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "data_order": self._order if self._order is not None else torch.empty(0, dtype=torch.long),
-            "data_cursor": self._cursor,
+            "generator": self.generator.get_state(), "generator_device": self.device.type,
+            "host_generator": self.host_generator.get_state(), "torch_rng": torch.get_rng_state(),
+            **self.feed.state(),
         }
 
     def sampling_payload(self) -> dict[str, Any]:
@@ -301,13 +305,26 @@ class Trainer:
         if "optimizer" in data:
             self.optimizer.load_state_dict(data["optimizer"])
             self.scheduler.load_state_dict(data["scheduler"])
-        if "generator" in data:
-            self.generator.set_state(data["generator"].cpu())
-        self._load_rng(data)
-        if "data_order" in data and len(data["data_order"]):
-            self._order, self._cursor = data["data_order"].cpu(), int(data["data_cursor"])
         self.step = int(data["step"])
         self.ema.updates = self.step
+        self._load_generators(data)
+        self._load_rng(data)
+        if "data_order" in data:
+            self.feed.load(data["data_order"], int(data["data_cursor"]))
+
+    def _load_generators(self, data: dict[str, Any]) -> None:
+        """The batch draws as they were at the checkpoint; a checkpoint made on another kind of device (whose
+        generator state this one cannot take) continues with draws seeded by (seed, step)."""
+        if data.get("generator_device", "cpu") != self.device.type:
+            seed = self.cfg.train.seed * 100_003 + 1_000_033 * self.step
+            self.generator.manual_seed(seed)
+            if self.host_generator is not self.generator:
+                self.host_generator.manual_seed(seed + 1)
+            return
+        if "generator" in data:
+            self.generator.set_state(data["generator"].cpu())
+        if "host_generator" in data and self.host_generator is not self.generator:
+            self.host_generator.set_state(data["host_generator"].cpu())
 
     def _load_rng(self, data: dict[str, Any]) -> None:
         """Each rank's global RNG (dropout draws from it) as it was at the checkpoint; a checkpoint of another
