@@ -42,6 +42,12 @@ class Payload:
         return exec, (self.code,)
 
 
+def smoke_payload() -> dict:
+    """The sampling payload log_ema_model takes, for the smoke preset's network."""
+    return {"config": preset("smoke").to_dict(), "num_classes": NUM_CLASSES, "class_counts": [5] * NUM_CLASSES,
+            "image_shape": list(SHAPE), "class_names": [f"c{k}" for k in range(NUM_CLASSES)], "step": 7}
+
+
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     """The smoke preset's network logged by log_ema_model into a sqlite store, and a downloaded copy of its folder
@@ -53,8 +59,7 @@ def logged(tmp_path_factory):
     cfg = preset("smoke")
     torch.manual_seed(0)
     net = build_network(cfg, NUM_CLASSES, SHAPE).eval()
-    payload = {"config": cfg.to_dict(), "num_classes": NUM_CLASSES, "class_counts": [5] * NUM_CLASSES,
-               "image_shape": list(SHAPE), "class_names": [f"c{k}" for k in range(NUM_CLASSES)], "step": 7}
+    payload = smoke_payload()
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("safety", artifact_location=(tmp / "art").as_uri())
@@ -317,18 +322,83 @@ def _devices(value) -> list[torch.device]:
     return []
 
 
+def pinned_devices(exported: torch.export.ExportedProgram) -> list[str]:
+    """What ties an exported graph to the device it was traced on: a node that names a device (``arange(...,
+    device=cpu)``, the ``_assert_tensor_metadata`` that ``.to(dtype)`` records), a tensor constant lifted from the
+    trace (``torch.tensor(...)`` in forward: a plain attribute of the loaded module, which ``Module.to`` leaves on
+    the CPU), any constant that is not a non-persistent buffer (buffers follow ``Module.to``), and a device literal
+    in the loaded module's code."""
+    found = [n.format_node() for n in exported.graph.nodes if _devices((n.args, n.kwargs))]
+    found += [f"lifted tensor constant {name}" for name in exported.graph_signature.lifted_tensor_constants]
+    buffers = set(exported.graph_signature.non_persistent_buffers)
+    found += [f"constant {name}, not a buffer" for name in exported.constants if name not in buffers]
+    found += [f"code: {line.strip()}" for line in exported.module().code.splitlines() if "device" in line]
+    return found
+
+
+class _TracedOnTheCpu(torch.nn.Module):
+    """The time embedding as it was before its frequencies became a buffer, and a literal tensor."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freqs = torch.arange(4, device=t.device, dtype=torch.float32)
+        return t.to(torch.float32)[:, None] * freqs * torch.tensor([1.0, 2.0, 3.0, 4.0])
+
+
+def test_the_device_check_finds_what_pins_a_graph_to_the_cpu():
+    """pinned_devices is not vacuous: the pre-buffer time embedding's trace has arange(..., device=cpu) and a
+    cpu assertion on t, and a literal tensor becomes a lifted constant."""
+    found = pinned_devices(torch.export.export(_TracedOnTheCpu(), (torch.zeros(2, dtype=torch.long),)))
+    assert any("aten.arange" in f and "device: cpu" in f for f in found), found
+    assert any("_assert_tensor_metadata" in f and "device: cpu" in f for f in found), found
+    assert any(f.startswith("lifted tensor constant") for f in found), found
+
+
 def test_the_exported_graph_pins_no_device(logged):
     """No node of the logged graph carries a literal device (the time embedding's frequencies are a buffer, its
-    dtype cast a type_as): the graph runs wherever its weights are, here on the meta device. The frequencies stay
+    dtype cast a type_as) and its one constant is that non-persistent buffer: the graph runs wherever its module
+    is moved, here on the meta device (what a CUDA run needs, checked in tests/test_gpu.py). The frequencies stay
     out of the state_dict, so checkpoints load as before. (Our own archive: torch.export.load is fine on it.)"""
     exported = torch.export.load(logged.folder / "data" / "model.pt2")
-    pinned = [(n.name, d) for n in exported.graph.nodes for d in _devices((n.args, n.kwargs))]
-    assert not pinned, pinned
+    assert not pinned_devices(exported), pinned_devices(exported)
+    assert list(exported.constants) == ["time_embed.freqs"]
     module = exported.module().to("meta")
     x, t, y = (torch.zeros(3, *SHAPE, device="meta"), torch.zeros(3, dtype=torch.long, device="meta"),
                torch.zeros(3, dtype=torch.long, device="meta"))
     assert module(x, t, y).shape == (3, *SHAPE)
     assert not [k for k in logged.net.state_dict() if k.endswith("freqs")]
+
+
+def test_the_logged_model_still_samples_on_the_cpu(logged):
+    """The exported graph and the safe loader's rebuilt network sample the same images on the CPU."""
+    import mlflow
+
+    from pdcbdm.diffusion import GaussianDiffusion
+    from pdcbdm.sampling import generate
+
+    mlflow.set_tracking_uri(logged.uri)
+    net, cfg, meta = load_logged_model(f"runs:/{logged.run_id}/model", device="cpu")
+    graph = torch.export.load(logged.folder / "data" / "model.pt2").module()
+    labels = torch.arange(meta["num_classes"]).repeat(2)
+    kw = dict(steps=3, guidance=1.0, null_label=meta["num_classes"], batch_size=8)
+    with torch.no_grad():
+        images = generate(net, GaussianDiffusion(cfg.diffusion), labels, SHAPE, **kw)
+        from_graph = generate(graph, GaussianDiffusion(cfg.diffusion), labels, SHAPE, **kw)
+    assert images.shape == (20, *SHAPE) and images.dtype == torch.uint8
+    assert (images.int() - from_graph.int()).abs().max() <= 1  # rounding of float differences to uint8
+
+
+def test_a_channels_last_network_is_logged_in_the_layout_the_loader_reads(logged):
+    """train.gpu_options=channels_last keeps the EMA network's weights NHWC; the archive's raw records must still
+    be contiguous (the loader refuses strided ones), and the training network keeps its layout."""
+    torch.manual_seed(1)
+    net = build_network(preset("smoke"), NUM_CLASSES, SHAPE).eval().to(memory_format=torch.channels_last)
+    run_id = logged.client.create_run(logged.exp).info.run_id
+    log_ema_model(logged.uri, run_id, net, smoke_payload())  # sets the tracking URI
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in net.parameters())
+    loaded, _, _ = load_logged_model(f"runs:/{run_id}/model")
+    x, t, y = torch.randn(2, *SHAPE), torch.tensor([3, 700]), torch.tensor([1, NUM_CLASSES])
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, t, y), net(x, t, y), atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

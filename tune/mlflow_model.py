@@ -73,9 +73,10 @@ def model_metadata(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def log_ema_model(uri: str, run_id: str, net: nn.Module, payload: dict[str, Any]) -> str:
-    """Log ``net`` (the EMA network, in eval mode, on the CPU) as the run's model ``MODEL_NAME``; returns its
-    model URI. ``payload`` is the trainer's sampling payload (its config, classes, image shape and step go into
-    the MLmodel metadata; its tensors do not: the graph holds them)."""
+    """Log ``net`` (the EMA network, in eval mode, on the CPU, in the contiguous layout) as the run's model
+    ``MODEL_NAME``; returns its model URI. ``payload`` is the trainer's sampling payload (its config, classes, image
+    shape and step go into the MLmodel metadata; its tensors do not: the graph holds them). The graph names no
+    device (tests/test_model_safety.py checks it): whoever loads it moves the module where it samples, CPU or CUDA."""
     import copy
 
     import mlflow
@@ -83,8 +84,10 @@ def log_ema_model(uri: str, run_id: str, net: nn.Module, payload: dict[str, Any]
 
     meta = model_metadata(payload)
     shape = tuple(meta["image_shape"])
-    # a copy: exporting must not move or retrace the network training goes on with (a DDP or compiled wrapper)
-    cpu_net = copy.deepcopy(net).to("cpu").eval()
+    # a copy: exporting must not move or retrace the network training goes on with (a DDP or compiled wrapper);
+    # contiguous: a channels_last network (train.gpu_options) would be archived with NHWC strides, which the
+    # loader's raw records refuse
+    cpu_net = copy.deepcopy(net).to("cpu").to(memory_format=torch.contiguous_format).eval()
     experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
     mlflow.set_tracking_uri(uri)
     # the logged model belongs to the active experiment, and runs:/ID/model finds it only in the run's own
