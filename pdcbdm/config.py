@@ -78,7 +78,7 @@ def parse_resolution_list(spec: str, name: str) -> tuple[int, ...]:
     return values
 
 
-GPU_OPTIONS = ("channels_last", "fused_adam", "tf32", "cudnn_benchmark", "compile")
+GPU_OPTIONS = ("channels_last", "fused_adam", "tf32", "cudnn_benchmark", "compile", "bf16_groupnorm")
 
 
 def parse_gpu_options(spec: str) -> tuple[str, ...]:

@@ -292,3 +292,17 @@ def test_gpu_options_are_checked_and_train_on_the_cpu_too(digits):
         assert trainer.net.head.weight.is_contiguous(memory_format=torch.channels_last)
     # the same draws and arithmetic up to the kernels' rounding
     assert losses[""] == pytest.approx(losses["channels_last,fused_adam"], rel=1e-3)
+
+
+def test_bf16_groupnorm_normalises_in_autocasts_dtype_with_the_same_weights():
+    from pdcbdm.models.layers import group_norm
+    from pdcbdm.training.gpu_options import apply_gpu_options
+
+    net = torch.nn.Sequential(group_norm(64))
+    x = torch.randn(2, 64, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net(x).dtype == torch.float32  # autocast's rule for GroupNorm
+        apply_gpu_options(("bf16_groupnorm",), net)
+        low = net(x)
+    assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), net(x), atol=0.05)
+    assert list(net.state_dict()) == ["0.weight", "0.bias"]

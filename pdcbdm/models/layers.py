@@ -23,6 +23,7 @@ __all__ = [
     "ConditionBlock",
     "Downsample",
     "EmbedSequential",
+    "GroupNorm",
     "ResBlock",
     "TimeEmbedding",
     "TimestepBlock",
@@ -37,7 +38,23 @@ __all__ = [
 _NORM_GROUPS = 32
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (the same weights and state) that, with ``low_precision`` set and autocast on, normalises
+    in autocast's dtype: autocast otherwise runs every GroupNorm in fp32, and the SiLU after it too (the
+    ``bf16_groupnorm`` speed option, pdcbdm.training.gpu_options)."""
+
+    low_precision = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        kind = x.device.type
+        if not (self.low_precision and torch.is_autocast_enabled(kind)):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(kind)
+        with torch.autocast(kind, enabled=False):
+            return F.group_norm(x.to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps)
+
+
+def group_norm(channels: int) -> GroupNorm:
     """GroupNorm with 32 groups, or gcd(32, channels) groups when ``channels`` is not a multiple of 32.
 
     Args:
@@ -45,7 +62,7 @@ def group_norm(channels: int) -> nn.GroupNorm:
     """
     if channels < 1:
         raise ValueError(f"group_norm: channels must be >= 1, got {channels}")
-    return nn.GroupNorm(math.gcd(_NORM_GROUPS, channels), channels, eps=1e-6)
+    return GroupNorm(math.gcd(_NORM_GROUPS, channels), channels, eps=1e-6)
 
 
 def init_xavier_(module: nn.Linear | nn.Conv2d, gain: float = 1.0) -> None:

@@ -6,7 +6,9 @@
 - ``tf32``: TF32 tensor cores for fp32 matmuls and convolutions (``train.precision=fp32`` only; bf16 autocast
   does not use them); process-wide;
 - ``cudnn_benchmark``: cuDNN times its algorithms for each input shape once and keeps the fastest; process-wide;
-- ``compile``: ``torch.compile`` of the (wrapped) network; the checkpoints keep the plain network's weights.
+- ``compile``: ``torch.compile`` of the (wrapped) network; the checkpoints keep the plain network's weights;
+- ``bf16_groupnorm``: GroupNorm (and the SiLU after it) in autocast's bf16 instead of fp32
+  (``pdcbdm.models.layers.GroupNorm``); its effect on the loss curve: README, "Figures measured here".
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from pdcbdm.config import GPU_OPTIONS, parse_gpu_options
+from pdcbdm.models.layers import GroupNorm
 
 __all__ = ["GPU_OPTIONS", "apply_gpu_options", "channels_last", "parse_gpu_options"]
 
@@ -29,6 +32,10 @@ def apply_gpu_options(options: tuple[str, ...], net: nn.Module) -> None:
         torch.backends.cudnn.benchmark = True
     if "channels_last" in options:
         net.to(memory_format=torch.channels_last)
+    if "bf16_groupnorm" in options:
+        for module in net.modules():
+            if isinstance(module, GroupNorm):
+                module.low_precision = True
 
 
 def channels_last(x: Tensor) -> Tensor:
