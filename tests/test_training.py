@@ -306,3 +306,25 @@ def test_bf16_groupnorm_normalises_in_autocasts_dtype_with_the_same_weights():
         low = net(x)
     assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), net(x), atol=0.05)
     assert list(net.state_dict()) == ["0.weight", "0.bias"]
+
+
+def test_a_checkpoint_of_another_kind_of_device_continues_with_draws_seeded_by_its_step(digits, tmp_path):
+    """A CUDA generator's state cannot seed a CPU one (and back): such a checkpoint's batch draws restart from
+    (seed, step), the same on every load, instead of failing the resume."""
+    from pdcbdm.training.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = _cfg("model.ch=16", "train.batch_size=16")
+    trainer = Trainer(cfg, digits)
+    trainer.train_step()
+    payload = trainer.state_payload()
+    save_checkpoint(tmp_path / "same.pt", payload)
+    save_checkpoint(tmp_path / "gpu.pt", {**payload, "generator_device": "cuda",
+                                           "generator": torch.zeros(16, dtype=torch.uint8)})
+    assert load_checkpoint(tmp_path / "gpu.pt")["generator_device"] == "cuda"
+    states = []
+    for name in ("same.pt", "gpu.pt", "gpu.pt"):
+        restored = Trainer(cfg, digits)
+        restored.load(tmp_path / name)
+        states.append(restored.generator.get_state())
+    assert torch.equal(states[0], trainer.generator.get_state())
+    assert torch.equal(states[1], states[2]) and not torch.equal(states[0], states[1])
