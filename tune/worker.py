@@ -3,23 +3,29 @@ evaluation and MLflow logging (metric histories, sample grids, per-class tables,
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
 import time
+import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import pandas as pd
 import ray
 import ray.train
+import ray.train.collective
 import ray.train.torch
 import torch
 
 from pdcbdm.config import Config, parse_float_list, write_json_atomic
 from pdcbdm.data import PREPARED, prepared_summary
-from pdcbdm.evaluation import Evaluator, SampleSource, best_by_fid, evaluation_split, headline
+from pdcbdm.evaluation import Evaluator, Samples, SampleSource, best_by_fid, evaluation_split, headline
+from pdcbdm.evaluation.samples import SHARE_WAIT_FLOOR_S, ShareExchange
 from pdcbdm.noise_error import noise_error
 from pdcbdm.train import load_data
 from pdcbdm.training import NonFiniteLossError, Trainer
@@ -214,12 +220,6 @@ class RankZeroLogger:
         self.flush()
 
 
-def window_means(window: list[dict[str, float]]) -> dict[str, float]:
-    """Each key's mean over the steps that carry it (the gradient diagnostics come only at log steps)."""
-    keys = dict.fromkeys(k for values in window for k in values)
-    return {k: sum(v[k] for v in window if k in v) / sum(k in v for v in window) for k in keys}
-
-
 def _restore(trainer: Trainer) -> dict[str, Any] | None:
     """Continue from the run's latest readable checkpoint (after a worker restart or a resumed search); returns
     the metrics reported with it ({} for a checkpoint without them), or None without a checkpoint."""
@@ -297,14 +297,14 @@ def _guidance_grid(cfg: Config) -> list[float]:
     return sorted(set(parse_float_list(cfg.eval.guidance_grid, "eval.guidance_grid")))
 
 
-def _final_evaluation(trainer: Trainer, evaluator: Evaluator, folder: Path, log: RankZeroLogger) -> dict[str, Any]:
-    """Score the EMA network over ``eval.guidance_grid`` (the same w for every trial); log the per-class table
-    (an MLflow table for the UI, and Parquet for the notebooks), the grids and the sweep's metrics (JSON).
-    The headline metrics are those of the best w (lowest FID), reported as ``best_guidance``. With several
-    workers the sampling is split over them (``_final_share`` on the other ranks) and scored here."""
+def _final_evaluation(trainer: Trainer, evaluator: Evaluator, sets: list[Samples], folder: Path,
+                      log: RankZeroLogger) -> dict[str, Any]:
+    """Score the EMA network's samples over ``eval.guidance_grid`` (``sets``, from ``_final_samples``: the same w
+    for every trial); log the per-class table (an MLflow table for the UI, and Parquet for the notebooks), the
+    grids and the sweep's metrics (JSON). The headline metrics are those of the best w (lowest FID), reported as
+    ``best_guidance``."""
     cfg = trainer.cfg
-    results = evaluator.evaluate_grid(trainer.ema.module, _guidance_grid(cfg), n=cfg.eval.num_samples,
-                                      seed=cfg.train.seed, autocast=trainer.autocast, world=trainer.world_size)
+    results = evaluator.score_grid(_guidance_grid(cfg), sets, seed=cfg.train.seed)
     best = best_by_fid(results, cfg.eval.min_consistency)
     rows = []
     for r in results:
@@ -343,52 +343,146 @@ def _evaluate(trainer: Trainer, evaluator: Evaluator, log: RankZeroLogger, final
     values a pruned trial is judged by) and the final FIDs at the best w at the end, the value the trials table
     ranks completed trials by, so that the study's best trial is the table's first.
 
+    With several workers, the final evaluation's samples are drawn by every rank at once and exchanged first
+    (``_final_samples``; the other ranks in ``_final_share``): everything after that is rank 0's alone, while the
+    other ranks wait at the report's Ray barrier (``_report``), never in a torch collective. ``eval_s`` is the
+    time rank 0 spends alone here. Once the samples are in, the final evaluation cannot fail the trial
+    (``_final_scores``).
+
     The files go through a temporary folder removed as soon as they are uploaded: a trial leaves nothing in the
     system temp folder (its checkpoints live in Ray's storage, its records in MLflow).
     """
-    cfg = trainer.cfg
+    sets = _final_samples(trainer, evaluator.source, 0) if final else None
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pdcbdm-eval-") as tmp:
-        folder = Path(tmp)
-        images, _, out = evaluator.proxy(trainer.ema.module, guidance=cfg.eval.proxy_guidance, seed=cfg.train.seed,
-                                         autocast=trainer.autocast)
-        grid = _grid_png(images, trainer.num_classes, folder / f"samples_step{trainer.step:07d}.png")
-        log.image(grid, SAMPLES_KEY, trainer.step)
-        out.update(objective=out["proxy_fid"], objective_tail=out["proxy_fid_tail"])
-        if final:
-            out.update(_final_evaluation(trainer, evaluator, folder, log))
-            tail = out.get("fid_tail")
-            out.update(objective=out["fid"], objective_tail=out["fid"] if tail is None else tail)
-            log.model(trainer)
+        if sets is None:
+            out = _proxy_scores(trainer, evaluator, Path(tmp), log)
+        else:
+            out = _final_scores(trainer, evaluator, sets, Path(tmp), log)
+    return {**out, "eval_s": time.perf_counter() - start}
+
+
+def _proxy_scores(trainer: Trainer, evaluator: Evaluator, folder: Path, log: RankZeroLogger) -> dict[str, Any]:
+    """The proxy scores of every evaluation (rank 0 alone), its sample grid logged; the proxies are the
+    objectives until the final scores replace them."""
+    cfg = trainer.cfg
+    images, _, out = evaluator.proxy(trainer.ema.module, guidance=cfg.eval.proxy_guidance, seed=cfg.train.seed,
+                                     autocast=trainer.autocast)
+    grid = _grid_png(images, trainer.num_classes, folder / f"samples_step{trainer.step:07d}.png")
+    log.image(grid, SAMPLES_KEY, trainer.step)
+    return {**out, "objective": out["proxy_fid"], "objective_tail": out["proxy_fid_tail"]}
+
+
+def _final_scores(trainer: Trainer, evaluator: Evaluator, sets: list[Samples], folder: Path,
+                  log: RankZeroLogger) -> dict[str, Any]:
+    """The last evaluation on rank 0, after training: the proxy, the final scores of ``sets`` (the objectives) and
+    the EMA network as the run's model. An error here is recorded and reported with the final checkpoint
+    (``_after_training_error``), never raised: raised, it would fail the trial after all its training, and Train
+    would restart the workers from the last checkpoint before the end to train and fail again."""
+    out: dict[str, Any] = {}
+    try:
+        out.update(_proxy_scores(trainer, evaluator, folder, log))
+        out.update(_final_evaluation(trainer, evaluator, sets, folder, log))
+    except Exception as exc:  # noqa: BLE001 - any error of the scores or their records: see the docstring
+        unscored = {k: math.nan for k in ("proxy_fid", "proxy_fid_tail")}  # the scheduler's metric must be there
+        return {**unscored, **out, "objective": math.nan, "objective_tail": math.nan,
+                **_after_training_error(log, "the final evaluation", exc)}
+    tail = out.get("fid_tail")
+    out.update(objective=out["fid"], objective_tail=out["fid"] if tail is None else tail)
+    try:
+        log.model(trainer)
+    except Exception as exc:  # noqa: BLE001 - the scores stand without the model: see the docstring
+        out.update(_after_training_error(log, "logging the EMA network as the run's model", exc))
     return out
 
 
-def _final_share(trainer: Trainer, source: SampleSource, rank: int) -> None:
-    """Rank > 0's part of the final evaluation: its rows of every guidance value's samples, their features sent
-    to rank 0 (the same calls, in the same order, as rank 0's ``evaluate_grid``)."""
+def _after_training_error(log: RankZeroLogger, what: str, exc: Exception) -> dict[str, Any]:
+    """An error of the final evaluation, recorded where a user looks: its traceback on stderr, its text in the
+    run's error tag and as ``eval_error`` in the trial's last report (with the final checkpoint, which a
+    restarted worker reports again rather than train: ``train_loop``). Without final scores the caller reports
+    NaN objectives: Optuna records the trial FAIL (``tune.searcher``), the trials table ranks it last."""
+    print(redact_text("".join(traceback.format_exception(exc))), file=sys.stderr, flush=True)
+    text = redact_text(f"{what} failed after training ({type(exc).__name__}: {exc}); the trial keeps its final "
+                       f"checkpoint (the run's tag pdcbdm.ray_checkpoint; pipelines/evaluate.py scores it)")
+    try:
+        log.tags({tracking.ERROR_TAG: text[:5000]})
+    except Exception as tag_exc:  # noqa: BLE001 - the tracking store may be what failed: the report still says it
+        print(f"could not tag the run with the error: {redact_text(str(tag_exc))[:300]}", file=sys.stderr,
+              flush=True)
+    return {"eval_error": text[:2000]}
+
+
+def _final_samples(trainer: Trainer, source: SampleSource, rank: int) -> list[Samples] | None:
+    """Every rank's part of the final evaluation's sampling (every rank calls it at the last step, before any
+    rank works alone: a collective): its rows of every guidance value's samples, their features sent to rank 0
+    as soon as they are drawn (``SampleSource.grid_samples``). The sets on rank 0, None on the others."""
     cfg = trainer.cfg
-    source.grid_samples(trainer.ema.module, _guidance_grid(cfg), cfg.eval.num_samples, seed=cfg.train.seed,
-                        autocast=trainer.autocast, rank=rank, world=trainer.world_size)
+    return source.grid_samples(trainer.ema.module, _guidance_grid(cfg), cfg.eval.num_samples, seed=cfg.train.seed,
+                               autocast=trainer.autocast, rank=rank, world=trainer.world_size,
+                               label=f"the final evaluation at step {trainer.step}")
+
+
+def _final_share(trainer: Trainer, source: SampleSource, rank: int) -> None:
+    """Rank > 0's part of the final evaluation (``_final_samples``, which rank 0 calls first thing in
+    ``_evaluate``); its wait for rank 0's scores follows at the report (``_report``)."""
+    _final_samples(trainer, source, rank)
 
 
 def _evaluators(trainer: Trainer, rank: int, cache_dir: str | None) -> tuple[Evaluator | None, SampleSource]:
-    """Rank 0's Evaluator (reference, judge, floors) and every rank's sampling side. Rank 0 builds first, so that
-    the caches (the digits network) it creates on its node are read, not rebuilt, by the ranks beside it."""
+    """Rank 0's Evaluator (reference, judge, floors) and every rank's sampling side, both with the trial's share
+    exchange (``_share_exchange``). Rank 0 builds first, so that the caches (the digits network) it creates on its
+    node are read, not rebuilt, by the ranks beside it; the ranks meet in Ray barriers (``_meet``) after each
+    build: a build may take minutes (reference features, a domain CNN trained), and no rank waits for another's
+    in a torch collective (NCCL on GPUs: aborted at the process group's timeout)."""
     cfg, device = trainer.cfg, trainer.device
+    exchange = _share_exchange(trainer.world_size)
     evaluator = None
     if rank == 0:
         split = evaluation_split(cfg, trainer.counts)  # eval.split_ratio, not the trial's loss.split_ratio
         evaluator = Evaluator.build(cfg, num_classes=trainer.num_classes, head=split.head, tail=split.tail,
                                     device=device, cache_dir=cache_dir, train_counts=trainer.counts)
-    if trainer.world_size > 1:
-        torch.distributed.barrier()
+        evaluator = dataclasses.replace(evaluator, exchange=exchange)
+    _meet(trainer)
     if evaluator is not None:
-        return evaluator, evaluator.source
-    return None, SampleSource.build(cfg, num_classes=trainer.num_classes, image_shape=trainer.dataset.image_shape,
+        source = evaluator.source
+    else:
+        source = SampleSource.build(cfg, num_classes=trainer.num_classes, image_shape=trainer.dataset.image_shape,
                                     device=device, cache_dir=cache_dir)
+        source = dataclasses.replace(source, exchange=exchange)
+    _meet(trainer)  # rank 0 would otherwise wait for the others' builds in the first training step's all-reduce
+    return evaluator, source
+
+
+def _share_exchange(world: int) -> ShareExchange:
+    """Where a trial's workers exchange their evaluation shares: with several workers a gloo process group of
+    their own (``new_group`` is a collective: every rank calls it, at the same point), whatever the training's
+    backend. Over gloo the shares (CPU tensors) never occupy an NCCL stream, each wait has its own limit sized to
+    the work (``ShareExchange.wait_s``) and one that ends raises a Python error naming what it waited for;
+    NCCL's timeout aborts the process. Created before training, so that a node pair gloo cannot connect fails the
+    trial at its start (within the floor), not after its training."""
+    if world == 1:
+        return ShareExchange()
+    group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=SHARE_WAIT_FLOOR_S))
+    return ShareExchange(group)
+
+
+def _meet(trainer: Trainer) -> None:
+    """With several workers, every rank waits here for the others in Ray Train's barrier, which has no timeout
+    (Ray logs the ranks it waits for every minute) and ends in an error when a worker fails: the place to wait
+    for another rank's work alone (an evaluation, MLflow records, a checkpoint upload), which the waiting rank
+    cannot size."""
+    if trainer.world_size > 1:
+        ray.train.collective.barrier()
 
 
 def _report(trainer: Trainer, metrics: dict[str, Any], rank: int) -> None:
-    """Every rank reports (a barrier); rank 0 attaches the checkpoint, with every rank's RNG state (gathered)."""
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint, with every rank's RNG state (gathered).
+
+    Rank 0 comes from its evaluation, the others straight from training: they wait for it at a Ray barrier first
+    (``_meet``), so that the RNG states' gather (a torch collective: NCCL on GPUs) starts with every rank there.
+    Ray's report returns on rank 0 only once its checkpoint is uploaded: the others wait for that at a second
+    barrier, not in the next training step's all-reduce."""
+    _meet(trainer)
     rng_states = trainer.rng_states()
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
@@ -396,6 +490,7 @@ def _report(trainer: Trainer, metrics: dict[str, Any], rank: int) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(write_checkpoint(trainer, metrics, Path(folder),
                                                                               rng_states))
         ray.train.report(metrics, checkpoint=checkpoint)
+    _meet(trainer)
 
 
 def _inject_fault(trainer: Trainer, rank: int) -> None:
@@ -412,8 +507,9 @@ def _inject_fault(trainer: Trainer, rank: int) -> None:
 
 
 def _diverged(trainer: Trainer, exc: NonFiniteLossError, log: "RankZeroLogger", rank: int) -> None:
-    """Report the divergence (every rank reaches it at the same step) with the last finite state; the trial
-    function turns it into a failed trial, without Train restarting the workers into the same divergence."""
+    """Report the divergence (every rank finds it at the same window read; the error names the first non-finite
+    step); the trial function turns it into a failed trial, without Train restarting the workers into the same
+    divergence. The checkpoint carries the report for a resumed search, not weights to train on."""
     log.metrics({"diverged": 1.0}, trainer.step)
     log.tags({tracking.ERROR_TAG: str(exc)})  # the run says why even if the driver dies before it records the end
     # the searcher and scheduler read their metrics from every result: report the worst value
@@ -455,7 +551,7 @@ def train_loop(config: dict[str, Any]) -> None:
     stored = _restore(trainer)
     if stored is not None and stored.get("diverged"):
         # it diverged before the driver died and Tune's saved state missed the failure: fail it again from its
-        # report, rather than train on from the last finite state as if it had not failed
+        # report, rather than train on as if it had not failed
         ray.train.report(stored)
         return
     if stored is not None:
@@ -487,24 +583,25 @@ def _record_placement(log: RankZeroLogger, step: int, world: int) -> None:
 
 
 def _train(trainer: Trainer, log: RankZeroLogger, rank: int, cache_dir: str | None) -> None:
-    """Train to ``train.steps``: window means of the step values every ``train.log_every`` steps (asynchronous),
-    an evaluation (rank 0) and a report with a checkpoint (every rank) every ``train.eval_every`` and at the end."""
+    """Train to ``train.steps``: window means of the step values every ``train.log_every`` steps and before each
+    evaluation (asynchronous), an evaluation (rank 0) and a report with a checkpoint (every rank) every
+    ``train.eval_every`` and at the end."""
     cfg = trainer.cfg
     evaluator, source = _evaluators(trainer, rank, cache_dir)
     log.tags({EXTRACTOR_TAG: source.extractor.identity, **(evaluator.tags() if evaluator is not None else {})})
-    window: list[dict[str, float]] = []
     while trainer.step < cfg.train.steps:
         _inject_fault(trainer, rank)
-        try:
-            values = trainer.train_step()
+        trainer.advance()
+        final = trainer.step == cfg.train.steps
+        evaluating = trainer.step % cfg.train.eval_every == 0 or final
+        if trainer.step % cfg.train.log_every and not evaluating:
+            continue
+        try:  # the window's one read: a divergence since the last read stops the trial before anything is saved
+            values = trainer.take_window()
         except NonFiniteLossError as exc:
             return _diverged(trainer, exc, log, rank)
-        window.append(values)
-        if trainer.step % cfg.train.log_every == 0:
-            log.metrics(window_means(window), trainer.step, wait=False)
-            window = []
-        final = trainer.step == cfg.train.steps
-        if trainer.step % cfg.train.eval_every == 0 or final:
+        log.metrics(values, trainer.step, wait=False)
+        if evaluating:
             metrics: dict[str, Any] = {"step": trainer.step, "loss": values["loss"], "dm": values["dm"]}
             if rank == 0:
                 metrics.update(_evaluate(trainer, evaluator, log, final))

@@ -24,7 +24,7 @@ from pdcbdm.metrics import (FLOOR_SEEDS, FeatureExtractor, FeatureSet, FloorUnav
 from pdcbdm.metrics.memorisation import memorisation_floor, memorisation_report, memorisation_share
 
 from .real_sets import RealSets
-from .samples import SampleSource, resize_samples
+from .samples import Samples, SampleSource, ShareExchange, resize_samples
 from .settings import feature_extractor
 
 __all__ = ["GuidanceResult", "Evaluator"]
@@ -65,6 +65,7 @@ class Evaluator:
     train_features: FeatureSet | None = None
     judge_accuracy: float | None = None
     judge_network: FeatureExtractor | None = None  # the judging network when it is not the extractor (eval.judge)
+    exchange: ShareExchange = field(default_factory=ShareExchange)  # where a trial's workers send their shares
     _memorisation_floor: dict[str, Any] | None = field(default=None, repr=False)
     _floors: dict[tuple, dict[str, Any]] = field(default_factory=dict, repr=False)
     _floor_key: str | None = field(default=None, repr=False)
@@ -110,7 +111,7 @@ class Evaluator:
     def source(self) -> SampleSource:
         """The sampling and feature side of this evaluator (what the other workers of a trial hold too)."""
         return SampleSource(self.cfg, self.extractor, self.num_classes, self.image_shape, self.device,
-                            self.score_shape)
+                            self.score_shape, self.exchange)
 
     def sample(self, net: nn.Module, guidance: float, n: int, *, seed: int = 0, progress: bool = False,
                autocast: Callable[[], Any] | None = None, final: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,24 +210,27 @@ class Evaluator:
 
     def evaluate_grid(self, net: nn.Module, guidances: Sequence[float] | None = None, *, n: int | None = None,
                       seed: int = 0, progress: bool = False, autocast: Callable[[], Any] | None = None,
-                      world: int = 1) -> list[GuidanceResult]:
+                      world: int = 1, label: str = "a final evaluation") -> list[GuidanceResult]:
         """One sampling per guidance value (the grid of ``eval.guidance_grid`` by default), each fully scored; the
         samples follow ``eval.protocol`` (``final_sampling``).
 
         ``world`` > 1: this is rank 0 of ``world`` workers that split the sampling (the others call
         ``SampleSource.grid_samples`` with the same arguments and their rank); their samples' features are
-        gathered here and scored as the one-worker samples would be."""
+        gathered here, every guidance value's before any is scored, and scored as the one-worker samples would be."""
         grid = (list(guidances) if guidances is not None
                 else list(parse_float_list(self.cfg.eval.guidance_grid, "eval.guidance_grid")))
-        n = n or self.cfg.eval.num_samples
+        sets = self.source.grid_samples(net, grid, n or self.cfg.eval.num_samples, seed=seed, progress=progress,
+                                        autocast=autocast, world=world, label=label)
+        return self.score_grid(grid, sets, seed=seed)
+
+    def score_grid(self, guidances: Sequence[float], sets: Sequence[Samples], *,
+                   seed: int = 0) -> list[GuidanceResult]:
+        """The full scores of the sample sets drawn at ``guidances`` (``SampleSource.grid_samples``), in order."""
         out = []
-        for w in grid:  # the other ranks call grid_samples: the same shared_samples calls, in this order
+        for w, got in zip(guidances, sets, strict=True):
             start = time.perf_counter()
-            got = self.source.shared_samples(net, w, n, seed=seed, progress=progress, autocast=autocast, final=True,
-                                             world=world)
-            sampled = time.perf_counter()
             metrics, per_class = self.score_features(self._with_judged(got.features, got.images), seed=seed)
-            timings = {"sample_s": sampled - start, "score_s": time.perf_counter() - sampled}
+            timings = {"sample_s": got.seconds, "score_s": time.perf_counter() - start}
             out.append(GuidanceResult(w, {"guidance": w, **metrics}, per_class, got.images, got.labels, timings))
         return out
 

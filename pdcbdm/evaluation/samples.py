@@ -1,12 +1,19 @@
 """Generated samples for an evaluation: drawn with classifier-free guidance by one worker or shared out between the
 workers of a trial (each samples its rows and extracts their features, rank 0 gathers them), at the shape the
-evaluation scores."""
+evaluation scores.
+
+The workers of a trial exchange their shares right after drawing them, before rank 0 scores anything: they all
+sample at the same time, so an exchange waits only for the slowest share of the same work, and a worker's wait is
+bounded by what its own share took (``ShareExchange``); a wait that ends without the shares raises
+``ShareWaitError``, which names the rank, the evaluation and the guidance value."""
 
 from __future__ import annotations
 
 import os
+import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -22,16 +29,53 @@ from pdcbdm.sampling import generate, share_indices, uniform_labels
 
 from .settings import feature_extractor, final_sampling, sampler_settings
 
-__all__ = ["Samples", "SampleSource", "resize_samples", "gather_to_rank0"]
+__all__ = ["Samples", "SampleSource", "ShareExchange", "ShareWaitError", "resize_samples", "gather_to_rank0"]
+
+# A worker that has drawn its share waits for the others at most SHARE_WAIT_FLOOR_S plus SHARE_WAIT_FACTOR times
+# what its own share took: the others drew theirs (the same work, within a row per batch) at the same time, so a
+# longer wait means one of them is stuck or gone. The floor covers start-up skew and a busy CPU; the factor scales
+# the limit with the work (eval.protocol=paper: 1,000 guided steps a sample, hours a share) and leaves room for a
+# slower card or node. Generous on purpose: a limit too short fails a trial after its training, one too long only
+# delays the error of a stuck worker.
+SHARE_WAIT_FLOOR_S = 600.0
+SHARE_WAIT_FACTOR = 4.0
+
+
+class ShareWaitError(RuntimeError):
+    """A worker's wait for the other workers' shares of an evaluation ended without them: they took longer than its
+    limit (``ShareExchange.wait_s``) or one of them was lost. The message names the rank that waited, for what
+    (the evaluation and its guidance value), how long, and the transport's reason."""
+
+
+@dataclass(frozen=True)
+class ShareExchange:
+    """Where the workers of a trial exchange their shares of an evaluation, and how long a worker waits.
+
+    ``group``: the process group the shares travel on; None is the default group under its own timeout (the one
+    the trial's training uses, not changed here). A trial gives the exchange a gloo group of its own
+    (``new_group(backend="gloo")``, ``tune.worker``): its waits never hold an NCCL collective, whose timeout is a
+    watchdog abort of the process, and a wait that ends raises ``ShareWaitError`` here. On such a group a worker
+    waits at most ``wait_s(own_s)``, own_s being what its own share took (set as the group's timeout before each
+    exchange: ``dist.set_timeout``, which gloo applies to the operations that follow)."""
+
+    group: Any = None
+    floor_s: float = SHARE_WAIT_FLOOR_S
+    factor: float = SHARE_WAIT_FACTOR
+
+    def wait_s(self, own_s: float) -> float | None:
+        """The limit of a wait after a share that took ``own_s`` seconds; None on the default group."""
+        return None if self.group is None else self.floor_s + self.factor * own_s
 
 
 @dataclass
 class Samples:
-    """One generated set in the order one worker would draw it: uint8 images, labels and their features."""
+    """One generated set in the order one worker would draw it: uint8 images, labels and their features;
+    ``seconds``: how long this worker took to draw, extract and (with several workers) gather it."""
 
     images: torch.Tensor
     labels: torch.Tensor
     features: FeatureSet
+    seconds: float = 0.0
 
 
 @dataclass
@@ -39,7 +83,7 @@ class SampleSource:
     """What every worker needs for its share of an evaluation: the config's samplers and the feature extractor.
 
     The reference statistics, judge and floors stay with rank 0's ``Evaluator``: the other workers only sample
-    their rows of each batch, extract features and send them to rank 0 (``shared_samples``)."""
+    their rows of each batch, extract features and send them to rank 0 (``shared_samples``, over ``exchange``)."""
 
     cfg: Config
     extractor: FeatureExtractor
@@ -47,6 +91,7 @@ class SampleSource:
     image_shape: tuple[int, int, int]
     device: torch.device
     score_shape: tuple[int, int, int] | None = None
+    exchange: ShareExchange = field(default_factory=ShareExchange)
 
     @classmethod
     def build(cls, cfg: Config, *, num_classes: int, image_shape: Sequence[int], device: torch.device | str = "cpu",
@@ -91,20 +136,27 @@ class SampleSource:
 
     def shared_samples(self, net: nn.Module, guidance: float, n: int, *, seed: int = 0, progress: bool = False,
                        autocast: Callable[[], Any] | None = None, final: bool = False, rank: int = 0,
-                       world: int = 1) -> Samples | None:
+                       world: int = 1, label: str = "an evaluation") -> Samples | None:
         """n samples drawn by ``world`` workers together (every rank calls it: a collective): each samples its
         rows and extracts their features, rank 0 gathers them in the one-worker order and returns them; the
-        other ranks return None. With one worker, the plain sampling."""
+        other ranks return None. With one worker, the plain sampling. ``label`` names the evaluation in the
+        error of a wait that ends without the other shares (``ShareWaitError``)."""
+        start = time.perf_counter()
         images, labels = self.sample(net, guidance, n, seed=seed, progress=progress, autocast=autocast, final=final,
                                      rank=rank, world=world)
         if world == 1:
-            return Samples(images, labels, self.features(images, labels))
+            features = self.features(images, labels)
+            return Samples(images, labels, features, time.perf_counter() - start)
         feats, logits = self._extract(images)
         part = {"index": share_indices(n, self.cfg.eval.batch_size, rank, world), "images": images,
                 "features": torch.from_numpy(feats), "logits": None if logits is None else torch.from_numpy(logits),
                 "extractor": self.extractor.identity}
-        parts = gather_to_rank0(part, self.device)
-        return None if parts is None else self._assemble(parts, n)
+        what = f"the other workers' shares of the samples at w={guidance:g} of {label}"
+        parts = gather_to_rank0(part, self.device, group=self.exchange.group,
+                                wait_s=self.exchange.wait_s(time.perf_counter() - start), what=what)
+        if parts is None:
+            return None
+        return replace(self._assemble(parts, n), seconds=time.perf_counter() - start)
 
     def _assemble(self, parts: list[dict[str, Any]], n: int) -> Samples:
         """The workers' shares in global order; refused when a worker used another feature network."""
@@ -125,11 +177,13 @@ class SampleSource:
 
     def grid_samples(self, net: nn.Module, guidances: Sequence[float], n: int, *, seed: int = 0,
                      progress: bool = False, autocast: Callable[[], Any] | None = None, rank: int = 0,
-                     world: int = 1) -> list[Samples] | None:
+                     world: int = 1, label: str = "a final evaluation") -> list[Samples] | None:
         """A final evaluation's samples at each guidance value (``shared_samples``; every rank calls it): the
-        gathered sets on rank 0, None on the others."""
+        gathered sets on rank 0, None on the others. Every share is exchanged as soon as it is drawn, none is
+        scored here: rank 0 scores them afterwards (``Evaluator.score_grid``), when the other ranks wait for
+        nothing but its report."""
         out = [self.shared_samples(net, w, n, seed=seed, progress=progress, autocast=autocast, final=True, rank=rank,
-                                   world=world) for w in guidances]
+                                   world=world, label=label) for w in guidances]
         return None if rank != 0 else out
 
 
@@ -147,13 +201,26 @@ def resize_samples(images: torch.Tensor, shape: Sequence[int] | None) -> torch.T
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-def gather_to_rank0(part: dict[str, Any], device: torch.device) -> list[dict[str, Any]] | None:
+def gather_to_rank0(part: dict[str, Any], device: torch.device, *, group: Any = None, wait_s: float | None = None,
+                    what: str = "the other workers' parts") -> list[dict[str, Any]] | None:
     """Every rank's ``part`` (tensors, strings, None) on rank 0, in rank order; None on the other ranks.
 
-    Read back with ``weights_only`` (tensors and plain values only). NCCL moves the bytes through the current CUDA
-    device, hence the device context."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    ``group``: the process group (None: the default group), spanning every rank; ``wait_s``: this rank's limit
+    for the exchange (each of its two operations), set as the group's timeout, so only for a group of the
+    exchange's own. A wait that ends without the parts (a timeout, or a worker lost) raises ``ShareWaitError``
+    naming ``what``; NCCL's timeout is an abort, which never gets here. Read back with ``weights_only`` (tensors
+    and plain values only). NCCL moves the bytes through the current CUDA device, hence the device context."""
+    rank, world = dist.get_rank(), dist.get_world_size(group)
     parts: list[Any] | None = [None] * world if rank == 0 else None
-    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        dist.gather_object(part, parts, dst=0, weights_only=True)
+    if wait_s is not None:
+        dist.set_timeout(timedelta(seconds=wait_s), group)
+    start = time.monotonic()
+    try:
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+            dist.gather_object(part, parts, dst=0, group=group, weights_only=True)
+    except RuntimeError as exc:  # gloo's timeout or a lost peer (DistBackendError is a RuntimeError)
+        limit = "" if wait_s is None else f" (its limit: {wait_s:.0f} s)"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ShareWaitError(f"rank {rank} waited {time.monotonic() - start:.0f} s{limit} for {what} and stopped "
+                             f"without them: {reason}") from exc
     return parts
