@@ -4,10 +4,12 @@ still gone at the trial's end fails it."""
 
 from __future__ import annotations
 
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import mlflow
 from mlflow.tracking import MlflowClient
 
 from tests.searchutil import MlflowServer, free_port
@@ -40,8 +42,13 @@ def test_records_are_held_through_an_outage_and_a_server_gone_at_the_end_fails_t
     log.metrics({"loss": 0.5}, 2, wait=False)
     log.tags({"pdcbdm.stage": "during the outage"})
     log.metrics({"proxy_fid": 40.0}, 2)
+    grid = tmp_path / "evaluation" / "samples.png"  # an evaluation's file, its folder removed before the server is back
+    grid.parent.mkdir()
+    grid.write_bytes(b"\x89PNG not really")
+    log.files([grid], "evaluation")
+    shutil.rmtree(grid.parent)
     log.flush()  # an evaluation's flush: no wait, nothing raised
-    assert log.held == 3 and "MLflow is unreachable" in capsys.readouterr().err
+    assert log.held == 4 and "MLflow is unreachable" in capsys.readouterr().err
     with _server(store, port) as uri:
         log.metrics({"proxy_fid": 30.0}, 3)  # the next record writes the held ones first
         assert log.held == 0
@@ -50,6 +57,9 @@ def test_records_are_held_through_an_outage_and_a_server_gone_at_the_end_fails_t
         assert history == [(1, 1.0), (2, 0.5)] and run.data.tags["pdcbdm.stage"] == "during the outage"
         assert [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "proxy_fid")] == [
             (2, 40.0), (3, 30.0)]
+        got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="evaluation/samples.png",
+                                                       tracking_uri=uri, dst_path=str(tmp_path / "got")))
+        assert got.read_bytes() == b"\x89PNG not really" and log._held_files is None  # its copy removed
     # gone again at the trial's end: the final flush waits out its patience, then fails the trial
     log.patience_s = 2
     log.metrics({"fid": 20.0}, 4)

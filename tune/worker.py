@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -59,7 +60,8 @@ class RankZeroLogger:
 
     A tracking-server outage does not stop training: a record that cannot be written (``tracking.is_outage``) is
     held, in order, and written at the next record or flush once the server answers again (one line says so when
-    the holding starts). The final flush of the trial waits up to ``patience_s`` (``PDCBDM_TRACKING_PATIENCE_S``,
+    the holding starts); the files a held record names are copied into a folder of the logger's own at once, since
+    their writer (an evaluation's temporary folder) removes them before the server is back. The final flush of the trial waits up to ``patience_s`` (``PDCBDM_TRACKING_PATIENCE_S``,
     default 300) for the server, then fails the trial (``TrackingUnavailable``). MLflow's own retries are cut to a
     few seconds here (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``_TIMEOUT`` unless set), so that an outage costs a
     training step seconds, not minutes."""
@@ -68,6 +70,7 @@ class RankZeroLogger:
         self.uri, self.run_id = uri, run_id
         self._pending: list[tuple[Any, dict[str, Any], int]] = []
         self._held: list[tuple[Callable[..., Any], tuple]] = []
+        self._held_files: Path | None = None  # copies of the files held records name, removed once written
         self._monitor: Any = None
         self._said = False  # the outage line is printed once per outage
         self.patience_s = float(os.environ.get("PDCBDM_TRACKING_PATIENCE_S", 300) if patience_s is None
@@ -88,8 +91,27 @@ class RankZeroLogger:
     def _record(self, fn: Callable[..., Any], *args: Any) -> None:
         """Write one record now, or hold it (after the ones already held) while the server is unreachable."""
         if self.active:
-            self._held.append((fn, args))
+            entry = (fn, args)
+            self._held.append(entry)
             self._drain(0.0)
+            if self._held and self._held[-1] is entry:
+                self._held[-1] = (fn, tuple(self._keep(a) for a in args))
+
+    def _keep(self, value: Any) -> Any:
+        """``value`` with every path it names (a Path, or a list of them) copied into the held files' folder."""
+        if isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
+            return [self._keep(v) for v in value]
+        if not isinstance(value, Path) or not value.exists():
+            return value
+        if self._held_files is None:
+            self._held_files = Path(tempfile.mkdtemp(prefix="pdcbdm-held-"))
+        target = self._held_files / str(len(list(self._held_files.iterdir()))) / value.name
+        target.parent.mkdir()
+        if value.is_dir():
+            shutil.copytree(value, target)
+        else:
+            shutil.copy2(value, target)
+        return target
 
     def _drain(self, patience_s: float) -> None:
         """Write the held records in order, retrying for up to ``patience_s``; what is left stays held."""
@@ -108,6 +130,9 @@ class RankZeroLogger:
                 continue
             self._held.pop(0)
         self._said = False
+        if self._held_files is not None:
+            shutil.rmtree(self._held_files, ignore_errors=True)
+            self._held_files = None
 
     def _say_held(self, exc: BaseException) -> None:
         if not self._said:
