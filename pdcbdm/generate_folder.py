@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.io import atomic_write_bytes
+from pdcbdm.progress import tqdm
 from pdcbdm.sampling import Rows, ddim_sample, ddpm_sample, to_uint8
 
 __all__ = ["MANIFEST", "MANIFEST_COLUMNS", "Settings", "Job", "Outcome", "folder_names", "batch_seed", "image_path",

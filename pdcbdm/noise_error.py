@@ -6,9 +6,9 @@ from typing import Iterable
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from pdcbdm.diffusion import GaussianDiffusion
+from pdcbdm.progress import tqdm
 
 
 @torch.no_grad()

@@ -9,9 +9,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from pdcbdm.diffusion import GaussianDiffusion, extract
+from pdcbdm.progress import tqdm
 
 
 def uniform_labels(n: int, num_classes: int) -> Tensor:

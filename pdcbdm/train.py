@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from pdcbdm.config import (ALLOW_LARGE_FLAG, PRESETS, Config, ConfigError, apply_overrides, check_ceilings, preset,
                            write_json_atomic)
 from pdcbdm.data import ImageDataset, build_dataset
 from pdcbdm.models import check_preset_size
+from pdcbdm.progress import tqdm
 from pdcbdm.sampling import generate
 from pdcbdm.training import Trainer, resolve_device
 from pdcbdm.training.checkpoint import CheckpointError, config_differences, load_checkpoint

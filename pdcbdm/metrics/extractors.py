@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from pdcbdm.progress import tqdm
 from .digits_net import DigitsExtractor
 from .domain_net import DomainExtractor
 from .extractor_base import FeatureExtractor, InDomainExtractor
