@@ -26,14 +26,14 @@ def search_ray(tmp_path_factory):
     the node's cache folder, the dashboard's address)."""
     import ray
 
-    from tune import search
+    from tune import runner, search
 
     tmp = tmp_path_factory.mktemp("search-ray")
     saved = dict(os.environ)
     os.environ.update({PASSWORD: NODE_SECRET, "PDCBDM_CACHE": str(tmp / "node-cache")})
     try:
         p = search.plan(search.parse_args(["--preset", "smoke", "--out", str(tmp / "out"), "--name", "nodes"]))
-        search.connect_ray(p)
+        runner.connect_ray(p)
         yield p, tmp / "node-cache", os.environ["RAY_API_SERVER_ADDRESS"]
     finally:
         ray.shutdown()
@@ -70,13 +70,13 @@ def _trial_side(settings) -> dict:
 def test_credentials_reach_the_workers_through_the_object_store_not_the_runtime_env(search_ray, monkeypatch):
     import ray
 
-    from tune import search
+    from tune import runner
 
     p, _, dashboard = search_ray
     # the credential the search ships differs from the one its local workers inherited: only the object store
     # path can bring this one
     monkeypatch.setenv(PASSWORD, SEARCH_SECRET)
-    settings = search.trial_settings(p, "0", "parent")
+    settings = runner.trial_settings(p, "0", "parent")
     assert settings.env[PASSWORD] == SEARCH_SECRET
     got = ray.get(ray.remote(num_cpus=0)(_trial_side).remote(settings))
     assert got["worker"]["password"] == SEARCH_SECRET

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.searchutil import artifact_paths, trial_runs
 from tune.mlflow_model import load_logged_model, model_uri_of_run
-from tune.search import confirm_hint
+from tune.summary import confirm_hint
 from tune.space import SEARCHED
 
 pytestmark = pytest.mark.slow

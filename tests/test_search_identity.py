@@ -14,7 +14,8 @@ import pytest
 from pdcbdm.config import write_json_atomic
 from tests.searchutil import ROOT
 from tune import tracking
-from tune.search import SearchError, parse_args, plan
+from tune.runner import SearchError
+from tune.search import parse_args, plan
 from tune.search_folder import LOCK_FILE, create_json, driver_lock
 
 HOLD = """
@@ -157,7 +158,7 @@ def test_a_run_of_a_trial_tune_never_held_is_closed_at_the_summary(tmp_path):
     the resumed search's summary marks it KILLED (none is left RUNNING), and leaves the others alone."""
     from mlflow.tracking import MlflowClient
 
-    from tune.search import close_lost_runs
+    from tune.summary import close_lost_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = tracking.ensure_experiment(uri, "pdcbdm", tmp_path / "mlartifacts")

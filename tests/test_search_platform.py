@@ -11,11 +11,12 @@ from mlflow.tracking import MlflowClient
 
 from pdcbdm.config import write_json_atomic
 from tests.searchutil import ROOT, seed_cache, trial_runs
-from tune import search, tracking
-from tune.search import SearchError, SearchInterrupted, fits, main, parse_args, plan
+from tune import runner, search, tracking
+from tune.runner import SearchError, SearchInterrupted, fits
+from tune.search import main, parse_args, plan
 
 
-def _record(p: search.SearchPlan) -> None:
+def _record(p: runner.SearchPlan) -> None:
     """What the driver writes before its first trial: search.json, and Tune's restorable state (a real Tuner
     writes tuner.pkl on construction, no cluster needed)."""
     from ray import tune
@@ -103,7 +104,7 @@ def test_stop_search_marks_unfinished_runs_and_parent_killed(tmp_path, capsys):
         try:
             raise RuntimeError("driver bug")
         except BaseException as exc:
-            search.stop_search(p, exp, parent, exc)
+            runner.stop_search(p, exp, parent, exc)
             raise
     err = capsys.readouterr().err
     assert f"python tune/search.py --resume {tmp_path / 'searches' / 'cut'}" in err
@@ -118,7 +119,7 @@ def test_stop_search_marks_unfinished_runs_and_parent_killed(tmp_path, capsys):
     assert tracking.trial_run(p.uri, exp, parent, "cut", "t3", "t3", {}, search_id=sid) == running
     assert client.get_run(running).info.status == "RUNNING"
 
-    search.stop_search(p, exp, parent, SearchInterrupted("interrupted"))
+    runner.stop_search(p, exp, parent, SearchInterrupted("interrupted"))
     assert "was interrupted" in capsys.readouterr().err
 
 
@@ -126,12 +127,12 @@ def test_sigint_watch_tells_whether_tune_caught_the_signal():
     import signal
 
     before = signal.getsignal(signal.SIGINT)
-    with search.SigintWatch() as watch:
+    with runner.SigintWatch() as watch:
         # Tune's run installs its handler and, when the signal comes, puts back the one it found
         found = signal.signal(signal.SIGINT, lambda *_: None)
         signal.signal(signal.SIGINT, found)
     assert watch.fired and signal.getsignal(signal.SIGINT) is before
-    with search.SigintWatch() as watch:
+    with runner.SigintWatch() as watch:
         signal.signal(signal.SIGINT, lambda *_: None)  # a run that ended normally leaves Tune's handler
     assert not watch.fired and signal.getsignal(signal.SIGINT) is before
 
@@ -165,7 +166,7 @@ def test_concurrency_is_the_fewest_the_cpus_and_gpus_hold(kw, cpus, gpus, fit):
     ("auto", 1.0, 16, 1, 1.0),  # a remote cluster's nodes are not counted here
 ])
 def test_gpu_workers_get_the_cpus_per_gpu_by_default(address, gpus_per_worker, cpus, gpus, expected):
-    from tune.search import default_cpus_per_worker
+    from tune.runner import default_cpus_per_worker
 
     assert default_cpus_per_worker(address, gpus_per_worker, cpus, gpus) == expected
 
@@ -180,7 +181,7 @@ def test_concurrency_refuses_what_does_not_fit():
 def test_usable_cpus_follow_the_affinity_mask():
     import os
 
-    assert search.usable_cpus() == len(os.sched_getaffinity(0))
+    assert runner.usable_cpus() == len(os.sched_getaffinity(0))
 
 
 def test_fractional_gpu_with_several_workers_is_refused(tmp_path, capsys):
@@ -295,7 +296,7 @@ def test_asset_probe_tells_a_node_with_its_own_digits_network_apart(tmp_path, di
 
 
 def test_the_confirm_hint_needs_two_completed_trials(tmp_path):
-    from tune.search import confirm_hint
+    from tune.summary import confirm_hint
 
     assert "no confirm command: 1 completed trial(s)" in confirm_hint(tmp_path, 1)
     assert confirm_hint(tmp_path, 2).endswith(f"--search {tmp_path} --top 2 --seeds 3")

@@ -108,7 +108,7 @@ def test_warm_start_takes_the_finished_trials_that_fit(tmp_path):
 
 
 def _storage(location: str):
-    from tune.search import optuna_storage
+    from tune.study import optuna_storage
 
     return optuna_storage(location)
 

@@ -142,7 +142,8 @@ def test_reconcile_tells_optuna_the_end_tune_recorded(tmp_path):
 
 
 def test_optuna_storage_may_be_a_journal_file(tmp_path):
-    from tune.search import optuna_storage, plan
+    from tune.search import plan
+    from tune.study import optuna_storage
 
     journal = tmp_path / "shared" / "study.log"
     args = parse_args(["--preset", "smoke", "--trials", "3", "--optuna-storage", str(journal)])

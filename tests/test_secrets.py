@@ -14,7 +14,8 @@ import pytest
 from pdcbdm.config import write_json_atomic
 from tune import redact, tracking
 from tune.redact import has_secret, is_redacted, redact_text, redact_url
-from tune.search import SearchError, main, parse_args, plan
+from tune.runner import SearchError
+from tune.search import main, parse_args, plan
 
 CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                "MLFLOW_TRACKING_CLIENT_CERT_PATH")
@@ -148,7 +149,8 @@ def test_no_credentials_for_a_server_only_the_record_names(monkeypatch):
 # -- what Tune pickles ------------------------------------------------------------------------------------------------
 def test_the_searcher_state_and_the_status_callback_pickle_without_the_password(tmp_path, monkeypatch):
     from pdcbdm.config import apply_overrides, preset
-    from tune.search import build_searcher, optuna_storage
+    from tune.search import build_searcher
+    from tune.study import optuna_storage
     from tune.trainable import MlflowStatusCallback
 
     real = f"sqlite:///{tmp_path / 'optuna.db'}?password=SECRET"

@@ -50,12 +50,12 @@ def test_joining_a_cluster_with_authentication_off_is_refused_with_the_recipe(mo
 
 
 def test_search_refuses_to_join_a_cluster_with_authentication_off_before_connecting(tmp_path, monkeypatch):
-    from tune import search
+    from tune import runner, search
 
     monkeypatch.setenv("RAY_AUTH_MODE", OFF)
     p = search.plan(search.parse_args(["--preset", "smoke", "--out", str(tmp_path), "--address", "127.0.0.1:9"]))
-    with pytest.raises(search.SearchError, match="token authentication only"):
-        search.connect_ray(p)
+    with pytest.raises(runner.SearchError, match="token authentication only"):
+        runner.connect_ray(p)
 
 
 def test_a_resume_folder_that_every_user_may_write_is_named_in_a_warning(tmp_path, capsys):

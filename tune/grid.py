@@ -1,18 +1,20 @@
 """A grid of explicit configurations on the search's runner, for the ablation (pipelines/ablation.py: variant x
 seed) and the confirmation of a search's winner (pipelines/confirm.py: top configurations x new seeds).
 
-Everything but the choice of configurations is the search's (tune/search.py): the trainable (tune/trainable.py: one
-TorchTrainer per trial, rank 0's evaluation and MLflow logging), the Ray connection (--address, --storage-path),
-the MLflow records (a parent run, a child run per cell opened by its trial when it starts, its status set when it
-ends), the progress lines, and --resume (``Tuner.restore``: unfinished cells continue from their last checkpoint).
+Everything but the choice of configurations is shared with the search (tune/search.py), the grid's sibling on the
+runner (tune/runner.py): the trainable (tune/trainable.py: one TorchTrainer per trial, rank 0's evaluation and MLflow
+logging), the Ray connection (--address, --storage-path), the MLflow records (a parent run, a child run per cell
+opened by its trial when it starts, its status set when it ends), the progress lines, and --resume
+(``Tuner.restore``: unfinished cells continue from their last checkpoint).
 There is no searcher and no early stopping: Tune's grid over the cell names, FIFO, every cell trains its budget.
 
 Reuse: every trial run carries its config key (``tracking.config_key`` of the resolved config, seed and evaluation
 settings included). Before Ray starts, each cell's key is looked up in the MLflow experiment: a FINISHED run that
 trained that config to the end (outcome "completed") by this code (``pdcbdm.version.code_version``) and scored with
 this feature network (its identity) is reused, with no new run and no training, and the table lists its run id
-(``reused`` True); a run passed over is printed with the reason. Re-running a grid's command with the same --out therefore trains only what is
-missing, under the same parent run (found by the grid's name); --no-reuse trains every cell again.
+(``reused`` True); a run passed over is printed with the reason. Re-running a grid's command with the same --out
+therefore trains only what is missing, under the same parent run (found by the grid's name); --no-reuse trains every
+cell again.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ import pandas as pd
 
 from pdcbdm.config import ALLOW_LARGE_FLAG, Config, ConfigError, apply_overrides, check_ceilings, write_json_atomic
 from tune import arguments
-from tune import search as driver
+from tune import runner
 from tune import tracking
-from tune.search import SearchError, SearchInterrupted, SearchPlan
+from tune.runner import SearchError, SearchInterrupted, SearchPlan
 from tune.search_folder import driver_lock, warn_if_writable_by_others
 
 REUSED_TAG = "pdcbdm.reused_runs"  # on a grid's parent run: the cells' runs it took from earlier invocations
@@ -109,7 +111,7 @@ def add_runner_args(p: argparse.ArgumentParser, experiment: str | None) -> None:
                    "flags are taken from DIR. It unpickles Ray Tune's saved state: resume only folders that only "
                    "you and people you trust can write")
     g.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per run (DDP when > 1)")
-    g.add_argument("--placement", choices=driver.PLACEMENTS, default="pack", help=driver.PLACEMENT_HELP)
+    g.add_argument("--placement", choices=runner.PLACEMENTS, default="pack", help=runner.PLACEMENT_HELP)
     g.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs (and torch threads) per worker "
                    "(default as tune/search.py: CPUs per GPU on this machine's GPUs, else 1)")
     g.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default: 1 with CUDA)")
@@ -171,7 +173,7 @@ def make_plan(args: argparse.Namespace, cfg: Config, cells: Sequence[Cell], *, k
         check_ceilings(cfg, getattr(args, "allow_large", False))
     except (arguments.ArgumentError, ConfigError) as exc:
         raise SearchError(str(exc)) from None
-    cfg = driver.check_resources(args, cfg)
+    cfg = runner.check_resources(args, cfg)
     names = [c.name for c in cells]
     if not cells or len(set(names)) != len(names):
         raise SearchError(f"the grid's cells must be named uniquely and at least one: {names}")
@@ -184,20 +186,20 @@ def make_plan(args: argparse.Namespace, cfg: Config, cells: Sequence[Cell], *, k
             apply_overrides(cfg, c.overrides)
     except ConfigError as exc:
         raise SearchError(str(exc)) from None
-    driver.check_data(cfg)
+    runner.check_data(cfg)
     out = Path(out).resolve()
     if saved:
         storage, tune_name = saved["storage"], saved.get("tune_name", "tune")
         uri = saved_tracking_uri(saved["tracking_uri"], args.tracking_uri, f"the {kind} in {out}")
         args.tracking_uri = uri  # KIND.json, written again, keeps it masked
     else:
-        storage = f"{driver.absolute_location(args.storage_path)}/{name}" if args.storage_path else str(out)
+        storage = f"{runner.absolute_location(args.storage_path)}/{name}" if args.storage_path else str(out)
         uri = tracking.absolute_uri(args.tracking_uri) if args.tracking_uri else tracking.default_tracking_uri(out)
         tune_name = f"tune-{time.strftime('%Y%m%d-%H%M%S')}"  # a re-run's new Tuner beside the earlier ones
-    driver.check_tracking(uri, create=out)
+    runner.check_tracking(uri, create=out)
     # a re-run with the same --out continues the grid there (its KIND.json): same id, same parent run
     search_id = ((saved or {}).get("search_id") or _saved_field(out / f"{kind}.json", "search_id")
-                 or driver.new_search_id())
+                 or runner.new_search_id())
     return GridPlan(args, cfg, name, len(cells), out, storage, tracking.use_uri(uri), resume=bool(saved), out=out,
                     optuna_storage="", cells=list(cells), kind=kind, tune_name=tune_name, command=command,
                     reuse=reuse, uri_given=uri, search_id=search_id)
@@ -241,7 +243,7 @@ def exit_status(run: Callable[[], pd.DataFrame], bad_input: tuple[type[Exception
 def run_grid(p: GridPlan, params: Mapping[str, Any]) -> GridRun:
     """Reuse what is finished, train the rest on Ray (or continue it, with --resume), collect every cell's row.
     The parent run stays open for the caller's tables (``close``); an interruption or a driver error leaves no run
-    RUNNING (``tune.search.stop_search``) and prints the command that resumes the grid. One driver per grid
+    RUNNING (``tune.runner.stop_search``) and prints the command that resumes the grid. One driver per grid
     folder (``driver_lock``)."""
     with driver_lock(p.search_dir, f"{p.kind} {p.name!r}", SearchError):
         tracking.prepare_store(p.uri)
@@ -262,7 +264,7 @@ def _run_grid(p: GridPlan, params: Mapping[str, Any]) -> GridRun:
         results = _train(p, todo, experiment_id, parent) if todo else {}
         rows = collect(p, experiment_id, reused, results)
     except BaseException as exc:
-        driver.stop_search(p, experiment_id, parent, exc)
+        runner.stop_search(p, experiment_id, parent, exc)
         raise
     return GridRun(rows, experiment_id, parent)
 
@@ -295,10 +297,10 @@ def _train(p: GridPlan, todo: list[Cell], experiment_id: str, parent: str) -> di
     """Run (or restore) the Tuner over ``todo``; returns Tune's result per cell name."""
     import ray
 
-    concurrency = driver.connect_ray(p)
+    concurrency = runner.connect_ray(p)
     try:
         tuner, restored = build_tuner(p, todo, concurrency, experiment_id, parent)
-        with driver.SigintWatch() as watch:
+        with runner.SigintWatch() as watch:
             results = tuner.fit()
         # a restored Tuner holds the cells of the invocation that made it; a cell it lacks is found in MLflow
         if watch.fired or (not restored and len(results) < len(todo)):
@@ -334,7 +336,7 @@ def build_tuner(p: GridPlan, cells: Sequence[Cell], concurrency: int, experiment
 
     from tune.trainable import MlflowStatusCallback, ProgressPrinter, run_trial
 
-    settings = driver.trial_settings(p, experiment_id, parent)
+    settings = runner.trial_settings(p, experiment_id, parent)
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": 0, "train_driver": 1})
     if p.resume and tune.Tuner.can_restore(p.tune_path):
         return tune.Tuner.restore(p.tune_path, trainable=trainable, resume_unfinished=True,

@@ -1,6 +1,6 @@
 """PD-CBDM hyperparameter search: Ray Train per trial, Ray Tune + Optuna (TPE) with ASHA, MLflow for every trial.
 
-    python tune/search.py                          # the embedded default: Digits-LT, CPU, 3 trials, ~13 min
+    python tune/search.py                          # the embedded default: Digits-LT, CPU, 3 trials
     python tune/search.py --preset smoke           # 3 tiny trials, a few minutes
     python tune/search.py --preset cifar100-lt --set data.root=/data/cifar --gpus-per-worker 1 --trials 32
     python tune/search.py --space my-space.yaml    # another search space (default: tune/spaces/default.yaml)
@@ -13,20 +13,16 @@ study (optuna.db), search.json (the command line, the resolved config and search
 budget and whether it cut the search) and trials.parquet (one row per trial, for the notebooks).
 """
 
+# This module is the search's command line and what only a search has (the searcher, ASHA, the space, the warm
+# starts, search.json); the runner it shares with the grids is tune/runner.py, its Optuna study tune/study.py, its
+# end (the ranked table, the three records reconciled) tune/summary.py.
+
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
-import shlex
-import signal
-import socket
 import sys
-import threading
-import time
-import uuid
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,39 +30,28 @@ from typing import Any, Sequence
 if __package__ in (None, ""):  # run as a script: import the repository's packages, not tune/'s siblings
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import torch  # noqa: E402
-
 from pdcbdm.config import (ALLOW_LARGE_FLAG, CEILINGS, PRESETS, Config, ConfigError, apply_overrides,  # noqa: E402
                            check_ceilings, preset, write_json_atomic)
 from tune import arguments  # noqa: E402
 from tune import budget as budget_mod  # noqa: E402
-from tune import cluster  # noqa: E402
-from tune import ray_access  # noqa: E402
 from tune import space_file  # noqa: E402
 from tune import warm_start as warm_mod  # noqa: E402
-from tune import results as results_mod  # noqa: E402
 from tune import tracking  # noqa: E402
-from tune import working_dir  # noqa: E402
-from tune.redact import (OPTUNA_STORAGE_ENV, has_secret, is_redacted, redact_text, redact_url, remember,  # noqa: E402
-                         reveal)
-from tune.report import record_search  # noqa: E402
+from tune.redact import OPTUNA_STORAGE_ENV, remember  # noqa: E402
+from tune.runner import (PLACEMENT_HELP, PLACEMENTS, REPO, SearchError, SearchInterrupted, SearchPlan,  # noqa: E402
+                         SigintWatch, absolute_location, check_data, check_resources, check_tracking, connect_ray,
+                         new_search_id, stop_search, trial_settings)
 from tune.search_folder import (create_json, driver_lock, read_search_json,  # noqa: E402
                                 warn_if_writable_by_others)
+from tune.study import (check_study_name_free, optuna_storage, resumed_study_location, study_location,  # noqa: E402
+                        study_verdicts)
+from tune.summary import report_budget, summarise  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRIALS = {"smoke": 3, "digits": 3, "cifar10-lt": 32, "cifar100-lt": 32, "own32": 16, "own64": 16,
                   "own128": 16}
 # ASHA's first rung as a fraction of the budget, where the EMA rule alone would cut too early: on digits a proxy FID
 # at step 300 of 1,800 did not predict the end (the only trial it kept lost its tail classes after step 1,200)
 GRACE_FRACTION = {"digits": 0.5}
-PLACEMENTS = ("pack", "spread")
-PLACEMENT_HELP = ("where a trial's workers go on a cluster (Ray's placement strategy): pack (default: as few nodes as "
-                  "possible, the fastest collectives) or spread (one per node where there is room: a node lost takes "
-                  "one rank, and the group restarts on the others)")
-
-
-class SearchError(RuntimeError):
-    """Bad input found before any trial starts; the message names the problem."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -78,7 +63,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config field for every trial (repeatable); a searched field set here is "
                         "pinned and no longer searched")
-    p.add_argument("--trials", type=int, default=None, help="number of trials (default: 3 smoke, 3 digits, 32 cifar, 16 own)")
+    p.add_argument("--trials", type=int, default=None,
+                   help="number of trials (default: 3 smoke, 3 digits, 32 cifar, 16 own)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (DDP when > 1)")
     p.add_argument("--placement", choices=PLACEMENTS, default="pack", help=PLACEMENT_HELP)
     p.add_argument("--cpus-per-worker", type=float, default=None,
@@ -156,16 +142,6 @@ def resolve_config(args: argparse.Namespace) -> Config:
         return cfg
     except ConfigError as exc:
         raise SearchError(str(exc)) from None
-
-
-def check_data(cfg: Config) -> None:
-    """Load the training set once in the driver so that missing data fails before any trial starts."""
-    from pdcbdm.train import load_data
-
-    try:
-        load_data(cfg)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SearchError(f"data set {cfg.data.dataset!r}: {exc}") from None
 
 
 def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_storage: str | Path, trials: int,
@@ -249,28 +225,6 @@ def load_warm_starts(args: argparse.Namespace, cfg: Config, space: dict[str, dic
     return out
 
 
-def optuna_storage(spec: str | Path) -> Any:
-    """Optuna's storage for a location: an RDB URL (``sqlite:///``, ``postgresql://``, ...), or a journal file
-    (any other path; Optuna's file journal, safe on shared storage; a ``.db`` path is a sqlite file). An RDB
-    storage pickles with its URL masked (``tune.searcher.MaskedRDBStorage``); a masked ``spec`` (an earlier
-    search's search.json, a --warm-start) is taken back from what this process was given or
-    PDCBDM_OPTUNA_STORAGE."""
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    from tune.searcher import MaskedRDBStorage
-
-    spec = reveal(str(spec), (OPTUNA_STORAGE_ENV,))
-    if is_redacted(spec):
-        raise SearchError(f"the Optuna storage {spec} is recorded without its password; give the URL in the "
-                          f"{OPTUNA_STORAGE_ENV} environment variable")
-    if "://" in spec:
-        return MaskedRDBStorage(spec)
-    if spec.endswith(".db"):
-        return MaskedRDBStorage(f"sqlite:///{Path(spec).resolve()}")
-    Path(spec).parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(spec))
-
-
 def grace_period(cfg: Config, preset_name: str = "", asked: int | None = None) -> int:
     """ASHA's first rung, on an evaluation step: ``asked`` (--asha-grace) when given; else the first evaluation at
     which the EMA network is meaningful (``ema_ready_step``), so that no trial is stopped on an average still
@@ -294,71 +248,6 @@ def build_scheduler(args: argparse.Namespace, cfg: Config) -> Any:
     # time_attr is the training step: after a restore Tune's training_iteration restarts while Train resumes
     return ASHAScheduler(time_attr="step", metric="proxy_fid", mode="min", max_t=cfg.train.steps,
                          grace_period=grace, reduction_factor=2)
-
-
-@dataclass
-class SearchPlan:
-    """Everything a search needs, resolved and validated before Ray or MLflow is touched. ``name``, ``out``,
-    ``storage``, ``uri`` and ``optuna_storage`` are resolved (absolute) and saved in search.json, so that
-    ``--resume`` finds the same search from any working directory; the URLs there with their secrets masked
-    (``tune.redact``), which a --resume takes again from the flag or environment variable the user gives.
-
-    ``uri`` is the tracking URI this process uses (``tracking.use_uri``: an http(s) URI without its user info,
-    which went into the environment), ``uri_given`` the URI as the user gave it ("": the same)."""
-
-    args: argparse.Namespace
-    cfg: Config
-    name: str
-    trials: int
-    search_dir: Path
-    storage: str
-    uri: str
-    resume: bool = False
-    out: Path = Path(".")
-    optuna_storage: str = ""
-    space: dict[str, dict] | None = None  # the resolved search space (None: a search from before space files)
-    space_file: str = ""
-    warm: list[Any] = field(default_factory=list)  # tune.warm_start.WarmStart per --warm-start folder
-    starts: list[dict] = field(default_factory=list)  # the space file's start points
-    uri_given: str = ""
-    search_id: str = ""  # unique per search (search.json): the MLflow runs are found by it, never by the name
-    restart: bool = False  # a --resume of a search that never started a trial: it starts from its search.json
-
-    @property
-    def tune_path(self) -> str:
-        return f"{self.storage}/tune"
-
-    @property
-    def budget_file(self) -> str:
-        return str(self.search_dir / budget_mod.BUDGET_FILE)
-
-    def space_record(self) -> dict[str, Any]:
-        """The search space as recorded (search.json, the parent run's space.json): the file and its knobs
-        resolved against the preset, the pinned ones left out."""
-        return {"file": self.space_file, "knobs": self.space, "start_points": self.starts}
-
-    @property
-    def uri_shown(self) -> str:
-        """The tracking URI as messages and files show it: as given, its secrets masked."""
-        return redact_url(self.uri_given or self.uri)
-
-    def meta(self) -> dict[str, Any]:
-        """search.json: the command line and everything resolved from it, every URL with its secrets masked;
-        ``redacted`` names the entries that lost a secret (a --resume needs them given again)."""
-        real = {"tracking_uri": self.uri_given or self.uri, "optuna_storage": self.optuna_storage}
-        args = {**vars(self.args), **{k: redact_url(v) for k, v in vars(self.args).items()
-                                      if k in real and isinstance(v, str)}}
-        return {"args": args, "config": self.cfg.to_dict(), "trials": self.trials, "name": self.name,
-                "search_id": self.search_id,
-                "out": str(self.out), "search_dir": str(self.search_dir), "storage": self.storage,
-                "tracking_uri": redact_url(real["tracking_uri"]), "optuna_storage": redact_url(self.optuna_storage),
-                "redacted": sorted(k for k, v in real.items() if has_secret(v)), "space": self.space_record(),
-                "warm_start": {str(w.source): len(w.trials) for w in self.warm}}
-
-    def resume_command(self) -> str:
-        """The exact command that continues this search."""
-        cmd = f"python tune/search.py --resume {shlex.quote(str(self.search_dir))}"
-        return cmd if self.args.address == "local" else f"{cmd} --address {shlex.quote(self.args.address)}"
 
 
 def plan(args: argparse.Namespace) -> SearchPlan:
@@ -430,50 +319,6 @@ def plan_resume(args: argparse.Namespace) -> SearchPlan:
     return p
 
 
-def check_study_name_free(location: str, name: str, shared: bool) -> None:
-    """A new search's Optuna study must not exist yet: in a storage shared between searches (--optuna-storage,
-    PDCBDM_OPTUNA_STORAGE) a second search of the same name would otherwise continue the first one's study. The
-    default storage lives in the search's own folder, which search.json already guards."""
-    import optuna
-
-    if not shared:
-        return
-    try:
-        names = optuna.study.get_all_study_names(storage=optuna_storage(location))
-    except SearchError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a driver's or a file's error: the storage is unusable
-        raise SearchError(f"--optuna-storage {redact_url(location)}: cannot be opened ({redact_text(str(exc))[:200]})"
-                          ) from None
-    if name in names:
-        raise SearchError(f"the Optuna storage {redact_url(location)} already holds a study named {name!r} (another "
-                          f"search's); choose another --name, or --resume that search")
-
-
-def new_search_id() -> str:
-    """A search's unique id (``tracking.SEARCH_ID_TAG``): two searches of one name never share MLflow runs."""
-    return uuid.uuid4().hex
-
-
-def resumed_study_location(saved: str, given: str | None, folder: Path) -> str:
-    """The Optuna storage of a --resume: search.json's (``saved``); where search.json keeps the URL masked, the
-    real one from this command's --optuna-storage or PDCBDM_OPTUNA_STORAGE, whichever masks to it (same scheme,
-    host and database), remembered for the searcher Tune unpickles (``tune.searcher.MaskedRDBStorage``). A
-    --optuna-storage naming another storage, or a masked URL given neither way, is a SearchError."""
-    given = study_location(given, folder) if given else None
-    if given and redact_url(given) != saved:
-        raise SearchError(f"--optuna-storage {redact_url(given)} is not the Optuna storage of the search in {folder} "
-                          f"({saved}); give that one, or leave the flag out")
-    if not is_redacted(saved):
-        return saved
-    env = os.environ.get(OPTUNA_STORAGE_ENV)
-    for candidate in (given, study_location(env, folder) if env else None):
-        if candidate and redact_url(candidate) == saved:
-            return remember(candidate)
-    raise SearchError(f"--resume {folder}: search.json keeps the Optuna storage URL without its password ({saved}); "
-                      f"give it again with --optuna-storage URL or the {OPTUNA_STORAGE_ENV} environment variable")
-
-
 def check_args(args: argparse.Namespace) -> tuple[Config, int]:
     """The trial config and the number of trials; resources and data checked."""
     cfg = check_resources(args, resolve_config(args))
@@ -485,77 +330,6 @@ def check_args(args: argparse.Namespace) -> tuple[Config, int]:
         raise SearchError(f"--time-budget must be a positive number of minutes, got {args.time_budget:g}")
     check_data(cfg)
     return cfg, trials
-
-
-def check_resources(args: argparse.Namespace, cfg: Config) -> Config:
-    """Validate the per-worker resources (--gpus-per-worker defaults to 1 with CUDA, else 0); a CPU-only run's
-    ``train.device`` "auto" becomes "cpu". Shared with the grid runner (tune/grid.py)."""
-    asked = args.gpus_per_worker
-    if args.gpus_per_worker is None:
-        args.gpus_per_worker = 1.0 if torch.cuda.is_available() else 0.0
-    if args.cpus_per_worker is None:
-        args.cpus_per_worker = default_cpus_per_worker(args.address, args.gpus_per_worker, usable_cpus(),
-                                                       torch.cuda.device_count())
-    if args.gpus_per_worker < 0 or args.cpus_per_worker <= 0 or args.workers_per_trial < 1:
-        raise SearchError("--workers-per-trial must be >= 1, --cpus-per-worker > 0 and --gpus-per-worker >= 0")
-    if args.workers_per_trial > 1 and 0 < args.gpus_per_worker < 1:
-        raise SearchError(f"--gpus-per-worker {args.gpus_per_worker} with --workers-per-trial "
-                          f"{args.workers_per_trial}: a fractional GPU would put two NCCL ranks of one trial on one "
-                          f"GPU; use whole GPUs per worker, or one worker per trial")
-    check_gpus(args.address, asked, cfg)
-    if cfg.train.device == "auto" and args.gpus_per_worker == 0:
-        cfg = apply_overrides(cfg, {"train.device": "cpu"})
-    return cfg
-
-
-def default_cpus_per_worker(address: str, gpus_per_worker: float, cpus: int, gpus: int) -> float:
-    """A GPU worker on this machine gets its share of the CPUs (CPUs per GPU, times its GPUs): its evaluation's
-    metrics run on the CPU threads it is given, and one thread would leave the rest idle. A CPU worker, or one on
-    a remote cluster (whose nodes this driver cannot count before it joins), gets 1."""
-    if address != "local" or gpus_per_worker <= 0 or gpus < 1:
-        return 1.0
-    return float(max(1, math.floor(cpus / gpus * gpus_per_worker)))
-
-
-def check_gpus(address: str, asked: float | None, cfg: Config) -> None:
-    """On a local cluster, refuse to train on the CPU what asks for GPUs when torch sees none, naming why
-    (``cuda_diagnosis``): an explicit --gpus-per-worker > 0 (``asked``), or by default a network sized for GPUs
-    (``GPU_MODEL_PRESETS``), which --gpus-per-worker 0 trains on the CPU anyway. A remote cluster's workers have
-    their own GPUs: nothing is checked here."""
-    from pdcbdm.training.cuda import GPU_MODEL_PRESETS, cuda_diagnosis
-
-    if address != "local" or torch.cuda.is_available():
-        return
-    if asked is not None and asked > 0:
-        raise SearchError(f"--gpus-per-worker {asked:g}: torch sees no GPU ({cuda_diagnosis()})")
-    if asked is None and cfg.model.preset in GPU_MODEL_PRESETS:
-        raise SearchError(f"model.preset {cfg.model.preset} is sized for GPUs and torch sees none "
-                          f"({cuda_diagnosis()}); pass --gpus-per-worker 0 to train it on the CPU anyway")
-
-
-def absolute_location(path: str) -> str:
-    """A storage location as every later command sees it: URIs as given, local paths absolute."""
-    path = path.rstrip("/") or "/"
-    return path if "://" in path else str(Path(path).resolve())
-
-
-def study_location(spec: str | None, search_dir: Path) -> str:
-    """The Optuna storage: an RDB URL (a relative sqlite path made absolute), a journal file path (absolute), or
-    by default sqlite in the search folder."""
-    if not spec:
-        return f"sqlite:///{search_dir / 'optuna.db'}"
-    if "://" in spec:
-        return tracking.absolute_uri(spec)
-    return str(Path(spec).resolve())
-
-
-def check_tracking(uri: str, create: Path | None = None) -> None:
-    if create is not None:
-        create.mkdir(parents=True, exist_ok=True)
-    try:
-        tracking.check_tracking_uri(uri)
-    except tracking.TrackingError as exc:
-        raise SearchError(str(exc)) from None
 
 
 def check_restorable(p: SearchPlan) -> bool:
@@ -588,112 +362,6 @@ def resumed_args(args: argparse.Namespace, folder: Path, saved: dict[str, Any]) 
     return restored
 
 
-def connect_ray(p: SearchPlan) -> int:
-    """Start a private local cluster or join an existing one; returns the number of trials that fit at once."""
-    import ray
-
-    a = p.args
-    # no credentials here: a runtime env is shown on the dashboard; they reach the trials in TrialSettings
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a diverged trial's last report has no FID
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables; ProgressPrinter says what matters
-    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
-    try:
-        ray_access.require_token_auth(a.address)
-    except ray_access.AccessError as exc:
-        raise SearchError(str(exc)) from None
-    if a.address == "local":
-        ray_access.bind_loopback()
-        # Ray Train's preemption watcher (an actor per trial) polls for nodes being drained: one machine has no
-        # node to lose to a drain, and each watcher is one more process to start on every trial
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        cpus, gpus = usable_cpus(), torch.cuda.device_count()
-        fit = fits(a, cpus, gpus)
-        # Train's placement-group cleaner finds the cluster through the state API, which refuses to guess when
-        # several Ray instances run on one machine (two searches, a notebook): point it at this one's dashboard.
-        port = _free_port()
-        os.environ["RAY_API_SERVER_ADDRESS"] = env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(address="local", num_cpus=cpus, num_gpus=gpus, resources={"train_driver": fit},
-                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                 runtime_env={"env_vars": env}, **quiet)
-        return fit
-    check_address(a.address)
-    try:
-        cluster.check_tracking_for_cluster(p.uri, a.address)
-    except cluster.ClusterError as exc:
-        raise SearchError(str(exc)) from None
-    upload = working_dir.plan_upload(REPO)
-    print(upload.summary(), flush=True)
-    runtime_env = {"env_vars": env, "working_dir": str(REPO), "excludes": upload.excludes}
-    try:
-        ray.init(address=a.address, runtime_env=runtime_env, **quiet)
-    except Exception as exc:  # ConnectionError, RuntimeError, grpc errors depending on the address kind
-        raise SearchError(f"cannot join the Ray cluster at --address {a.address} ({exc}). {ray_access.JOIN_HINT}") \
-            from None
-    res = ray.cluster_resources()
-    drivers = int(res.get("train_driver", 0))
-    if drivers < 1:
-        ray.shutdown()
-        raise SearchError(f"the Ray cluster at {a.address} has no 'train_driver' resource; start its head with "
-                          f"`RAY_AUTH_MODE=token ray start --head --resources='{{\"train_driver\": 8}}'` (the "
-                          f"number of trials that may run at once)")
-    try:
-        cluster.check_storage_for_cluster(p.storage, a.address)
-        cluster.check_assets_for_cluster(p.cfg, a.address)
-    except cluster.ClusterError as exc:
-        ray.shutdown()
-        raise SearchError(str(exc)) from None
-    return min(drivers, fits(a, res.get("CPU", 0), res.get("GPU", 0)))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity mask (a container's or taskset's share), not the host's count."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
-def fits(a: argparse.Namespace, cpus: float, gpus: float) -> int:
-    """Trials that fit at once: the fewest of what the CPUs hold (every worker takes --cpus-per-worker, on GPUs
-    too) and what the GPUs hold, capped by --concurrency."""
-    per_trial_cpu = a.workers_per_trial * a.cpus_per_worker
-    fit = math.floor(cpus / per_trial_cpu + 1e-9)
-    if fit < 1:
-        raise SearchError(f"one trial needs {a.workers_per_trial} worker(s) x {a.cpus_per_worker} CPU but the "
-                          f"cluster has {cpus:g} CPUs")
-    if a.gpus_per_worker > 0:
-        per_trial_gpu = a.workers_per_trial * a.gpus_per_worker
-        by_gpu = math.floor(gpus / per_trial_gpu + 1e-9)
-        if by_gpu < 1:
-            raise SearchError(f"one trial needs {a.workers_per_trial} x {a.gpus_per_worker} GPU but the cluster "
-                              f"has {gpus:g} GPU(s)")
-        fit = min(fit, by_gpu)
-    return max(1, min(a.concurrency or fit, fit))
-
-
-def check_address(address: str) -> None:
-    """A quick TCP probe so that a wrong HOST:PORT fails in seconds, not after Ray's long retries."""
-    if address == "auto":
-        return
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise SearchError(f"--address {address!r} must be 'local', 'auto', HOST:PORT or ray://HOST:PORT")
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as exc:
-        raise SearchError(f"Ray address {address} is unreachable ({exc.strerror or exc})") from None
-
-
 def run_search(args: argparse.Namespace) -> Any:
     """Validate, connect, then run (or resume) the Tuner; returns the ranked results DataFrame."""
     p = plan(args)
@@ -717,10 +385,6 @@ def write_meta(p: SearchPlan) -> None:
         write_json_atomic(p.search_dir / "search.json", p.meta())
     else:
         create_json(p.search_dir / "search.json", p.meta(), f"search {p.name!r}", SearchError)
-
-
-class SearchInterrupted(RuntimeError):
-    """The search was stopped by Ctrl-C (SIGINT) or SIGUSR1 before every trial ended; its state is saved."""
 
 
 def execute(p: SearchPlan, concurrency: int) -> Any:
@@ -763,41 +427,6 @@ def record_space(p: SearchPlan, parent: str) -> None:
     tracking.log_params(p.uri, parent, params)
 
 
-def report_budget(p: SearchPlan, parent: str, table: Any) -> None:
-    """Print and tag (``pdcbdm.time_budget``) what the time budget cut, when it cut anything."""
-    line = budget_mod.summary(p.search_dir, table, p.trials)
-    if line:
-        print(line, flush=True)
-        tracking.set_tags(p.uri, parent, {"pdcbdm.time_budget": line})
-
-
-def trial_settings(p: SearchPlan, experiment_id: str, parent: str) -> Any:
-    """What every trial shares, pickled into the trainable (``tune.with_parameters``: Ray's object store). The
-    tracking credentials of this environment travel here, never in a runtime env, which the dashboard shows."""
-    from tune.trainable import TrialSettings
-
-    a = p.args
-    return TrialSettings(base=p.cfg.to_dict(), search=p.name, storage=f"{p.storage}/train", tracking_uri=p.uri,
-                         experiment_id=experiment_id, parent_run_id=parent, workers=a.workers_per_trial,
-                         cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
-                         worker_failures=a.max_worker_failures, placement=getattr(a, "placement", "pack"), env=tracking.env_for_workers(),
-                         search_id=p.search_id, optuna_verdicts=study_verdicts(p) if p.resume else {})
-
-
-def study_verdicts(p: SearchPlan) -> dict[str, Any]:
-    """A resume's Optuna verdicts (``tune.verdicts``) by Tune trial id; none for a grid (no study) or when the
-    study was never created (a search killed before its first trial)."""
-    from tune import verdicts
-
-    if not p.optuna_storage:
-        return {}
-    try:
-        study = load_study(p)
-    except KeyError:
-        return {}
-    return verdicts.from_study(study)
-
-
 def build_tuner(p: SearchPlan, concurrency: int, experiment_id: str, parent: str) -> Any:
     """A new Tuner, or the restored one of a --resume (errored trials stay errored: Tune, Optuna and MLflow all
     hold them as failed; unfinished ones continue from their last checkpoint)."""
@@ -806,7 +435,7 @@ def build_tuner(p: SearchPlan, concurrency: int, experiment_id: str, parent: str
     from tune.trainable import BudgetStopper, MlflowStatusCallback, ProgressPrinter, run_trial
 
     a, cfg = p.args, p.cfg
-    settings = trial_settings(p, experiment_id, parent)
+    settings = trial_settings(p, experiment_id, parent, study_verdicts(p) if p.resume else None)
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": 0, "train_driver": 1})
     if p.resume:
         return tune.Tuner.restore(p.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -825,169 +454,9 @@ def build_tuner(p: SearchPlan, concurrency: int, experiment_id: str, parent: str
     )
 
 
-class SigintWatch:
-    """Tells whether ``Tuner.fit`` was stopped by Ctrl-C (or SIGUSR1), after which Tune returns normally.
-
-    Tune installs its own SIGINT handler for the run and, when the signal comes, puts back the handler it
-    found and ends the run. The handler installed here is the one it finds: if it is in place after ``fit``, the
-    signal came. It raises KeyboardInterrupt itself (a second Ctrl-C while Tune saves its state)."""
-
-    def __init__(self) -> None:
-        self.fired = False
-        self._previous: Any = None
-        self._active = threading.current_thread() is threading.main_thread()
-
-    @staticmethod
-    def _handler(sig: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    def __enter__(self) -> "SigintWatch":
-        if self._active:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._active:
-            tune_handler_gone = signal.getsignal(signal.SIGINT) is self._handler
-            self.fired = tune_handler_gone and not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def stop_search(p: SearchPlan, experiment_id: str, parent: str, exc: BaseException) -> None:
-    """After an interruption or a driver error: every unfinished run of the search (trials and parent) KILLED,
-    and the command that resumes it printed. Never masks ``exc``."""
-    why = "was interrupted" if isinstance(exc, (SearchInterrupted, KeyboardInterrupt)) else \
-        f"stopped on an error in the driver ({type(exc).__name__}: {redact_text(str(exc))})"
-    try:
-        killed = tracking.kill_unfinished(p.uri, experiment_id, p.search_id, parent)
-    except Exception as err:  # noqa: BLE001 - the store may be what failed
-        killed = f"could not mark its MLflow runs KILLED ({type(err).__name__}: {redact_text(str(err))})"
-    else:
-        killed = f"{killed} unfinished trial run(s) and the parent run marked KILLED in MLflow"
-    print(f"\nsearch {p.name} {why}; {killed}. Tune saved its state: continue it with\n  {p.resume_command()}"
-          f"{resume_needs(p)}", file=sys.stderr, flush=True)
-
-
-def resume_needs(p: SearchPlan) -> str:
-    """What a --resume must be given again because search.json keeps it masked (nothing: "")."""
-    needs = [f"the {what} with its secret ({flag} URL or {env})" for what, url, flag, env in (
-        ("MLflow tracking URI", p.uri_given or p.uri, "--tracking-uri", tracking.TRACKING_ENV),
-        ("Optuna storage URL", p.optuna_storage, "--optuna-storage", OPTUNA_STORAGE_ENV)) if has_secret(url)]
-    return f"\n  given {' and '.join(needs)}" if needs else ""
-
-
-def summarise(grid: Any, p: SearchPlan, experiment_id: str, parent: str) -> Any:
-    """Ranked table (printed and saved as trials.parquet), Optuna and MLflow brought in line with it, parent run
-    closed with the best trial's metrics."""
-    cfg, uri = p.cfg, p.uri
-    found = tracking.runs_of_search(uri, experiment_id, p.search_id)
-    runs = {r.data.tags.get(tracking.TRIAL_TAG): r.info.run_id for r in found}
-    table = results_mod.trial_rows(grid, cfg.train.steps, runs)
-    reconcile_records(p, table, {r.info.run_id: r.info.status for r in found})
-    close_lost_runs(uri, found, set(table["trial_id"]) if not table.empty else set())
-    path = results_mod.write_parquet(table, p.search_dir / "trials.parquet")
-    tracking.log_artifacts(uri, parent, [path])
-    command = record_search(uri, parent, table, load_study(p), p.args.preset, p.args.overrides)
-    done = table[table["status"] == "completed"] if not table.empty else table
-    if not done.empty:
-        best = done.iloc[0]
-        tracking.log_metrics(uri, parent, {f"best_{k}": best[k] for k in ("fid", "fid_tail", "recall", "proxy_fid")
-                                           if best[k] is not None}, 0)
-    tracking.finish_run(uri, parent, "FINISHED")
-    print("\n" + results_mod.format_table(table))
-    print(f"\ntrials table: {path}")
-    if command:
-        print(f"train the best trial's configuration again: {command}")
-    print(f"open the MLflow UI: {tracking.ui_command(uri)}")
-    print(confirm_hint(p.search_dir, len(done)))
-    return table
-
-
-def confirm_hint(search_dir: Path, completed: int) -> str:
-    """The closing line: the command that re-trains the top trials over new seeds (``pipelines.confirm``), or,
-    with fewer than two completed trials, why there is none (confirm compares rank 1 with rank 2)."""
-    if completed < 2:
-        return (f"no confirm command: {completed} completed trial(s), and confirming a winner needs 2 (ASHA stopped "
-                f"the others; run more --trials, or --no-asha)")
-    return (f"confirm the winner over new seeds: python -m pipelines.confirm --search {shlex.quote(str(search_dir))} "
-            f"--top {min(3, completed)} --seeds 3")
-
-
-def load_study(p: SearchPlan) -> Any:
-    """The search's Optuna study."""
-    import optuna
-
-    return optuna.load_study(study_name=p.name, storage=optuna_storage(p.optuna_storage))
-
-
-def reconcile_records(p: SearchPlan, table: Any, run_status: dict[str, str]) -> None:
-    """Every trial ends in the same state in Tune (the table), Optuna and MLflow, also after a resume whose
-    driver died between a trial's end and the bookkeeping of it: an Optuna trial still RUNNING is told its end,
-    an MLflow run not yet ended is set FINISHED (completed or stopped) or FAILED."""
-    from tune.searcher import finite, reconcile
-
-    study = load_study(p)
-    multi = len(study.directions) > 1
-    outcomes = {}
-    for row in table.itertuples():
-        fid, tail = finite(getattr(row, "fid", None)), finite(getattr(row, "fid_tail", None))
-        values = None if fid is None else ([fid, fid if tail is None else tail] if multi else [fid])
-        outcomes[row.trial_id] = (row.status, values)
-        run_id = row.mlflow_run_id
-        fill_lost_metrics(p.uri, row)
-        if run_id and run_status.get(run_id) in ("RUNNING", "SCHEDULED", "KILLED"):
-            error = row.error if row.status == "failed" and isinstance(row.error, str) else None
-            tracking.finish_run(p.uri, run_id, "FAILED" if row.status == "failed" else "FINISHED", error,
-                                row_outcome(row))
-    reconcile(study, outcomes)
-
-
-def fill_lost_metrics(uri: str, row: Any) -> None:
-    """The metrics Tune holds for the trial's last step (its proxy FID when stopped, its scores when completed),
-    logged to its run where the run has none at that step: a trial stopped by ASHA or the budget while its
-    records waited out a tracking outage, or killed with them, never sent them."""
-    from tune.searcher import finite
-
-    step = finite(getattr(row, "step", None))
-    if not row.mlflow_run_id or step is None or row.status == "failed":
-        return
-    keys = ("proxy_fid", "proxy_fid_tail") if row.status == "stopped" else results_mod.SCORE_COLUMNS
-    values = {k: finite(getattr(row, k, None)) for k in keys}
-    try:
-        tracking.log_missing(uri, row.mlflow_run_id, {k: v for k, v in values.items() if v is not None}, int(step))
-    except Exception as err:  # noqa: BLE001 - a repair: the table and Optuna hold the values regardless
-        print(f"could not add trial {row.trial_id}'s last metrics to its MLflow run "
-              f"({type(err).__name__}: {redact_text(str(err))[:200]})", file=sys.stderr)
-
-
-def close_lost_runs(uri: str, runs: Sequence[Any], trial_ids: set[str]) -> list[str]:
-    """Mark KILLED the search's runs still RUNNING whose trial Tune does not hold: a trial started in the last
-    seconds before the driver was killed has its MLflow run, but Tune's saved state never had it and a resume
-    never runs it. Returns their run ids."""
-    lost = [r.info.run_id for r in runs if r.info.status in ("RUNNING", "SCHEDULED")
-            and r.data.tags.get(tracking.TRIAL_TAG) not in trial_ids]
-    for run_id in lost:
-        tracking.finish_run(uri, run_id, "KILLED", None, "lost: started just before the driver was killed, never "
-                                                         "run by Tune")
-    return lost
-
-
-def row_outcome(row: Any) -> str:
-    """The run's outcome tag (``tracking.OUTCOME_TAG``) from its trials-table row."""
-    from tune.searcher import finite
-    from tune.trainable import failure_outcome
-
-    if row.status == "failed":
-        return failure_outcome(row.error if isinstance(row.error, str) else None)
-    if row.status == "stopped":
-        step = finite(getattr(row, "step", None))
-        what = ("stopped by the time budget" if getattr(row, "stopped_by", None) == "time budget"
-                else "early-stopped by ASHA")
-        return f"{what} at step {int(step)}" if step is not None else what
-    return "completed"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """The search's exit status: 0 when some trial did not fail, 1 when none ran or every one failed, 2 on bad
+    input (printed), 130 when interrupted."""
     args = parse_args(argv)
     try:
         table = run_search(args)
