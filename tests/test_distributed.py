@@ -327,7 +327,8 @@ def test_an_error_of_the_final_evaluation_is_reported_not_raised(tmp_path, digit
     from pdcbdm.train import load_data
     from pdcbdm.training import Trainer
     from tests.searchutil import seed_cache
-    from tune.worker import RankZeroLogger, _evaluate, _evaluators
+    from tune.run_logger import RankZeroLogger
+    from tune.worker import _evaluate, _evaluators
 
     seed_cache(tmp_path, digits_network)
     torch.set_num_threads(1)

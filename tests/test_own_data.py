@@ -308,7 +308,7 @@ def test_train_and_evaluate_commands_run_on_own_data(own, cache, tmp_path, capsy
 def test_a_trial_records_its_data_from_meta(own, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from tune.worker import RankZeroLogger
+    from tune.run_logger import RankZeroLogger
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

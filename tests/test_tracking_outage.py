@@ -13,7 +13,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from tests.searchutil import MlflowServer, free_port
-from tune.worker import RankZeroLogger, TrackingUnavailable
+from tune.run_logger import RankZeroLogger, TrackingUnavailable
 
 pytestmark = pytest.mark.slow
 
