@@ -15,6 +15,12 @@ Per configuration: the mean, standard deviation and count of FID (at each run's 
 tail FID. The lead test is a one-sided Welch t-test (unequal variances) of rank 1's FID below rank 2's over the new
 seeds: rank 1 "leads beyond seed noise" when p < 0.05.
 
+The confirmed winner is the configuration with the lowest mean FID over its finished new-seed runs (at least 2): the
+alias ``best`` of the search's registered model (``models:/pdcbdm-SEARCH@best``, tune/registry.py) moves to that
+configuration's search trial network (registered now if it was not rank 1), and the version is tagged
+``pdcbdm.confirm.*`` with the confirmation's name and parent run, the configuration's search rank, its FID mean, sd
+and seeds, and the lead test's verdict and p-value.
+
 Writes into --out (default: SEARCH/confirm): confirm.parquet (one row per configuration), confirm_runs.parquet (one
 row per run), confirm.png (FID and tail FID per configuration, error bars one standard deviation, each seed a dot),
 confirm.json (the command line, the cells, the MLflow parent run); the runs and a parent run "confirm-SEARCH" (kind
@@ -97,7 +103,8 @@ def top_configs(trials: pd.DataFrame, top: int, knobs: Sequence[str] | None = No
     for rank, row in enumerate(done.head(top).to_dict("records"), start=1):
         params = {k: _plain(row.get(k)) for k in knobs if k in row}
         configs.append({"config_rank": rank, "trial_id": str(row.get("trial_id")), "search_fid": _plain(row.get("fid")),
-                        "params": {k: v for k, v in params.items() if v is not None}})
+                        "params": {k: v for k, v in params.items() if v is not None},
+                        "mlflow_run_id": _plain(row.get("mlflow_run_id"))})
     return configs
 
 
@@ -301,9 +308,37 @@ def report(plan: GridPlan, run: GridRun, configs: list[dict[str, Any]]) -> tuple
     print("\n" + format_table(summary))
     print(f"\nrank 1 against rank 2 on FID over the new seeds: lead {lead['lead']:.4g} (rank 2's mean minus rank "
           f"1's), {lead['test']}: t = {lead['t']:.3g}, p = {lead['p_value']:.3g}; {lead['verdict']}")
+    print(promote_winner(plan, run.parent, summary, configs, lead))
     print(f"\nresults: {out} (confirm.parquet, confirm_runs.parquet, confirm.png); {int(runs['reused'].sum())} run(s) "
           f"reused; MLflow parent run {run.parent}")
     return runs, lead
+
+
+def winner(summary: pd.DataFrame) -> pd.Series | None:
+    """The confirmed winner: the configuration with the lowest mean FID over at least 2 finished new-seed runs
+    (None when none has 2)."""
+    ranked = summary[(summary["n"] >= 2) & summary["fid_mean"].map(math.isfinite)]
+    return None if ranked.empty else ranked.loc[ranked["fid_mean"].idxmin()]
+
+
+def promote_winner(plan: GridPlan, parent: str, summary: pd.DataFrame, configs: Sequence[dict[str, Any]],
+                   lead: dict[str, Any]) -> str:
+    """Move ``best`` of the search's registered model to the winner's search trial network and tag that version
+    with this confirmation's result (``tune.registry.promote``); returns the line to print."""
+    from tune import registry
+    from tune.search_folder import read_search_json
+
+    folder = Path(plan.args.search)
+    name = read_search_json(folder, "--search", ConfirmError).get("name") or folder.name
+    best = winner(summary)
+    if best is None:
+        return f"alias best of {registry.registered_name(name)} not moved: no configuration has 2 finished runs"
+    run_id = next((c.get("mlflow_run_id") for c in configs if c["config_rank"] == best["config_rank"]), None)
+    result = {"name": plan.name, "parent_run": parent, "search_rank": int(best["config_rank"]),
+              "trial_id": best["trial_id"], "fid_mean": float(best["fid_mean"]), "fid_std": float(best["fid_std"]),
+              "seeds": int(best["n"]), "winner": "lowest mean FID over the new seeds", "verdict": lead["verdict"],
+              "p_value": float(lead["p_value"])}
+    return registry.promote(plan.uri, name, run_id, result)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

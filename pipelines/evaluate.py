@@ -5,8 +5,10 @@
     python -m pipelines.evaluate --checkpoint runs:/RUN_ID/model --tracking-uri sqlite:////abs/mlflow.db --out D
 
 --checkpoint takes a checkpoint file of ``pdcbdm.train`` or the MLflow model of a search's trial (``runs:/RUN_ID/
-model``, ``models:/MODEL_ID``: the EMA network, a pickle-free torch.export graph, see tune/mlflow_model.py);
---log-to-run writes the metrics back to that trial's run (metrics evaluate_*, evaluate/metrics.json).
+model``, ``models:/MODEL_ID``, or a registered version: ``models:/pdcbdm-SEARCH@best`` is a search's winner,
+``models:/NAME/VERSION`` one version; the EMA network, a pickle-free torch.export graph, see tune/mlflow_model.py;
+metrics.json names the version an alias pointed to); --log-to-run writes the metrics back to that trial's run
+(metrics evaluate_*, evaluate/metrics.json).
 
 For each guidance value w (classifier-free guidance, eps~ = (1 + w) eps(x, t, y) - w eps(x, t, null)) one set of
 samples is drawn with labels spread uniformly over the classes and scored against the reference features (docs/method.md
@@ -74,12 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="PATH|URI",
-                   help="checkpoint.pt written by pdcbdm.train, or a trial's MLflow model: runs:/RUN_ID/model "
+                   help="checkpoint.pt written by pdcbdm.train, or a trial's MLflow model: runs:/RUN_ID/model, "
+                        "or a registered one: models:/pdcbdm-SEARCH@best (a search's winner), models:/NAME/VERSION "
                         "(the EMA network; --which must stay ema)")
     p.add_argument("--tracking-uri", default=None, metavar="URI",
                    help="MLflow store of a runs:/ or models:/ --checkpoint (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--log-to-run", action="store_true",
-                   help="with a runs:/RUN_ID/model --checkpoint: log the best w's metrics (evaluate_*) and "
+                   help="with a runs:/RUN_ID/model or registry --checkpoint: log the best w's metrics (evaluate_*) and "
                         "metrics.json (evaluate/metrics.json) to that run")
     p.add_argument("--out", required=True, metavar="D", help="output folder (created; existing files are replaced)")
     p.add_argument("--which", choices=("ema", "net"), default="ema",
@@ -332,13 +335,21 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *
 
 
 def log_to_run(model_uri: str, summary: dict[str, Any]) -> str:
-    """Write an evaluation's results to the run of a runs:/RUN_ID/model URI: the best w's headline metrics as
-    evaluate_* (at the model's training step) and the whole summary as evaluate/metrics.json. Returns the run."""
+    """Write an evaluation's results to the run of a runs:/RUN_ID/model URI, or of a registered version (the run of
+    the version evaluated: ``summary["checkpoint"]``): the best w's headline metrics as evaluate_* (at the model's
+    training step) and the whole summary as evaluate/metrics.json. Returns the run."""
     from mlflow.tracking import MlflowClient
 
-    if not model_uri.startswith("runs:/"):
-        raise UsageError(f"--log-to-run needs a runs:/RUN_ID/model --checkpoint, got {model_uri}")
-    run_id = model_uri[len("runs:/"):].split("/", 1)[0]
+    from tune.registry import RegistryError, is_registry_uri, pin
+
+    run_id = model_uri[len("runs:/"):].split("/", 1)[0] if model_uri.startswith("runs:/") else None
+    if is_registry_uri(model_uri):
+        try:
+            run_id = pin(summary["checkpoint"]).run_id
+        except RegistryError as exc:
+            raise UsageError(f"--log-to-run: {exc}") from None
+    if not run_id:
+        raise UsageError(f"--log-to-run needs a runs:/RUN_ID/model or registry --checkpoint of a run, got {model_uri}")
     client = MlflowClient()
     values = {f"evaluate_{k}": v for k, v in summary["best"].items()
               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
@@ -373,7 +384,7 @@ def _summary(checkpoint: str | os.PathLike, which: str, cfg: Config, data: dict[
     noise = None if nerr is None else {"value": nerr[0], "metric": "mse", "images": nerr[1],
                                        "stride": cfg.eval.noise_error_stride}
     return {
-        "checkpoint": source_name(checkpoint), "which": which, "step": int(data["step"]),
+        "checkpoint": source_name(checkpoint, data), "which": which, "step": int(data["step"]),
         "config": cfg.to_dict(), "device": str(device), "num_classes": int(data["num_classes"]),
         "class_counts": [int(c) for c in data["class_counts"]], "head_classes": list(split.head),
         "tail_classes": list(split.tail), "guidance_values": [r.guidance for r in results],

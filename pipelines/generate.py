@@ -5,8 +5,10 @@
         --classes tail --per-class 500 --guidance 1 --out gen
     python -m pipelines.generate --model C --top-up-to 1000 --data prepared/ --out gen   # every class to 1000 images
 
---model takes a checkpoint file of ``pdcbdm.train`` or a trial's MLflow model (``runs:/RUN_ID/model``: the EMA
-network, checked and rebuilt without running anything of the run; see tune/mlflow_model.py).
+--model takes a checkpoint file of ``pdcbdm.train`` or a trial's MLflow model (``runs:/RUN_ID/model``, or a
+registered version: ``models:/pdcbdm-SEARCH@best`` is a search's winner, ``models:/NAME/VERSION`` one version; the
+EMA network, checked and rebuilt without running anything of the run; see tune/mlflow_model.py). The manifest names
+the version an alias pointed to.
 
 Writes into --out:
   <class folder>/<n>.png   n = 0, 1, ...: images at the model's size and channels (grey "L" or "RGB"), the layout an
@@ -64,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="CHECKPOINT|URI",
-                   help="checkpoint.pt written by pdcbdm.train, or a trial's MLflow model runs:/RUN_ID/model")
+                   help="checkpoint.pt written by pdcbdm.train, or a trial's MLflow model runs:/RUN_ID/model, or a "
+                        "registered one: models:/pdcbdm-SEARCH@best (a search's winner), models:/NAME/VERSION")
     p.add_argument("--tracking-uri", default=None, metavar="URI",
                    help="MLflow store of a runs:/ or models:/ --model (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--out", required=True, metavar="DIR",
@@ -126,7 +129,7 @@ def resolve_settings(args: argparse.Namespace, cfg: Config, meta: dict[str, Any]
                          f"steps")
     settings = Settings(sampler=s.sampler, steps=s.steps if s.sampler == "ddim" else cfg.diffusion.timesteps,
                         eta=s.eta if s.sampler == "ddim" else 1.0, guidance=s.guidance, seed=args.seed,
-                        batch_size=cfg.eval.batch_size, model=source_name(args.model),
+                        batch_size=cfg.eval.batch_size, model=source_name(args.model, meta),
                         model_step=int(meta.get("step", -1)))
     return cfg, settings
 

@@ -269,3 +269,14 @@ def test_an_mlflow_model_generates_the_checkpoints_images(tiny, tmp_path):
     assert {r["model"] for r in manifest(from_run)} == {model_uri}
     for n in range(2):
         assert np.array_equal(pixels(from_run / "4" / f"{n}.png"), pixels(from_file / "4" / f"{n}.png"))
+    # the registered version (a search's winner): the manifest names the version the alias pointed to
+    from tune.registry import version_of_run
+
+    registry = MlflowClient(uri, registry_uri=uri)
+    registry.set_registered_model_alias("pdcbdm-gen", "best", version_of_run(registry, "pdcbdm-gen", run_id, {}))
+    from_registry = tmp_path / "registry"
+    assert run("--model", "models:/pdcbdm-gen@best", "--tracking-uri", uri, "--per-class", "2", "--classes", "4",
+               "--out", str(from_registry)) == 0
+    assert {r["model"] for r in manifest(from_registry)} == {"models:/pdcbdm-gen/1"}
+    for n in range(2):
+        assert np.array_equal(pixels(from_registry / "4" / f"{n}.png"), pixels(from_file / "4" / f"{n}.png"))

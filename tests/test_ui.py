@@ -1,8 +1,10 @@
 """The smoke search as a user sees it: `mlflow server` on its store, pages rendered by headless Chromium.
 
-Reuses the session's smoke search. The pages: the experiment's runs, the best trial's run page and its final sample
-grid in the artifact view, and the comparison of the trials. Screenshots go into the test's tmp folder (and, with
-PDCBDM_UI_SCREENSHOTS=DIR, the comparison page into DIR: how docs/mlflow_compare.png is made). Without a
+Reuses the session's smoke search. The pages: the one a new user lands on (the experiment's training runs, at the
+URL the search prints), the experiment's runs, the best trial's run page and its final sample grid in the artifact
+view, the comparison of the trials, and the registered winner. Screenshots go into the test's tmp folder (and, with
+PDCBDM_UI_SCREENSHOTS=DIR, the comparison and landing pages into DIR: how docs/mlflow_compare.png and
+docs/mlflow_landing.png are made). Without a
 `chromium` the test skips, unless PDCBDM_REQUIRE_CHROMIUM=1 (CI and `make ui-check` set it: there it fails).
 """
 
@@ -21,8 +23,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
 
 from tests.searchutil import free_port, trial_runs, wait_http
+from tune import registry, tracking
 from tune.space import SEARCHED
 
 pytestmark = pytest.mark.slow
@@ -67,8 +71,10 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
 
 def _render(url: str, screenshot: Path) -> str:
     """The page's DOM after the app rendered it, and a screenshot of the same rendering into ``screenshot`` (one
-    Chromium run does both: headless=new writes the screenshot and prints the DOM)."""
-    page = _chromium("--dump-dom", f"--screenshot={screenshot}", url)
+    Chromium run does both: headless=new writes the screenshot and prints the DOM). Each render has a new browser
+    profile: the UI keeps the user's last GenAI / Model training choice in the browser, and a new user has none."""
+    profile = screenshot.with_suffix(".profile")
+    page = _chromium(f"--user-data-dir={profile}", "--dump-dom", f"--screenshot={screenshot}", url)
     assert page.returncode == 0 and "<body" in page.stdout, page.stderr[-2000:]
     assert screenshot.is_file() and screenshot.stat().st_size > 10_000, page.stderr[-2000:]
     return page.stdout
@@ -87,6 +93,20 @@ def test_the_search_in_the_mlflow_ui(mlflow_server, tmp_path):
     table = pd.read_parquet(out / "searches" / name / "trials.parquet").set_index("trial_id")
     best = next(r for r in runs if r.data.tags["pdcbdm.trial_id"] == table.index[0])
     shots = {}
+
+    # the page a new user lands on (the URL the search prints): the training runs, not the GenAI views (traces,
+    # "Evaluation runs"); the experiment says it holds model training
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    assert client.get_experiment(experiment).tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
+    shots["landing"] = tmp_path / "landing.png"
+    page = _text(_render(tracking.landing_url(url, experiment), shots["landing"]))
+    assert name in page and f"{len(runs) + 1} matching runs" in page, page[:2000]
+    assert " Runs " in page and "Model registry" in page, page[:2000]
+    assert "Evaluation runs" not in page and "Token Usage" not in page, page[:2000]
+
+    # the search's winner in the model registry: its version with the alias best
+    page = _text(_render(f"{url}/#/models/{registry.registered_name(name)}", tmp_path / "registry.png"))
+    assert re.search(r"Version 1 .*@ best", page), page[:2000]
 
     # the experiment's training runs: the search (its trials nest under it, collapsed) and the run count
     page = _text(_render(f"{url}/#/experiments/{experiment}/runs", tmp_path / "runs.png"))
@@ -122,4 +142,5 @@ def test_the_search_in_the_mlflow_ui(mlflow_server, tmp_path):
     keep = os.environ.get("PDCBDM_UI_SCREENSHOTS")
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
-        shutil.copy(shots["compare"], Path(keep) / "mlflow_compare.png")
+        for page, shot in shots.items():
+            shutil.copy(shot, Path(keep) / f"mlflow_{page}.png")

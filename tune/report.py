@@ -17,6 +17,7 @@ from tune import importance, tracking
 from tune.warm_start import own_trials
 
 BEST_COMMAND_TAG = "pdcbdm.best_command"
+BEST_MODEL_TAG = "pdcbdm.best_model"  # the registry URI of the search's winner, where it was registered
 MIN_TRIALS_TO_RANK = 2  # parallel coordinates need two finished trials (importance: tune.importance's rule)
 
 
@@ -107,8 +108,9 @@ def _best_grid(uri: str, row: pd.Series, folder: Path) -> Path | None:
 
 def record_search(uri: str, parent: str, table: pd.DataFrame, study: Any, preset: str,
                   overrides: Sequence[str]) -> str | None:
-    """Log the search's summary on its parent run; returns the best trial's command (None without a completed
-    trial)."""
+    """Log the search's summary on its parent run and register the best trial's network
+    (``tune.registry.register_best``: ``models:/pdcbdm-<search>@best``, tagged ``BEST_MODEL_TAG`` on the parent);
+    returns the best trial's command (None without a completed trial)."""
     import matplotlib.pyplot as plt
 
     tracking.log_table(uri, parent, table, "trials.json")
@@ -122,8 +124,22 @@ def record_search(uri: str, parent: str, table: pd.DataFrame, study: Any, preset
     command = best_command(preset, overrides, best)
     tracking.set_tags(uri, parent, {BEST_COMMAND_TAG: command, "pdcbdm.best_trial": best["trial_id"]})
     tracking.log_text(uri, parent, command + "\n", "best_trial/command.txt")
+    register(uri, parent, table)
     with tempfile.TemporaryDirectory(prefix="pdcbdm-best-") as tmp:
         grid = _best_grid(uri, best, Path(tmp))
         if grid is not None:
             tracking.log_image_file(uri, parent, grid, f"best_trial/{grid.name}")
     return command
+
+
+def register(uri: str, parent: str, table: pd.DataFrame) -> None:
+    """Register the best trial's network under the search named by the parent run's tags, print where it is (or
+    why it is not), and tag the parent run with its URI."""
+    from tune import registry
+
+    tags = tracking.run_tags(uri, parent)
+    search = tags.get(tracking.SEARCH_TAG, "")
+    version, line = registry.register_best(uri, table, search, tags.get(tracking.SEARCH_ID_TAG, search))
+    print(line, flush=True)
+    if version is not None:
+        tracking.set_tags(uri, parent, {BEST_MODEL_TAG: registry.best_uri(search)})

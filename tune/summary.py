@@ -42,7 +42,7 @@ def summarise(grid: Any, p: SearchPlan, experiment_id: str, parent: str) -> Any:
     print(f"\ntrials table: {path}")
     if command:
         print(f"train the best trial's configuration again: {command}")
-    print(f"open the MLflow UI: {tracking.ui_command(uri)}")
+    print(f"open the MLflow UI: {tracking.ui_command(uri, experiment_id)}")
     print(confirm_hint(p.search_dir, len(done)))
     return table
 

@@ -38,6 +38,10 @@ CONFIG_KEY_TAG = "pdcbdm.config_key"
 CODE_VERSION_TAG = "pdcbdm.code_version"  # pdcbdm.version.code_version() of the code that trained the run
 EXTRACTOR_TAG = "pdcbdm.extractor"  # the feature network's identity (its weights' sha256)
 CELL_TAG = "pdcbdm.cell"  # a grid cell's name (``variant-sSEED``, ``rank1-s1000``): the run of that cell
+# what the experiment holds, as MLflow's UI records a user's choice of "Model training" over "GenAI"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+UI_PORT = 5000
 
 
 TRACKING_ENV = redact.TRACKING_ENV
@@ -66,12 +70,24 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
-def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on this store (its secrets masked: the reader fills them in)."""
+def ui_command(uri: str, experiment_id: str | None = None) -> str:
+    """The command that opens the MLflow UI on this store (its secrets masked: the reader fills them in), and with
+    ``experiment_id`` the page to open there: the experiment's training runs (``landing_url``)."""
     shown = redact_url(uri)
     if uri.startswith(("http://", "https://")):
-        return f"open {shown} in a browser"
-    return f"mlflow ui --backend-store-uri {shown} --port 5000"
+        page = landing_url(shown, experiment_id) if experiment_id else shown
+        return f"open {page} in a browser"
+    command = f"mlflow ui --backend-store-uri {shown} --port {UI_PORT}"
+    if experiment_id:
+        return f"{command}, then open {landing_url(f'http://127.0.0.1:{UI_PORT}', experiment_id)}"
+    return command
+
+
+def landing_url(server: str, experiment_id: str) -> str:
+    """The UI page of the experiment's training runs. MLflow 3.17's UI opens an experiment in its GenAI mode
+    (traces, "Evaluation runs") unless the URL asks for ``workflowType=machine_learning``: it reads the mode from
+    the URL or from the browser's last choice, not from the experiment's ``EXPERIMENT_KIND_TAG``."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def is_http(uri: str) -> bool:
@@ -201,16 +217,20 @@ def prepare_store(uri: str) -> None:
 
 
 def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
-    """The experiment's id, creating it (with an absolute artifact location for local stores) if missing."""
+    """The experiment's id, creating it (with an absolute artifact location for local stores) if missing. Either
+    way it carries ``EXPERIMENT_KIND_TAG`` = model training, unless it already says what it holds (a user's
+    choice in the UI is kept)."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if artifact_root is not None and not uri.startswith(("http://", "https://")):
         location = (artifact_root.resolve() / name).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # another process created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:
