@@ -576,7 +576,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sample.steps": 5, "sample.eta": 1.0, "eval.num_samples": 40, "eval.proxy_samples": 20, "eval.guidance_grid": "0,1",
         "eval.noise_error_images": 4, "eval.noise_error_stride": 250,
     },
-    # measured on 2 CPU cores (README, Presets): ch 24 without dropout learns faster per second than ch 32 with it;
+    # measured on 2 CPU cores (docs/results.md): ch 24 without dropout learns faster per second than ch 32 with it;
     # lambda 0.1 distorts the tail within this budget, 0.025 does not; proxies at w = 0.5: at w = 1 a plain DDPM's
     # FID stays above 60 (5x its floor) to step 1,800 while its head consistency is 1 from step 600 (guidance
     # narrows the samples), at w = 0 about 15% of samples are of another class; at the digits' native 8x8

@@ -73,7 +73,7 @@ class MlflowServer:
 
 
 class BasicAuthMlflowServer(MlflowServer):
-    """The README's recipe: ``mlflow server --app-name basic-auth`` (the admin's password from the environment,
+    """docs/cluster-and-gpu.md's recipe: ``mlflow server --app-name basic-auth`` (the admin's password from the environment,
     never in a file), artifacts served over HTTP (``--artifacts-destination``). ``user`` and ``password`` log in.
 
     Two settings the recipe leaves at MLflow's defaults, for the suite's time on 2 cores: one server process

@@ -1,5 +1,5 @@
 """Scale-out, and a node lost mid-trial: the smoke search on a two-node Ray cluster (a head and a second node
-started with `ray start` on 127.0.0.1, token authentication on: the README's recipe), logging to a real `mlflow
+started with `ray start` on 127.0.0.1, token authentication on: docs/cluster-and-gpu.md's recipe), logging to a real `mlflow
 server` with basic auth (artifacts served over HTTP), its Optuna study in a storage whose URL holds a password.
 Each trial's two DDP ranks are spread one to a node (``--placement spread``); while the first trial trains, the
 second node's raylet is killed with SIGKILL. Ray Train restarts the trial's worker group on the head from its last

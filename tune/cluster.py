@@ -21,7 +21,7 @@ from tune.redact import redact_url
 MLFLOW_RECIPE = ("`MLFLOW_AUTH_CONFIG_PATH=auth.ini MLFLOW_AUTH_ADMIN_PASSWORD=... MLFLOW_FLASK_SERVER_SECRET_KEY=... "
                  "mlflow server --app-name basic-auth --backend-store-uri sqlite:////shared/mlflow.db "
                  "--artifacts-destination /shared/mlartifacts --host HEAD --port 5000 --allowed-hosts HEAD:5000`, "
-                 "auth.ini as the README's cluster recipe gives it")
+                 "auth.ini as docs/cluster-and-gpu.md's recipe gives it")
 
 
 class ClusterError(RuntimeError):

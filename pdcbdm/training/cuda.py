@@ -11,7 +11,7 @@ import torch
 
 __all__ = ["GPU_MODEL_PRESETS", "cuda_diagnosis"]
 
-# U-Nets sized for GPUs (a CPU step costs a minute or more: README, "Your own data")
+# U-Nets sized for GPUs (a CPU step costs a minute or more: docs/results.md)
 GPU_MODEL_PRESETS = ("cifar", "own64", "own128")
 
 
@@ -35,4 +35,5 @@ def _driver() -> str:
         return f"nvidia-smi failed ({(out.stderr or out.stdout).strip()[:200]})"
     gpus = "; ".join(line.strip() for line in out.stdout.splitlines() if line.strip())
     return (f"nvidia-smi reports {gpus or 'no GPU'}: a driver older than the one CUDA {torch.version.cuda} needs "
-            f"hides the GPUs from torch (README, GPUs: install a torch built for your driver's CUDA)")
+            f"hides the GPUs from torch (docs/cluster-and-gpu.md, \"NVIDIA driver and CUDA\": install a torch "
+            f"built for your driver's CUDA)")

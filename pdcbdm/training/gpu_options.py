@@ -1,5 +1,5 @@
 """The speed options of ``train.gpu_options`` (comma-separated; none by default): each is measured on a GPU by
-``python -m pipelines.gpu_check`` before it may become a default (README, GPUs).
+``python -m pipelines.gpu_check`` before it may become a default (docs/cluster-and-gpu.md).
 
 - ``channels_last``: the U-Net's weights and batches in NHWC, the layout cuDNN's convolutions prefer in bf16;
 - ``fused_adam``: Adam's update in one fused kernel (``torch.optim.Adam(fused=True)``);
@@ -8,7 +8,7 @@
 - ``cudnn_benchmark``: cuDNN times its algorithms for each input shape once and keeps the fastest; process-wide;
 - ``compile``: ``torch.compile`` of the (wrapped) network; the checkpoints keep the plain network's weights;
 - ``bf16_groupnorm``: GroupNorm (and the SiLU after it) in autocast's bf16 instead of fp32
-  (``pdcbdm.models.layers.GroupNorm``); its effect on the loss curve: README, "Figures measured here".
+  (``pdcbdm.models.layers.GroupNorm``); its effect on the loss curve: docs/results.md.
 """
 
 from __future__ import annotations
