@@ -1,4 +1,4 @@
-"""Issue 15's search workflow: a space file (--space), a warm start from an earlier search (--warm-start) and a
+"""The search workflow: a space file (--space), a warm start from an earlier search (--warm-start) and a
 time budget (--time-budget).
 
 One real search (local Ray, Optuna in sqlite, MLflow in sqlite) runs all three at once and is checked through its

@@ -180,7 +180,7 @@ def test_ema_warm_up_tracks_the_network_not_the_init(digits):
 
 
 def test_default_pd_term_carries_a_real_share_of_the_gradient():
-    """Issue 11's band: at the PD form's reference lambda (LossConfig's default 0.1, the ``cifar*`` presets'),
+    """The PD term's band: at the PD form's reference lambda (LossConfig's default 0.1, the ``cifar*`` presets'),
     ||grad PD|| / ||grad L_DM|| is between 1% and 50% for t < 700 on the digits preset's network (the earlier
     saturating default gave 1e-6 to 1e-4). The ``digits`` preset itself uses 0.025, a quarter of it: measured
     there, 0.1 distorts the tail within the CPU budget (docs/search.md, the loss fields)."""
@@ -247,7 +247,7 @@ def test_cosine_schedule_warms_up_then_decays_to_its_final_fraction_and_survives
 
 
 def test_a_training_window_makes_no_host_round_trip_until_it_is_read(digits):
-    """Issue 26: the step gathers, flips, draws and accumulates on the device; what the counter calls ``host``
+    """The step gathers, flips, draws and accumulates on the device; what the counter calls ``host``
     (the guidance coin, Adam's step counts, the CPU-only label check) touches host tensors on every device.
     The window (with its gradient diagnostics) is read back in one transfer."""
     from pdcbdm.training.syncs import HostSyncCounter

@@ -130,14 +130,18 @@ def loss_terms(
 
     with autocast():
         out = net(torch.cat(xs), torch.cat(ts), torch.cat(ys))
-    parts = list(out.float().split([a.shape[0] for a in xs]))
+    parts = out.float().split([a.shape[0] for a in xs])
+    eps_main = parts[0]  # eps_theta(x_t, t, y): L_DM's prediction, and L_DA's eps(y)
 
-    terms: dict[str, Tensor] = {"dm": dm_loss(parts[0], eps).mean()}
+    terms: dict[str, Tensor] = {"dm": dm_loss(eps_main, eps).mean()}
     zero = terms["dm"].new_zeros(())
-    terms["cbdm"] = cbdm_loss(parts[0], parts[1], t, diffusion.T, cfg.cbdm_tau, cfg.cbdm_gamma).mean() if use_cbdm else zero
-    terms["pd"], terms["pd_kl"] = zero, zero
+    terms["cbdm"], terms["pd"], terms["pd_kl"] = zero, zero, zero
+    if use_cbdm:
+        eps_prime = parts[1]  # eps_theta(x_t, t, y'), Eq. 9
+        terms["cbdm"] = cbdm_loss(eps_main, eps_prime, t, diffusion.T, cfg.cbdm_tau, cfg.cbdm_gamma).mean()
     if use_pd:
-        pd, kl = pd_terms(diffusion, xh_t, xl_t, tp, parts[-2], parts[-1], cfg, eps_p)
+        eps_head, eps_tail = parts[-2], parts[-1]  # the head and tail pairs' predictions, Eq. 10-11
+        pd, kl = pd_terms(diffusion, xh_t, xl_t, tp, eps_head, eps_tail, cfg, eps_p)
         terms["pd"], terms["pd_kl"] = pd.mean(), kl.mean()
     return terms
 
