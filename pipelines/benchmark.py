@@ -7,7 +7,7 @@
         --variants ddpm+cfg,+cbdm,cbdm+tsa,cbdm+pd,all        # issue 3's grid: smoke's and cifar's steps
 
 Sections (``--sections``, default all three):
-  train     the real ``Trainer.train_step`` (loss, backward, gradient clipping, Adam, EMA) on synthetic long-tailed
+  train     the real ``Trainer.advance`` (loss, backward, gradient clipping, Adam, EMA) on synthetic long-tailed
             data of each preset's shape, for each variant -- ``ddpm+cfg`` (L_DM only, Eq. 8), ``+cbdm`` (adds
             L_DA's second label pass, Eq. 9), ``+pd`` (adds the head/tail pairs, Eq. 10-11), ``+tsa`` (TSA at the
             preset's resolution, Eq. 13-14) and ``all`` (PD-CBDM) -- in fp32 and bf16 autocast (``cbdm+pd`` and
@@ -33,7 +33,9 @@ Sections (``--sections``, default all three):
   metrics   features/s of the digits CNN and, when its weights are on disk, the FID Inception (no download is
             tried); improved precision/recall (k = 5) and PRD (F_8, F_1/8) on random 2048-d features, 10k x 10k
             (``--quick``: 2k x 2k), with their time and peak memory; FID of n against a 5 x n reference per
-            evaluation, with the reference's statistics kept, from scratch, and by scipy's sqrtm.
+            evaluation, with the reference's statistics kept, from scratch, and by scipy's sqrtm; every metric of
+            one evaluation (FID against the kept statistics, precision/recall, KID, PRD) on the device, timed one
+            by one, for n seeded low-rank class-mixture features against 5 x n (10k x 50k, ``--quick`` 2k x 10k).
 
 Method. Every measurement runs in a fresh process forked from a "forkserver" that has imported torch and pdcbdm
 once (so a job costs no import time, and CUDA is initialised only inside the job). Each job does its set-up,
@@ -324,14 +326,15 @@ def synthetic_dataset(preset: str, seed: int = 0) -> Any:
 
 
 def train_job(spec: dict[str, Any]) -> dict[str, Any]:
-    """Time ``Trainer.train_step`` for one (preset, variant, precision, batch); see the module docstring."""
+    """Time ``Trainer.advance`` (the training loops' step; each timed call waits for the device) for one
+    (preset, variant, precision, batch); see the module docstring."""
     from pdcbdm.training import Trainer
 
     cfg = variant_config(spec["preset"], spec["variant"], spec["precision"], spec["batch"])
     trainer = Trainer(cfg, synthetic_dataset(spec["preset"]), device=spec["device"])
     memory = PeakMemory(spec["device"])
     memory.start()
-    timing = timed_median(trainer.train_step, spec["device"], warmup=spec["warmup"], repeats=spec["steps"])
+    timing = timed_median(trainer.advance, spec["device"], warmup=spec["warmup"], repeats=spec["steps"])
     work = network_images_per_step(cfg)
     return {
         "preset": spec["preset"], "variant": spec["variant"], "precision": spec["precision"],
@@ -536,19 +539,87 @@ def fid_job(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def prd_job(spec: dict[str, Any]) -> dict[str, Any]:
-    """Time and peak memory of PRD's (F_8, F_1/8) at n x n random features (scikit-learn k-means, CPU only)."""
+    """Time and peak memory of PRD's (F_8, F_1/8) at n x n random features (the torch k-means, on the device)."""
     from pdcbdm.metrics import prd_f_scores
 
     ref, gen = _random_features(spec["n"], spec["dim"], 1)
-    memory = PeakMemory("cpu")
+    memory = PeakMemory(spec["device"])
     memory.start()
     out: dict[str, Any] = {}
     run = lambda: out.update(zip(("f_8", "f_1_8"), prd_f_scores(  # noqa: E731
-        gen, ref, num_clusters=spec["clusters"], num_runs=spec["runs"], n_init=spec["n_init"])))
-    sec, cpu = time_call(run, "cpu")
+        gen, ref, num_clusters=spec["clusters"], num_runs=spec["runs"], n_init=spec["n_init"],
+        device=spec["device"])))
+    sec, cpu = time_call(run, spec["device"])
     return {"metric": "prd", "n_ref": spec["n"], "n_gen": spec["n"], "dim": spec["dim"],
             "num_clusters": spec["clusters"], "num_runs": spec["runs"], "n_init": spec["n_init"],
-            "device": "cpu", "seconds": sec, "cpu_s": cpu, **out, **memory.stop()}
+            "device": spec["device"], "seconds": sec, "cpu_s": cpu, **out, **memory.stop()}
+
+
+def _mixture_features(n: int, dim: int, seed: int, *, shift: float = 0.0, classes: int = 10,
+                      rank: int = 64) -> tuple[Any, Any]:
+    """[n, dim] float32 features and their labels (balanced over ``classes``) with the shape of real network
+    features: a class mixture on a ``rank``-dimensional subspace (class means and a decaying within-class spectrum
+    on one basis, the same for every draw), plus small isotropic noise, passed through a softplus (pool features
+    are non-negative). ``shift`` moves each class mean by about that many leading within-class standard deviations
+    in a fixed random direction: a generated set close to, but not, the reference. The draw's own randomness comes
+    from ``seed`` and ``n``, so sets of different sizes are independent draws."""
+    import numpy as np
+
+    family = np.random.default_rng(1234)  # one basis and one set of class means for every draw
+    basis = family.standard_normal((rank, dim)).astype(np.float32) / np.sqrt(rank)
+    means = 3.0 * family.standard_normal((classes, rank)).astype(np.float32)
+    moves = family.standard_normal((classes, rank)).astype(np.float32)
+    scales = (1.0 / np.sqrt(np.arange(1, rank + 1))).astype(np.float32)  # a decaying spectrum, as Inception's
+    rng = np.random.default_rng([seed, n])
+    labels = np.arange(n) % classes
+    latent = means[labels] + shift * moves[labels] / np.sqrt(rank) + rng.standard_normal((n, rank),
+                                                                                         dtype=np.float32) * scales
+    x = latent @ basis + 0.1 * rng.standard_normal((n, dim), dtype=np.float32)
+    return np.logaddexp(0.0, x).astype(np.float32), labels
+
+
+def metrics_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Every feature metric of one evaluation, timed one by one, for ``spec["n"]`` generated features against a
+    ``5 x n`` reference (10k x 50k at 2,048-d: CIFAR's evaluation): the reference's statistics once (mean,
+    covariance, root: ``first_s``), then per evaluation FID against them, improved precision/recall (k = 5)
+    against the whole reference, KID against a seeded KID_MAX_REFERENCE subsample of it, and PRD on equal-size
+    sets, each as ``evaluate_features`` calls it, on ``spec["device"]``. ``total_s``: the per-evaluation sum."""
+    import numpy as np
+
+    from pdcbdm.metrics import ReferenceStatistics, fid_to_reference, improved_precision_recall, kid_from_features
+    from pdcbdm.metrics import prd_f_scores
+    from pdcbdm.metrics.scoring import KID_MAX_REFERENCE
+
+    n, dim, device = spec["n"], spec["dim"], spec["device"]
+    ref, ref_labels = _mixture_features(5 * n, dim, 0)
+    gen, gen_labels = _mixture_features(n, dim, 1, shift=0.5)
+    kid_rows = np.sort(np.random.default_rng(0).choice(len(ref), size=min(KID_MAX_REFERENCE, len(ref)),
+                                                       replace=False))
+    stats = ReferenceStatistics(ref, ref_labels)
+    calls = {
+        "first_s": lambda: stats.of(device=device).root,
+        "fid_s": lambda: fid_to_reference(gen, stats, device=device),
+        "precision_recall_s": lambda: improved_precision_recall(ref, gen, k=5, device=device),
+        "kid_s": lambda: kid_from_features(gen, ref[kid_rows], gen_labels=gen_labels,
+                                           ref_labels=ref_labels[kid_rows], device=device),
+        "prd_s": lambda: prd_f_scores(gen, ref, num_clusters=spec["clusters"], num_runs=spec["runs"],
+                                      n_init=spec["n_init"], device=device),
+    }
+    memory = PeakMemory(device)
+    memory.start()
+    timed: dict[str, float] = {}
+    values: dict[str, Any] = {}
+    for key, call in calls.items():
+        timed[key], timed[key[:-2] + "_cpu_s"] = time_call(
+            lambda c=call, k=key: values.__setitem__(k, c()), device)
+        _log(f"[metrics]   {key[:-2]}: {timed[key]:.3g} s")
+    precision, recall = values["precision_recall_s"]
+    f_8, f_1_8 = values["prd_s"]
+    return {"metric": "metrics", "n_gen": n, "n_ref": 5 * n, "n_kid_ref": len(kid_rows), "dim": dim,
+            "device": device, "num_clusters": spec["clusters"], "num_runs": spec["runs"], "n_init": spec["n_init"],
+            **timed, "total_s": sum(timed[k] for k in ("fid_s", "precision_recall_s", "kid_s", "prd_s")),
+            "fid": values["fid_s"], "precision": precision, "recall": recall, "kid": values["kid_s"],
+            "f_8": f_8, "f_1_8": f_1_8, **memory.stop()}
 
 
 def quality_job(spec: dict[str, Any]) -> dict[str, Any]:
@@ -570,7 +641,8 @@ def quality_job(spec: dict[str, Any]) -> dict[str, Any]:
 
 JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "train": train_job, "sampling": sampling_job, "features": features_job,
-    "precision_recall": precision_recall_job, "prd": prd_job, "fid": fid_job, "quality": quality_job,
+    "precision_recall": precision_recall_job, "prd": prd_job, "fid": fid_job, "metrics": metrics_job,
+    "quality": quality_job,
 }
 
 
@@ -773,7 +845,8 @@ def run_quality_section(runner: JobRunner, s: BenchSettings) -> dict[str, Any]:
 
 
 def run_metrics_section(runner: JobRunner, s: BenchSettings) -> dict[str, Any]:
-    """Extractor throughput, then precision/recall and PRD at metric_n x metric_n."""
+    """Extractor throughput, then precision/recall and PRD at metric_n x metric_n, FID at metric_n x 5 metric_n,
+    and every metric of one evaluation at metric_n x 5 metric_n (``metrics_job``)."""
     features = []
     for kind in s.extractors:
         _log(f"[metrics] features/s of {kind}")
@@ -788,7 +861,10 @@ def run_metrics_section(runner: JobRunner, s: BenchSettings) -> dict[str, Any]:
                              "n_init": s.prd_n_init})
     _log(f"[metrics] FID at {n} x {5 * n}")
     fid = runner.run("fid", {**_base_spec(s), "n": n, "dim": dim})
-    return {"features": features, "precision_recall": pr, "prd": prd, "fid": fid}
+    _log(f"[metrics] every metric of one evaluation at {n} x {5 * n} on {s.device}")
+    suite = runner.run("metrics", {**_base_spec(s), "n": n, "dim": dim, "clusters": s.prd_clusters,
+                                   "runs": s.prd_runs, "n_init": s.prd_n_init})
+    return {"features": features, "precision_recall": pr, "prd": prd, "fid": fid, "metrics": suite}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -890,7 +966,28 @@ def metrics_tables(section: dict[str, Any]) -> list[str]:
         rows.append([f"fid {fid['n_gen']} x {fid['n_ref']} x {fid['dim']}-d, per evaluation", fid["cached_s"], "", "",
                      "", f"reference kept (first {fid['first_s']:.3g} s); from scratch {fid['uncached_s']:.3g} s, "
                          f"with scipy sqrtm {fid['sqrtm_s']:.3g} s"])
-    return [format_table("Metrics", ["what", "seconds", "cpu s", "features/s", "growth MB", "note"], rows)]
+    return [format_table("Metrics", ["what", "seconds", "cpu s", "features/s", "growth MB", "note"], rows),
+            *suite_tables(section.get("metrics"))]
+
+
+def suite_tables(suite: dict[str, Any] | None) -> list[str]:
+    """The per-metric times of one evaluation (``metrics_job``), or its error; nothing when it did not run."""
+    if not suite:
+        return []
+    if "error" in suite:
+        return [f"Metrics of one evaluation: {_error_cell(suite)}"]
+    rows = [["reference statistics (once)", suite["first_s"], suite["first_cpu_s"], "mean, covariance, root"],
+            ["FID", suite["fid_s"], suite["fid_cpu_s"], f"{suite['fid']:.4g}"],
+            ["precision/recall (k = 5)", suite["precision_recall_s"], suite["precision_recall_cpu_s"],
+             f"P={suite['precision']:.3f} R={suite['recall']:.3f}"],
+            ["KID", suite["kid_s"], suite["kid_cpu_s"], f"{suite['kid']:.4g} against {suite['n_kid_ref']:,}"],
+            ["PRD", suite["prd_s"], suite["prd_cpu_s"], f"F_8={suite['f_8']:.3f} F_1/8={suite['f_1_8']:.3f} "
+             f"({suite['num_clusters']} clusters, {suite['num_runs']} runs, n_init {suite['n_init']})"],
+            ["total per evaluation", suite["total_s"], None, "FID + P/R + KID + PRD"]]
+    peak = suite.get("peak_mb")
+    title = (f"Metrics of one evaluation: {suite['n_gen']:,} x {suite['n_ref']:,} x {suite['dim']}-d on "
+             f"{suite['device']}" + ("" if peak is None else f" (peak {peak:,.0f} MB)"))
+    return [format_table(title, ["metric", "seconds", "cpu s", "value"], rows)]
 
 
 def _cpu_model() -> str:
@@ -1133,7 +1230,8 @@ def _jobs(report: dict[str, Any]) -> list[dict[str, Any]]:
     found = list(report.get("train", {}).get("rows", []))
     found += [report["sampling"]] if "sampling" in report else []
     metrics = report.get("metrics", {})
-    found += list(metrics.get("features", [])) + [metrics[k] for k in ("precision_recall", "prd") if k in metrics]
+    found += list(metrics.get("features", [])) + [metrics[k] for k in ("precision_recall", "prd", "metrics")
+                                                  if k in metrics]
     found += [report["quality"]] if "quality" in report else []
     return found
 

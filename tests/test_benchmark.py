@@ -38,6 +38,7 @@ def report(tmp_path_factory) -> dict:
                 "--precisions", "fp32,bf16", "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Training step" in done.stdout and "Sampling" in done.stdout and "Metrics" in done.stdout
+    assert "Metrics of one evaluation: 64 x 320 x 16-d on cpu" in done.stdout
     assert not list(out.parent.glob(".bench.json.*")), "the atomic write left a temporary file"
     return json.loads(out.read_text())
 
@@ -98,6 +99,11 @@ def test_metrics_section(report):
     fid = metrics["fid"]  # the kept reference gives the FID scipy's sqrtm path gives
     assert fid["n_gen"] == 64 and fid["n_ref"] == 320 and all(_positive(fid[k]) for k in ("cached_s", "sqrtm_s"))
     assert fid["fid"] == pytest.approx(fid["fid_sqrtm"], rel=1e-6)
+    suite = metrics["metrics"]  # every metric of one evaluation, timed one by one (never asserted)
+    assert (suite["n_gen"], suite["n_ref"], suite["n_kid_ref"], suite["dim"]) == (64, 320, 320, 16)
+    assert suite["device"] == "cpu" and suite["num_clusters"] == 4 and suite["num_runs"] == 1
+    assert all(_positive(suite[f"{m}_s"]) for m in ("first", "fid", "precision_recall", "kid", "prd", "total"))
+    assert suite["fid"] > 0 and 0 <= suite["precision"] <= 1 and 0 <= suite["f_8"] <= 1 and 0 <= suite["f_1_8"] <= 1
 
 
 def test_quality_section_is_opt_in_and_reports_time_to_quality(tmp_path):

@@ -37,8 +37,8 @@ def as_float64(array: np.ndarray | torch.Tensor, name: str, ndim: int) -> np.nda
     return out
 
 
-def feature_statistics(features: np.ndarray | torch.Tensor,
-                       weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def feature_statistics(features: np.ndarray | torch.Tensor, weights: np.ndarray | None = None,
+                       device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean and unbiased covariance of N feature vectors, plain or weighted.
 
     Plain: the mean and the covariance with divisor N - 1. Weighted (``weights`` w >= 0, normalised to sum 1; the
@@ -48,25 +48,59 @@ def feature_statistics(features: np.ndarray | torch.Tensor,
     Args:
         features: [N, D] features, N >= 2.
         weights: [N] non-negative weights, or None.
+        device: where the N x D x D product (the cost) runs: on a GPU (the trial's) torch in float64, the results
+            brought back as numpy; None or the CPU: numpy, whose BLAS forms X^T X by a symmetric rank-k update
+            (on 2 CPU cores 3.5x faster than torch's float64 matmul: 1.0 s against 3.5 s at 20k x 2,048).
 
     Returns:
         (mu [D], sigma [D, D]) in float64.
     """
+    if device is not None and torch.device(device).type != "cpu":
+        return _torch_statistics(features, weights, torch.device(device))
     x = as_float64(features, "features", 2)
     if x.shape[0] < 2:
         raise ValueError(f"features needs at least 2 rows to estimate a covariance, got {x.shape[0]}")
     if weights is None:
         return x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
-    w = as_float64(weights, "weights", 1)
-    if w.shape[0] != x.shape[0] or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"weights must be {x.shape[0]} non-negative values with a positive sum")
-    w = w / w.sum()
-    spread = 1.0 - float(w @ w)
-    if spread <= 0.0:
-        raise ValueError("weights put all mass on one row: no covariance can be estimated")
+    w = _normalised_weights(weights, x.shape[0])
     mu = w @ x
     centred = x - mu
-    return mu, (centred * w[:, None]).T @ centred / spread
+    return mu, (centred * w[:, None]).T @ centred / (1.0 - float(w @ w))
+
+
+def _normalised_weights(weights: np.ndarray, rows: int) -> np.ndarray:
+    """``weights`` as float64 summing to 1; ValueError unless ``rows`` non-negative values with a positive sum
+    that leave a covariance to estimate (not all mass on one row)."""
+    w = as_float64(weights, "weights", 1)
+    if w.shape[0] != rows or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be {rows} non-negative values with a positive sum")
+    w = w / w.sum()
+    if 1.0 - float(w @ w) <= 0.0:
+        raise ValueError("weights put all mass on one row: no covariance can be estimated")
+    return w
+
+
+def _torch_statistics(features: np.ndarray | torch.Tensor, weights: np.ndarray | None,
+                      device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """``feature_statistics`` in float64 on ``device``: the same estimates, one [D, N] x [N, D] matmul there."""
+    x = torch.as_tensor(features).to(device=device, dtype=torch.float64)
+    if x.dim() != 2:
+        raise ValueError(f"features must have 2 dimension(s), got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("features contains NaN or infinite values")
+    if x.shape[0] < 2:
+        raise ValueError(f"features needs at least 2 rows to estimate a covariance, got {x.shape[0]}")
+    if weights is None:
+        mu = x.mean(dim=0)
+        centred = x - mu
+        sigma = centred.T @ centred / (x.shape[0] - 1)
+    else:
+        w_np = _normalised_weights(weights, x.shape[0])
+        w = torch.from_numpy(w_np).to(device)
+        mu = w @ x
+        centred = x - mu
+        sigma = (centred * w[:, None]).T @ centred / (1.0 - float(w_np @ w_np))
+    return mu.cpu().numpy(), ((sigma + sigma.T) / 2).cpu().numpy()
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,8 +113,10 @@ class GaussianStats:
     sigma: np.ndarray
 
     @classmethod
-    def of(cls, features: np.ndarray | torch.Tensor, weights: np.ndarray | None = None) -> GaussianStats:
-        return cls(*feature_statistics(features, weights))
+    def of(cls, features: np.ndarray | torch.Tensor, weights: np.ndarray | None = None,
+           device: torch.device | str | None = None) -> GaussianStats:
+        """The statistics of ``features`` (``feature_statistics``; on ``device`` when given)."""
+        return cls(*feature_statistics(features, weights, device))
 
     @functools.cached_property
     def root(self) -> torch.Tensor:
@@ -125,14 +161,24 @@ class ReferenceStatistics:
         self.features, self.labels, self.shares = features, np.asarray(labels), shares
         self._cache: dict[tuple[int, ...] | None, GaussianStats | None] = {}
 
-    def of(self, classes: Sequence[int] | None = None) -> GaussianStats | None:
-        """The statistics of the rows whose class is in ``classes`` (None: every row); None with fewer than 2."""
+    def of(self, classes: Sequence[int] | None = None,
+           device: torch.device | str | None = None) -> GaussianStats | None:
+        """The statistics of the rows whose class is in ``classes`` (None: every row); None with fewer than 2.
+        Computed on ``device`` (``feature_statistics``) by the first call that asks for them, then kept."""
         key = None if classes is None else tuple(sorted(int(c) for c in classes))
         if key not in self._cache:
             rows = np.ones(len(self.labels), bool) if key is None else np.isin(self.labels, key)
             self._cache[key] = (None if rows.sum() < 2 else
-                                GaussianStats.of(self.features[rows], mixture_weights(self.labels[rows], self.shares)))
+                                GaussianStats.of(_rows(self.features, rows),
+                                                 mixture_weights(self.labels[rows], self.shares), device))
         return self._cache[key]
+
+
+def _rows(features: np.ndarray | torch.Tensor, mask: np.ndarray) -> np.ndarray | torch.Tensor:
+    """The rows of ``features`` where ``mask`` is True, a tensor staying a tensor on its device."""
+    if isinstance(features, torch.Tensor):
+        return features[torch.from_numpy(mask).to(features.device)]
+    return np.asarray(features)[mask]
 
 
 def frechet_distance(mu1: np.ndarray | torch.Tensor, sigma1: np.ndarray | torch.Tensor,
@@ -167,10 +213,11 @@ def fid_to_reference(features: np.ndarray | torch.Tensor, reference: ReferenceSt
                      classes: Sequence[int] | None = None, labels: np.ndarray | None = None,
                      device: torch.device | str | None = None) -> float | None:
     """FID of ``features`` (those of ``classes`` when given, by ``labels``) against the cached statistics of the
-    same classes of ``reference``; None when either side has fewer than 2 rows there."""
+    same classes of ``reference``; None when either side has fewer than 2 rows there. Both sides' statistics and
+    the distance are computed on ``device`` (None: the CPU; ``feature_statistics``)."""
     if classes is not None:
-        features = np.asarray(features)[np.isin(np.asarray(labels), list(classes))]
-    ref = reference.of(classes)
+        features = _rows(features, np.isin(np.asarray(labels), list(classes)))
+    ref = reference.of(classes, device)
     if ref is None or len(features) < 2:
         return None
-    return frechet_distance_of(ref, GaussianStats.of(features), device)
+    return frechet_distance_of(ref, GaussianStats.of(features, device=device), device)

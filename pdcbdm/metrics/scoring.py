@@ -293,7 +293,7 @@ def _precision_recall(gen: FeatureSet, ref: FeatureSet, k: int, seed: int,
 
 
 def _prd(gen: FeatureSet, ref: FeatureSet, clusters: int | None, runs: int, seed: int,
-         n_init: int) -> dict[str, Any]:
+         n_init: int, device: torch.device | str) -> dict[str, Any]:
     """F_8 and F_1/8 on equal-size sets with at most N / 10 clusters (None, with a note, when N < 20)."""
     n = min(len(gen), len(ref))
     count = clusters or prd_cluster_count(n, len(np.unique(gen.labels)))
@@ -301,7 +301,7 @@ def _prd(gen: FeatureSet, ref: FeatureSet, clusters: int | None, runs: int, seed
         return {"f8": None, "f1_8": None, "prd_n": n, "prd_clusters": 0,
                 "prd_note": f"PRD needs >= 2 clusters of 10 points; the equal-size sets hold {n} points"}
     f8, f1_8 = prd_f_scores(gen.features, ref.features, num_clusters=count, num_runs=runs, seed=seed,
-                            n_init=n_init, ref_weights=ref.weights())
+                            n_init=n_init, ref_weights=ref.weights(), device=device)
     return {"f8": f8, "f1_8": f1_8, "prd_n": n, "prd_clusters": count}
 
 
@@ -336,9 +336,9 @@ def evaluate_features(gen: FeatureSet | Sequence[Any], ref: FeatureSet | Sequenc
         seed: seed of the PRD subsample and clusterings and of KID's reference subsample (large references only).
         prd_clusters: PRD clusters; None = min(20 x the number of distinct classes in `gen` (paper), N // 10) with
             N = the smaller set's size (prd.py); an explicit value above N // 10 raises ValueError.
-        prd_n_init: k-means++ initialisations per PRD run (10 as Sajjadi et al.'s code; fewer is faster).
+        prd_n_init: k-means++ seedings per PRD run (10 as Sajjadi et al.'s code; fewer is faster).
         is_splits: Inception Score splits (paper: 10).
-        device: where FID's statistics, precision/recall distances and KID's kernel sums are computed.
+        device: where FID's statistics, precision/recall distances, KID's kernel sums and PRD's k-means run.
         judge: the calibrated reading rule of class consistency (judge.py); None calibrates one on `ref` (which
             should then be images the classifier was not trained on, as the digits reference is).
         groups: further named class groups (e.g. the many/medium/few-shot groups of ``shot_groups``), scored as
@@ -368,7 +368,8 @@ def evaluate_features(gen: FeatureSet | Sequence[Any], ref: FeatureSet | Sequenc
         inception_score_note=is_note, precision=precision, recall=recall, fid_head=fid["fid_head"],
         fid_tail=fid["fid_tail"], per_class=_per_class_rows(gen, ref, num_classes, kid_per_class, consistency, rejected),
         num_generated=len(gen), num_reference=len(ref), extractor=gen.extractor or ref.extractor,
-        group_scores=extra_scores, **_prd(gen, ref, prd_clusters, prd_runs, seed, prd_n_init), **kid, **summary)
+        group_scores=extra_scores, **_prd(gen, ref, prd_clusters, prd_runs, seed, prd_n_init, device), **kid,
+        **summary)
 
 
 def _check_groups(groups: Mapping[str, Sequence[int]] | None, num_classes: int) -> dict[str, tuple[int, ...]]:
