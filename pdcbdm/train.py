@@ -1,7 +1,7 @@
 """Single-process training for users and tests.
 
     python -m pdcbdm.train --preset smoke --out runs/smoke
-    python -m pdcbdm.train --preset digits --steps 3000 --set loss.pd_weight=0.05 --set model.tsa_resolutions=16 --out D
+    python -m pdcbdm.train --preset digits --steps 3000 --set loss.pd_weight=0.05 --set model.tsa_resolutions=8 --out D
     python -m pdcbdm.train --preset own32 --set data.root=PREPARED --out D     # your own images, prepared at 32 px
 
 Writes into ``--out``: ``config.json`` (the resolved config), ``checkpoint.pt`` (network, EMA, optimiser, step,
