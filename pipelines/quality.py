@@ -120,7 +120,7 @@ def compare_samplers(trainer: Trainer, evaluator: Evaluator, specs: Sequence[dic
     runs = [(spec, cfg.eval.proxy_guidance) for spec in specs] + [(specs[0], w) for w in guidances]
     for spec, w in runs:
         n = ddpm_samples if spec["sampler"] == "ddpm" else samples
-        labels = uniform_labels(n, trainer.num_classes)
+        labels = uniform_labels(n, trainer.num_classes).to(trainer.device)  # sampling runs where the labels are
         kw = {k: spec[k] for k in ("sampler", "steps", "eta")}
         start = time.perf_counter()
         images = generate(trainer.ema.module, diffusion, labels, tuple(trainer.dataset.image_shape),
