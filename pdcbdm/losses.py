@@ -60,17 +60,17 @@ def pd_loss(kl: Tensor, weight: float, form: str = "distance", scale: float = 2.
     m = ``scale``. The caller passes both KLs in noise units (``GaussianDiffusion.noise_units``, the factor DDPM's
     L_simple drops from L_t), so d is the RMS over elements of (eps_theta_h - eps_theta_l) - (the same for the
     true posteriors), and the term's gradient on each noise prediction has norm lambda / sqrt(D) at every t.
-    Why this form: the KL is dominated by sqrt(abar_t)(x0_h - x0_l), which the network cannot change (about 3.8e3
-    at t index 0, 13 at 300, 0.02 at 800 on digits), and its gradient grows with the distance and with
+    Why this form (docs/method.md, "The readings the code takes"): the KL is dominated by
+    sqrt(abar_t)(x0_h - x0_l), which the network cannot change, and its gradient grows with the distance and with
     beta_t / sigma_t, so the ``plain`` form puts nearly all of its pull on the smallest t and any bound fixed in KL
-    units (``saturating``) is saturated exactly there. Measured on both presets' networks the default lambda gives
-    the PD term 1% to 50% of L_DM's parameter-gradient norm in every t band below 700 (pipelines/pd_gradients.py).
+    units (``saturating``) is saturated exactly there. Training logs the term's share of L_DM's parameter-gradient
+    norm (``pd_grad_share``; pipelines/pd_gradients.py measures it per band of t).
     The offset makes the term 0 at d = d_ref and changes no gradient. The term rewards separating a pair up to
     about m times its true separation and is bounded below by -lambda m d_ref (1 - tanh(1 / m)), a constant of
     the data, so training cannot run away.
     ``plain``: -lambda * KL, exactly Eq. 10; unbounded below.
-    ``saturating``: -lambda * KL / (KL + scale), the earlier default; bounded by -lambda but saturated wherever
-    KL >> scale (its gradient was 1e-6 to 1e-4 of L_DM's): kept only to reproduce earlier runs.
+    ``saturating``: -lambda * KL / (KL + scale); bounded by -lambda but saturated wherever KL >> scale (its
+    gradient is then a vanishing share of L_DM's): kept to reproduce runs made with it.
     """
     if form == "plain":
         return -weight * kl

@@ -183,7 +183,7 @@ def test_default_pd_term_carries_a_real_share_of_the_gradient():
     """The PD term's band: at the PD form's reference lambda (LossConfig's default 0.1, the ``cifar*`` presets'),
     ||grad PD|| / ||grad L_DM|| is between 1% and 50% for t < 700 on the digits preset's network (the earlier
     saturating default gave 1e-6 to 1e-4). The ``digits`` preset itself uses 0.025, a quarter of it: measured
-    there, 0.1 distorts the tail within the CPU budget (docs/search.md, the loss fields)."""
+    there, 0.1 distorts the tail within the CPU budget (docs/method.md, the readings the code takes)."""
     from pdcbdm.config import LossConfig
     from pdcbdm.training.diagnostics import term_gradient_norms
 
