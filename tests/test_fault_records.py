@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from pdcbdm.io import write_json_atomic
 from tests.searchutil import ROOT, TINY, MlflowServer, free_port, search_cmd, seed_cache, trial_runs
-from tune import budget
+from tune import budget, faults
 from tune.verdicts import TUNE_TRIAL_ATTR
 
 pytestmark = pytest.mark.slow
@@ -63,8 +63,8 @@ def _first_loss_logged(uri: str) -> bool:
 
 
 def test_an_outage_and_kills_between_optuna_and_tune_end_in_three_records_that_agree(tmp_path, search_cache):
-    """1. Two trials with a time budget. Once they train, the MLflow server is stopped for 5 s and the budget runs
-    out: both stop at their step-20 report (its records wait for the server, and are lost with the trial) and the
+    """1. Two trials with a time budget, held at step 15 (``hold@15``). Once they train, the MLflow server is stopped
+    for 5 s and the budget runs out before they are released: both stop at their step-20 report (its records wait for the server, and are lost with the trial) and the
     driver dies right after Optuna is told the first PRUNED (Tune's saved state: both running).
     2. --resume: trial X reports the stop Optuna recorded without training; Y trains on from its step-20
     checkpoint, its worker crashes at step 22 (Ray Train restarts it from that checkpoint), it diverges at step 25
@@ -81,10 +81,11 @@ def test_an_outage_and_kills_between_optuna_and_tune_end_in_three_records_that_a
         first = tmp_path / "first.log"
         proc = _start(tmp_path, first, search_cmd(tmp_path, "rec", "--tracking-uri", uri, "--trials", "2",
                                                   "--no-asha", "--concurrency", "2", "--time-budget", "30", *TINY),
-                      "die@pruned")
+                      "die@pruned,hold@15")
         _wait(proc, first, lambda _: _first_loss_logged(uri), "a logged loss")
         server.stop()
         write_json_atomic(state, {**budget.read(state), "deadline": time.time()})  # the budget runs out
+        (tmp_path / "faults" / faults.RELEASE).touch()  # the trials held at step 15 go on to their step-20 report
         time.sleep(5)
         server.start()
         _killed(proc, first)
@@ -96,7 +97,8 @@ def test_an_outage_and_kills_between_optuna_and_tune_end_in_three_records_that_a
         done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=400,
                               env={**os.environ, "PYTHONUNBUFFERED": "1", "PDCBDM_CACHE": str(tmp_path / "cache")})
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert sorted(p.name for p in (tmp_path / "faults").iterdir()) == ["die@fail", "die@pruned", "kill@22", "nan@25"]
+        assert sorted(p.name for p in (tmp_path / "faults").iterdir()) == ["die@fail", "die@pruned", "kill@22", "nan@25",
+                                                                     faults.RELEASE]
 
         table = pd.read_parquet(folder / "trials.parquet")
         assert sorted(table["status"]) == ["failed", "stopped"]

@@ -5,7 +5,9 @@ fault fires once (a marker file created exclusively in that folder, so that conc
 search cannot take it twice). Without both variables nothing fires.
 
 - ``nan@N``: the first trial whose rank 0 reaches step N gets NaN weights (a real divergence, which the trainer
-  catches); ``kill@N``: the first to reach step N exits its worker process (a crash Ray Train recovers from).
+  catches); ``kill@N``: the first to reach step N exits its worker process (a crash Ray Train recovers from);
+  ``hold@N``: every trial's rank 0 waits at step N until the test creates ``release`` in the folder (so that a
+  test acts before any trial passes step N, however fast the machine; at most ``HOLD_LIMIT_S``).
 - ``die@fail``, ``die@pruned``, ``die@complete`` (Optuna's states): the driver kills itself (SIGKILL) right after
   the searcher told Optuna the first such end of a trial, before Tune saves its experiment state: the window in
   which Optuna and Tune's saved state disagree (``tune.verdicts``).
@@ -15,9 +17,12 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 FAULTS_ENV, FAULT_DIR_ENV = "PDCBDM_FAULTS", "PDCBDM_FAULT_DIR"
+RELEASE = "release"
+HOLD_LIMIT_S = 300.0
 
 
 def armed(kind: str) -> list[str]:
@@ -42,3 +47,12 @@ def driver_dies_after(state: str) -> None:
     when = state.lower()
     if when in armed("die") and take("die", when):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hold_at(step: int) -> None:
+    """``hold@N``: wait at step N until ``release`` exists in the fault folder (every trial; not a one-off)."""
+    if str(step) not in armed("hold"):
+        return
+    release, deadline = Path(os.environ[FAULT_DIR_ENV]) / RELEASE, time.monotonic() + HOLD_LIMIT_S
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)

@@ -319,9 +319,10 @@ def _report(trainer: Trainer, metrics: dict[str, Any], rank: int) -> None:
 
 
 def _inject_fault(trainer: Trainer, rank: int) -> None:
-    """The reliability tests' worker faults (``tune.faults``: ``nan@N``, ``kill@N``), on rank 0."""
+    """The reliability tests' worker faults (``tune.faults``: ``nan@N``, ``kill@N``, ``hold@N``), on rank 0."""
     if rank != 0:
         return
+    faults.hold_at(trainer.step)
     for kind in ("kill", "nan"):
         if str(trainer.step) not in faults.armed(kind) or not faults.take(kind, str(trainer.step)):
             continue
