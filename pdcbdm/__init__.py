@@ -1,1 +1,2 @@
-"""pdcbdm: PD-CBDM, class-balancing diffusion with a perceptual-distinguish loss and timestep-dependent self-attention."""
+"""pdcbdm: PD-CBDM, class-balancing diffusion with a perceptual-distinguish loss and timestep-dependent
+self-attention."""

@@ -45,7 +45,9 @@ def _check(cond: bool, name: str, value: Any, why: str) -> None:
         raise ConfigError(f"{name} {why}, got {shown(value)}")
 
 
-LABEL_DIST_NAMES = ("cbdm", "inverted", "uniform")
+# q_s(k) ∝ n_k^(-s): the named ``loss.label_dist`` values and their s (pdcbdm.labels reads both from here)
+LABEL_DIST_POWERS = {"cbdm": -1.0, "inverted": 1.0, "uniform": 0.0}
+LABEL_DIST_NAMES = tuple(LABEL_DIST_POWERS)
 
 
 def parse_label_dist(spec: str) -> float:
@@ -54,9 +56,8 @@ def parse_label_dist(spec: str) -> float:
     ``cbdm`` is s = -1 (q = training frequency), ``uniform`` s = 0, ``inverted`` s = 1 (PD-CBDM, Eq. 12), and
     ``power:S`` any real S.
     """
-    named = {"cbdm": -1.0, "uniform": 0.0, "inverted": 1.0}
-    if spec in named:
-        return named[spec]
+    if spec in LABEL_DIST_POWERS:
+        return LABEL_DIST_POWERS[spec]
     if isinstance(spec, str) and spec.startswith("power:"):
         try:
             return float(spec.split(":", 1)[1])
@@ -134,30 +135,37 @@ def _finite_numbers(cfg: "Config") -> None:
             raise ConfigError(f"{key} must be a finite number, got {value!r}")
 
 
-# the U-Nets of pdcbdm.models.PRESETS (named here: the config imports no torch)
-MODEL_PRESETS = ("small", "cifar", "own32", "own64", "own128")
-DATASETS = ("digits-lt", "digits", "cifar10-lt", "cifar100-lt", "cifar10", "cifar100")
-PREPARED = "parquet"  # a user's own data, prepared into the folder data.root (pdcbdm.data.own)
-# eval.reference (pdcbdm.data.own.REFERENCE_CHOICES; config does not import the data package)
-REFERENCE_CHOICES = ("auto", "balanced-train", "train", "heldout", "folder")
-# eval.judge: which classifier judges class consistency (pdcbdm.evaluation.real_sets)
-JUDGE_CHOICES = ("auto", "probe", "cnn")
-EXTRACTORS = ("digits", "domain", "inception")
+# The choices of the fields below, copied from the modules that implement them: those import torch, which the
+# config must not (a command line checks its config before anything heavy loads). tests/test_config.py holds
+# each copy equal to its owner's.
+NETWORKS = ("small", "cifar", "own32", "own64", "own128")  # pdcbdm.models.NETWORKS
+DATASETS = ("digits-lt", "digits", "cifar10-lt", "cifar100-lt", "cifar10", "cifar100")  # pdcbdm.data.DATASET_NAMES
+PREPARED = "parquet"  # a user's own data, prepared into the folder data.root (pdcbdm.data.own.PREPARED)
+REFERENCE_CHOICES = ("auto", "balanced-train", "train", "heldout", "folder")  # pdcbdm.data.own
+JUDGE_CHOICES = ("auto", "probe", "cnn")  # eval.judge: pdcbdm.evaluation.real_sets
+EXTRACTORS = ("digits", "domain", "inception")  # pdcbdm.metrics.EXTRACTOR_KINDS
+VAR_TYPES = ("fixedlarge", "fixedsmall")  # pdcbdm.diffusion
+PD_FORMS = ("distance", "plain", "saturating")  # pdcbdm.losses
+SPLIT_MODES = ("classes", "samples")  # pdcbdm.data.split
+LR_SCHEDULES = ("constant", "cosine")  # pdcbdm.training.trainer
+PRECISIONS = ("fp32", "bf16", "auto")  # pdcbdm.training.trainer
+SAMPLERS = ("ddpm", "ddim")  # pdcbdm.sampling
+PROTOCOLS = ("fast", "paper")  # pdcbdm.evaluation.settings
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The denoising U-Net (see ``pdcbdm.models.build_unet``): a preset, TSA placement (Eq. 13-14), and optional
-    overrides of the preset's dropout, attention heads and base width ``ch`` (None keeps the preset's)."""
+    """The denoising U-Net (see ``pdcbdm.models.build_unet``): a named network, TSA placement (Eq. 13-14), and
+    optional overrides of its dropout, attention heads and base width ``ch`` (None keeps the network's)."""
 
-    preset: str = "small"
+    network: str = "small"
     tsa_resolutions: str = "8"
     dropout: float | None = None
     num_heads: int | None = None
     ch: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.preset in MODEL_PRESETS, "model.preset", self.preset, f"must be one of {', '.join(MODEL_PRESETS)}")
+        _check(self.network in NETWORKS, "model.network", self.network, f"must be one of {', '.join(NETWORKS)}")
         if self.ch is not None:
             _check(self.ch >= 1, "model.ch", self.ch, "must be >= 1 (the U-Net's base width)")
         parse_resolution_list(self.tsa_resolutions, "model.tsa_resolutions")
@@ -180,7 +188,7 @@ class DiffusionConfig:
         _check(self.timesteps >= 2, "diffusion.timesteps", self.timesteps, "must be >= 2")
         _check(0.0 < self.beta_1 < 1.0, "diffusion.beta_1", self.beta_1, "must be in (0, 1)")
         _check(self.beta_1 <= self.beta_T < 1.0, "diffusion.beta_T", self.beta_T, "must be in [beta_1, 1)")
-        _check(self.var_type in ("fixedlarge", "fixedsmall"), "diffusion.var_type", self.var_type,
+        _check(self.var_type in VAR_TYPES, "diffusion.var_type", self.var_type,
                "must be 'fixedlarge' or 'fixedsmall'")
 
 
@@ -211,12 +219,12 @@ class LossConfig:
         _check(self.cbdm_gamma >= 0.0, "loss.cbdm_gamma", self.cbdm_gamma, "must be >= 0")
         parse_label_dist(self.label_dist)
         _check(self.pd_weight >= 0.0, "loss.pd_weight", self.pd_weight, "must be >= 0")
-        _check(self.pd_form in ("distance", "plain", "saturating"), "loss.pd_form", self.pd_form,
+        _check(self.pd_form in PD_FORMS, "loss.pd_form", self.pd_form,
                "must be 'distance', 'plain' or 'saturating'")
         _check(self.pd_scale > 0.0, "loss.pd_scale", self.pd_scale, "must be > 0")
         _check(self.pd_pairs >= 0, "loss.pd_pairs", self.pd_pairs, "must be >= 0 (0 = half the batch)")
         _check(0.0 < self.split_ratio < 1.0, "loss.split_ratio", self.split_ratio, "must be in (0, 1)")
-        _check(self.split_mode in ("classes", "samples"), "loss.split_mode", self.split_mode,
+        _check(self.split_mode in SPLIT_MODES, "loss.split_mode", self.split_mode,
                "must be 'classes' or 'samples'")
 
 
@@ -253,7 +261,8 @@ class DataConfig:
         if self.dataset == PREPARED:
             self._check_prepared()
         elif self.image_size is not None:
-            from pdcbdm.data.registry import dataset_image_shape  # the data sets own their sizes (imports torch)
+            # deferred: the data sets own their sizes, and the data package imports torch, which the config must not
+            from pdcbdm.data.registry import dataset_image_shape
 
             try:
                 dataset_image_shape(self.dataset, self.image_size)
@@ -272,7 +281,7 @@ class DataConfig:
                               f"data.dataset={PREPARED}, got {self.imbalance!r}")
         _check(not self.download, "data.download", self.download, f"must be false with data.dataset={PREPARED}")
         if self.image_size is not None and (Path(self.root) / "_meta.json").is_file():
-            from pdcbdm.data.own import prepared_image_shape  # imports torch
+            from pdcbdm.data.own import prepared_image_shape  # deferred: imports torch, which the config must not
 
             try:
                 prepared_image_shape(self.root, self.image_size)
@@ -308,12 +317,13 @@ class TrainConfig:
         _check(self.batch_size >= 2, "train.batch_size", self.batch_size, "must be >= 2")
         _check(self.lr > 0.0, "train.lr", self.lr, "must be > 0")
         _check(self.warmup >= 0, "train.warmup", self.warmup, "must be >= 0")
-        _check(self.lr_schedule in ("constant", "cosine"), "train.lr_schedule", self.lr_schedule,
+        _check(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", self.lr_schedule,
                "must be 'constant' or 'cosine'")
-        _check(0.0 <= self.lr_final <= 1.0, "train.lr_final", self.lr_final, "must be in [0, 1] (a fraction of train.lr)")
+        _check(0.0 <= self.lr_final <= 1.0, "train.lr_final", self.lr_final,
+               "must be in [0, 1] (a fraction of train.lr)")
         _check(self.grad_clip > 0.0, "train.grad_clip", self.grad_clip, "must be > 0")
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", self.ema_decay, "must be in [0, 1)")
-        _check(self.precision in ("fp32", "bf16", "auto"), "train.precision", self.precision,
+        _check(self.precision in PRECISIONS, "train.precision", self.precision,
                "must be 'fp32', 'bf16' or 'auto'")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _check(self.eval_every >= 1, "train.eval_every", self.eval_every, "must be >= 1")
@@ -332,7 +342,7 @@ class SampleConfig:
     eta: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.sampler in ("ddpm", "ddim"), "sample.sampler", self.sampler, "must be 'ddpm' or 'ddim'")
+        _check(self.sampler in SAMPLERS, "sample.sampler", self.sampler, "must be 'ddpm' or 'ddim'")
         _check(self.steps >= 1, "sample.steps", self.steps, "must be >= 1")
         _check(self.guidance >= 0.0, "sample.guidance", self.guidance, "must be >= 0")
         _check(self.eta >= 0.0, "sample.eta", self.eta, "must be >= 0")
@@ -351,9 +361,10 @@ class EvalConfig:
     loss's split), fixed for every run so that scores stay comparable when the PD loss's own ``loss.split_ratio``
     is searched. ``proxy_guidance`` is the w of the proxy scores a search ranks and stops trials by; the final
     scores cover ``guidance_grid`` and report the best w: the lowest FID among the w whose class consistency
-    reaches ``min_consistency`` (FID is blind to labels; see ``pdcbdm.evaluation.best_by_fid``). ``protocol`` is how final scores sample: ``fast`` (the
-    config's ``sample.*`` sampler) or ``paper`` (CBDM's and the paper's: 1000-step ancestral DDPM, fixedlarge
-    variance, the mean before x0 is clipped; the default of the ``cifar*`` presets); proxies always use ``sample.*``.
+    reaches ``min_consistency`` (FID is blind to labels; see ``pdcbdm.evaluation.best_by_fid``). ``protocol`` is
+    how final scores sample: ``fast`` (the config's ``sample.*`` sampler) or ``paper`` (CBDM's and the paper's:
+    1000-step ancestral DDPM, fixedlarge variance, the mean before x0 is clipped; the default of the ``cifar*``
+    presets); proxies always use ``sample.*``.
 
     ``reference`` is what the metrics compare samples with. ``auto``: a built-in set's balanced set (digits'
     held-out split, CIFAR's full training set); for a prepared set (no balanced set exists) the user's reference
@@ -385,7 +396,7 @@ class EvalConfig:
     judge: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.protocol in ("fast", "paper"), "eval.protocol", self.protocol, "must be 'fast' or 'paper'")
+        _check(self.protocol in PROTOCOLS, "eval.protocol", self.protocol, "must be 'fast' or 'paper'")
         _check(self.reference in REFERENCE_CHOICES, "eval.reference", self.reference,
                f"must be one of {', '.join(REFERENCE_CHOICES)}")
         _check(self.judge in JUDGE_CHOICES, "eval.judge", self.judge, f"must be one of {', '.join(JUDGE_CHOICES)}")
@@ -462,6 +473,8 @@ class Config:
             values = dict(data.get(name, {}))
             valid = {f.name for f in dataclasses.fields(kind)}
             bad = set(values) - valid
+            for key in sorted(f"{name}.{b}" for b in bad):
+                _not_renamed(key)
             if bad:
                 raise ConfigError(f"unknown field(s) {sorted(f'{name}.{b}' for b in bad)}; valid: {sorted(valid)}")
             sections[name] = kind(**values)
@@ -479,6 +492,16 @@ class Config:
             return cls.from_dict(json.loads(p.read_text()))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"config file {p} is not valid JSON: {exc}") from None
+
+
+# fields whose name changed: a config, a checkpoint or a --set with the old name is told the new one
+RENAMED = {"model.preset": "model.network"}
+
+
+def _not_renamed(key: str) -> None:
+    """ConfigError naming the new name when ``key`` is a field's old name (``RENAMED``)."""
+    if key in RENAMED:
+        raise ConfigError(f"{key} is now called {RENAMED[key]}; use {RENAMED[key]}=... (the value is unchanged)")
 
 
 def _field_type(kind: type, name: str) -> Any:
@@ -533,76 +556,9 @@ def apply_overrides(cfg: Config, items: list[str] | dict[str, Any]) -> Config:
             raise ConfigError(f"unknown config section {section!r} in {key!r}; valid: {sorted(SECTIONS)}")
         kind = SECTIONS[section]
         if name not in {f.name for f in dataclasses.fields(kind)}:
+            _not_renamed(key)
             valid = sorted(f"{section}.{f.name}" for f in dataclasses.fields(kind))
             raise ConfigError(f"unknown config field {key!r}; valid fields of {section}: {valid}")
         annotation = _field_type(kind, name)
         data[section][name] = _convert(value, annotation, key) if isinstance(value, str) else value
     return Config.from_dict(data)
-
-
-def preset(name: str) -> Config:
-    """Named presets: ``smoke`` (a minute on 2 CPU cores), ``digits`` (the embedded default), ``cifar10-lt`` and
-    ``cifar100-lt`` (the paper's network, schedule and optimiser settings; for GPUs), and ``own32``, ``own64``,
-    ``own128`` for a user's own data prepared at that side (``--set data.root=D``; the U-Net of the same name)."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
-    return apply_overrides(Config(), PRESETS[name])
-
-
-_CIFAR = {
-    "model.preset": "cifar", "model.tsa_resolutions": "16",
-    "train.steps": 500_000, "train.batch_size": 64, "train.warmup": 5000, "train.ema_decay": 0.9999,
-    "train.eval_every": 10_000, "train.log_every": 100, "train.precision": "bf16",
-    "eval.extractor": "inception", "eval.protocol": "paper", "eval.num_samples": 10_000, "eval.proxy_samples": 1000,
-    "eval.guidance_grid": "0.8,1.0,1.2,1.4,1.6", "eval.batch_size": 500,
-    "sample.steps": 100, "sample.guidance": 1.2, "eval.proxy_guidance": 1.2, "loss.pd_weight": 0.1,
-}
-
-# A user's own data (``data.dataset=parquet``): the folder is a default to override (--set data.root=D; a missing
-# folder says how to prepare one), the domain CNN scores (trained once per data digest), attention and TSA at 16x16
-# in every own U-Net. Starting points, not tuned settings: a search tunes the loss knobs on the user's data.
-_OWN = {
-    "data.dataset": PREPARED, "data.root": "data/own", "eval.extractor": "domain", "model.tsa_resolutions": "16",
-    "train.precision": "auto", "loss.pd_weight": 0.025, "eval.guidance_grid": "0,0.5,1,2", "eval.proxy_guidance": 1.0,
-}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # a plumbing check, not a model: ch 16 steps in 0.16 s on one core against 0.42 s at the small net's ch 32, and
-    # every Ray test trial runs this preset
-    "smoke": {
-        "data.dataset": "digits-lt", "data.imbalance": 10.0, "model.ch": 16,
-        "train.steps": 60, "train.batch_size": 16, "train.warmup": 10, "train.ema_decay": 0.9,
-        "train.log_every": 10, "train.eval_every": 30,
-        "sample.steps": 5, "sample.eta": 1.0, "eval.num_samples": 40, "eval.proxy_samples": 20, "eval.guidance_grid": "0,1",
-        "eval.noise_error_images": 4, "eval.noise_error_stride": 250,
-    },
-    # measured on 2 CPU cores (docs/results.md): ch 24 without dropout learns faster per second than ch 32 with it;
-    # lambda 0.1 distorts the tail within this budget, 0.025 does not; proxies at w = 0.5: at w = 1 a plain DDPM's
-    # FID stays above 60 (5x its floor) to step 1,800 while its head consistency is 1 from step 600 (guidance
-    # narrows the samples), at w = 0 about 15% of samples are of another class; at the digits' native 8x8
-    # (upsampled to 16x16 for scoring) a PD-CBDM step costs about half the 16x16 one, with TSA at 4, half the input
-    "digits": {
-        "data.dataset": "digits-lt", "data.imbalance": 8.0, "data.image_size": 8,
-        "model.ch": 24, "model.dropout": 0.0, "model.tsa_resolutions": "4",
-        "train.steps": 1800, "train.batch_size": 16, "train.lr": 1e-3, "train.warmup": 50, "train.ema_decay": 0.99,
-        "train.log_every": 100, "train.eval_every": 300, "train.precision": "auto",
-        "loss.pd_weight": 0.025, "loss.pd_pairs": 4,
-        "sample.steps": 20, "sample.eta": 1.0, "eval.num_samples": 200, "eval.proxy_samples": 100,
-        "eval.guidance_grid": "0,0.5,1,2", "eval.proxy_guidance": 0.5,
-    },
-    "cifar10-lt": {**_CIFAR, "data.dataset": "cifar10-lt", "data.imbalance": 100.0, "train.steps": 800_000},
-    "cifar100-lt": {**_CIFAR, "data.dataset": "cifar100-lt", "data.imbalance": 100.0, "sample.guidance": 1.4,
-                    "eval.proxy_guidance": 1.4},    **{name: {**_OWN, **sizes} for name, sizes in {
-        # a CPU can train it: about 1.2M parameters
-        "own32": {"model.preset": "own32", "train.steps": 6000, "train.batch_size": 32, "train.lr": 5e-4,
-                  "train.warmup": 200, "train.ema_decay": 0.999, "train.eval_every": 1000, "train.log_every": 100,
-                  "sample.steps": 20, "sample.eta": 1.0, "eval.num_samples": 500, "eval.proxy_samples": 200},
-        # GPU nets (9.4M and 18.4M parameters): CIFAR-like schedules
-        "own64": {"model.preset": "own64", "train.steps": 200_000, "train.batch_size": 64, "train.warmup": 2000,
-                  "train.ema_decay": 0.9999, "train.eval_every": 10_000, "train.log_every": 100,
-                  "sample.steps": 50, "eval.num_samples": 2000, "eval.proxy_samples": 500},
-        "own128": {"model.preset": "own128", "train.steps": 300_000, "train.batch_size": 32, "train.warmup": 5000,
-                   "train.ema_decay": 0.9999, "train.eval_every": 10_000, "train.log_every": 100,
-                   "sample.steps": 50, "eval.num_samples": 2000, "eval.proxy_samples": 500},
-    }.items()},
-}

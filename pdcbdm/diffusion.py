@@ -10,6 +10,9 @@ from torch import Tensor
 
 from pdcbdm.config import DiffusionConfig
 
+# the fixed reverse variances sigma_t^2 (diffusion.var_type; docs/method.md, "Diffusion"): beta_t or the posterior's
+VAR_TYPES = ("fixedlarge", "fixedsmall")
+
 
 def extract(buffer: Tensor, t: Tensor, like: Tensor) -> Tensor:
     """Gather ``buffer[t]`` (float64 schedule) and shape it [B, 1, 1, 1] in ``like``'s dtype and device. The

@@ -34,16 +34,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.io import atomic_write_bytes
 from pdcbdm.progress import tqdm
 from pdcbdm.sampling import Rows, ddim_sample, ddpm_sample, to_uint8
+from pdcbdm.viz import save_labelled_rows
 
 __all__ = ["MANIFEST", "MANIFEST_COLUMNS", "Settings", "Job", "Outcome", "folder_names", "batch_seed", "image_path",
-           "plan_jobs", "sample_job", "png_bytes", "read_manifest", "write_manifest", "generate_folder", "write_preview",
-           "top_up_targets"]
+           "plan_jobs", "sample_job", "png_bytes", "read_manifest", "write_manifest", "generate_folder",
+           "write_preview", "top_up_targets"]
 
 MANIFEST = "manifest.csv"
 MANIFEST_COLUMNS = ("file", "class", "label", "index", "guidance", "seed", "noise_seed", "batch_size", "batch_row",
@@ -177,8 +179,6 @@ def sample_job(net: nn.Module, diffusion: GaussianDiffusion, job: Job, shape: tu
 
 def png_bytes(image: torch.Tensor) -> bytes:
     """One uint8 image [C, H, W] as PNG: C = 1 as greyscale ("L"), C = 3 as "RGB", at its own size."""
-    from PIL import Image
-
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"expected a uint8 image [1 or 3, H, W], got {image.dtype} {tuple(image.shape)}")
     arr = image.permute(1, 2, 0).contiguous().numpy()
@@ -297,10 +297,6 @@ def write_preview(out: str | Path, class_names: Sequence[str], targets: Mapping[
                   per_class: int = 8) -> Path:
     """``out/preview.png``: the first ``per_class`` images of each generated class, a row per class with its name
     (a picture to look at before the folder goes to a classifier)."""
-    from PIL import Image
-
-    from pdcbdm.viz import save_labelled_rows
-
     out, folders = Path(out), folder_names(class_names)
     rows = []
     for k in sorted(targets):

@@ -7,9 +7,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from pdcbdm.config import parse_label_dist
+from pdcbdm.config import LABEL_DIST_NAMES, LABEL_DIST_POWERS, parse_label_dist
 
-KINDS = ("cbdm", "inverted", "uniform", "power")
+KINDS = (*LABEL_DIST_NAMES, "power")
 
 
 def target_distribution(counts: Sequence[int], kind: str, power: float | None = None) -> Tensor:
@@ -23,8 +23,9 @@ def target_distribution(counts: Sequence[int], kind: str, power: float | None = 
     """
     n = torch.as_tensor(list(counts), dtype=torch.float64)
     if n.dim() != 1 or len(n) == 0 or bool((n < 0).any()) or float(n.sum()) <= 0:
-        raise ValueError(f"counts must be a non-empty list of non-negative class counts with a positive sum, got {list(counts)}")
-    s = {"cbdm": -1.0, "inverted": 1.0, "uniform": 0.0}.get(kind)
+        raise ValueError(f"counts must be a non-empty list of non-negative class counts with a positive sum, "
+                         f"got {list(counts)}")
+    s = LABEL_DIST_POWERS.get(kind)
     if kind == "power":
         if power is None:
             raise ValueError("target_distribution(kind='power') needs power=s")

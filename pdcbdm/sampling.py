@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from pdcbdm.diffusion import GaussianDiffusion, extract
 from pdcbdm.progress import tqdm
 
+SAMPLERS = ("ddpm", "ddim")  # sample.sampler: ancestral DDPM over all T steps, or DDIM over ``steps``
+
 
 def uniform_labels(n: int, num_classes: int) -> Tensor:
     """Evaluation labels spread uniformly over classes: 0, 1, ..., K-1, 0, 1, ... (equal counts when K divides n)."""
@@ -139,7 +141,8 @@ def ddim_sample(
         x0 = diffusion.x0_from_eps(x, t, eps)
         if clip_x0:
             x0 = x0.clamp(-1, 1)
-            eps = (x - extract(diffusion.sqrt_alphas_bar, t, x) * x0) / extract(diffusion.sqrt_one_minus_alphas_bar, t, x)
+            eps = ((x - extract(diffusion.sqrt_alphas_bar, t, x) * x0)
+                   / extract(diffusion.sqrt_one_minus_alphas_bar, t, x))
         abar = extract(diffusion.alphas_bar, t, x)
         abar_prev = extract(diffusion.alphas_bar, torch.full_like(t, prev), x) if prev >= 0 else torch.ones_like(abar)
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).clamp(min=0).sqrt()
@@ -165,7 +168,7 @@ def generate(
     them (the noise is drawn for the whole batch and sliced), up to floating-point differences of batch size.
     The noise is drawn on the labels' device: a seed gives the same images on every CPU, and other images (of the
     same distribution) on a GPU."""
-    if sampler not in ("ddpm", "ddim"):
+    if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
     # on the labels' device: the noise of every step is drawn there, without an upload per step
     generator = torch.Generator(labels.device).manual_seed(seed)

@@ -13,6 +13,7 @@ trained under another config is refused, naming the fields, unless ``--overwrite
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -20,10 +21,11 @@ from typing import Any, Sequence
 
 import torch
 
-from pdcbdm.config import (ALLOW_LARGE_FLAG, PRESETS, Config, ConfigError, apply_overrides, check_ceilings, preset,
-                           write_json_atomic)
+from pdcbdm.config import ALLOW_LARGE_FLAG, Config, ConfigError, apply_overrides, check_ceilings
 from pdcbdm.data import ImageDataset, build_dataset
-from pdcbdm.models import check_preset_size
+from pdcbdm.io import write_json_atomic
+from pdcbdm.models import check_network_size
+from pdcbdm.presets import PRESETS, preset
 from pdcbdm.progress import tqdm
 from pdcbdm.sampling import generate
 from pdcbdm.training import Trainer, resolve_device
@@ -36,12 +38,12 @@ LOSS_KEYS = ("loss", "dm", "cbdm", "pd", "pd_kl")
 def load_data(cfg: Config) -> ImageDataset:
     """The training set a config names (a prepared set: memory-mapped, its shape and counts from _meta.json).
 
-    Raises ConfigError naming ``model.preset`` when an own-data U-Net (own32, own64, own128) meets images of
+    Raises ConfigError naming ``model.network`` when an own-data U-Net (own32, own64, own128) meets images of
     another side, and what loading raises (FileNotFoundError, ValueError naming the folder or field)."""
     data = build_dataset(cfg.data.dataset, root=cfg.data.root, imbalance=cfg.data.imbalance, split="train",
                          seed=cfg.data.seed, download=cfg.data.download, image_size=cfg.data.image_size)
     try:
-        check_preset_size(cfg.model.preset, data.image_shape[1])
+        check_network_size(cfg.model.network, data.image_shape[1])
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return data
@@ -76,7 +78,6 @@ def train(cfg: Config, out: str | Path, *, progress: bool = True, data: ImageDat
         trainer.load(ckpt)
         old = out / "metrics.json"
         if old.exists():
-            import json
             history = [r for r in json.loads(old.read_text()).get("history", []) if r["step"] <= trainer.step]
     start = time.perf_counter()
     bar = tqdm(total=cfg.train.steps, initial=trainer.step, desc="train", disable=not progress)
@@ -104,7 +105,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pdcbdm.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="smoke", choices=list(PRESETS),
-                   help="named configuration: smoke (about a minute on 2 CPU cores), digits (the embedded default), "
+                   help="named configuration: smoke (a quick plumbing check), digits (the embedded default), "
                         "cifar10-lt / cifar100-lt (the paper's network; GPUs), own32 / own64 / own128 (your own "
                         "data prepared at that side: --set data.root=D). Default: smoke")
     p.add_argument("--steps", type=int, default=None, help="training steps (overrides train.steps)")
@@ -151,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     summary = train(cfg, args.out, progress=not args.no_progress, data=data)
     last = summary["history"][-1] if summary["history"] else {}
-    print(f"trained {summary['steps']} steps ({summary['precision']}) in {summary['train_seconds']:.1f}s; final loss {last.get('loss', float('nan')):.4f}")
+    print(f"trained {summary['steps']} steps ({summary['precision']}) in {summary['train_seconds']:.1f}s; "
+          f"final loss {last.get('loss', float('nan')):.4f}")
     print(f"wrote {Path(args.out) / 'checkpoint.pt'}, samples.png, metrics.json, loss.png, config.json")
     return 0
 

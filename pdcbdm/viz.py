@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from pdcbdm.io import atomic_write
@@ -25,8 +26,6 @@ def image_grid(images: Tensor, nrow: int, pad: int = 1) -> Tensor:
 
 def save_grid(images: Tensor, path: str | os.PathLike, nrow: int, scale: int = 1) -> Path:
     """Save uint8 images [N, C, H, W] as a PNG grid (``scale`` enlarges small images with nearest neighbours)."""
-    from PIL import Image
-
     grid = image_grid(images, nrow)
     if scale > 1:
         grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
@@ -43,10 +42,12 @@ def class_rows(labels_per_row: int, num_classes: int) -> Tensor:
 def save_curves(history: Sequence[Mapping[str, float]], keys: Sequence[str], path: str | os.PathLike,
                 x_key: str = "step", title: str = "") -> Path:
     """Plot ``keys`` of a list of records against ``x_key`` into a PNG (one panel per key)."""
-    import matplotlib
+    # pyplot is slow to import (docs/results.md, "Import costs") and every Ray trial's worker imports this module
+    # for its sample grids: only the runs that draw a plot pay for it
+    import matplotlib  # deferred: import cost (above)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # no display: the backend is chosen before pyplot loads
+    import matplotlib.pyplot as plt  # deferred: import cost (above)
 
     keys = [k for k in keys if any(k in r for r in history)]
     fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4 * max(len(keys), 1), 3), squeeze=False)
@@ -69,10 +70,10 @@ def save_labelled_rows(rows: Sequence[tuple[str, Sequence[Tensor]]], path: str |
                        title: str = "") -> Path:
     """One row of uint8 images [C, H, W] per (label, images) pair, the label written left of its row, as a PNG
     (nearest-neighbour pixels: small images stay sharp). Rows may hold different numbers of images."""
-    import matplotlib
+    import matplotlib  # deferred: as in save_curves
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: as in save_curves
 
     width = max((len(images) for _, images in rows), default=1) or 1
     fig, axes = plt.subplots(len(rows), 1, figsize=(max(1.0 * width + 1.6, 4.0), 1.0 * len(rows) + 0.5),

@@ -29,7 +29,8 @@ Writes into --out (default: ablations/NAME):
                          confusion and tail consistency per variant (also printed)
   paired.csv             each variant against CBDM on the tail metrics (tail FID and KID, tail consistency,
                          tail-to-head confusion): per-seed differences, their mean and spread, a paired t-test and
-                         the metric's real-vs-real floor spread, with a verdict (pipelines/paired.py; also printed)
+                         the metric's real-vs-real floor spread, with a verdict (pdcbdm/evaluation/paired.py; also
+                         printed)
   ablation.png           bar chart of the same with error bars (one standard deviation)
   ablation.json          the command line, the base config, the cells, the MLflow parent run (written at the start)
   mlflow.db, mlartifacts/  the MLflow store (unless --tracking-uri points elsewhere): a parent run NAME (kind
@@ -49,16 +50,18 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
+import matplotlib
+import matplotlib.pyplot as plt
 import pandas as pd
 
-from pdcbdm.config import PRESETS, Config, ConfigError, apply_overrides, preset
+from pdcbdm.config import Config, ConfigError, apply_overrides, parse_float_list
+from pdcbdm.evaluation.paired import TAIL_METRICS, compare_to_baseline, format_comparison
 from pdcbdm.io import atomic_write, atomic_write_bytes
-
-if TYPE_CHECKING:  # the runner imports Ray's side only when a grid runs
-    from tune.grid import GridPlan, GridRun
-from pipelines.paired import TAIL_METRICS, compare_to_baseline, format_comparison
+from pdcbdm.presets import PRESETS, preset
+from tune import arguments, grid
+from tune.grid import GridPlan, GridRun, add_runner_args, close, exit_status, guidance_metrics, run_grid
 
 __all__ = ["VARIANTS", "SUMMARY_METRICS", "Variant", "parse_variants", "variant_overrides", "variant_config",
            "summarise", "format_summary", "plot_summary", "main"]
@@ -203,8 +206,6 @@ def plot_summary(summary: pd.DataFrame, path: Path | None = None, title: str = "
     over seeds, and the real-vs-real noise floor (dashed, its spread shaded) where the summary has it: a bar
     within the floor's band is as good as real data at this sample count. Written atomically as PNG when ``path``
     is given. Returns the matplotlib figure."""
-    import matplotlib.pyplot as plt
-
     cols = 3
     rows = -(-len(SUMMARY_METRICS) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
@@ -255,8 +256,6 @@ COMMAND = "python -m pipelines.ablation"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tune.grid import add_runner_args
-
     p = argparse.ArgumentParser(prog=COMMAND, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="digits", choices=list(PRESETS),
                    help="base configuration every variant shares (default: digits, Digits-LT on the CPU)")
@@ -277,8 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
 def base_config(args: argparse.Namespace) -> Config:
     """The preset with --set and --steps, scored at the fixed eval.proxy_guidance (and, with --grid, over
     eval.guidance_grid as well): the final evaluation's guidance values are the config's eval.guidance_grid."""
-    from pdcbdm.config import parse_float_list
-
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
     cfg = apply_overrides(preset(args.preset), overrides)
     ws = {cfg.eval.proxy_guidance}
@@ -289,8 +286,6 @@ def base_config(args: argparse.Namespace) -> Config:
 
 def make_plan(args: argparse.Namespace) -> GridPlan:
     """Validate every option and build every run's config before anything is trained or logged."""
-    from tune import arguments, grid
-
     saved, reuse = None, not args.no_reuse  # --no-reuse of this call, also with --resume
     if args.resume is not None:
         saved = grid.read_saved(Path(args.resume).resolve(), KIND)
@@ -320,8 +315,6 @@ def fixed_w_rows(plan: GridPlan, rows: pd.DataFrame) -> pd.DataFrame:
     """ablation.parquet: one row per variant x seed with the metrics at the fixed w (eval.proxy_guidance) taken
     from each run's guidance sweep (the runs' headline metrics are at their best w: every metric scored per w is
     replaced, ROW_METRICS are NaN for a failed run)."""
-    from tune.grid import guidance_metrics
-
     w = plan.cfg.eval.proxy_guidance
     out = []
     for row in rows.to_dict("records"):
@@ -333,13 +326,7 @@ def fixed_w_rows(plan: GridPlan, rows: pd.DataFrame) -> pd.DataFrame:
 
 def report(plan: GridPlan, run: GridRun) -> pd.DataFrame:
     """Write ablation.parquet, summary.csv, paired.csv and ablation.png; close the parent run; print the tables."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tune.grid import close
-
+    matplotlib.use("Agg")  # the command writes PNG files: no display needed, none opened
     df = fixed_w_rows(plan, run.rows)
     summary = summarise(df)
     paired = compare_to_baseline(df, "cbdm")
@@ -360,8 +347,6 @@ def report(plan: GridPlan, run: GridRun) -> pd.DataFrame:
 
 def run_ablation(args: argparse.Namespace) -> pd.DataFrame:
     """Validate, run the grid (reusing finished runs), write the tables."""
-    from tune.grid import run_grid
-
     plan = make_plan(args)
     a = plan.args
     params = {"preset": a.preset, "variants": ",".join(dict.fromkeys(c.labels["variant"] for c in plan.cells)),
@@ -370,8 +355,6 @@ def run_ablation(args: argparse.Namespace) -> pd.DataFrame:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tune.grid import exit_status
-
     args = build_parser().parse_args(argv)
     return exit_status(lambda: run_ablation(args), (AblationError,))
 

@@ -36,6 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from pdcbdm.config import apply_overrides
+from pdcbdm.presets import preset
+
 __all__ = ["write_synthetic_prepared", "worker_main", "run_data_section", "data_tables", "TARGET_LOAD_S",
            "TARGET_SHARE"]
 
@@ -85,6 +88,7 @@ def _images(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 def write_synthetic_prepared(root: Path, n: int, size: int) -> dict[str, Any]:
     """Write (or reuse, when complete with these settings) the synthetic prepared folder; its description."""
+    # deferred: torch (1.7 s); this module's and pipelines.benchmark's --help answer without it
     from pdcbdm.data import head_tail_split
     from pdcbdm.data.prepared import is_prepared, read_prepared_meta, write_prepared_meta, write_split
 
@@ -126,8 +130,6 @@ def _evict(path: Path) -> bool:
 
 
 def _own_config(root: Path, size: int, batch: int) -> Any:
-    from pdcbdm.config import apply_overrides, preset
-
     if size not in (32, 64, 128):
         raise ValueError(f"--data-size {size}: the own presets are sized 32, 64 and 128")
     return apply_overrides(preset(f"own{size}"), {"data.root": str(root), "model.ch": 8, "train.batch_size": batch,
@@ -136,8 +138,8 @@ def _own_config(root: Path, size: int, batch: int) -> Any:
 
 def worker_main(root: Path, size: int, steps: int, batch: int) -> dict[str, Any]:
     """One worker as a trial starts it: the stages of the module docstring, timed, with the memory after each."""
+    # deferred: torch (1.7 s); this module's and pipelines.benchmark's --help answer without it
     import torch
-
     from pdcbdm.train import load_data
     from pdcbdm.training import Trainer
 
@@ -201,6 +203,7 @@ def _run_workers(root: Path, n: int, size: int, steps: int, batch: int) -> dict[
 
 def _digest_timing(root: Path) -> dict[str, float]:
     """Seconds to the data digest from _meta.json, against hashing the whole array (what it replaces)."""
+    # deferred: torch (1.7 s); this module's and pipelines.benchmark's --help answer without it
     from pdcbdm.data.own import prepared_identity
 
     start = time.perf_counter()
@@ -218,6 +221,7 @@ def _digest_timing(root: Path) -> dict[str, float]:
 def _decode_timing(root: Path) -> dict[str, float]:
     """Seconds a worker would spend decoding the PNG shards instead (what the memory-mapped array saves it), and
     the private memory the decoded copy takes."""
+    # deferred: torch (1.7 s); this module's and pipelines.benchmark's --help answer without it
     from pdcbdm.data import ParquetImageDataset
 
     before = _memory()["anon_mb"]

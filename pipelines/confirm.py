@@ -35,16 +35,21 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from pdcbdm.config import Config
 from pdcbdm.io import atomic_write
-
-if TYPE_CHECKING:  # the runner imports Ray's side only when a grid runs
-    from tune.grid import Cell, GridPlan, GridRun
+from tune import grid, registry, tracking
+from tune.grid import Cell, GridPlan, GridRun, add_runner_args, close, exit_status, run_grid
+from tune.search_folder import read_search_json
+from tune.space_file import default_knobs
+from tune.tags import LEAD_TEST_TAG, VERDICT_TAG
 
 KIND = "confirm"
 COMMAND = "python -m pipelines.confirm"
@@ -80,19 +85,15 @@ def _plain(value: Any) -> Any:
 def searched_knobs(search: dict[str, Any]) -> tuple[str, ...]:
     """The knobs the search varied: its space as search.json records it (``--space``), else (a search from before
     space files) the default space's."""
-    from tune.space import SEARCHED
-
     knobs = (search.get("space") or {}).get("knobs")
-    return tuple(knobs) if knobs else SEARCHED
+    return tuple(knobs) if knobs else default_knobs()
 
 
 def top_configs(trials: pd.DataFrame, top: int, knobs: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The ``top`` best completed trials (trials.parquet is ranked): rank, trial id, the search's FID and the
     values of the searched ``knobs`` (default: the default space's; a column the search did not vary is absent or
     empty and stays the base config's)."""
-    from tune.space import SEARCHED
-
-    knobs = SEARCHED if knobs is None else knobs
+    knobs = default_knobs() if knobs is None else knobs
     done = trials[trials["status"] == "completed"] if "status" in trials else trials.iloc[0:0]
     if len(done) < 2:
         raise ConfirmError(f"the search has {len(done)} completed trial(s); a confirmation needs at least 2 (the "
@@ -110,8 +111,6 @@ def top_configs(trials: pd.DataFrame, top: int, knobs: Sequence[str] | None = No
 
 def cells(configs: Sequence[dict[str, Any]], seeds: Sequence[int]) -> list[Cell]:
     """One grid cell per configuration x seed: the trial's searched values and train.seed."""
-    from tune.grid import Cell
-
     return [Cell(f"rank{c['config_rank']}-s{s}", {**c["params"], "train.seed": s},
                  {"config_rank": c["config_rank"], "trial_id": c["trial_id"], "seed": s})
             for c in configs for s in seeds]
@@ -138,8 +137,6 @@ def summarise(runs: pd.DataFrame, configs: Sequence[dict[str, Any]]) -> pd.DataF
 def lead_test(first: Sequence[float], second: Sequence[float], alpha: float = ALPHA) -> dict[str, Any]:
     """Does the first configuration's FID lie below the second's beyond seed noise? A one-sided Welch t-test
     (H1: mean(first) < mean(second), unequal variances): lead = mean(second) - mean(first), t, p and a verdict."""
-    from scipy import stats
-
     a = np.asarray([x for x in first if math.isfinite(x)], dtype=float)
     b = np.asarray([x for x in second if math.isfinite(x)], dtype=float)
     out: dict[str, Any] = {"test": TEST_NAME, "n1": len(a), "n2": len(b), "alpha": alpha,
@@ -178,8 +175,6 @@ def format_table(summary: pd.DataFrame) -> str:
 def plot(summary: pd.DataFrame, runs: pd.DataFrame, path: Path | None = None, title: str = "") -> Any:
     """FID and tail FID per configuration: mean with one-standard-deviation error bars, each seed a dot, the
     search's single-run FID a cross; written atomically as PNG when ``path`` is given."""
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 3.9), squeeze=False)
     x = np.arange(len(summary))
     done = runs[runs["status"] == "finished"]
@@ -207,8 +202,6 @@ def plot(summary: pd.DataFrame, runs: pd.DataFrame, path: Path | None = None, ti
 
 # -- the command line -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from tune.grid import add_runner_args
-
     p = argparse.ArgumentParser(prog=COMMAND, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--search", default=None, metavar="DIR", help="the search's folder (OUT/searches/NAME, as "
                    "tune/search.py prints it), with search.json and trials.parquet")
@@ -221,8 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_search(folder: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     """search.json and trials.parquet of a finished search, or ConfirmError naming what is missing."""
-    from tune.search_folder import read_search_json
-
     saved = read_search_json(folder, "--search", ConfirmError, ("config", "args"))
     table = folder / "trials.parquet"
     if not table.is_file():
@@ -235,8 +226,6 @@ def search_store(search: dict[str, Any], folder: Path) -> str | None:
     ``tune.tracking.recorded_uri``: where search.json keeps it masked, MLFLOW_TRACKING_URI gives it again (else
     ConfirmError naming --tracking-uri and MLFLOW_TRACKING_URI); a warning when MLFLOW_TRACKING_URI names
     another store; no MLFLOW_TRACKING_* credentials sent to a server only search.json names."""
-    from tune import tracking
-
     saved = search.get("tracking_uri")
     if not saved:
         return None
@@ -251,8 +240,6 @@ def search_store(search: dict[str, Any], folder: Path) -> str | None:
 
 def make_plan(args: argparse.Namespace) -> tuple[GridPlan, list[dict[str, Any]]]:
     """Validate everything (the search folder, --top, --seeds, the runner's options) before Ray starts."""
-    from tune import grid
-
     saved, reuse = None, not args.no_reuse  # --no-reuse of this call, also with --resume
     if args.resume is not None:
         saved = grid.read_saved(Path(args.resume).resolve(), KIND)
@@ -282,14 +269,7 @@ def make_plan(args: argparse.Namespace) -> tuple[GridPlan, list[dict[str, Any]]]
 def report(plan: GridPlan, run: GridRun, configs: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Write confirm.parquet, confirm_runs.parquet and confirm.png; close the parent run; print the table and the
     lead test."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tune import tracking
-    from tune.grid import close
-
+    matplotlib.use("Agg")  # the command writes PNG files: no display needed, none opened
     runs = run.rows.drop(columns=["cell"])
     summary = summarise(runs, configs)
     fids = [runs.loc[(runs["config_rank"] == r) & (runs["status"] == "finished"), "fid"] if "fid" in runs else []
@@ -301,7 +281,7 @@ def report(plan: GridPlan, run: GridRun, configs: list[dict[str, Any]]) -> tuple
              out / "confirm.png", plan.meta_path]
     title = f"{plan.name}: {len(configs)} configurations x {plan.args.seeds} new seeds"
     plt.close(plot(summary, runs, out / "confirm.png", title))
-    tracking.set_tags(plan.uri, run.parent, {"pdcbdm.lead_test": lead["test"], "pdcbdm.verdict": lead["verdict"]})
+    tracking.set_tags(plan.uri, run.parent, {LEAD_TEST_TAG: lead["test"], VERDICT_TAG: lead["verdict"]})
     values = {f"rank{r['config_rank']}.{k}_{s}": r[f"{k}_{s}"] for _, r in summary.iterrows()
               for k, _ in METRICS for s in ("mean", "std")}
     close(plan, run, files, {**values, "lead": lead["lead"], "lead_t": lead["t"], "lead_p_value": lead["p_value"]})
@@ -325,9 +305,6 @@ def promote_winner(plan: GridPlan, parent: str, summary: pd.DataFrame, configs: 
                    lead: dict[str, Any]) -> str:
     """Move ``best`` of the search's registered model to the winner's search trial network and tag that version
     with this confirmation's result (``tune.registry.promote``); returns the line to print."""
-    from tune import registry
-    from tune.search_folder import read_search_json
-
     folder = Path(plan.args.search)
     name = read_search_json(folder, "--search", ConfirmError).get("name") or folder.name
     best = winner(summary)
@@ -342,8 +319,6 @@ def promote_winner(plan: GridPlan, parent: str, summary: pd.DataFrame, configs: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tune.grid import exit_status, run_grid
-
     args = build_parser().parse_args(argv)
 
     def run() -> pd.DataFrame:

@@ -45,10 +45,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from pdcbdm.config import Config, ConfigError, apply_overrides, parse_float_list, write_json_atomic
+from pdcbdm.config import Config, ConfigError, apply_overrides, parse_float_list
 from pdcbdm.data import HeadTailSplit, reference_kind, to_unit_range
 from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.evaluation import Evaluator, GuidanceResult, best_by_fid, evaluation_split, headline, sampling_autocast
+from pdcbdm.io import write_json_atomic
 from pdcbdm.noise_error import noise_error
 from pdcbdm.train import load_data
 from pdcbdm.training import CheckpointError
@@ -338,8 +339,8 @@ def log_to_run(model_uri: str, summary: dict[str, Any]) -> str:
     """Write an evaluation's results to the run of a runs:/RUN_ID/model URI, or of a registered version (the run of
     the version evaluated: ``summary["checkpoint"]``): the best w's headline metrics as evaluate_* (at the model's
     training step) and the whole summary as evaluate/metrics.json. Returns the run."""
+    # deferred: MLflow (1.3 s) for --log-to-run only; --help answers without it
     from mlflow.tracking import MlflowClient
-
     from tune.registry import RegistryError, is_registry_uri, pin
 
     run_id = model_uri[len("runs:/"):].split("/", 1)[0] if model_uri.startswith("runs:/") else None
@@ -420,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (None: sys.argv[1:]); returns the exit status (2 on bad input)."""
     args = build_parser().parse_args(argv)
     if args.tracking_uri:
-        import mlflow
+        import mlflow  # deferred: MLflow (1.3 s) for --tracking-uri only; --help answers without it
 
         mlflow.set_tracking_uri(args.tracking_uri)
     try:

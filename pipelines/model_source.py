@@ -38,6 +38,7 @@ def load_network(checkpoint: str | os.PathLike, which: str) -> tuple[nn.Module, 
     """(network, config, checkpoint data) of a checkpoint file or of an MLflow model URI (EMA weights only). A
     registry URI's data says which version it was: ``source`` is ``models:/NAME/VERSION`` and ``registered`` the
     version's record (``tune.registry.Pinned``)."""
+    # deferred: both import MLflow (1.3 s); the --help of pipelines.evaluate and pipelines.generate answers without it
     from tune.mlflow_model import ModelLoadError, is_model_uri, load_logged_model
     from tune.registry import RegistryError, is_registry_uri, pin
 

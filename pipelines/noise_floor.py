@@ -24,6 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from pdcbdm.config import ConfigError, apply_overrides
+from pdcbdm.io import write_json_atomic
+from pdcbdm.presets import preset
+
 __all__ = ["build_parser", "main", "TABLE_METRICS", "synthetic_images"]
 
 TABLE_METRICS = ("fid", "fid_head", "fid_tail", "kid", "kid_head", "kid_tail", "precision", "recall", "f8", "f1_8",
@@ -57,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def synthetic_images(n: int, shape: tuple[int, ...], seed: int = 0) -> dict[str, Any]:
     """Unreadable uint8 images the judge must reject: Gaussian noise (mean 128, std 60, clipped), uniform noise,
     all-black, all-white and mid-grey."""
-    import torch
+    import torch  # deferred: torch (1.7 s); --help and the checks of bad input answer without it
 
     g = torch.Generator().manual_seed(seed)
     size = (n, *shape)
@@ -72,7 +76,7 @@ def synthetic_images(n: int, shape: tuple[int, ...], seed: int = 0) -> dict[str,
 
 def _judge_on_synthetic(evaluator: Any, n: int) -> dict[str, dict[str, float | None]]:
     """Reject rate, plain-argmax class-4 share and tail-to-head confusion of each synthetic image kind."""
-    import torch
+    import torch  # deferred: torch (1.7 s); --help and the checks of bad input answer without it
 
     out = {}
     labels = torch.arange(n) % evaluator.num_classes
@@ -109,8 +113,6 @@ def _print_table(title: str, rows: dict[str, dict[str, float | None]]) -> None:
 
 
 def _resolve(args: argparse.Namespace) -> tuple[Any, int, int]:
-    from pdcbdm.config import ConfigError, apply_overrides, preset
-
     try:
         cfg = apply_overrides(preset(args.preset), args.set)
     except ConfigError as exc:
@@ -124,6 +126,7 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, int, int]:
 
 def _measure(cfg: Any, args: argparse.Namespace, n: int, proxy_n: int) -> dict[str, Any]:
     """Build the evaluator and score the real draws at both sizes and the synthetic images."""
+    # deferred: torch (1.7 s); --help and the checks of bad input answer without it
     from pdcbdm.evaluation import Evaluator, evaluation_split
     from pdcbdm.metrics.floor import noise_floor_draws, proxy_noise_floor_draws, short_classes
     from pdcbdm.sampling import uniform_labels
@@ -186,8 +189,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (None: sys.argv[1:]); returns the exit status."""
     args = build_parser().parse_args(argv)
     cfg, n, proxy_n = _resolve(args)
-    from pdcbdm.io import write_json_atomic
-
     result = _measure(cfg, args, n, proxy_n)
     _report(result)
     write_json_atomic(args.out, result)

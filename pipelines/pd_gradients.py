@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,9 +23,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from pdcbdm.config import Config, apply_overrides, preset
+from pdcbdm.config import Config, apply_overrides
 from pdcbdm.data import ImageDataset, build_dataset
 from pdcbdm.io import write_json_atomic
+from pdcbdm.presets import preset
 from pdcbdm.training import Trainer
 from pdcbdm.training.diagnostics import term_gradient_norms
 

@@ -25,14 +25,15 @@ from typing import Any, Sequence
 
 import torch
 
-from pdcbdm.config import Config, ConfigError, apply_overrides, preset
+from pdcbdm.config import Config, ConfigError, apply_overrides
 from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.evaluation import Evaluator, evaluation_split
 from pdcbdm.io import write_json_atomic
+from pdcbdm.presets import preset
 from pdcbdm.sampling import generate, uniform_labels
 from pdcbdm.train import load_data
 from pdcbdm.training import Trainer
-from pdcbdm.viz import class_rows, save_curves, save_grid
+from pdcbdm.viz import save_curves, save_grid
 
 VARIANTS = {
     "ddpm": {"loss.cbdm_tau": 0.0, "loss.pd_weight": 0.0},
@@ -63,7 +64,8 @@ def _scores(evaluator: Evaluator, images: torch.Tensor, labels: torch.Tensor, se
     return {**{k: metrics.get(k) for k in SCORE_KEYS}, **{f"{k}_floor": metrics.get(f"{k}_floor") for k in SCORE_KEYS}}
 
 
-def train_curve(cfg: Config, evaluator: Evaluator, *, every: int, samples: int, progress: bool) -> tuple[Trainer, list[dict]]:
+def train_curve(cfg: Config, evaluator: Evaluator, *, every: int, samples: int,
+                progress: bool) -> tuple[Trainer, list[dict]]:
     """Train ``cfg`` and score its EMA network every ``every`` steps; rows carry the training seconds so far, wall
     and this process's CPU time (on a machine shared with other jobs, the CPU time at one thread stays close to
     what the step costs on an idle machine; the wall time does not)."""
@@ -140,9 +142,10 @@ def _f(value: Any, digits: int = 3) -> str:
 
 def sampler_table(rows: list[dict[str, Any]]) -> str:
     head = ("| variant | sampler | w | N | s / sample | FID (floor) | tail FID (floor) | reject rate (floor) | "
-            "head consistency (floor) | tail consistency (floor) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- "
-            "| --- |")
-    lines = [f"| {r['variant']} | {r['sampler']} | {r['guidance']:g} | {r['samples']} | {r['seconds_per_sample']:.3g} | "
+            "head consistency (floor) | tail consistency (floor) |\n"
+            + "| --- " * 10 + "|")
+    lines = [f"| {r['variant']} | {r['sampler']} | {r['guidance']:g} | {r['samples']} | "
+             f"{r['seconds_per_sample']:.3g} | "
              + " | ".join(f"{_f(r[k])} ({_f(r[k + '_floor'])})" for k in ("fid", "fid_tail", "reject_rate",
                                                                         "consistency_head", "consistency_tail"))
              + " |" for r in rows]

@@ -17,13 +17,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from pdcbdm.data import CONFIG_DATASET_NAMES, build_reference_dataset
+from pdcbdm.metrics import build_extractor, reference_cache_path, reference_features
+from pdcbdm.metrics._io import dataset_identity
+
 __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface; every option explains itself in --help."""
-    from pdcbdm.data import CONFIG_DATASET_NAMES
-
     parser = argparse.ArgumentParser(prog="python -m pipelines.reference_stats", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=CONFIG_DATASET_NAMES,
@@ -73,10 +75,6 @@ def _check_args(args: argparse.Namespace, kind: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (None: sys.argv[1:]); returns the exit status."""
     args = build_parser().parse_args(argv)
-    from pdcbdm.data import build_reference_dataset
-    from pdcbdm.metrics import build_extractor, reference_cache_path, reference_features
-    from pdcbdm.metrics._io import dataset_identity
-
     kind = args.extractor or _default_extractor(args.dataset)
     _check_args(args, kind)
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path

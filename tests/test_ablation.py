@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pdcbdm.config import apply_overrides, preset
+from pdcbdm.config import apply_overrides
+from pdcbdm.presets import preset
 from pipelines import ablation as ab
 from tests.searchutil import artifact_paths
 

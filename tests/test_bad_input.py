@@ -100,7 +100,8 @@ def test_bad_input_is_refused_before_ray_naming_it(argv, message, files, tmp_pat
 
 
 def test_allow_large_lifts_the_ceilings_and_says_so_in_help(capsys):
-    from pdcbdm.config import apply_overrides, check_ceilings, preset
+    from pdcbdm.config import apply_overrides, check_ceilings
+    from pdcbdm.presets import preset
 
     big = apply_overrides(preset("smoke"), {"eval.num_samples": CEILINGS["eval.num_samples"] + 1})
     check_ceilings(big, allow_large=True)
@@ -137,12 +138,12 @@ def test_gpus_asked_for_where_torch_sees_none_are_refused_naming_why(tmp_path, c
     refused with torch's CUDA build and the driver found, instead of training on the CPU; --gpus-per-worker 0 is
     the explicit way to train such a network on the CPU."""
     for argv, message in ((["--gpus-per-worker", "1"], "--gpus-per-worker 1: torch sees no GPU (torch "),
-                          (["--set", "model.preset=own64"], "model.preset own64 is sized for GPUs")):
+                          (["--set", "model.network=own64"], "model.network own64 is sized for GPUs")):
         assert search.main(["--preset", "smoke", "--out", str(tmp_path / "out"), *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and "CUDA device(s) visible" in err, err
     # --gpus-per-worker 0: the GPU check passes (what stops this one is the next check, the digits' 16 px)
-    assert search.main(["--preset", "smoke", "--out", str(tmp_path / "out"), "--set", "model.preset=own64",
+    assert search.main(["--preset", "smoke", "--out", str(tmp_path / "out"), "--set", "model.network=own64",
                         "--gpus-per-worker", "0"]) == 2
     err = capsys.readouterr().err
     assert "sized for GPUs" not in err and "is sized for 64x64 images" in err, err

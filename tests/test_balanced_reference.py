@@ -8,12 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pdcbdm.config import ConfigError, apply_overrides, preset
+from pdcbdm.config import ConfigError, apply_overrides
 from pdcbdm.metrics import FeatureSet, calibrate_judge, evaluate_features, fid_from_features, shot_groups
 from pdcbdm.metrics.judge import REJECT
 from pdcbdm.metrics.kid import kid_from_features
 from pdcbdm.metrics.mixture import balanced_shares, mixture_weights, stratified_subsample
 from pdcbdm.metrics.precision_recall import improved_precision_recall
+from pdcbdm.presets import preset
 
 K, D = 5, 8
 MEANS = np.random.default_rng(0).normal(0.0, 3.0, (K, D))

@@ -150,7 +150,7 @@ def test_variant_configs_and_network_work():
     for name, (tau, pd, tsa, work) in expected.items():
         cfg = variant_config("cifar", name, "bf16", 8)
         assert (cfg.loss.cbdm_tau, cfg.loss.pd_weight, cfg.model.tsa_resolutions) == (tau, pd, tsa)
-        assert cfg.loss.p_uncond == 0.0 and cfg.train.precision == "bf16" and cfg.model.preset == "cifar"
+        assert cfg.loss.p_uncond == 0.0 and cfg.train.precision == "bf16" and cfg.model.network == "cifar"
         assert network_images_per_step(cfg) == work
     assert variant_config("small", "+tsa", "fp32", 64).model.tsa_resolutions == "8"
     with pytest.raises(ValueError, match="nope"):

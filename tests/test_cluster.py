@@ -55,7 +55,7 @@ def _worker_side(config: dict) -> dict:
 
 def _trial_side(settings) -> dict:
     """What a trial's function does (``share_credentials``) before its workers start; ``settings`` arrive as a
-    task argument, through the object store, as ``tune.with_parameters`` sends them."""
+    task argument, through the object store, as ``ray.tune.with_parameters`` sends them."""
     import json
 
     import ray

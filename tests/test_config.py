@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from pdcbdm.config import PRESETS, Config, ConfigError, LossConfig, apply_overrides, preset
+from pdcbdm.config import Config, ConfigError, LossConfig, apply_overrides
+from pdcbdm.presets import PRESETS, preset
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -70,3 +71,76 @@ def test_data_image_size_is_checked_by_the_data_sets_rule():
         apply_overrides(preset("digits"), {"data.image_size": "6"})
     with pytest.raises(ConfigError, match="data.image_size: .*cifar10-lt is served only at its own size 32"):
         apply_overrides(preset("cifar10-lt"), {"data.image_size": "16"})
+
+
+def test_a_renamed_field_is_named_with_its_new_name():
+    """model.preset became model.network: a --set or a stored config with the old name is told the new one."""
+    for bad in (lambda: apply_overrides(Config(), ["model.preset=cifar"]),
+                lambda: Config.from_dict({"model": {"preset": "cifar"}})):
+        with pytest.raises(ConfigError, match=r"model.preset is now called model.network"):
+            bad()
+    assert apply_overrides(Config(), ["model.network=cifar"]).model.network == "cifar"
+
+
+# (the config's copy, the module that implements the choices, its name there): the config cannot import those
+# modules (they import torch), so it names their choices itself
+COPIES = [
+    ("NETWORKS", "pdcbdm.models", "NETWORKS"),
+    ("DATASETS", "pdcbdm.data.registry", "DATASET_NAMES"),
+    ("PREPARED", "pdcbdm.data.own", "PREPARED"),
+    ("REFERENCE_CHOICES", "pdcbdm.data.own", "REFERENCE_CHOICES"),
+    ("JUDGE_CHOICES", "pdcbdm.evaluation.real_sets", "JUDGE_CHOICES"),
+    ("EXTRACTORS", "pdcbdm.metrics.extractors", "EXTRACTOR_KINDS"),
+    ("VAR_TYPES", "pdcbdm.diffusion", "VAR_TYPES"),
+    ("PD_FORMS", "pdcbdm.losses", "PD_FORMS"),
+    ("SPLIT_MODES", "pdcbdm.data.split", "SPLIT_MODES"),
+    ("LR_SCHEDULES", "pdcbdm.training.trainer", "LR_SCHEDULES"),
+    ("PRECISIONS", "pdcbdm.training.trainer", "PRECISIONS"),
+    ("SAMPLERS", "pdcbdm.sampling", "SAMPLERS"),
+    ("PROTOCOLS", "pdcbdm.evaluation.settings", "PROTOCOLS"),
+]
+
+
+@pytest.mark.parametrize("copy, owner, name", COPIES, ids=[c[0] for c in COPIES])
+def test_each_choice_copy_equals_its_owners(copy, owner, name):
+    """Every choice tuple the config copies names the same values as the module that implements them."""
+    import importlib
+
+    import pdcbdm.config
+
+    def values(x):
+        return {x} if isinstance(x, str) else set(x)
+
+    assert values(getattr(pdcbdm.config, copy)) == values(getattr(importlib.import_module(owner), name))
+
+
+def test_every_choice_check_of_the_config_reads_a_named_tuple():
+    """No field is checked against a literal tuple: each choice has a name that COPIES (or the config itself,
+    for the choices only the config defines) keeps in step with its owner."""
+    import ast
+    import inspect
+
+    import pdcbdm.config
+
+    tree = ast.parse(inspect.getsource(pdcbdm.config))
+    checks = [node.args[0] for node in ast.walk(tree) if isinstance(node, ast.Call)
+              and getattr(node.func, "id", "") == "_check"]
+    literal = [ast.unparse(c) for check in checks for c in ast.walk(check) if isinstance(c, ast.Compare)
+               and isinstance(c.ops[0], ast.In) and isinstance(c.comparators[0], ast.Tuple)]
+    assert literal == ["self.device.split(':')[0] in ('cpu', 'cuda')"], literal  # a device's prefix, no choice
+    own = {"GPU_OPTIONS", "LABEL_DIST_NAMES", "LABEL_DIST_POWERS"}
+    tuples = {t.id for node in tree.body if isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple)
+              for t in node.targets if isinstance(t, ast.Name) and t.id.isupper()}
+    assert tuples - own <= {c[0] for c in COPIES}, tuples - own - {c[0] for c in COPIES}
+
+
+def test_the_config_and_presets_import_no_torch():
+    """The command lines check a config before anything heavy loads: pdcbdm.config and pdcbdm.presets stay
+    torch-free (pdcbdm.labels, pdcbdm.training.gpu_options and pdcbdm.data.prep_report read their choices from
+    the config)."""
+    import subprocess
+    import sys
+
+    code = "import sys, pdcbdm.config, pdcbdm.presets; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pdcbdm.config import apply_overrides, preset
+from pdcbdm.config import apply_overrides
+from pdcbdm.presets import preset
 from pipelines import confirm as cf
 
 ROOT = Path(__file__).resolve().parents[1]

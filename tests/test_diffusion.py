@@ -83,8 +83,9 @@ def test_uniform_labels_balanced():
 def test_paper_protocol_is_unclipped_ancestral_ddpm_with_fixedlarge():
     """eval.protocol=paper (the cifar presets' default): 1000-step ancestral DDPM, fixedlarge, the mean of Eq. 7
     before any x0 clipping, as CBDM's evaluation; proxies keep the config's sampler."""
-    from pdcbdm.config import apply_overrides, preset
+    from pdcbdm.config import apply_overrides
     from pdcbdm.evaluation import final_sampling, sampler_settings
+    from pdcbdm.presets import preset
 
     for name in ("cifar10-lt", "cifar100-lt"):
         cfg = apply_overrides(preset(name), ["diffusion.var_type=fixedsmall"])

@@ -82,7 +82,8 @@ def _one_worker(cfg) -> list[float]:
 
 
 def test_two_workers_match_one_worker_with_flips(tmp_path, ray_two_cpus):
-    from pdcbdm.config import apply_overrides, preset
+    from pdcbdm.config import apply_overrides
+    from pdcbdm.presets import preset
 
     cfg = apply_overrides(preset("smoke"), ["model.dropout=0", "train.batch_size=16", "loss.p_uncond=0",
                                             "train.lr=1e-3", "train.warmup=1"])
@@ -98,7 +99,8 @@ def _rng_rank(rank: int, world: int, folder: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from pdcbdm.config import apply_overrides, preset
+    from pdcbdm.config import apply_overrides
+    from pdcbdm.presets import preset
     from pdcbdm.train import load_data
     from pdcbdm.training import Trainer
 
@@ -143,8 +145,9 @@ def _eval_setup(cache: str):
     """The config, a seeded (untrained) network and the one-worker Evaluator without floors (not under test)."""
     import torch
 
-    from pdcbdm.config import apply_overrides, preset
+    from pdcbdm.config import apply_overrides
     from pdcbdm.evaluation import Evaluator
+    from pdcbdm.presets import preset
     from pdcbdm.training.trainer import build_network
 
     torch.set_num_threads(1)
@@ -202,8 +205,9 @@ def test_shares_of_a_sampling_are_the_one_worker_samples():
     """Each rank's rows, put back in place, are the one-worker images: the noise is drawn whole and sliced."""
     import torch
 
-    from pdcbdm.config import apply_overrides, preset
+    from pdcbdm.config import apply_overrides
     from pdcbdm.diffusion import GaussianDiffusion
+    from pdcbdm.presets import preset
     from pdcbdm.sampling import generate, share_indices, uniform_labels
     from pdcbdm.training.trainer import build_network
 
@@ -295,7 +299,8 @@ def test_two_worker_trial_outlasts_its_process_group_timeout(tmp_path, digits_ne
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pdcbdm.config import apply_overrides, preset
+    from pdcbdm.config import apply_overrides
+    from pdcbdm.presets import preset
     from tests.searchutil import seed_cache
     from tune.worker import train_loop
 
@@ -323,7 +328,8 @@ def test_an_error_of_the_final_evaluation_is_reported_not_raised(tmp_path, digit
 
     import torch
 
-    from pdcbdm.config import apply_overrides, preset
+    from pdcbdm.config import apply_overrides
+    from pdcbdm.presets import preset
     from pdcbdm.train import load_data
     from pdcbdm.training import Trainer
     from tests.searchutil import seed_cache

@@ -78,3 +78,25 @@ def test_every_documented_command_runs_and_takes_the_flags_it_is_shown_with():
         assert proc.returncode == 0, f"python {'-m ' * (not name.endswith('.py'))}{name} --help: {proc.stderr[-800:]}"
         unknown = sorted(f for f in flags if f not in proc.stdout and f != "--help")
         assert not unknown, f"the docs give {name} flags its --help does not list: {unknown}"
+
+
+CITATION = re.compile(r"docs/([\w-]+\.md),\s+\"([^\"]+)\"")
+
+
+def _citations() -> list[tuple[str, str, str]]:
+    """Every ``docs/NAME.md, "Heading"`` a docstring or comment of the code cites (one per line it starts on)."""
+    out = []
+    for package in ("pdcbdm", "tune", "pipelines"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            text = re.sub(r"\n\s*(#\s*)?", " ", path.read_text())  # a citation may wrap over lines
+            out += [(str(path.relative_to(ROOT)), doc, heading) for doc, heading in CITATION.findall(text)]
+    return out
+
+
+def test_every_section_the_code_cites_exists():
+    headings = {doc.name: {line.lstrip("#").strip() for line in doc.read_text().splitlines() if line.startswith("#")}
+                for doc in DOCS}
+    cited = _citations()
+    missing = [f"{where}: docs/{doc}, \"{heading}\"" for where, doc, heading in cited
+               if heading not in headings.get(doc, set())]
+    assert cited and not missing, "citations of sections that do not exist:\n" + "\n".join(missing)

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pdcbdm.config import apply_overrides, preset
+from pdcbdm.config import apply_overrides
+from pdcbdm.presets import preset
 from pdcbdm.train import train
 from pipelines.evaluate import UsageError, grid_of_classes, main, parse_guidance
 from tests.searchutil import seed_cache

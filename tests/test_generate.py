@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pdcbdm.config import apply_overrides, preset
+from pdcbdm.config import apply_overrides
 from pdcbdm.data import HeadTailSplit
 from pdcbdm.data.prepared import write_prepared_meta, write_split
 from pdcbdm.generate_folder import MANIFEST_COLUMNS, batch_seed, folder_names
+from pdcbdm.presets import preset
 from pdcbdm.train import train
 from pdcbdm.training.checkpoint import save_checkpoint
 from pdcbdm.training.trainer import build_network

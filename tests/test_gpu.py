@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdcbdm.config import preset
 from pdcbdm.data import build_dataset
 from pdcbdm.diffusion import GaussianDiffusion
+from pdcbdm.presets import preset
 from pdcbdm.sampling import generate
 from pdcbdm.training import Trainer
 from pdcbdm.training.trainer import build_network

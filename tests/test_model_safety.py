@@ -20,8 +20,8 @@ import pytest
 import torch
 import yaml
 
-from pdcbdm.config import preset
 from pdcbdm.data.cifar import load_cifar
+from pdcbdm.presets import preset
 from pdcbdm.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pdcbdm.training.trainer import build_network
 from tests.fake_cifar import write_fake_cifar10

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pdcbdm.models import (
-    PRESETS,
+    NETWORKS,
     SelfAttention,
     TimestepSelfAttention,
     UNet,
@@ -116,7 +116,7 @@ def test_overrides_change_the_net() -> None:
     x = torch.randn(2, 3, 8, 8)
     assert net(x, torch.tensor([0, 999]), torch.tensor([0, 4])).shape == x.shape
     assert len(_tsa_blocks(net)) == 2 * net.spec.num_res_blocks + 1 + 1  # level 4 and the middle block
-    assert PRESETS["small"].ch == 32  # presets are not mutated by overrides
+    assert NETWORKS["small"].ch == 32  # the named networks are not mutated by overrides
 
 
 # ---------------------------------------------------------------- TSA == plain attention when W^t = 0

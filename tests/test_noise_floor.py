@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from pdcbdm.config import preset
 from pdcbdm.data import build_dataset, build_floor_dataset, build_reference_dataset
 from pdcbdm.data.digits import digits_pool_and_heldout, load_digits_uint8
 from pdcbdm.evaluation import Evaluator, GuidanceResult, headline
@@ -18,6 +17,7 @@ from pdcbdm.metrics import (REJECT, FeatureSet, build_extractor, calibrate_judge
                             extract_feature_set, load_or_calibrate_judge, prd_f_scores)
 from pdcbdm.metrics import floor as floor_module
 from pdcbdm.metrics.floor import floor_draw
+from pdcbdm.presets import preset
 from pipelines import noise_floor as noise_floor_cli
 from pipelines.noise_floor import synthetic_images
 from tests.searchutil import seed_cache

@@ -1,5 +1,5 @@
 """The analysis notebooks: committed without outputs, parameter cell first, and executed end to end with nbclient
-against a smoke search's folder and a tiny ablation's folder; plus pipelines/analysis.py's loaders."""
+against a smoke search's folder and a tiny ablation's folder; plus tune/analysis.py's loaders."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def _search_dir(smoke_search) -> Path:
 
 @pytest.mark.slow
 def test_analysis_notebook_runs_on_a_smoke_search(smoke_search):
-    from pipelines import analysis
+    from tune import analysis
 
     folder = _search_dir(smoke_search)
     trials = analysis.load_search(folder).trials
@@ -117,7 +117,7 @@ def test_ablation_table_opens_with_pandas_and_pyarrow(tiny_ablation):
 
 @pytest.mark.slow
 def test_search_loads_the_same_trials_from_mlflow_and_from_parquet(smoke_search):
-    from pipelines import analysis
+    from tune import analysis
 
     folder = _search_dir(smoke_search)
     from_parquet = analysis.load_search(folder, source="parquet")
@@ -139,7 +139,7 @@ def test_search_loads_the_same_trials_from_mlflow_and_from_parquet(smoke_search)
 
 
 def test_missing_folders_raise_naming_the_path(tmp_path):
-    from pipelines import analysis
+    from tune import analysis
 
     with pytest.raises(FileNotFoundError, match="search.json"):
         analysis.load_search(tmp_path / "nope")
@@ -161,7 +161,7 @@ def _study(folder: Path, name: str, points: list[dict]) -> None:
 
 
 def test_param_importance_explains_when_it_cannot_be_computed(tmp_path):
-    from pipelines.analysis import SearchResults, param_importance
+    from tune.analysis import SearchResults, param_importance
 
     import pandas as pd
 
@@ -193,7 +193,7 @@ def test_param_importance_explains_when_it_cannot_be_computed(tmp_path):
 def test_trials_scored_differently_are_named_not_ranked_together():
     import pandas as pd
 
-    from pipelines import analysis
+    from tune import analysis
 
     same = pd.DataFrame({"reference_kind": ["balanced-train"] * 2,
                          "judge": ["domain-cnn (4 of 4 classes, held-out accuracy 0.900)",

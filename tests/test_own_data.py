@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pdcbdm.assets import cache_payload, evaluation_assets
-from pdcbdm.config import PRESETS, ConfigError, apply_overrides, preset
+from pdcbdm.config import ConfigError, apply_overrides
 from pdcbdm.data import (build_calibration_dataset, build_dataset, build_floor_dataset, build_reference_dataset,
                          prepared_summary, reference_kind)
 from pdcbdm.data.own import prepared_identity
@@ -23,8 +23,9 @@ from pdcbdm.evaluation.real_sets import calibrated_judge, judge_accuracy, readab
 from pdcbdm.metrics import FeatureSet, FloorUnavailable, evaluate_features, noise_floor, reference_features
 from pdcbdm.metrics.domain_net import DomainExtractor
 from pdcbdm.metrics.floor import floor_draw
-from pdcbdm.models import OWN_PRESETS, build_unet
+from pdcbdm.models import OWN_NETWORKS, build_unet
 from pdcbdm.models.attention import SelfAttention, TimestepSelfAttention
+from pdcbdm.presets import PRESETS, preset
 from pdcbdm.train import load_data
 from pdcbdm.train import main as train_main
 from tests.own_data import NAMES, write_own_data
@@ -52,8 +53,8 @@ def own_config(root, *items: str):
 # ---------------------------------------------------------------- config and data
 
 def test_config_names_the_field_of_every_own_data_mistake(own):
-    for name in OWN_PRESETS:
-        assert preset(name).data.dataset == "parquet" and preset(name).model.preset == name
+    for name in OWN_NETWORKS:
+        assert preset(name).data.dataset == "parquet" and preset(name).model.network == name
     # absolute: a trial's worker runs in another folder
     assert apply_overrides(preset("own32"), ["data.root=rel/D"]).data.root == os.path.abspath("rel/D")
     cases = [(["data.dataset=parquet", "data.root=none"], "data.root: required with data.dataset=parquet"),
@@ -68,7 +69,7 @@ def test_config_names_the_field_of_every_own_data_mistake(own):
     for items, message in cases:
         with pytest.raises(ConfigError, match=message):
             apply_overrides(preset("smoke"), items)
-    with pytest.raises(ConfigError, match="model.preset: 'own32' is sized for 32x32 images, the data are 16x16"):
+    with pytest.raises(ConfigError, match="model.network: 'own32' is sized for 32x32 images, the data are 16x16"):
         load_data(apply_overrides(preset("own32"), [f"data.root={own}"]))
 
 
@@ -140,7 +141,7 @@ def test_identities_come_from_the_digest_without_hashing_images(own, cache):
 
 # ---------------------------------------------------------------- networks
 
-@pytest.mark.parametrize("name", OWN_PRESETS)
+@pytest.mark.parametrize("name", OWN_NETWORKS)
 def test_own_unets_have_attention_and_tsa_at_16_and_take_any_channels(name):
     side = int(name.removeprefix("own"))
     for channels in (1, 3):
@@ -151,7 +152,7 @@ def test_own_unets_have_attention_and_tsa_at_16_and_take_any_channels(name):
         if name == "own32":  # the CPU net: one forward pass here; the others are checked by construction
             x = torch.randn(2, channels, side, side)
             assert net(x, torch.tensor([3, 500]), torch.tensor([0, 5])).shape == x.shape
-    assert PRESETS[name]["model.preset"] == name and PRESETS[name]["model.tsa_resolutions"] == "16"
+    assert PRESETS[name]["model.network"] == name and PRESETS[name]["model.tsa_resolutions"] == "16"
 
 
 def test_domain_network_learns_the_classes_and_is_cached_by_digest(own, cache):
@@ -217,8 +218,8 @@ def test_evaluation_of_own_data_scores_with_judge_and_floors(own, cache):
                                 train_counts=data.counts())
     assert evaluator.reference_kind == "balanced-train" and evaluator.judge is not None
     assert np.allclose(evaluator.reference.class_shares, 0.25) and len(evaluator.reference) == 72
-    assert evaluator.tags()["pdcbdm.reference_kind"] == "balanced-train" and evaluator.judge_accuracy >= 0.75
-    assert evaluator.tags()["pdcbdm.judge"].startswith("domain-cnn (4 of 4 classes, held-out accuracy ")
+    assert evaluator.scoring()["reference_kind"] == "balanced-train" and evaluator.judge_accuracy >= 0.75
+    assert evaluator.scoring()["judge"].startswith("domain-cnn (4 of 4 classes, held-out accuracy ")
     real = build_floor_dataset("parquet", root=own)
     metrics, rows = evaluator.score(real.images, real.labels)
     assert metrics["consistency_mean"] >= 0.75 and isinstance(metrics["fid_floor"], float)
@@ -259,7 +260,7 @@ def test_eval_judge_picks_the_network_that_judges_classes(own, cache, tmp_path):
     assert real.judge_network.identity == domain.identity != features.identity
     assert real.judge.extractor == domain.identity and real.judge.probe is None
     assert real.floor_pool.judged.extractor == domain.identity and real.floor_pool.extractor == features.identity
-    assert evaluator.tags()["pdcbdm.judge"].startswith("domain-cnn (4 of 4 classes, held-out accuracy ")
+    assert evaluator.scoring()["judge"].startswith("domain-cnn (4 of 4 classes, held-out accuracy ")
     floor = build_floor_dataset("parquet", root=own)
     metrics, _ = evaluator.score(floor.images, floor.labels)
     assert metrics["consistency_mean"] >= 0.75 and isinstance(metrics["consistency_mean_floor"], float)
@@ -269,7 +270,7 @@ def test_eval_judge_picks_the_network_that_judges_classes(own, cache, tmp_path):
     assert list(cache_payload(cfg, cache)) == [domain.cache_files[0].name]  # the judge is shipped to the nodes
     probe = Evaluator.build(own_config(own, "eval.judge=probe"), num_classes=4, head=split.head, tail=split.tail,
                             cache_dir=cache)
-    assert probe.judge.probe is not None and probe.tags()["pdcbdm.judge"].startswith("linear probe on domain-cnn")
+    assert probe.judge.probe is not None and probe.scoring()["judge"].startswith("linear probe on domain-cnn")
     for bad in ("eval.judge=cnn", "eval.judge=resnet"):  # cnn on a built-in set; an unknown judge
         with pytest.raises(ConfigError, match="eval.judge"):
             apply_overrides(preset("smoke"), [bad])
@@ -343,7 +344,7 @@ def test_a_search_on_own_data_scores_its_trials(tmp_path):
         assert r.data.metrics["fid"] > 0 and "proxy_fid_floor" in r.data.metrics
         assert r.data.tags["pdcbdm.extractor"].startswith("domain-cnn/sha256:")
         assert r.data.tags["pdcbdm.reference_kind"] == "balanced-train" and r.data.tags["pdcbdm.data.num_images"] == "72"
-    from pipelines import analysis  # the notebooks' table says how each trial was scored
+    from tune import analysis  # the notebooks' table says how each trial was scored
 
     results = analysis.load_search(tmp_path / "out" / "searches" / "own")
     assert results.trials["reference_kind"].tolist() == ["balanced-train"]

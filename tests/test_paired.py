@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.paired import compare_to_baseline, format_comparison, paired_t, verdict
+from pdcbdm.evaluation.paired import compare_to_baseline, format_comparison, paired_t, verdict
 
 
 def _runs(base: list[float], shift: list[float], floor_std: float = 1.0) -> pd.DataFrame:

@@ -10,9 +10,12 @@ import optuna
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from pdcbdm.config import apply_overrides, preset
-from tune.report import BEST_COMMAND_TAG, best_command, optuna_figures, record_search
-from tune.trainable import completion_outcome, failure_outcome
+from pdcbdm.config import apply_overrides
+from pdcbdm.presets import preset
+from tune.report import best_command, optuna_figures, record_search
+from tune.results import completion_outcome, failure_outcome
+from tune import tags
+from tune.tags import BEST_COMMAND_TAG
 
 
 def test_outcome_words():
@@ -28,7 +31,8 @@ def test_best_command_reproduces_the_trials_config():
                      "model.tsa_resolutions": "8", "loss.cbdm_tau": float("nan")})
     command = best_command("smoke", ["train.steps=40"], row)
     argv = shlex.split(command)
-    assert argv[:5] == ["python", "-m", "pdcbdm.train", "--preset", "smoke"] and argv[-2:] == ["--out", "runs/best-ab_00001"]
+    assert argv[:5] == ["python", "-m", "pdcbdm.train", "--preset", "smoke"]
+    assert argv[-2:] == ["--out", "runs/best-ab_00001"]
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     assert "loss.cbdm_tau=nan" not in sets  # a value the trial did not have is not pinned
     cfg = apply_overrides(preset("smoke"), sets)  # the command's overrides are valid config fields
@@ -97,3 +101,12 @@ def test_no_command_without_a_completed_trial(tmp_path):
     table = pd.DataFrame([{"rank": 1, "trial_id": "t1", "status": "stopped", "fid": None, "mlflow_run_id": None}])
     assert record_search(uri, parent, table, _study([]), "smoke", []) is None
     assert BEST_COMMAND_TAG not in client.get_run(parent).data.tags
+
+
+def test_scoring_facts_and_tag_names_keep_their_wire_format():
+    """An evaluator's scoring facts land under the tags runs have always carried, and no two constants of
+    tune/tags.py name the same tag."""
+    assert tags.scoring_tags({"reference_kind": "balanced-train", "judge": "none"}) == {
+        "pdcbdm.reference_kind": "balanced-train", "pdcbdm.judge": "none"}
+    names = [v for k, v in vars(tags).items() if k.endswith("_TAG")]
+    assert len(names) == len(set(names)) and tags.nodes_tag(0) == "pdcbdm.nodes.step0"

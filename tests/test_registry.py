@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pdcbdm.config import preset
+from pdcbdm.presets import preset
 from pdcbdm.training import CheckpointError
 from pdcbdm.training.trainer import build_network
 from pipelines import confirm as cf
@@ -25,7 +25,8 @@ from pipelines.model_source import load_network, source_name
 from tests.searchutil import MlflowServer, free_port
 from tune import registry, tracking
 from tune.mlflow_model import log_ema_model
-from tune.report import BEST_MODEL_TAG, register
+from tune.report import register
+from tune.tags import BEST_MODEL_TAG, EXPERIMENT_KIND_TAG, SEARCH_ID_TAG, VERSIONS_TAG
 
 SHAPE = (1, 16, 16)
 NUM_CLASSES = 10
@@ -71,11 +72,11 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def test_the_experiment_is_tagged_as_model_training(store):
     tags = store.client.get_experiment(store.experiment).tags
-    assert tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
-    store.client.set_experiment_tag(store.experiment, tracking.EXPERIMENT_KIND_TAG, "genai_development")
+    assert tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    store.client.set_experiment_tag(store.experiment, EXPERIMENT_KIND_TAG, "genai_development")
     assert tracking.ensure_experiment(store.uri, "pdcbdm", None) == store.experiment  # a user's choice is kept
-    assert store.client.get_experiment(store.experiment).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
-    store.client.set_experiment_tag(store.experiment, tracking.EXPERIMENT_KIND_TAG, "custom_model_development")
+    assert store.client.get_experiment(store.experiment).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+    store.client.set_experiment_tag(store.experiment, EXPERIMENT_KIND_TAG, "custom_model_development")
 
 
 def test_the_ui_command_names_the_training_runs_page():
@@ -96,10 +97,10 @@ def test_the_search_registers_rank_1_with_alias_best(store, capsys):
     assert version.source == model.artifact_location and "/models/m-" in version.source
     assert {k: version.tags[k] for k in ("pdcbdm.trial_id", "fid", "fid_floor", "fid_floor_std")} == \
         {"pdcbdm.trial_id": "t1", "fid": "22.7", "fid_floor": "11.9", "fid_floor_std": "1.6"}
-    assert version.tags[tracking.SEARCH_ID_TAG] == "sid-1"
+    assert version.tags[SEARCH_ID_TAG] == "sid-1"
     assert store.client.get_run(store.parent).data.tags[BEST_MODEL_TAG] == "models:/pdcbdm-reg@best"
     logged = store.client.get_logged_model(model.model_id)
-    assert json.loads(logged.tags[registry.VERSIONS_TAG]) == [{"name": store.name, "version": "1"}]
+    assert json.loads(logged.tags[VERSIONS_TAG]) == [{"name": store.name, "version": "1"}]
     # a resumed search's end registers nothing twice
     assert registry.register_best(store.uri, store.table, SEARCH, "sid-1")[0] == "1"
     assert len(store.client.search_model_versions(f"name = '{store.name}'")) == 1

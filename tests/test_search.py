@@ -15,8 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.searchutil import artifact_paths, trial_runs
 from tune.mlflow_model import load_logged_model, model_uri_of_run
+from tune.space_file import default_knobs
 from tune.summary import confirm_hint
-from tune.space import SEARCHED
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def test_smoke_search_records_every_trial(smoke_search):
         assert run.info.status == "FINISHED"  # ASHA-stopped trials too; none left RUNNING
         assert run.data.tags["pdcbdm.ray_checkpoints"].endswith(f"/train-{run.data.tags['pdcbdm.trial_id']}")
         assert len(run.data.tags["pdcbdm.config_key"]) == 16  # what a grid (ablation, confirm) reuses runs by
-        for key in SEARCHED:
+        for key in default_knobs():
             assert key in run.data.params
         assert "proxy_fid" in run.data.metrics and "loss" in run.data.metrics
         assert run.data.tags["pdcbdm.precision"] == "fp32" and run.data.tags["pdcbdm.device"] == "cpu"
@@ -80,7 +80,8 @@ def test_smoke_search_records_every_trial(smoke_search):
         # MLflow holds the EMA network as a pickle-free pt2 model; the training checkpoint stays in Ray's storage
         _loads_as_mlflow_model(uri, run.info.run_id)
         ray_ckpt = Path(run.data.tags["pdcbdm.ray_checkpoint"])
-        assert (ray_ckpt / "checkpoint.pt").is_file() and ray_ckpt.parent == Path(run.data.tags["pdcbdm.ray_checkpoints"])
+        assert (ray_ckpt / "checkpoint.pt").is_file()
+        assert ray_ckpt.parent == Path(run.data.tags["pdcbdm.ray_checkpoints"])
         assert "optimizer" in torch.load(ray_ckpt / "checkpoint.pt", weights_only=True)
     # no trial left files in the system temp folder (samples, tables, checkpoints; libraries' own caches such as
     # torchinductor_* or multiprocessing's pymp-* are not the trials')

@@ -5,18 +5,19 @@ unreadable newest checkpoint replaced by the one before it."""
 
 from __future__ import annotations
 
-import subprocess
 import os
+import subprocess
 import sys
 
 import pytest
 
-from pdcbdm.config import write_json_atomic
+from pdcbdm.io import write_json_atomic
 from tests.searchutil import ROOT
 from tune import tracking
 from tune.runner import SearchError
 from tune.search import parse_args, plan
 from tune.search_folder import LOCK_FILE, create_json, driver_lock
+from tune.tags import CODE_VERSION_TAG, EXTRACTOR_TAG
 
 HOLD = """
 import sys, time
@@ -101,9 +102,9 @@ def test_a_finished_run_stands_in_only_for_the_same_code_and_feature_network(tmp
     def run(**tags):
         return client.get_run(client.create_run(exp, tags=tags).info.run_id)
 
-    same = run(**{tracking.CODE_VERSION_TAG: code, tracking.EXTRACTOR_TAG: "digits-cnn/sha256:a"})
+    same = run(**{CODE_VERSION_TAG: code, EXTRACTOR_TAG: "digits-cnn/sha256:a"})
     assert tracking.reuse_mismatch(same, code, "digits-cnn/sha256:a") is None
-    older = run(**{tracking.CODE_VERSION_TAG: "0123456789abcdef", tracking.EXTRACTOR_TAG: "digits-cnn/sha256:a"})
+    older = run(**{CODE_VERSION_TAG: "0123456789abcdef", EXTRACTOR_TAG: "digits-cnn/sha256:a"})
     assert "trained by other code (code version 0123456789abcdef" in tracking.reuse_mismatch(older, code,
                                                                                               "digits-cnn/sha256:a")
     untagged = run()  # a run of code from before the tag

@@ -9,7 +9,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pdcbdm.config import write_json_atomic
+from pdcbdm.io import write_json_atomic
 from tests.searchutil import ROOT, seed_cache, trial_runs
 from tune import runner, search, tracking
 from tune.runner import SearchError, SearchInterrupted, fits
@@ -19,14 +19,25 @@ from tune.search import main, parse_args, plan
 def _record(p: runner.SearchPlan) -> None:
     """What the driver writes before its first trial: search.json, and Tune's restorable state (a real Tuner
     writes tuner.pkl on construction, no cluster needed)."""
-    from ray import tune
+    from ray import tune as ray_tune
 
     p.search_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(p.search_dir / "search.json", p.meta())
-    tune.Tuner(lambda config: None, run_config=tune.RunConfig(name="tune", storage_path=p.storage))
+    ray_tune.Tuner(lambda config: None, run_config=ray_tune.RunConfig(name="tune", storage_path=p.storage))
 
 
-# -- item 1: --resume of a search started without --name, with a relative --out ------------------------------------
+def test_resume_of_a_search_json_without_an_entry_names_what_is_missing(tmp_path):
+    """A search.json that lacks an entry the resume reads (another format, or a file edited by hand) is refused
+    before Ray starts, naming the entries and the folder."""
+    p = plan(parse_args(["--preset", "smoke", "--out", str(tmp_path), "--name", "old"]))
+    _record(p)
+    saved = json.loads((p.search_dir / "search.json").read_text())
+    write_json_atomic(p.search_dir / "search.json", {k: v for k, v in saved.items() if k not in ("name", "out")})
+    with pytest.raises(SearchError, match=r"--resume .*old: search.json is unreadable \(missing name, out\)"):
+        plan(parse_args(["--resume", str(p.search_dir)]))
+
+
+# -- --resume of a search started without --name, with a relative --out ------------------------------------
 
 def test_resume_without_name_and_relative_out_from_another_folder(tmp_path, monkeypatch):
     (tmp_path / "a").mkdir()
@@ -66,20 +77,7 @@ def test_resume_without_tune_state_touches_no_mlflow_store(tmp_path, monkeypatch
     assert not list(tmp_path.rglob("mlflow.db")), "the resume created an MLflow store"
 
 
-def test_resume_reads_a_search_json_of_the_previous_format(tmp_path, monkeypatch):
-    """search.json as main wrote it before (name null, out "."): the folder gives the name and the out."""
-    monkeypatch.chdir(tmp_path)
-    p = plan(parse_args(["--preset", "smoke", "--out", ".", "--name", "old"]))
-    _record(p)
-    args = {**vars(p.args), "name": None, "out": "."}
-    write_json_atomic(p.search_dir / "search.json", {"args": args, "trials": 3, "name": "old"})
-    monkeypatch.chdir(tmp_path / "searches")
-    resumed = plan(parse_args(["--resume", "old"]))
-    assert (resumed.name, resumed.out, resumed.storage) == ("old", tmp_path, str(tmp_path / "searches" / "old"))
-    assert resumed.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-
-# -- item 2: an interrupted search, or a driver exception, leaves no run RUNNING ----------------------------------
+# -- an interrupted search, or a driver exception, leaves no run RUNNING ----------------------------------
 
 def test_stop_search_marks_unfinished_runs_and_parent_killed(tmp_path, capsys):
     p = plan(parse_args(["--preset", "smoke", "--out", str(tmp_path), "--name", "cut"]))
@@ -137,7 +135,7 @@ def test_sigint_watch_tells_whether_tune_caught_the_signal():
     assert not watch.fired and signal.getsignal(signal.SIGINT) is before
 
 
-# -- item 4: concurrency ------------------------------------------------------------------------------------------
+# -- concurrency ------------------------------------------------------------------------------------------
 
 def _ns(**kw) -> argparse.Namespace:
     return argparse.Namespace(**{"workers_per_trial": 1, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0,
@@ -193,12 +191,13 @@ def test_fractional_gpu_with_several_workers_is_refused(tmp_path, capsys):
     assert search.check_args(parse_args(["--preset", "smoke", "--gpus-per-worker", "0.5", "--address", "auto"]))
 
 
-# -- item 6: MLflow gets the EMA network for sampling, not the training state --------------------------------------
+# -- MLflow gets the EMA network for sampling, not the training state --------------------------------------
 
 def test_sampling_checkpoint_holds_the_ema_network_only(tmp_path):
     import torch
 
-    from pdcbdm.config import apply_overrides, preset
+    from pdcbdm.config import apply_overrides
+    from pdcbdm.presets import preset
     from pdcbdm.train import load_data
     from pdcbdm.training import Trainer, load_model, save_checkpoint
 
@@ -215,7 +214,7 @@ def test_sampling_checkpoint_holds_the_ema_network_only(tmp_path):
     assert loaded_cfg == cfg and all(torch.equal(v, ema[k]) for k, v in net.state_dict().items())
 
 
-# -- item 5: multi-node traps --------------------------------------------------------------------------------------
+# -- multi-node traps --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("uri", ["sqlite:////shared/mlflow.db", "file:///shared/mlruns", "/shared/mlruns"])
 def test_a_file_tracking_store_is_refused_on_a_cluster(uri):
@@ -250,13 +249,15 @@ def test_storage_probe_tells_a_shared_folder_from_a_node_local_one(tmp_path):
     shared.mkdir()
     other_disk.mkdir()
     (shared / ".pdcbdm-shared-tok").write_text("tok")
-    replies = {"node-a": probe_node(str(shared), "tok", "node-a"), "node-b": probe_node(str(other_disk), "tok", "node-b")}
+    replies = {"node-a": probe_node(str(shared), "tok", "node-a"),
+               "node-b": probe_node(str(other_disk), "tok", "node-b")}
     assert replies["node-a"] == "ok" and "cannot read" in replies["node-b"]
     assert set(unshared(shared, "tok", replies)) == {"node-b"}
     # a node whose probe wrote on its own disk: its marker never shows on the driver's
     (other_disk / ".pdcbdm-shared-tok").write_text("tok")
     assert probe_node(str(other_disk), "tok", "node-c") == "ok"
-    assert unshared(shared, "tok", {"node-c": "ok"}) == {"node-c": "the marker it wrote is not visible on the driver's node"}
+    assert unshared(shared, "tok", {"node-c": "ok"}) == {
+        "node-c": "the marker it wrote is not visible on the driver's node"}
     check_storage_for_cluster("s3://bucket/prefix", "auto")  # URIs need no probe
     check_storage_for_cluster(str(tmp_path / "any"), "local")
 
@@ -271,8 +272,9 @@ def test_asset_probe_tells_a_node_with_its_own_digits_network_apart(tmp_path, di
     import torch
 
     from pdcbdm.assets import cache_payload
-    from pdcbdm.config import apply_overrides, preset
+    from pdcbdm.config import apply_overrides
     from pdcbdm.metrics._io import atomic_torch_save
+    from pdcbdm.presets import preset
     from tune.cluster import asset_differences, node_assets
 
     cfg = preset("smoke")
@@ -322,7 +324,7 @@ def test_the_train_controller_imports_no_evaluation_stack():
 
 
 def test_every_run_preset_has_a_default_number_of_trials():
-    from pdcbdm.config import PRESETS
+    from pdcbdm.presets import PRESETS
     from tune.search import DEFAULT_TRIALS
 
     assert set(PRESETS) <= set(DEFAULT_TRIALS)

@@ -21,8 +21,8 @@ from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from pdcbdm.config import preset
 from pdcbdm.io import write_json_atomic
+from pdcbdm.presets import preset
 from tests.searchutil import ROOT, TINY, artifact_paths, search_cmd, seed_cache, trial_runs
 from tune import budget, space_file, warm_start
 
@@ -45,13 +45,22 @@ def _params(tau: float, dist: str, split: float, pd_weight: float = 0.1) -> dict
             "loss.split_ratio": split, "model.tsa_resolutions": "8"}
 
 
+def _search_json(folder: Path, name: str, storage: str) -> None:
+    """search.json as a search over the default space with the smoke preset writes it (the entries a warm start
+    reads)."""
+    space = {"file": str(space_file.DEFAULT_SPACE), "start_points": [],
+             "knobs": space_file.load(space_file.DEFAULT_SPACE, preset("smoke"))}
+    (folder / "search.json").write_text(json.dumps({"name": name, "optuna_storage": storage, "search_dir": str(folder),
+                                                    "args": {}, "config": preset("smoke").to_dict(),
+                                                    "space": space}))
+
+
 def earlier_search(folder: Path, directions: tuple[str, ...] = ("minimize",)) -> Path:
     """An earlier search's folder as tune/search.py leaves it (search.json, optuna.db), its study written directly:
     3 trials that fit SPACE with the smoke preset (2 COMPLETE, 1 PRUNED) and 4 that do not."""
     folder.mkdir(parents=True)
     storage = f"sqlite:///{folder / 'optuna.db'}"
-    (folder / "search.json").write_text(json.dumps({"name": "src", "optuna_storage": storage,
-                                                    "search_dir": str(folder), "args": {}}))
+    _search_json(folder, "src", storage)
     study = optuna.create_study(study_name="src", storage=storage, directions=list(directions))
     one = len(directions) == 1
 
@@ -125,10 +134,10 @@ def test_warm_start_refuses_what_is_no_usable_search(tmp_path, capsys):
     not_search.mkdir()
     no_study = tmp_path / "no-study"
     no_study.mkdir()
-    (no_study / "search.json").write_text(json.dumps({"name": "x", "args": {}}))
+    _search_json(no_study, "x", f"sqlite:///{no_study / 'optuna.db'}")
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "search.json").write_text(json.dumps({"name": "x", "args": {}}))
+    _search_json(broken, "x", f"sqlite:///{broken / 'optuna.db'}")
     (broken / "optuna.db").write_text("not a database")
     multi = earlier_search(tmp_path / "multi", ("minimize", "minimize"))
     cases = [(not_search, "not a search folder"), (no_study, "does not exist"), (broken, "cannot read"),
@@ -213,8 +222,8 @@ def workflow_search(tmp_path_factory, search_cache):
     src = earlier_search(out / "searches" / "src")
     space = out / "space.yaml"
     space.write_text(SPACE)
-    proc = run_cut_by_budget(out, "wf", "--trials", "2", "--concurrency", "1", "--seed", "1", *TINY, "--space", str(space),
-                             "--warm-start", str(src), "--time-budget", str(BUDGET_MINUTES))
+    proc = run_cut_by_budget(out, "wf", "--trials", "2", "--concurrency", "1", "--seed", "1", *TINY,
+                             "--space", str(space), "--warm-start", str(src), "--time-budget", str(BUDGET_MINUTES))
     return out, src, space, proc
 
 

@@ -8,9 +8,12 @@ import pytest
 from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from pdcbdm.config import apply_overrides, preset
+from pdcbdm.config import apply_overrides
+from pdcbdm.presets import preset
 from tune.search import build_scheduler, build_searcher, grace_period, parse_args
-from tune.searcher import TUNE_TRIAL_ATTR, StepOptunaSearch, startup_trials
+from tune.searcher import StepOptunaSearch, startup_trials
+from tune.study import reconcile
+from tune.verdicts import TUNE_TRIAL_ATTR
 
 STEPS = 40
 
@@ -127,8 +130,6 @@ def test_resume_fails_trials_asked_after_the_last_searcher_save(tmp_path):
 
 
 def test_reconcile_tells_optuna_the_end_tune_recorded(tmp_path):
-    from tune.searcher import reconcile
-
     searcher = _searcher(tmp_path, trials=4)
     for trial_id in ("done", "stopped", "failed", "other"):
         searcher.suggest(trial_id)
@@ -185,7 +186,8 @@ def test_start_points_are_enqueued_up_to_the_trial_budget(tmp_path):
         searcher.suggest(trial_id)
     trials = _by_tune_id(_study(tmp_path))
     assert trials["first"].params["loss.label_dist"] == "inverted"
-    assert trials["second"].params["loss.label_dist"] == "cbdm" and trials["second"].params["model.tsa_resolutions"] == ""
+    second = trials["second"].params
+    assert second["loss.label_dist"] == "cbdm" and second["model.tsa_resolutions"] == ""
     one = tmp_path / "one"
     one.mkdir()
     _searcher(one, trials=1)

@@ -1,7 +1,8 @@
 """Credentials never reach a file, a tag or a message: URLs with their secrets masked (tune/redact.py) in search.json,
 Tune's pickled state, messages and MLflow records; a --resume (and ``confirm --search``) takes the real URL again from
 the flag or environment variable the user gives; no MLflow credentials for a server only search.json names; what the
-workers need travels through Ray's object store. tests/test_cluster_nodes.py greps every file a real search on a cluster writes."""
+workers need travels through Ray's object store. tests/test_cluster_nodes.py greps every file a real search on a
+cluster writes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pickle
 
 import pytest
 
-from pdcbdm.config import write_json_atomic
+from pdcbdm.io import write_json_atomic
 from tune import redact, tracking
 from tune.redact import has_secret, is_redacted, redact_text, redact_url
 from tune.runner import SearchError
@@ -148,7 +149,8 @@ def test_no_credentials_for_a_server_only_the_record_names(monkeypatch):
 
 # -- what Tune pickles ------------------------------------------------------------------------------------------------
 def test_the_searcher_state_and_the_status_callback_pickle_without_the_password(tmp_path, monkeypatch):
-    from pdcbdm.config import apply_overrides, preset
+    from pdcbdm.config import apply_overrides
+    from pdcbdm.presets import preset
     from tune.search import build_searcher
     from tune.study import optuna_storage
     from tune.trainable import MlflowStatusCallback
@@ -182,11 +184,11 @@ def test_the_searcher_state_and_the_status_callback_pickle_without_the_password(
 # -- search.json and --resume -----------------------------------------------------------------------------------------
 def _record(p) -> None:
     """What the driver writes before its first trial: search.json and Tune's restorable state."""
-    from ray import tune
+    from ray import tune as ray_tune
 
     p.search_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(p.search_dir / "search.json", p.meta())
-    tune.Tuner(lambda config: None, run_config=tune.RunConfig(name="tune", storage_path=p.storage))
+    ray_tune.Tuner(lambda config: None, run_config=ray_tune.RunConfig(name="tune", storage_path=p.storage))
 
 
 def test_search_json_keeps_urls_masked_and_a_resume_needs_them_again(tmp_path, monkeypatch, capsys):

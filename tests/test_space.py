@@ -1,38 +1,57 @@
-"""The search space only yields valid configs (real Optuna, no Ray)."""
+"""The search space (tune/spaces/default.yaml, read by tune/space_file.py) only yields valid configs (real
+Optuna, no Ray)."""
 
 from __future__ import annotations
 
 import functools
+import json
+import pickle
+from pathlib import Path
 
 import optuna
 import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-from pdcbdm.config import apply_overrides, preset
+from pdcbdm.config import apply_overrides
 from pdcbdm.models import build_unet
+from pdcbdm.presets import preset
 from pdcbdm.training.trainer import network_levels
-from tune.space import SEARCHED, config_point, search_space, tsa_choices
+from tune import space_file
+from tune.space_file import SpaceError, default_knobs, tsa_choices
+
+
+def _default_space(base, fixed=()):
+    """The default space file resolved against ``base``, as Ray pickles its define-by-run space."""
+    spec = space_file.load(space_file.DEFAULT_SPACE, base, fixed)
+    return spec, pickle.loads(pickle.dumps(functools.partial(space_file.suggest, spec=spec)))
+
+
+def _preset_point(base) -> dict:
+    """The preset's value of every knob the default file searches."""
+    return {k: base.flat()[k] for k in default_knobs()}
 
 
 @pytest.mark.parametrize("name", ["digits", "cifar100-lt"])
 def test_every_suggestion_is_a_valid_config(name):
     base = preset(name)
     levels = network_levels(base)  # digits trains at 8x8: levels 8, 4, 2
-    space = functools.partial(search_space, tsa=tsa_choices(levels), pd_weight_center=base.loss.pd_weight)
+    _, space = _default_space(base)
     low, high = base.loss.pd_weight / 10, base.loss.pd_weight * 10
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     seen_tsa = set()
     for _ in range(40):
         trial = study.ask()
         space(trial)
-        assert set(trial.params) == set(SEARCHED)
+        assert set(trial.params) == set(default_knobs())
         cfg = apply_overrides(base, trial.params)
         assert low <= cfg.loss.pd_weight <= high and 0 < cfg.loss.split_ratio < 1
         assert cfg.sample.guidance == base.sample.guidance  # w is scored, never searched
         seen_tsa.add(cfg.model.tsa_resolutions)
         study.tell(trial, cfg.loss.pd_weight)
+    assert seen_tsa <= set(tsa_choices(levels))
     for tsa in seen_tsa:  # every placement builds a network
         if name == "digits":
-            build_unet(base.model.preset, 10, tsa_resolutions=tsa, image_size=8)
+            build_unet(base.model.network, 10, tsa_resolutions=tsa, image_size=8)
     assert tsa_choices((16, 8, 4)) == ("", "8", "4", "8,4")
     assert "16" in tsa_choices((32, 16, 8, 4)) and "16,8,4" in tsa_choices((32, 16, 8, 4))
 
@@ -40,54 +59,44 @@ def test_every_suggestion_is_a_valid_config(name):
 def test_pinned_fields_are_not_searched_and_the_default_point_is_in_the_space():
     study = optuna.create_study()
     trial = study.ask()
-    search_space(trial, fixed=("loss.pd_weight", "loss.split_ratio"))
+    _, space = _default_space(preset("digits"), fixed=("loss.pd_weight", "loss.split_ratio"))
+    space(trial)
     assert "loss.pd_weight" not in trial.params and "loss.split_ratio" not in trial.params
-    assert set(trial.params) == set(SEARCHED) - {"loss.pd_weight", "loss.split_ratio"}
-    point = config_point(preset("digits").flat())
-    assert set(point) == set(SEARCHED)
+    assert set(trial.params) == set(default_knobs()) - {"loss.pd_weight", "loss.split_ratio"}
+    point = _preset_point(preset("digits"))
+    assert set(point) == set(default_knobs())
     assert point["model.tsa_resolutions"] in tsa_choices(network_levels(preset("digits")))
 
 
 def test_guidance_and_evaluation_fields_are_not_searched():
     """w needs no retraining and the evaluation's split and proxy w must be the same for every trial."""
     trial = optuna.create_study().ask()
-    search_space(trial)
+    _default_space(preset("digits"))[1](trial)
     for key in ("sample.guidance", "eval.proxy_guidance", "eval.split_ratio", "eval.guidance_grid"):
-        assert key not in SEARCHED and key not in trial.params
+        assert key not in default_knobs() and key not in trial.params
 
 
 # --- the space file (--space): pure parsing and resolution, no Ray ---
 
-import json  # noqa: E402
-import pickle  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from tune import space_file  # noqa: E402
-from tune.space_file import SpaceError  # noqa: E402
-
-
 @pytest.mark.parametrize("name", ["digits", "cifar100-lt"])
-def test_default_file_is_the_former_space(name):
-    """tune/spaces/default.yaml resolves, for each preset, to the space the search used before space files:
-    the same distributions in the same order, so a seeded TPE proposes the same configs."""
+def test_default_file_searches_the_six_knobs(name):
+    """tune/spaces/default.yaml resolves, for each preset, to the six PD-CBDM knobs in file order: lambda on a log
+    scale a decade either side of the preset's, tau, gamma, q, the head/tail split on a 0.1 grid and the TSA
+    placements of the preset's U-Net; the preset's own point lies inside it."""
     base = preset(name)
     spec = space_file.load(space_file.DEFAULT_SPACE, base)
-    former = functools.partial(search_space, tsa=tsa_choices(network_levels(base)),
-                               pd_weight_center=base.loss.pd_weight)
-    proposals = []
-    for space in (former, pickle.loads(pickle.dumps(functools.partial(space_file.suggest, spec=spec)))):
-        study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=3, n_startup_trials=2))
-        for i in range(6):
-            trial = study.ask()
-            space(trial)
-            study.tell(trial, float(i % 4))
-        proposals.append([(t.params, t.distributions) for t in study.trials])
-    assert proposals[0] == proposals[1]
-    assert list(spec) == list(SEARCHED)
-    assert space_file.distributions(spec) == proposals[1][-1][1]
-    assert spec["loss.pd_weight"]["low"] == pytest.approx(base.loss.pd_weight / 10)
+    assert default_knobs() == ("loss.pd_weight", "loss.cbdm_tau", "loss.cbdm_gamma", "loss.label_dist",
+                               "loss.split_ratio", "model.tsa_resolutions")
+    assert list(spec) == list(default_knobs())
+    lam = base.loss.pd_weight
+    assert space_file.distributions(spec) == {
+        "loss.pd_weight": FloatDistribution(lam / 10, lam * 10, log=True),
+        "loss.cbdm_tau": FloatDistribution(0.1, 2.0), "loss.cbdm_gamma": FloatDistribution(0.05, 1.0),
+        "loss.label_dist": CategoricalDistribution(["cbdm", "inverted", "uniform", "power:0.5"]),
+        "loss.split_ratio": FloatDistribution(0.5, 0.9, step=0.1),
+        "model.tsa_resolutions": CategoricalDistribution(list(tsa_choices(network_levels(base))))}
     point, outside = space_file.preset_point(spec, base.flat())
-    assert point == config_point(base.flat()) and outside == []
+    assert point == _preset_point(base) and outside == []
 
 
 def _write(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
@@ -185,7 +194,7 @@ def test_the_default_file_runs_the_cbdm_baseline_right_after_the_preset():
     assert start == {"loss.label_dist": "cbdm", "loss.pd_weight": pytest.approx(base.loss.pd_weight / 10),
                      "model.tsa_resolutions": ""}  # `low`: the range's lower end
     points, outside = space_file.first_points(spec, base.flat(), [start])
-    assert outside == [] and points[0] == config_point(base.flat())
+    assert outside == [] and points[0] == _preset_point(base)
     assert points[1] == {**points[0], **start}
     # a knob pinned with --set is left out of the start point too; a start point equal to the preset's is dropped
     pinned = space_file.resolve(data, base, fixed=("loss.label_dist",))
@@ -205,7 +214,7 @@ def test_the_searcher_proposes_the_preset_then_the_start_points_then_tpe(tmp_pat
     starts = space_file.start_points(data, spec, "default")
     searcher = build_searcher(args, base, "s", tmp_path / "optuna.db", 4, spec, starts=starts)
     first, second, third = (searcher.suggest(f"t{i}") for i in range(3))
-    assert first == config_point(base.flat())
+    assert first == _preset_point(base)
     assert second["loss.label_dist"] == "cbdm" and second["model.tsa_resolutions"] == ""
     assert second["loss.pd_weight"] == pytest.approx(spec["loss.pd_weight"]["low"])
     assert set(third) == set(spec) and third not in (first, second)

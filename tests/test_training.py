@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdcbdm.config import apply_overrides, preset
+from pdcbdm.config import apply_overrides
 from pdcbdm.data import build_dataset
+from pdcbdm.presets import preset
+from pdcbdm.train import main as train_main
 from pdcbdm.training import CheckpointError, NonFiniteLossError, Trainer, load_model, native_bf16, resolve_precision
 from pdcbdm.training.step import Batch, compute_loss
-from pdcbdm.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 

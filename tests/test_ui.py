@@ -27,7 +27,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.searchutil import free_port, trial_runs, wait_http
 from tune import registry, tracking
-from tune.space import SEARCHED
+from tune.space_file import default_knobs
+from tune.tags import EXPERIMENT_KIND_TAG
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -97,7 +98,7 @@ def test_the_search_in_the_mlflow_ui(mlflow_server, tmp_path):
     # the page a new user lands on (the URL the search prints): the training runs, not the GenAI views (traces,
     # "Evaluation runs"); the experiment says it holds model training
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    assert client.get_experiment(experiment).tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
+    assert client.get_experiment(experiment).tags[EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
     shots["landing"] = tmp_path / "landing.png"
     page = _text(_render(tracking.landing_url(url, experiment), shots["landing"]))
     assert name in page and f"{len(runs) + 1} matching runs" in page, page[:2000]
@@ -115,7 +116,7 @@ def test_the_search_in_the_mlflow_ui(mlflow_server, tmp_path):
     # the best trial's page: its name, the searched params, the FID among its metrics, how it ended
     page = _text(_render(f"{url}/#/experiments/{experiment}/runs/{best.info.run_id}", tmp_path / "trial.png"))
     assert best.info.run_name in page
-    for key in SEARCHED:
+    for key in default_knobs():
         assert key in page, key
     assert re.search(r"\bfid [0-9.]+", page), page[:3000]
 
@@ -134,7 +135,7 @@ def test_the_search_in_the_mlflow_ui(mlflow_server, tmp_path):
     assert f"Comparing {len(runs)} Runs" in page
     for run in runs:
         assert run.info.run_name in page
-    for key in SEARCHED:
+    for key in default_knobs():
         assert key in page, key
     metrics = page[page.index(" Metrics "):]
     assert " fid " in metrics and any(f"{run.data.metrics['fid']:.4g}" in metrics for run in runs

@@ -142,7 +142,7 @@ def _writable_folder(folder: Path, spec: str, must_exist: bool) -> None:
 
 def _connects(url: str) -> None:
     """Open and close one connection to a database server (no table is created)."""
-    import sqlalchemy
+    import sqlalchemy  # deferred: only a database --optuna-storage needs it; --help and the other checks do not
 
     try:
         engine = sqlalchemy.create_engine(url)

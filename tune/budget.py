@@ -7,7 +7,7 @@ itself, mid-way between reports, and ends them without calling the searcher's or
 ``on_trial_complete`` (measured here: a 5 s budget over trials reporting every 2 s ended them at their first
 result, with neither hook called), which would leave their Optuna trials and MLflow runs RUNNING. Instead the
 searcher (``StepOptunaSearch``) stops proposing trials after the deadline and ``BudgetStopper``
-(tune/trainable.py, a ``tune.Stopper`` run on each result) stops a trial at its first report after it, marking
+(tune/trainable.py, a ``ray.tune.Stopper`` run on each result) stops a trial at its first report after it, marking
 that result with ``STOPPED_KEY`` so that the trials table, the MLflow callback and the progress lines can tell a
 budget stop from an ASHA one.
 

@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import torch
+
+from pdcbdm.assets import cache_payload, evaluation_assets, install_cache_files
+from pdcbdm.config import Config
 from tune.redact import redact_url
 
 
@@ -52,6 +56,7 @@ def check_storage_for_cluster(storage: str, address: str, timeout: float = 120.0
     own, which the driver reads back. Needs ``ray.init`` done."""
     if is_local(address) or "://" in storage:
         return
+    # deferred: Ray, which --help and the checks of bad input never load
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -110,10 +115,9 @@ def check_assets_for_cluster(cfg: Any, address: str, cache_dir: str | None = Non
     (each node training its own need not give the same network). Needs ``ray.init`` done."""
     if is_local(address):
         return
+    # deferred: Ray, which --help and the checks of bad input never load
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from pdcbdm.assets import cache_payload
 
     try:
         shipped = ray.put(cache_payload(cfg, cache_dir))
@@ -134,11 +138,6 @@ def check_assets_for_cluster(cfg: Any, address: str, cache_dir: str | None = Non
 def node_assets(cfg: dict[str, Any], cache_dir: str | None, shipped: dict[str, bytes]) -> dict[str, str]:
     """Run on one node: install the driver's cache files where missing, then the identities of the data sets and
     the feature network as this node resolves them, or {"error": why} when it cannot load them."""
-    import torch
-
-    from pdcbdm.assets import evaluation_assets, install_cache_files
-    from pdcbdm.config import Config
-
     torch.set_num_threads(1)  # a zero-CPU task beside running trials
     try:
         install_cache_files(shipped, cache_dir)

@@ -33,15 +33,19 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
+from mlflow.tracking import MlflowClient
 
-from pdcbdm.config import ALLOW_LARGE_FLAG, Config, ConfigError, apply_overrides, check_ceilings, write_json_atomic
-from tune import arguments
-from tune import runner
-from tune import tracking
+from pdcbdm.config import ALLOW_LARGE_FLAG, Config, ConfigError, apply_overrides, check_ceilings
+from pdcbdm.evaluation import feature_extractor
+from pdcbdm.io import write_json_atomic
+from pdcbdm.version import code_version
+from tune import arguments, runner, tracking
 from tune.runner import SearchError, SearchInterrupted, SearchPlan
 from tune.search_folder import driver_lock, warn_if_writable_by_others
+from tune.tags import ERROR_TAG, OUTCOME_TAG, REUSED_TAG
 
-REUSED_TAG = "pdcbdm.reused_runs"  # on a grid's parent run: the cells' runs it took from earlier invocations
+# the KIND.json entries a --resume reads (``GridPlan.meta`` writes them all)
+SAVED_KEYS = ("args", "name", "storage", "tracking_uri", "tune_name")
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class GridPlan(SearchPlan):
     cells: list[Cell] = field(default_factory=list)
     kind: str = "grid"
     tune_name: str = "tune"
-    command: str = "python -m pipelines.grid"
+    command: str = field(kw_only=True)  # the grid's own command (``python -m pipelines.ablation``), which resumes it
     reuse: bool = True
 
     @property
@@ -132,9 +136,11 @@ def read_saved(folder: Path, kind: str) -> dict[str, Any]:
         raise SearchError(f"--resume {folder}: not the folder of a {kind} (no {kind}.json)")
     try:
         saved = json.loads(path.read_text())
-        saved["args"], saved["name"]
-    except (ValueError, KeyError, TypeError) as exc:
+        missing = [key for key in SAVED_KEYS if key not in saved]
+    except (ValueError, TypeError) as exc:
         raise SearchError(f"--resume {folder}: {kind}.json is unreadable ({exc})") from None
+    if missing:
+        raise SearchError(f"--resume {folder}: {kind}.json is unreadable (missing {', '.join(missing)})")
     warn_if_writable_by_others(folder, "--resume")
     return saved
 
@@ -189,7 +195,7 @@ def make_plan(args: argparse.Namespace, cfg: Config, cells: Sequence[Cell], *, k
     runner.check_data(cfg)
     out = Path(out).resolve()
     if saved:
-        storage, tune_name = saved["storage"], saved.get("tune_name", "tune")
+        storage, tune_name = saved["storage"], saved["tune_name"]
         uri = saved_tracking_uri(saved["tracking_uri"], args.tracking_uri, f"the {kind} in {out}")
         args.tracking_uri = uri  # KIND.json, written again, keeps it masked
     else:
@@ -279,9 +285,6 @@ def reusable_runs(p: GridPlan, experiment_id: str) -> dict[str, Any]:
     found = {name: run for name, run in found.items() if run is not None}
     if not found:
         return {}
-    from pdcbdm.evaluation import feature_extractor
-    from pdcbdm.version import code_version
-
     code, extractor = code_version(), feature_extractor(p.cfg).identity
     reused = {}
     for name, run in found.items():
@@ -295,6 +298,7 @@ def reusable_runs(p: GridPlan, experiment_id: str) -> dict[str, Any]:
 
 def _train(p: GridPlan, todo: list[Cell], experiment_id: str, parent: str) -> dict[str, Any]:
     """Run (or restore) the Tuner over ``todo``; returns Tune's result per cell name."""
+    # deferred: Ray, which --help and the checks of bad input never load
     import ray
 
     concurrency = runner.connect_ray(p)
@@ -318,12 +322,13 @@ def _cell_value(table: dict[str, dict[str, Any]], key: str, spec: Any) -> Any:
 def param_space(cells: Sequence[Cell]) -> dict[str, Any]:
     """Tune's grid over the cell names, each config field looked up from the trial's cell (flat keys, as the
     search's trials have them, so that ``tune.trainable.trial_config`` applies them)."""
-    from ray import tune
+    # deferred: Ray, which --help and the checks of bad input never load
+    from ray import tune as ray_tune
 
     table = {c.name: c.overrides for c in cells}
     keys = sorted({k for c in cells for k in c.overrides})
-    return {"cell": tune.grid_search([c.name for c in cells]),
-            **{k: tune.sample_from(partial(_cell_value, table, k)) for k in keys}}
+    return {"cell": ray_tune.grid_search([c.name for c in cells]),
+            **{k: ray_tune.sample_from(partial(_cell_value, table, k)) for k in keys}}
 
 
 def build_tuner(p: GridPlan, cells: Sequence[Cell], concurrency: int, experiment_id: str,
@@ -331,24 +336,26 @@ def build_tuner(p: GridPlan, cells: Sequence[Cell], concurrency: int, experiment
     """A new Tuner over ``cells`` (FIFO: no early stopping), or with --resume the grid's last Tuner restored
     (unfinished cells continue from their last checkpoint; errored ones stay failed: a re-run without --resume
     trains them again); and whether it was restored."""
-    from ray import tune
+    # deferred: Ray, which --help and the checks of bad input never load
+    from ray import tune as ray_tune
     from ray.tune.schedulers import FIFOScheduler
-
     from tune.trainable import MlflowStatusCallback, ProgressPrinter, run_trial
 
     settings = runner.trial_settings(p, experiment_id, parent)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": 0, "train_driver": 1})
-    if p.resume and tune.Tuner.can_restore(p.tune_path):
-        return tune.Tuner.restore(p.tune_path, trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False), True
+    trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, settings=settings),
+                                        {"cpu": 0, "train_driver": 1})
+    if p.resume and ray_tune.Tuner.can_restore(p.tune_path):
+        return ray_tune.Tuner.restore(p.tune_path, trainable=trainable, resume_unfinished=True,
+                                      resume_errored=False), True
     steps = p.cfg.train.steps
-    return tune.Tuner(
+    return ray_tune.Tuner(
         trainable, param_space=param_space(cells),
-        tune_config=tune.TuneConfig(num_samples=1, scheduler=FIFOScheduler(), max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name=p.tune_name, storage_path=p.storage, verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=p.args.max_trial_failures),
-                                  callbacks=[MlflowStatusCallback(p.uri, experiment_id, steps, p.search_id),
-                                             ProgressPrinter(steps)])
+        tune_config=ray_tune.TuneConfig(num_samples=1, scheduler=FIFOScheduler(),
+                                        max_concurrent_trials=concurrency),
+        run_config=ray_tune.RunConfig(name=p.tune_name, storage_path=p.storage, verbose=0,
+                                      failure_config=ray_tune.FailureConfig(max_failures=p.args.max_trial_failures),
+                                      callbacks=[MlflowStatusCallback(p.uri, experiment_id, steps, p.search_id),
+                                                 ProgressPrinter(steps)])
     ), False
 
 
@@ -375,8 +382,6 @@ def _settle(p: GridPlan, run: Any, result: Any) -> Any:
     error = None if done else str(result.error or "did not finish")
     tracking.finish_run(p.uri, run.info.run_id, "FINISHED" if done else "FAILED", error,
                         "completed" if done else f"failed: {error.strip().splitlines()[-1][:300]}")
-    from mlflow.tracking import MlflowClient
-
     return MlflowClient(p.uri).get_run(run.info.run_id)
 
 
@@ -387,8 +392,8 @@ def run_row(run: Any, result: Any = None) -> dict[str, Any]:
         error = str(getattr(result, "error", None) or "no run (interrupted before it started)")
         return {"status": "failed", "error": error.strip().splitlines()[-1][:300], "mlflow_run_id": None}
     tags = run.data.tags
-    ok = run.info.status == "FINISHED" and tags.get(tracking.OUTCOME_TAG) == "completed"
-    error = None if ok else (tags.get(tracking.ERROR_TAG) or tags.get(tracking.OUTCOME_TAG) or run.info.status)
+    ok = run.info.status == "FINISHED" and tags.get(OUTCOME_TAG) == "completed"
+    error = None if ok else (tags.get(ERROR_TAG) or tags.get(OUTCOME_TAG) or run.info.status)
     seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else math.nan
     return {"status": "finished" if ok else "failed", "error": error and error.strip().splitlines()[-1][:300],
             "mlflow_run_id": run.info.run_id, "seconds": seconds,
@@ -398,8 +403,6 @@ def run_row(run: Any, result: Any = None) -> dict[str, Any]:
 def guidance_metrics(uri: str, run_id: str | None, w: float) -> dict[str, Any]:
     """The run's final metrics at guidance ``w`` (its ``evaluation/guidance_grid.json``; the headline metrics
     are at the best w); {} when the run has none at that w."""
-    from mlflow.tracking import MlflowClient
-
     if not run_id:
         return {}
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the table's output

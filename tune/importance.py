@@ -12,6 +12,7 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+import optuna
 import pandas as pd
 
 BOOTSTRAP_RESAMPLES = 20
@@ -30,8 +31,6 @@ def searched_params(trials: Sequence[Any]) -> list[str]:
 
 
 def _fanova(trials: Sequence[Any], directions: Sequence[Any]) -> dict[str, float]:
-    import optuna
-
     study = optuna.create_study(directions=list(directions))
     study.add_trials(list(trials))
     target = (lambda t: t.values[0]) if len(directions) > 1 else None  # FID, the first objective
@@ -44,7 +43,8 @@ def importance_table(trials: Sequence[Any], directions: Sequence[Any], resamples
     """One row per parameter, most important first: ``importance`` (fANOVA on all ``trials``, COMPLETE
     FrozenTrials; sums to 1), ``low`` and ``high`` (the INTERVAL percentiles over ``resamples`` fits on trials
     drawn with replacement) and ``resamples`` (the fits that succeeded; a resample whose trials share every
-    value cannot be fitted); ``attrs["n_trials"]`` is the number of trials. Raises ValueError when there are too few trials to rank (``min_trials_to_rank``)."""
+    value cannot be fitted); ``attrs["n_trials"]`` is the number of trials. Raises ValueError when there are too
+    few trials to rank (``min_trials_to_rank``)."""
     varying = searched_params(trials)
     need = min_trials_to_rank(max(1, len(varying)))
     if len(trials) < need:
@@ -75,10 +75,11 @@ def importance_table(trials: Sequence[Any], directions: Sequence[Any], resamples
 def plot_importance_table(table: pd.DataFrame) -> Any:
     """Horizontal bars (most important on top) with the bootstrap interval as error bars; the title says over
     how many trials (``table.attrs["n_trials"]``) and resamples."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: drawn at the search's end; --help and the checks skip it
 
     rows = table.iloc[::-1]
-    err = np.vstack([(rows["importance"] - rows["low"]).clip(lower=0), (rows["high"] - rows["importance"]).clip(lower=0)])
+    err = np.vstack([(rows["importance"] - rows["low"]).clip(lower=0),
+                     (rows["high"] - rows["importance"]).clip(lower=0)])
     fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(rows) + 1.6))
     ax.barh(rows["param"], rows["importance"], xerr=np.nan_to_num(err), capsize=3)
     ax.set_xlabel("importance (fANOVA, sums to 1)")

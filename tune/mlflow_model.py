@@ -19,6 +19,7 @@ checkpoint's, so the graph in the archive is never deserialized and nothing of t
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -31,8 +32,13 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import numpy as np
 import torch
 import yaml
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
 from torch import nn
 
 from pdcbdm.config import Config
@@ -50,10 +56,6 @@ class ModelLoadError(ValueError):
 
 
 def _signature(image_shape: tuple[int, int, int]) -> Any:
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-    import numpy as np
-
     inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *image_shape), "x"),
                      TensorSpec(np.dtype(np.int64), (-1,), "t"), TensorSpec(np.dtype(np.int64), (-1,), "y")])
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *image_shape))]))
@@ -77,11 +79,6 @@ def log_ema_model(uri: str, run_id: str, net: nn.Module, payload: dict[str, Any]
     ``MODEL_NAME``; returns its model URI. ``payload`` is the trainer's sampling payload (its config, classes, image
     shape and step go into the MLmodel metadata; its tensors do not: the graph holds them). The graph names no
     device (tests/test_model_safety.py checks it): whoever loads it moves the module where it samples, CPU or CUDA."""
-    import copy
-
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
     meta = model_metadata(payload)
     shape = tuple(meta["image_shape"])
     # a copy: exporting must not move or retrace the network training goes on with (a DDP or compiled wrapper);
@@ -383,8 +380,6 @@ def load_logged_model(model_uri: str, device: torch.device | str = "cpu") -> tup
     ModelLoadError naming the URI (and the file and the reason) when the model is missing, not a pdcbdm model, or
     holds anything but the pt2 EMA network: code, a pickle, another format.
     """
-    import mlflow
-
     with tempfile.TemporaryDirectory(prefix="pdcbdm-model-") as tmp:
         try:  # copies files only: nothing of the model is read here
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))

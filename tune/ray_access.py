@@ -43,6 +43,7 @@ def require_token_auth(address: str) -> None:
               f"token authentication", flush=True)
     os.environ[AUTH_MODE] = "token"
     # Ray caches the mode when it is imported: refresh it, as Ray does when it turns the mode on itself
+    # deferred: Ray, which --help and the checks of bad input never load
     from ray._raylet import Config
 
     Config.initialize("")
@@ -53,6 +54,7 @@ def bind_loopback() -> None:
     os.environ[SINGLE_MACHINE] = "0"
     # Ray reads the switch into a module constant when it is first imported; a process that imported it already
     # (a notebook, the test suite) sees the change through the constant, its child processes through the env
+    # deferred: Ray, which --help and the checks of bad input never load
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False

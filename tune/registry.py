@@ -25,10 +25,10 @@ from mlflow.tracking import MlflowClient
 from tune import tracking
 from tune.mlflow_model import MODEL_NAME
 from tune.redact import redact_text
+from tune.tags import CHOSEN_BY_TAG, SEARCH_ID_TAG, SEARCH_TAG, TRIAL_TAG, VERSIONS_TAG, confirm_tag
 
 PREFIX = "pdcbdm-"
 BEST_ALIAS = "best"
-VERSIONS_TAG = "mlflow.modelVersions"  # a logged model's registered versions, which MLflow's UI links to
 # models:/NAME@ALIAS or models:/NAME/VERSION (a logged model's models:/m-ID has neither "@" nor "/")
 REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[0-9]+))/?")
 
@@ -124,8 +124,8 @@ def version_of_run(client: MlflowClient, name: str, run_id: str, tags: Mapping[s
 
 
 def _link(client: MlflowClient, model_id: str, name: str, version: str) -> None:
-    """The logged model's ``VERSIONS_TAG`` as ``mlflow.register_model`` writes it (the UI's link from the model
-    to its registered versions); a tracking server has written it already."""
+    """The logged model's ``tune.tags.VERSIONS_TAG`` as ``mlflow.register_model`` writes it (the UI's link from the
+    model to its registered versions); a tracking server has written it already."""
     existing = client.get_logged_model(model_id).tags.get(VERSIONS_TAG)
     versions = json.loads(existing) if existing else []
     entry = {"name": name, "version": version}
@@ -152,8 +152,8 @@ def register_best(uri: str, table: pd.DataFrame, search: str, search_id: str) ->
     run_id = row.get("mlflow_run_id")
     if not isinstance(run_id, str) or not run_id or not search:
         return None, f"no network registered: trial {row['trial_id']} has no MLflow run of a named search"
-    tags = {"pdcbdm.trial_id": row["trial_id"], tracking.SEARCH_TAG: search, tracking.SEARCH_ID_TAG: search_id,
-            "pdcbdm.chosen_by": "rank 1 of the search (one training seed); python -m pipelines.confirm tests it "
+    tags = {TRIAL_TAG: row["trial_id"], SEARCH_TAG: search, SEARCH_ID_TAG: search_id,
+            CHOSEN_BY_TAG: "rank 1 of the search (one training seed); python -m pipelines.confirm tests it "
                                 "over new seeds",
             **{k: _plain(row.get(k)) for k in ("fid", "fid_floor", "fid_floor_std", "fid_tail", "best_guidance")}}
     name = registered_name(search)
@@ -176,10 +176,10 @@ def promote(uri: str, search: str, run_id: str | None, result: Mapping[str, Any]
     name = registered_name(search)
     if not run_id:
         return f"alias {BEST_ALIAS} of {name} not moved: the winner's search trial has no MLflow run"
-    tags = {f"pdcbdm.confirm.{k}": _plain(v) for k, v in result.items()}
+    tags = {confirm_tag(k): _plain(v) for k, v in result.items()}
     try:
         client = MlflowClient(uri, registry_uri=uri)
-        version = version_of_run(client, name, run_id, {"pdcbdm.chosen_by": "python -m pipelines.confirm"})
+        version = version_of_run(client, name, run_id, {CHOSEN_BY_TAG: "python -m pipelines.confirm"})
         if version is None:
             return f"alias {BEST_ALIAS} of {name} not moved: the winner's run {run_id} has no logged model"
         for key, value in tags.items():

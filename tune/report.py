@@ -8,16 +8,18 @@ import math
 import os
 import shlex
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import optuna
 import pandas as pd
+from mlflow.tracking import MlflowClient
 
-from tune import importance, tracking
+from tune import importance, registry, tracking
+from tune.tags import BEST_COMMAND_TAG, BEST_MODEL_TAG, BEST_TRIAL_TAG, SEARCH_ID_TAG, SEARCH_TAG
 from tune.warm_start import own_trials
 
-BEST_COMMAND_TAG = "pdcbdm.best_command"
-BEST_MODEL_TAG = "pdcbdm.best_model"  # the registry URI of the search's winner, where it was registered
 MIN_TRIALS_TO_RANK = 2  # parallel coordinates need two finished trials (importance: tune.importance's rule)
 
 
@@ -37,7 +39,7 @@ def best_command(preset: str, overrides: Sequence[str], row: pd.Series) -> str:
 
 def _message_figure(title: str, text: str) -> Any:
     """A figure that says why a plot is missing (too few trials), so the parent run always shows something."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: drawn at the search's end; --help and the checks skip it
 
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.axis("off")
@@ -50,12 +52,10 @@ def optuna_figures(study: Any) -> dict[str, Any]:
     """Artifact name -> matplotlib figure: Optuna's parameter importances and parallel coordinates of this
     search's own trials (warm-start trials copied from earlier searches left out), or a figure that says the
     study has too few finished trials to draw them."""
-    import warnings
-
-    import matplotlib
+    import matplotlib  # deferred: drawn at the search's end; --help and the checks skip it
 
     matplotlib.use("Agg")
-    import optuna
+    # deferred: imports pyplot, after the headless backend is chosen; --help and the checks skip it
     from optuna.visualization import matplotlib as ovm
 
     if len(own_trials(study)) < len(study.trials):  # the plots take a study: an in-memory one of our trials
@@ -92,8 +92,6 @@ def _importance_figure(done: list[Any], directions: Sequence[Any]) -> Any:
 
 def _best_grid(uri: str, row: pd.Series, folder: Path) -> Path | None:
     """The best trial's final grid at its best w, downloaded into ``folder`` (None when it has none)."""
-    from mlflow.tracking import MlflowClient
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar in the search's output
     w = row.get("best_guidance")
     run_id = row.get("mlflow_run_id")
@@ -109,9 +107,9 @@ def _best_grid(uri: str, row: pd.Series, folder: Path) -> Path | None:
 def record_search(uri: str, parent: str, table: pd.DataFrame, study: Any, preset: str,
                   overrides: Sequence[str]) -> str | None:
     """Log the search's summary on its parent run and register the best trial's network
-    (``tune.registry.register_best``: ``models:/pdcbdm-<search>@best``, tagged ``BEST_MODEL_TAG`` on the parent);
-    returns the best trial's command (None without a completed trial)."""
-    import matplotlib.pyplot as plt
+    (``tune.registry.register_best``: ``models:/pdcbdm-<search>@best``, tagged ``tune.tags.BEST_MODEL_TAG`` on the
+    parent); returns the best trial's command (None without a completed trial)."""
+    import matplotlib.pyplot as plt  # deferred: drawn at the search's end; --help and the checks skip it
 
     tracking.log_table(uri, parent, table, "trials.json")
     for name, fig in optuna_figures(study).items():
@@ -122,7 +120,7 @@ def record_search(uri: str, parent: str, table: pd.DataFrame, study: Any, preset
         return None
     best = done.iloc[0]
     command = best_command(preset, overrides, best)
-    tracking.set_tags(uri, parent, {BEST_COMMAND_TAG: command, "pdcbdm.best_trial": best["trial_id"]})
+    tracking.set_tags(uri, parent, {BEST_COMMAND_TAG: command, BEST_TRIAL_TAG: best["trial_id"]})
     tracking.log_text(uri, parent, command + "\n", "best_trial/command.txt")
     register(uri, parent, table)
     with tempfile.TemporaryDirectory(prefix="pdcbdm-best-") as tmp:
@@ -135,11 +133,9 @@ def record_search(uri: str, parent: str, table: pd.DataFrame, study: Any, preset
 def register(uri: str, parent: str, table: pd.DataFrame) -> None:
     """Register the best trial's network under the search named by the parent run's tags, print where it is (or
     why it is not), and tag the parent run with its URI."""
-    from tune import registry
-
     tags = tracking.run_tags(uri, parent)
-    search = tags.get(tracking.SEARCH_TAG, "")
-    version, line = registry.register_best(uri, table, search, tags.get(tracking.SEARCH_ID_TAG, search))
+    search = tags.get(SEARCH_TAG, "")
+    version, line = registry.register_best(uri, table, search, tags.get(SEARCH_ID_TAG, search))
     print(line, flush=True)
     if version is not None:
         tracking.set_tags(uri, parent, {BEST_MODEL_TAG: registry.best_uri(search)})

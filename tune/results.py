@@ -14,9 +14,9 @@ from pdcbdm.io import atomic_write
 from tune.budget import STOPPED_KEY
 
 METRIC_COLUMNS = ("fid", "is_mean", "precision", "recall", "f8", "f1_8", "fid_head", "fid_tail",
-                  "consistency_mean", "consistency_tail", "tail_to_head_confusion", "noise_error", "best_guidance", "proxy_fid",
-                  "proxy_fid_tail", "step", "fid_floor", "fid_floor_std", "fid_tail_floor", "fid_tail_floor_std",
-                  "reject_rate")
+                  "consistency_mean", "consistency_tail", "tail_to_head_confusion", "noise_error", "best_guidance",
+                  "proxy_fid", "proxy_fid_tail", "step", "fid_floor", "fid_floor_std", "fid_tail_floor",
+                  "fid_tail_floor_std", "reject_rate")
 # a completed trial's final scores (the columns its run logs at the last step)
 SCORE_COLUMNS = ("fid", "is_mean", "precision", "recall", "f8", "f1_8", "fid_head", "fid_tail", "noise_error")
 # the metrics printed with their real-vs-real noise floor (``<key>_floor``, ``<key>_floor_std``) under the table
@@ -52,7 +52,8 @@ def rank(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return df
     order = {"completed": 0, "stopped": 1, "failed": 2}
-    key = df.apply(lambda r: (order[r["status"]], _num(r["fid"]) if r["status"] == "completed" else _num(r["proxy_fid"])), axis=1)
+    key = df.apply(lambda r: (order[r["status"]],
+                              _num(r["fid"]) if r["status"] == "completed" else _num(r["proxy_fid"])), axis=1)
     df = df.assign(_k=key).sort_values("_k").drop(columns="_k").reset_index(drop=True)
     df.insert(0, "rank", range(1, len(df) + 1))
     return df
@@ -172,3 +173,27 @@ def lead_note(df: pd.DataFrame, seed_sd: float | None = None) -> str | None:
 def knob_columns(df: pd.DataFrame) -> list[str]:
     """The table's searched knobs: its config-field columns (SECTION.FIELD)."""
     return [c for c in df.columns if "." in c]
+
+
+# -- a trial's end in words (the outcome tag of its MLflow run) ----------------------------------------------------
+def completion_outcome(step: int, max_steps: int | None, by_budget: bool = False) -> str:
+    """The outcome tag of a trial Tune ended without error: it ran its budget, or the scheduler (or the search's
+    time budget) stopped it."""
+    if max_steps is None or step >= max_steps:
+        return "completed"
+    return f"stopped by the time budget at step {step}" if by_budget else f"early-stopped by ASHA at step {step}"
+
+
+def failure_outcome(error: str | None) -> str:
+    """The outcome tag of a failed trial: "failed: " and the error's last line (its type and message)."""
+    lines = (error or "").strip().splitlines()
+    return f"failed: {lines[-1].strip() if lines else 'unknown error'}"[:500]
+
+
+def finite(value: Any) -> float | None:
+    """``value`` as a float, or None when it is missing, not a number, NaN or infinite."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from pdcbdm.config import Config
 from pdcbdm.data import PREPARED, prepared_summary
@@ -19,6 +20,7 @@ from pdcbdm.training import Trainer
 from tune import tracking
 from tune.mlflow_model import log_ema_model
 from tune.redact import redact_text
+from tune.tags import DATA_DIGEST_TAG, DATA_IMAGE_SHAPE_TAG, DATA_NUM_CLASSES_TAG, DATA_NUM_IMAGES_TAG, DATA_RHO_TAG
 
 __all__ = ["RankZeroLogger", "TrackingUnavailable"]
 
@@ -38,10 +40,11 @@ class RankZeroLogger:
     A tracking-server outage does not stop training: a record that cannot be written (``tracking.is_outage``) is
     held, in order, and written at the next record or flush once the server answers again (one line says so when
     the holding starts); the files a held record names are copied into a folder of the logger's own at once, since
-    their writer (an evaluation's temporary folder) removes them before the server is back. The final flush of the trial waits up to ``patience_s`` (``PDCBDM_TRACKING_PATIENCE_S``,
-    default 300) for the server, then fails the trial (``TrackingUnavailable``). MLflow's own retries are cut to a
-    few seconds here (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``_TIMEOUT`` unless set), so that an outage costs a
-    training step seconds, not minutes."""
+    their writer (an evaluation's temporary folder) removes them before the server is back. The final flush of the
+    trial waits up to ``patience_s`` (``PDCBDM_TRACKING_PATIENCE_S``, default 300) for the server, then fails the
+    trial (``TrackingUnavailable``). MLflow's own retries are cut to a few seconds here
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``_TIMEOUT`` unless set), so that an outage costs a training step seconds,
+    not minutes."""
 
     def __init__(self, uri: str | None, run_id: str | None, patience_s: float | None = None) -> None:
         self.uri, self.run_id = uri, run_id
@@ -181,9 +184,9 @@ class RankZeroLogger:
 
     def _prepared_data(self, root: str) -> None:
         summary = prepared_summary(root)
-        self.tags({"pdcbdm.data.num_images": summary["num_images"], "pdcbdm.data.num_classes": summary["num_classes"],
-                   "pdcbdm.data.rho": summary["rho"], "pdcbdm.data.digest": summary["digest"],
-                   "pdcbdm.data.image_shape": "x".join(map(str, summary["image_shape"]))})
+        self.tags({DATA_NUM_IMAGES_TAG: summary["num_images"], DATA_NUM_CLASSES_TAG: summary["num_classes"],
+                   DATA_RHO_TAG: summary["rho"], DATA_DIGEST_TAG: summary["digest"],
+                   DATA_IMAGE_SHAPE_TAG: "x".join(map(str, summary["image_shape"]))})
         self.json_file(summary, "data/summary.json")
         self.files([p for p in (Path(root) / "_meta.json", Path(root) / "_report.json") if p.is_file()], "data")
 
@@ -192,8 +195,6 @@ class RankZeroLogger:
         ``interval_s`` (MLflow's monitor logs its first after one interval: a trial ASHA stops sooner, its worker
         ended by Ray, would have none)."""
         if self.active and self._monitor is None:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
             self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, tracking_uri=self.uri,
                                                  resume_logging=True)
             try:

@@ -31,11 +31,10 @@ from typing import Any, Mapping
 import torch
 
 from pdcbdm.config import Config, apply_overrides
+from pdcbdm.train import load_data
+from pdcbdm.training.cuda import GPU_NETWORKS, cuda_diagnosis
 from tune import budget as budget_mod
-from tune import cluster
-from tune import ray_access
-from tune import tracking
-from tune import working_dir
+from tune import cluster, ray_access, tracking, working_dir
 from tune.redact import OPTUNA_STORAGE_ENV, has_secret, redact_text, redact_url
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +72,7 @@ class SearchPlan:
     resume: bool = False
     out: Path = Path(".")
     optuna_storage: str = ""
-    space: dict[str, dict] | None = None  # the resolved search space (None: a search from before space files)
+    space: dict[str, dict] | None = None  # the resolved search space (None: a grid, whose cells are given)
     space_file: str = ""
     warm: list[Any] = field(default_factory=list)  # tune.warm_start.WarmStart per --warm-start folder
     starts: list[dict] = field(default_factory=list)  # the space file's start points
@@ -119,7 +118,7 @@ class SearchPlan:
 
 
 def new_search_id() -> str:
-    """A search's unique id (``tracking.SEARCH_ID_TAG``): two searches of one name never share MLflow runs."""
+    """A search's unique id (``tune.tags.SEARCH_ID_TAG``): two searches of one name never share MLflow runs."""
     return uuid.uuid4().hex
 
 
@@ -157,16 +156,14 @@ def default_cpus_per_worker(address: str, gpus_per_worker: float, cpus: int, gpu
 def check_gpus(address: str, asked: float | None, cfg: Config) -> None:
     """On a local cluster, refuse to train on the CPU what asks for GPUs when torch sees none, naming why
     (``cuda_diagnosis``): an explicit --gpus-per-worker > 0 (``asked``), or by default a network sized for GPUs
-    (``GPU_MODEL_PRESETS``), which --gpus-per-worker 0 trains on the CPU anyway. A remote cluster's workers have
+    (``GPU_NETWORKS``), which --gpus-per-worker 0 trains on the CPU anyway. A remote cluster's workers have
     their own GPUs: nothing is checked here."""
-    from pdcbdm.training.cuda import GPU_MODEL_PRESETS, cuda_diagnosis
-
     if address != "local" or torch.cuda.is_available():
         return
     if asked is not None and asked > 0:
         raise SearchError(f"--gpus-per-worker {asked:g}: torch sees no GPU ({cuda_diagnosis()})")
-    if asked is None and cfg.model.preset in GPU_MODEL_PRESETS:
-        raise SearchError(f"model.preset {cfg.model.preset} is sized for GPUs and torch sees none "
+    if asked is None and cfg.model.network in GPU_NETWORKS:
+        raise SearchError(f"model.network {cfg.model.network} is sized for GPUs and torch sees none "
                           f"({cuda_diagnosis()}); pass --gpus-per-worker 0 to train it on the CPU anyway")
 
 
@@ -198,8 +195,6 @@ def fits(a: argparse.Namespace, cpus: float, gpus: float) -> int:
 
 def check_data(cfg: Config) -> None:
     """Load the training set once in the driver so that missing data fails before any trial starts."""
-    from pdcbdm.train import load_data
-
     try:
         load_data(cfg)
     except (FileNotFoundError, ValueError) as exc:
@@ -226,7 +221,7 @@ def check_tracking(uri: str, create: Path | None = None) -> None:
 # -- Ray ---------------------------------------------------------------------------------------------------------------
 def connect_ray(p: SearchPlan) -> int:
     """Start a private local cluster or join an existing one; returns the number of trials that fit at once."""
-    import ray
+    import ray  # deferred: Ray, which --help and the checks of bad input never load
 
     a = p.args
     # no credentials here: a runtime env is shown on the dashboard; they reach the trials in TrialSettings
@@ -308,11 +303,11 @@ def check_address(address: str) -> None:
 # -- the trials --------------------------------------------------------------------------------------------------------
 def trial_settings(p: SearchPlan, experiment_id: str, parent: str,
                    optuna_verdicts: Mapping[str, Any] | None = None) -> Any:
-    """What every trial shares, pickled into the trainable (``tune.with_parameters``: Ray's object store). The
+    """What every trial shares, pickled into the trainable (``ray.tune.with_parameters``: Ray's object store). The
     tracking credentials of this environment travel here, never in a runtime env, which the dashboard shows.
     ``optuna_verdicts``: a search resume's Optuna verdicts by Tune trial id (``tune.study.study_verdicts``); none
     for a new search or a grid (no study)."""
-    from tune.trainable import TrialSettings
+    from tune.trainable import TrialSettings  # deferred: imports Ray, which --help and the checks never load
 
     a = p.args
     return TrialSettings(base=p.cfg.to_dict(), search=p.name, storage=f"{p.storage}/train", tracking_uri=p.uri,

@@ -30,19 +30,21 @@ from typing import Any, Sequence
 if __package__ in (None, ""):  # run as a script: import the repository's packages, not tune/'s siblings
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pdcbdm.config import (ALLOW_LARGE_FLAG, CEILINGS, PRESETS, Config, ConfigError, apply_overrides,  # noqa: E402
-                           check_ceilings, preset, write_json_atomic)
-from tune import arguments  # noqa: E402
+import optuna  # noqa: E402
+
+from pdcbdm.config import (ALLOW_LARGE_FLAG, CEILINGS, Config, ConfigError, apply_overrides,  # noqa: E402
+                           check_ceilings)
+from pdcbdm.io import write_json_atomic  # noqa: E402
+from pdcbdm.presets import PRESETS, preset  # noqa: E402
+from pdcbdm.training import ema_ready_step  # noqa: E402
+from tune import arguments, space_file, tracking  # noqa: E402
 from tune import budget as budget_mod  # noqa: E402
-from tune import space_file  # noqa: E402
 from tune import warm_start as warm_mod  # noqa: E402
-from tune import tracking  # noqa: E402
 from tune.redact import OPTUNA_STORAGE_ENV, remember  # noqa: E402
 from tune.runner import (PLACEMENT_HELP, PLACEMENTS, REPO, SearchError, SearchInterrupted, SearchPlan,  # noqa: E402
                          SigintWatch, absolute_location, check_data, check_resources, check_tracking, connect_ray,
                          new_search_id, stop_search, trial_settings)
-from tune.search_folder import (create_json, driver_lock, read_search_json,  # noqa: E402
-                                warn_if_writable_by_others)
+from tune.search_folder import create_json, driver_lock, read_search_json, warn_if_writable_by_others  # noqa: E402
 from tune.study import (check_study_name_free, optuna_storage, resumed_study_location, study_location,  # noqa: E402
                         study_verdicts)
 from tune.summary import report_budget, summarise  # noqa: E402
@@ -52,6 +54,8 @@ DEFAULT_TRIALS = {"smoke": 3, "digits": 3, "cifar10-lt": 32, "cifar100-lt": 32, 
 # ASHA's first rung as a fraction of the budget, where the EMA rule alone would cut too early: on digits a proxy FID
 # at step 300 of 1,800 did not predict the end (the only trial it kept lost its tail classes after step 1,200)
 GRACE_FRACTION = {"digits": 0.5}
+# the search.json entries a --resume reads (``SearchPlan.meta`` writes them all)
+SAVED_KEYS = ("args", "name", "search_id", "out", "search_dir", "storage", "tracking_uri", "optuna_storage", "space")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -160,8 +164,7 @@ def build_searcher(args: argparse.Namespace, cfg: Config, name: str, study_stora
     (intermediate values, keyed by step; an ASHA-stopped trial is PRUNED) and the final FID at the best w at the
     end (a COMPLETE trial's value), the order trials.parquet ranks completed trials by.
     """
-    import optuna
-
+    # deferred: imports Ray, which --help and the checks of bad input never load
     from tune.searcher import MAX_STARTUP_TRIALS, StepOptunaSearch, startup_trials
 
     if space is None:
@@ -229,8 +232,6 @@ def grace_period(cfg: Config, preset_name: str = "", asked: int | None = None) -
     """ASHA's first rung, on an evaluation step: ``asked`` (--asha-grace) when given; else the first evaluation at
     which the EMA network is meaningful (``ema_ready_step``), so that no trial is stopped on an average still
     dominated by its first networks, or the preset's ``GRACE_FRACTION`` of the budget when that is later."""
-    from pdcbdm.training import ema_ready_step
-
     every = cfg.train.eval_every
     first = asked if asked is not None else max(every, ema_ready_step(cfg.train.ema_decay),
                                                 int(GRACE_FRACTION.get(preset_name, 0.0) * cfg.train.steps))
@@ -240,6 +241,7 @@ def grace_period(cfg: Config, preset_name: str = "", asked: int | None = None) -
 def build_scheduler(args: argparse.Namespace, cfg: Config) -> Any:
     """ASHA on the proxy FID from ``grace_period`` on; FIFO (no early stopping) with --no-asha or when the grace
     period reaches the budget."""
+    # deferred: Ray, which --help and the checks of bad input never load
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     grace = grace_period(cfg, args.preset, args.asha_grace)
@@ -282,38 +284,30 @@ def plan(args: argparse.Namespace) -> SearchPlan:
 
 def plan_resume(args: argparse.Namespace) -> SearchPlan:
     """The search in ``args.resume`` as it was started (its search.json), checked to be restorable before
-    anything (MLflow included) is touched. search.json of older versions (name null, out relative) is read with
-    the folder's own name and location."""
+    anything (MLflow included) is touched."""
     folder = Path(args.resume).resolve()
     saved = read_meta(folder)
     warn_if_writable_by_others(folder, "--resume")
     given_uri, given_storage = args.tracking_uri, args.optuna_storage  # this command's: search.json masks secrets
     args = resumed_args(args, folder, saved["args"])
     cfg, trials = check_args(args)
-    name = saved.get("name") or folder.name
-    out = Path(saved["out"]) if saved.get("out") else (
-        folder.parents[1] if folder.parent.name == "searches" else Path(args.out).resolve())
-    storage = saved.get("storage") or (f"{absolute_location(args.storage_path)}/{name}" if args.storage_path
-                                       else str(folder))
-    if storage == saved.get("search_dir"):  # the default storage is the search folder, wherever it is now
+    name, out, storage = saved["name"], Path(saved["out"]), saved["storage"]
+    if storage == saved["search_dir"]:  # the default storage is the search folder, wherever it is now
         storage = str(folder)
     try:
-        uri, warnings = tracking.recorded_uri(saved.get("tracking_uri") or tracking.default_tracking_uri(out),
-                                              given_uri, f"the search in {folder}")
+        uri, warnings = tracking.recorded_uri(saved["tracking_uri"], given_uri, f"the search in {folder}")
     except tracking.TrackingError as exc:
         raise SearchError(str(exc)) from None
     for line in warnings:
         print(f"warning: --resume {folder}: {line}", file=sys.stderr, flush=True)
-    optuna_storage = resumed_study_location(saved.get("optuna_storage") or study_location(None, folder),
-                                            given_storage, folder)
-    space = saved.get("space") or {}  # the saved space: Tune restores the searcher (and its space) pickled
-    p = SearchPlan(args, cfg, name, trials, folder, storage, uri, True, out, optuna_storage, space.get("knobs"),
-                   space.get("file", ""), starts=space.get("start_points") or [], uri_given=uri,
-                   search_id=saved.get("search_id") or name)
+    optuna_storage = resumed_study_location(saved["optuna_storage"], given_storage, folder)
+    space = saved["space"]  # the saved space: Tune restores the searcher (and its space) pickled
+    p = SearchPlan(args, cfg, name, trials, folder, storage, uri, True, out, optuna_storage, space["knobs"],
+                   space["file"], starts=space["start_points"], uri_given=uri, search_id=saved["search_id"])
     if not check_restorable(p):
         print(f"--resume {folder}: no trial had started (the search stopped before Ray ran one): starting it from "
               f"its search.json", flush=True)
-        p.resume, p.restart, p.warm = False, True, load_warm_starts(args, cfg, p.space or {})
+        p.resume, p.restart, p.warm = False, True, load_warm_starts(args, cfg, p.space)
     check_tracking(uri)
     p.uri = tracking.use_uri(uri)
     return p
@@ -325,7 +319,7 @@ def check_args(args: argparse.Namespace) -> tuple[Config, int]:
     trials = DEFAULT_TRIALS[args.preset] if args.trials is None else args.trials
     if trials < 1:
         raise SearchError(f"--trials must be >= 1, got {trials}")
-    minutes = getattr(args, "time_budget", None)  # getattr: search.json of older versions has no such flag
+    minutes = args.time_budget
     if minutes is not None and not (minutes > 0 and math.isfinite(minutes)):
         raise SearchError(f"--time-budget must be a positive number of minutes, got {args.time_budget:g}")
     check_data(cfg)
@@ -336,9 +330,9 @@ def check_restorable(p: SearchPlan) -> bool:
     """Whether the Tune state of a --resume can be restored; False when the search never started Tune (no Tune
     folder in a local storage: it can start from its search.json); a SearchError, before MLflow or Ray is
     touched, when Tune's state is missing from a folder or storage that should hold it."""
-    from ray import tune
+    from ray import tune as ray_tune  # deferred: Ray, which --help and a new search's checks never load
 
-    if tune.Tuner.can_restore(p.tune_path):
+    if ray_tune.Tuner.can_restore(p.tune_path):
         return True
     if "://" not in p.tune_path and not Path(p.tune_path).exists():
         return False
@@ -347,8 +341,8 @@ def check_restorable(p: SearchPlan) -> bool:
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
-    """The search.json of the search a --resume names."""
-    return read_search_json(folder, "--resume", SearchError, ("args",))
+    """The search.json of the search a --resume names, holding everything ``plan_resume`` reads."""
+    return read_search_json(folder, "--resume", SearchError, SAVED_KEYS)
 
 
 def resumed_args(args: argparse.Namespace, folder: Path, saved: dict[str, Any]) -> argparse.Namespace:
@@ -366,7 +360,7 @@ def run_search(args: argparse.Namespace) -> Any:
     """Validate, connect, then run (or resume) the Tuner; returns the ranked results DataFrame."""
     p = plan(args)
     concurrency = connect_ray(p)
-    import ray
+    import ray  # deferred: Ray, which --help and the checks of bad input never load
 
     try:
         with driver_lock(p.search_dir, f"search {p.name!r}", SearchError):
@@ -401,7 +395,7 @@ def execute(p: SearchPlan, concurrency: int) -> Any:
           f"({'GPU' if a.gpus_per_worker else 'CPU'}); MLflow {p.uri_shown}; folder {p.search_dir}", flush=True)
     try:
         tuner = build_tuner(p, concurrency, experiment_id, parent)
-        budget_mod.start(p.search_dir, getattr(a, "time_budget", None))
+        budget_mod.start(p.search_dir, a.time_budget)
         with SigintWatch() as watch:
             grid = tuner.fit()
         # fewer trials than asked is an interruption, unless the time budget ended the proposals
@@ -417,9 +411,7 @@ def execute(p: SearchPlan, concurrency: int) -> Any:
 
 def record_space(p: SearchPlan, parent: str) -> None:
     """The search space (resolved) and the warm-start sources on the parent run: space.json, and the file as a
-    param. A search from before space files (a resume) has none to record."""
-    if p.space is None:
-        return
+    param."""
     tracking.log_dict(p.uri, parent, p.space_record(), "space.json")
     params = {"space_file": p.space_file}
     if p.warm:
@@ -430,27 +422,27 @@ def record_space(p: SearchPlan, parent: str) -> None:
 def build_tuner(p: SearchPlan, concurrency: int, experiment_id: str, parent: str) -> Any:
     """A new Tuner, or the restored one of a --resume (errored trials stay errored: Tune, Optuna and MLflow all
     hold them as failed; unfinished ones continue from their last checkpoint)."""
-    from ray import tune
-
+    # deferred: Ray, which --help and the checks of bad input never load
+    from ray import tune as ray_tune
     from tune.trainable import BudgetStopper, MlflowStatusCallback, ProgressPrinter, run_trial
 
     a, cfg = p.args, p.cfg
     settings = trial_settings(p, experiment_id, parent, study_verdicts(p) if p.resume else None)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": 0, "train_driver": 1})
+    trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, settings=settings),
+                                        {"cpu": 0, "train_driver": 1})
     if p.resume:
-        return tune.Tuner.restore(p.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
-    return tune.Tuner(
+        return ray_tune.Tuner.restore(p.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    searcher = build_searcher(a, cfg, p.name, p.optuna_storage, p.trials, p.space, p.warm, p.budget_file, p.starts)
+    return ray_tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=build_searcher(a, cfg, p.name, p.optuna_storage, p.trials, p.space,
-                                                              p.warm, p.budget_file, p.starts),
-                                    scheduler=build_scheduler(a, cfg), num_samples=p.trials,
-                                    max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name="tune", storage_path=p.storage, verbose=0,
-                                  stop=BudgetStopper(p.budget_file, cfg.train.steps),
-                                  failure_config=tune.FailureConfig(max_failures=a.max_trial_failures),
-                                  callbacks=[MlflowStatusCallback(p.uri, experiment_id, cfg.train.steps,
-                                                                  p.search_id),
-                                             ProgressPrinter(cfg.train.steps)]),
+        tune_config=ray_tune.TuneConfig(search_alg=searcher, scheduler=build_scheduler(a, cfg), num_samples=p.trials,
+                                        max_concurrent_trials=concurrency),
+        run_config=ray_tune.RunConfig(name="tune", storage_path=p.storage, verbose=0,
+                                      stop=BudgetStopper(p.budget_file, cfg.train.steps),
+                                      failure_config=ray_tune.FailureConfig(max_failures=a.max_trial_failures),
+                                      callbacks=[MlflowStatusCallback(p.uri, experiment_id, cfg.train.steps,
+                                                                      p.search_id),
+                                                 ProgressPrinter(cfg.train.steps)]),
     )
 
 

@@ -12,34 +12,17 @@ time budget (tune/budget.py) it proposes no trial after the deadline; ``add_tria
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from tune import budget, faults, verdicts
-from tune.redact import OPTUNA_STORAGE_ENV, redact_url, reveal
+from tune.results import finite
 
 logger = logging.getLogger(__name__)
-
-TUNE_TRIAL_ATTR = verdicts.TUNE_TRIAL_ATTR
-
-
-class MaskedRDBStorage(RDBStorage):
-    """Optuna's RDB storage whose pickled form holds its URL with the password masked (``tune.redact``): Tune
-    pickles the searcher, and the study's storage with it, into searcher-state-*.pkl and tuner.pkl in the search
-    folder. Unpickled (a --resume restores the searcher in the driver), it takes the real URL back from this
-    process: the URL the search was given (``tune.redact.remember``) or PDCBDM_OPTUNA_STORAGE."""
-
-    def __getstate__(self) -> dict[Any, Any]:
-        return {**super().__getstate__(), "url": redact_url(self.url)}
-
-    def __setstate__(self, state: dict[Any, Any]) -> None:
-        super().__setstate__({**state, "url": reveal(state["url"], (OPTUNA_STORAGE_ENV,))})
 
 
 # TPE's random start-up never exceeds this many trials: a quarter of a huge budget would stay random for days
@@ -81,15 +64,14 @@ class StepOptunaSearch(OptunaSearch):
         self._ot_study.add_trials(trials)
 
     def suggest(self, trial_id: str) -> dict | str | None:
-        # getattr: a searcher pickled before budgets existed is restored by --resume without the attribute
-        path = getattr(self, "_budget_file", None)
+        path = self._budget_file
         if trial_id not in self._ot_trials and budget.passed(path):
             budget.mark_reached(path)
             return Searcher.FINISHED
         params = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None:
-            ot_trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+            ot_trial.set_user_attr(verdicts.TUNE_TRIAL_ATTR, trial_id)
         return params
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -162,30 +144,3 @@ class StepOptunaSearch(OptunaSearch):
         else:
             faults.driver_dies_after(state)
         self._completed_trials.add(trial_id)
-
-
-def reconcile(study: Any, outcomes: dict[str, tuple[str, list[float] | None]]) -> list[int]:
-    """Bring the study in line with Tune's final states after a resumed search: ``outcomes`` maps a Tune trial id
-    to (status, values) with status ``completed``, ``stopped`` or ``failed``; an Optuna trial of one of them still
-    RUNNING (its end was never told: the driver died between Tune's end of the trial and the searcher's save) is
-    told COMPLETE (values), PRUNED or FAIL. Returns the numbers of the trials told."""
-    state = {"completed": TrialState.COMPLETE, "stopped": TrialState.PRUNED, "failed": TrialState.FAIL}
-    told = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        status, values = outcomes.get(t.user_attrs.get(TUNE_TRIAL_ATTR), (None, None))
-        if status is None:
-            continue
-        if status == "completed" and not values:
-            status = "failed"
-        study.tell(t.number, values if status == "completed" else None, state=state[status])
-        told.append(t.number)
-    return told
-
-
-def finite(value: Any) -> float | None:
-    """``value`` as a float, or None when it is missing, not a number, NaN or infinite."""
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None

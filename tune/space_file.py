@@ -12,20 +12,23 @@ No Ray or MLflow here: a bad file fails in the driver before either is touched.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
 from pdcbdm.config import Config, ConfigError, apply_overrides, check_ceilings, parse_resolution_list, shown
 from pdcbdm.training import network_levels
-from tune.space import tsa_choices
 
 DEFAULT_SPACE = Path(__file__).resolve().parent / "spaces" / "default.yaml"
 SEARCHABLE_SECTIONS = ("model", "diffusion", "loss", "train")
 # fields every trial of a search must share: the budget and evaluation schedule (ASHA and Optuna compare trials
 # at the same steps), the network family (TSA choices are resolved against it), where and how a trial runs
-SHARED_FIELDS = ("model.preset", "train.steps", "train.eval_every", "train.log_every", "train.device",
+SHARED_FIELDS = ("model.network", "train.steps", "train.eval_every", "train.log_every", "train.device",
                  "train.threads")
 ENTRY_KEYS = ("range", "range_around_preset", "choices", "scale", "step")
 # the file's one key that is not a knob: points evaluated right after the preset's (a baseline in every search)
@@ -38,11 +41,24 @@ class SpaceError(ValueError):
     """A space file that cannot be used; the message names the file and the entry."""
 
 
+@functools.lru_cache(maxsize=1)
+def default_knobs() -> tuple[str, ...]:
+    """The config fields the default space file (``DEFAULT_SPACE``) searches, in file order: the one list of the
+    searched knobs for code that reads a search's records."""
+    return tuple(knob for knob in read_file(DEFAULT_SPACE) if knob != START_KEY)
+
+
+def tsa_choices(levels: Sequence[int]) -> tuple[str, ...]:
+    """TSA placements for a U-Net with these feature-map resolutions (largest first): none, each single level
+    below the input resolution, the paper's "16" analogue (the second level), and every level below the input
+    (``choices: auto``)."""
+    inner = [str(r) for r in levels[1:]]
+    return tuple(dict.fromkeys(["", *inner, ",".join(inner)]))
+
+
 def read_file(path: str | Path) -> dict[str, Any]:
     """The file's top-level mapping (JSON for ``.json``, YAML otherwise), refused when unreadable or not a
     non-empty mapping of knob names."""
-    import yaml
-
     path = Path(path)
     try:
         text = path.read_text()
@@ -64,8 +80,6 @@ def read_file(path: str | Path) -> dict[str, Any]:
 def _refuse_aliases(text: str, path: Path) -> None:
     """A space file is a handful of knobs: YAML anchors and aliases serve no purpose in one, and nested aliases
     expand exponentially (a few hundred bytes become gigabytes when loaded or shown)."""
-    import yaml
-
     try:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
@@ -213,7 +227,7 @@ def _check_tsa(value: Any, cfg: Config, where: str) -> None:
     levels = network_levels(cfg)
     bad = [r for r in parse_resolution_list(value, TSA_KNOB) if r not in levels]
     if bad:
-        raise SpaceError(f"{where}: TSA choice {shown(value)} names resolution(s) {bad} that the {cfg.model.preset!r} "
+        raise SpaceError(f"{where}: TSA choice {shown(value)} names resolution(s) {bad} that the {cfg.model.network!r} "
                          f"U-Net does not have (its levels: {list(levels)})")
 
 
@@ -236,8 +250,6 @@ def suggest(trial: Any, spec: Mapping[str, Mapping[str, Any]]) -> None:
 
 def distributions(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Optuna's distribution of each knob, the same as ``suggest`` asks for."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
     out: dict[str, Any] = {}
     for knob, e in spec.items():
         if e["type"] == "categorical":

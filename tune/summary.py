@@ -15,8 +15,10 @@ from tune import results as results_mod
 from tune import tracking
 from tune.redact import redact_text
 from tune.report import record_search
+from tune.results import failure_outcome, finite
 from tune.runner import SearchPlan
-from tune.study import load_study
+from tune.study import load_study, reconcile
+from tune.tags import TIME_BUDGET_TAG, TRIAL_TAG
 
 
 
@@ -25,7 +27,7 @@ def summarise(grid: Any, p: SearchPlan, experiment_id: str, parent: str) -> Any:
     closed with the best trial's metrics."""
     cfg, uri = p.cfg, p.uri
     found = tracking.runs_of_search(uri, experiment_id, p.search_id)
-    runs = {r.data.tags.get(tracking.TRIAL_TAG): r.info.run_id for r in found}
+    runs = {r.data.tags.get(TRIAL_TAG): r.info.run_id for r in found}
     table = results_mod.trial_rows(grid, cfg.train.steps, runs)
     reconcile_records(p, table, {r.info.run_id: r.info.status for r in found})
     close_lost_runs(uri, found, set(table["trial_id"]) if not table.empty else set())
@@ -52,7 +54,7 @@ def report_budget(p: SearchPlan, parent: str, table: Any) -> None:
     line = budget_mod.summary(p.search_dir, table, p.trials)
     if line:
         print(line, flush=True)
-        tracking.set_tags(p.uri, parent, {"pdcbdm.time_budget": line})
+        tracking.set_tags(p.uri, parent, {TIME_BUDGET_TAG: line})
 
 
 def confirm_hint(search_dir: Path, completed: int) -> str:
@@ -69,8 +71,6 @@ def reconcile_records(p: SearchPlan, table: Any, run_status: dict[str, str]) -> 
     """Every trial ends in the same state in Tune (the table), Optuna and MLflow, also after a resume whose
     driver died between a trial's end and the bookkeeping of it: an Optuna trial still RUNNING is told its end,
     an MLflow run not yet ended is set FINISHED (completed or stopped) or FAILED."""
-    from tune.searcher import finite, reconcile
-
     study = load_study(p)
     multi = len(study.directions) > 1
     outcomes = {}
@@ -91,8 +91,6 @@ def fill_lost_metrics(uri: str, row: Any) -> None:
     """The metrics Tune holds for the trial's last step (its proxy FID when stopped, its scores when completed),
     logged to its run where the run has none at that step: a trial stopped by ASHA or the budget while its
     records waited out a tracking outage, or killed with them, never sent them."""
-    from tune.searcher import finite
-
     step = finite(getattr(row, "step", None))
     if not row.mlflow_run_id or step is None or row.status == "failed":
         return
@@ -110,7 +108,7 @@ def close_lost_runs(uri: str, runs: Sequence[Any], trial_ids: set[str]) -> list[
     seconds before the driver was killed has its MLflow run, but Tune's saved state never had it and a resume
     never runs it. Returns their run ids."""
     lost = [r.info.run_id for r in runs if r.info.status in ("RUNNING", "SCHEDULED")
-            and r.data.tags.get(tracking.TRIAL_TAG) not in trial_ids]
+            and r.data.tags.get(TRIAL_TAG) not in trial_ids]
     for run_id in lost:
         tracking.finish_run(uri, run_id, "KILLED", None, "lost: started just before the driver was killed, never "
                                                          "run by Tune")
@@ -118,10 +116,7 @@ def close_lost_runs(uri: str, runs: Sequence[Any], trial_ids: set[str]) -> list[
 
 
 def row_outcome(row: Any) -> str:
-    """The run's outcome tag (``tracking.OUTCOME_TAG``) from its trials-table row."""
-    from tune.searcher import finite
-    from tune.trainable import failure_outcome
-
+    """The run's outcome tag (``tune.tags.OUTCOME_TAG``) from its trials-table row."""
     if row.status == "failed":
         return failure_outcome(row.error if isinstance(row.error, str) else None)
     if row.status == "stopped":

@@ -8,6 +8,9 @@ grids during training (the UI's step slider), ``log_table`` (the UI's table view
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import math
 import os
 import socket
@@ -18,28 +21,21 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 from urllib.parse import unquote, urlparse, urlsplit
 
-from mlflow.entities import Metric, Param
+import mlflow
+import mlflow.data
+import requests
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tune import redact
 from tune.redact import redact_text, redact_url
+from tune.tags import (CELL_TAG, CODE_VERSION_TAG, CONFIG_KEY_TAG, DATA_CONTEXT_TAG, ERROR_TAG, EXPERIMENT_KIND_TAG,
+                       EXTRACTOR_TAG, KIND_TAG, NOTE_CONTENT_TAG, OUTCOME_TAG, PARENT_RUN_ID_TAG, SEARCH_ID_TAG,
+                       SEARCH_TAG, TRIAL_TAG)
 
-TRIAL_TAG = "pdcbdm.trial_id"
-SEARCH_TAG = "pdcbdm.search"  # the readable name; two searches may share it
-SEARCH_ID_TAG = "pdcbdm.search_id"  # unique per search (search.json): every lookup of a search's runs uses it
-KIND_TAG = "pdcbdm.kind"
-# how a trial's run ended, in words: "completed", "early-stopped by ASHA at step N", "failed: REASON", "killed"
-# (MLflow's status says FINISHED for the first two)
-OUTCOME_TAG = "pdcbdm.outcome"
-ERROR_TAG = "pdcbdm.error"  # a failed run's error text (its traceback's end)
-# a hash of a trial's resolved config (seed and evaluation settings included): two runs with the same key trained
-# and scored the same thing, so a grid (tune/grid.py) reuses a FINISHED, completed run instead of training again
-CONFIG_KEY_TAG = "pdcbdm.config_key"
-CODE_VERSION_TAG = "pdcbdm.code_version"  # pdcbdm.version.code_version() of the code that trained the run
-EXTRACTOR_TAG = "pdcbdm.extractor"  # the feature network's identity (its weights' sha256)
-CELL_TAG = "pdcbdm.cell"  # a grid cell's name (``variant-sSEED``, ``rank1-s1000``): the run of that cell
-# what the experiment holds, as MLflow's UI records a user's choice of "Model training" over "GenAI"
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# the EXPERIMENT_KIND_TAG value a user sets by choosing "Model training" over "GenAI" in MLflow's UI
 EXPERIMENT_KIND = "custom_model_development"
 UI_PORT = 5000
 
@@ -188,9 +184,6 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
 def is_outage(exc: BaseException) -> bool:
     """Whether ``exc`` says the tracking store could not be reached (refused, timed out, a gateway's 502-504), as
     opposed to a request it refused: only an outage is worth retrying later."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
     if isinstance(exc, (ConnectionError, TimeoutError, requests.exceptions.ConnectionError,
                         requests.exceptions.Timeout)):
         return True
@@ -203,8 +196,6 @@ def is_outage(exc: BaseException) -> bool:
 def prepare_store(uri: str) -> None:
     """Create and migrate a sqlite store once, under an exclusive lock on its folder: two searches started at once
     in a fresh --out would otherwise race MLflow's schema creation (one of them crashing). Other stores: nothing."""
-    import fcntl
-
     if urlparse(uri).scheme != "sqlite":
         return
     folder = Path(uri[len("sqlite:///"):].split("?", 1)[0]).parent
@@ -272,7 +263,7 @@ def trial_run(uri: str, experiment_id: str, parent_id: str, search: str, trial_i
     run_id = _find_run(client, experiment_id, "trial", {TRIAL_TAG: trial_id, SEARCH_ID_TAG: sid})
     if run_id is None:
         tags = {TRIAL_TAG: trial_id, SEARCH_TAG: search, SEARCH_ID_TAG: sid, KIND_TAG: "trial",
-                "mlflow.parentRunId": parent_id}
+                PARENT_RUN_ID_TAG: parent_id}
         run_id = client.create_run(experiment_id, run_name=trial_name, tags=tags).info.run_id
         log_params(uri, run_id, params)
     else:
@@ -313,15 +304,11 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, Any], step: int,
 
 def log_image(uri: str, run_id: str, path: Path, key: str, step: int) -> None:
     """A PNG as one step of the image series ``key`` (the run page's step slider)."""
-    import mlflow
-
     MlflowClient(uri).log_image(run_id, mlflow.Image(str(path)), key=key, step=step, synchronous=True)
 
 
 def log_image_file(uri: str, run_id: str, path: Path, artifact_file: str) -> None:
     """A PNG as a static image artifact (shown in the artifact view)."""
-    import mlflow
-
     MlflowClient(uri).log_image(run_id, mlflow.Image(str(path)), artifact_file=artifact_file)
 
 
@@ -349,17 +336,11 @@ def log_figure(uri: str, run_id: str, figure: Any, artifact_file: str) -> None:
 def log_training_data(uri: str, run_id: str, images: Any, labels: Any, name: str, source: Mapping[str, str]) -> None:
     """The training set as the run's dataset input (context "training"): its name, a digest of every image and
     label (so two runs on the same data show the same digest), its shapes; the arrays are not uploaded."""
-    import hashlib
-
-    import mlflow.data
-    from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.entities import DatasetInput, InputTag
-
     digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()[:16]
     # the digest is given, so MLflow only reads the arrays' shapes and dtypes (schema and profile)
     dataset = mlflow.data.from_numpy(images, targets=labels, name=name, digest=digest,
                                      source=CodeDatasetSource(tags=dict(source)))
-    tag = InputTag(key="mlflow.data.context", value="training")
+    tag = InputTag(key=DATA_CONTEXT_TAG, value="training")
     MlflowClient(uri).log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[tag])])
 
 
@@ -378,7 +359,7 @@ def finish_run(uri: str, run_id: str, status: str, error: str | None = None, out
     if error:
         error = redact_text(error)
         client.set_tag(run_id, ERROR_TAG, error[:5000])
-        client.set_tag(run_id, "mlflow.note.content", f"Trial failed:\n\n```\n{error[:20000]}\n```")
+        client.set_tag(run_id, NOTE_CONTENT_TAG, f"Trial failed:\n\n```\n{error[:20000]}\n```")
     client.set_terminated(run_id, status=status)
 
 
@@ -397,9 +378,6 @@ def kill_unfinished(uri: str, experiment_id: str, search_id: str, parent_id: str
 
 def config_key(cfg: Mapping[str, Any]) -> str:
     """The content key of a resolved config (``Config.to_dict()``): 16 hex digits of the sha256 of its sorted JSON."""
-    import hashlib
-    import json
-
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

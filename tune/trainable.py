@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 import ray.train
-from ray import tune
+from ray import tune as ray_tune
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
@@ -24,15 +24,13 @@ from pdcbdm.version import code_version
 from tune import budget, tracking, verdicts
 from tune.entry import train_loop
 from tune.redact import redact_text, redact_url, reveal
-
-
-CHECKPOINTS_TAG = "pdcbdm.ray_checkpoints"  # the trial's Train run folder in Ray's storage (its checkpoint_* folders)
-CHECKPOINT_TAG = "pdcbdm.ray_checkpoint"  # its last training checkpoint, set when the trial ends
+from tune.results import completion_outcome, failure_outcome
+from tune.tags import CELL_TAG, CHECKPOINTS_TAG, CHECKPOINT_TAG, CODE_VERSION_TAG, CONFIG_KEY_TAG, ERROR_TAG
 
 
 @dataclass(frozen=True)
 class TrialSettings:
-    """What every trial of a search shares (pickled into the trainable with ``tune.with_parameters``).
+    """What every trial of a search shares (pickled into the trainable with ``ray.tune.with_parameters``).
 
     It goes through Ray's object store only, never into a file of Tune's state (tests/test_secrets.py greps the
     search folder), so it carries the real tracking URI and the credentials (``env``) to the trials."""
@@ -50,7 +48,7 @@ class TrialSettings:
     placement: str = "pack"  # Ray's placement strategy for the trial's workers: pack or spread
     cache_dir: str | None = None
     env: dict[str, str] = field(default_factory=dict)
-    search_id: str = ""  # the search's unique id (``tracking.SEARCH_ID_TAG``); "" in hand-made settings: the name
+    search_id: str = ""  # the search's unique id (``tune.tags.SEARCH_ID_TAG``); "" in hand-made settings: the name
     # a resume's Optuna verdicts by Tune trial id (``tune.verdicts``): such a trial reports its recorded end
     optuna_verdicts: dict[str, verdicts.Verdict] = field(default_factory=dict)
 
@@ -82,7 +80,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     through ``TuneReportCallback``; a restored trial resumes from its Train run's latest checkpoint."""
     cfg = trial_config(settings, config)
     secrets = share_credentials(settings.env)
-    ctx = tune.get_context()
+    ctx = ray_tune.get_context()
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
     verdict = settings.optuna_verdicts.get(trial_id)
     if verdict is not None:
@@ -94,9 +92,9 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
                                 search_id=settings.search_id or None)
     _log_config(settings, run_id, cfg)
     train_dir = f"{settings.storage}/train-{trial_id}"
-    tags = {CHECKPOINTS_TAG: train_dir, tracking.CONFIG_KEY_TAG: tracking.config_key(cfg.to_dict()),
-            tracking.CODE_VERSION_TAG: code_version(),
-            **({tracking.CELL_TAG: cell} if cell else {})}
+    tags = {CHECKPOINTS_TAG: train_dir, CONFIG_KEY_TAG: tracking.config_key(cfg.to_dict()),
+            CODE_VERSION_TAG: code_version(),
+            **({CELL_TAG: cell} if cell else {})}
     tracking.set_tags(settings.tracking_uri, run_id, tags)
     use_gpu = settings.gpus_per_worker > 0
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": settings.gpus_per_worker} if use_gpu else {})}
@@ -133,7 +131,7 @@ def honour(settings: TrialSettings, trial_id: str, verdict: verdicts.Verdict) ->
     if verdict.state == "FAIL":
         earlier = None
         try:
-            earlier = tracking.run_tags(uri, run_id).get(tracking.ERROR_TAG) if run_id else None
+            earlier = tracking.run_tags(uri, run_id).get(ERROR_TAG) if run_id else None
         except Exception:  # noqa: BLE001 - the earlier error is a courtesy; the verdict stands without it
             pass
         raise FailedBeforeResume(verdicts.failure_message(trial_id, earlier))
@@ -149,13 +147,14 @@ def honour(settings: TrialSettings, trial_id: str, verdict: verdicts.Verdict) ->
         result.update(step=Config.from_dict(settings.base).train.steps, objective=verdict.values[0],
                       fid=verdict.values[0], **({"objective_tail": verdict.values[1]} if len(verdict.values) > 1
                                                  else {}))
-    tune.report(result)
+    ray_tune.report(result)
 
 
-class MlflowStatusCallback(tune.Callback):
+class MlflowStatusCallback(ray_tune.Callback):
     """Driver side: sets each trial's run FINISHED (completed or stopped early) or FAILED (with the error), tags
-    how it ended (``tracking.OUTCOME_TAG``: completed, early-stopped by ASHA at step N, failed: reason) and its
-    last training checkpoint in Ray's storage (``CHECKPOINT_TAG``; MLflow holds only the EMA network as a model)."""
+    how it ended (``tune.tags.OUTCOME_TAG``: completed, early-stopped by ASHA at step N, failed: reason) and its
+    last training checkpoint in Ray's storage (``tune.tags.CHECKPOINT_TAG``; MLflow holds only the EMA network as a
+    model)."""
 
     def __init__(self, uri: str, experiment_id: str, max_steps: int | None = None, search_id: str = "") -> None:
         self.uri, self.experiment_id, self.max_steps, self.search_id = uri, experiment_id, max_steps, search_id
@@ -185,9 +184,7 @@ class MlflowStatusCallback(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
-        # getattr: a search started before max_steps existed restores this callback from its pickled state
-        self._finish(trial, "FINISHED", outcome=completion_outcome(int(last.get("step", 0)),
-                                                                   getattr(self, "max_steps", None),
+        self._finish(trial, "FINISHED", outcome=completion_outcome(int(last.get("step", 0)), self.max_steps,
                                                                    bool(last.get(budget.STOPPED_KEY))))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -195,15 +192,7 @@ class MlflowStatusCallback(tune.Callback):
         self._finish(trial, "FAILED", text, outcome=failure_outcome(text))
 
 
-def completion_outcome(step: int, max_steps: int | None, by_budget: bool = False) -> str:
-    """The outcome tag of a trial Tune ended without error: it ran its budget, or the scheduler (or the search's
-    time budget) stopped it."""
-    if max_steps is None or step >= max_steps:
-        return "completed"
-    return f"stopped by the time budget at step {step}" if by_budget else f"early-stopped by ASHA at step {step}"
-
-
-class BudgetStopper(tune.Stopper):
+class BudgetStopper(ray_tune.Stopper):
     """Stops each trial at its first report after the search's deadline (``tune.budget``; read from
     ``budget_file`` on every result, so that a resumed search uses its own budget), and marks that result with
     ``budget.STOPPED_KEY``: Tune keeps the result it stopped on as the trial's last, so the table, the MLflow
@@ -226,12 +215,6 @@ class BudgetStopper(tune.Stopper):
         return False
 
 
-def failure_outcome(error: str | None) -> str:
-    """The outcome tag of a failed trial: "failed: " and the error's last line (its type and message)."""
-    lines = (error or "").strip().splitlines()
-    return f"failed: {lines[-1].strip() if lines else 'unknown error'}"[:500]
-
-
 def error_text(trial: Any) -> str:
     """The trial's error file contents (Tune writes the traceback there), or its repr."""
     path = getattr(trial, "error_file", None) or getattr(getattr(trial, "run_metadata", None), "error_filename", None)
@@ -243,7 +226,7 @@ def error_text(trial: Any) -> str:
     return str(getattr(trial, "error_msg", "") or "trial failed (no error text recorded)")
 
 
-class ProgressPrinter(tune.Callback):
+class ProgressPrinter(ray_tune.Callback):
     """One line per trial event instead of Ray's tables: start, each evaluation, end (and why)."""
 
     def __init__(self, max_steps: int) -> None:

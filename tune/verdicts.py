@@ -42,7 +42,8 @@ def from_study(study: Any) -> dict[str, Verdict]:
         step = max(t.intermediate_values) if t.intermediate_values else None
         out[str(tune_id)] = Verdict(
             state=t.state.name, step=step, value=None if step is None else float(t.intermediate_values[step]),
-            values=tuple(float(v) for v in (t.values or ())) if t.state.name == "COMPLETE" else (), stopped_by=t.user_attrs.get(STOPPED_BY_ATTR))
+            values=tuple(float(v) for v in (t.values or ())) if t.state.name == "COMPLETE" else (),
+            stopped_by=t.user_attrs.get(STOPPED_BY_ATTR))
     return out
 
 

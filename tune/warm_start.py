@@ -28,12 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import optuna
+
 from tune.search_folder import read_search_json
+from tune.space_file import contains
 
 WARM_START_ATTR = "pdcbdm.warm_start"  # the folder of the search a copied trial comes from
 SOURCE_TRIAL_ATTR = "pdcbdm.warm_start_trial"  # its number in that search's study
 # fields that decide what a trial's scores are measured against: trials scored otherwise are never ranked together
 SCORING_FIELDS = ("eval.reference", "eval.extractor", "eval.inception_weights", "eval.judge")
+SAVED_KEYS = ("name", "optuna_storage", "search_dir", "space", "config")  # the search.json entries a warm start reads
 
 
 class WarmStartError(ValueError):
@@ -64,12 +68,9 @@ class WarmStart:
 def source_study(folder: Path, open_storage: Callable[[str], Any]) -> tuple[Any, dict]:
     """The Optuna study of the search in ``folder`` and its search.json, refused with a message naming the folder
     when it is no search or its study cannot be read."""
-    import optuna
-
-    meta = read_search_json(folder, "--warm-start", WarmStartError)
-    name = meta.get("name") or folder.name
-    location = meta.get("optuna_storage") or f"sqlite:///{folder / 'optuna.db'}"
-    if location == f"sqlite:///{Path(meta.get('search_dir') or folder) / 'optuna.db'}":
+    meta = read_search_json(folder, "--warm-start", WarmStartError, SAVED_KEYS)
+    name, location = meta["name"], meta["optuna_storage"]
+    if location == f"sqlite:///{Path(meta['search_dir']) / 'optuna.db'}":
         location = f"sqlite:///{folder / 'optuna.db'}"  # the default study lives in the folder, wherever it is now
     if location.startswith("sqlite:///") and not Path(location[len("sqlite:///"):]).is_file():
         raise WarmStartError(f"--warm-start {folder}: its Optuna study {location} does not exist")
@@ -110,20 +111,13 @@ def config_differences(meta: Mapping[str, Any], fixed: Mapping[str, Any], dists:
     """The fields searched by neither search whose value differs between the earlier search's base config (its
     search.json) and this one's (a different budget or evaluation puts its values on another scale); the fields
     it searched are checked per trial (``skip_reason``)."""
-    from tune.space import SEARCHED
-
-    theirs = meta.get("config")
-    if not isinstance(theirs, dict):
-        return []
-    flat = {f"{s}.{k}": v for s, sec in theirs.items() if isinstance(sec, dict) for k, v in sec.items()}
-    searched = set((meta.get("space") or {}).get("knobs") or SEARCHED)  # before space files: the six knobs
+    flat = {f"{s}.{k}": v for s, sec in meta["config"].items() for k, v in sec.items()}
+    searched = set(meta["space"]["knobs"])
     return [k for k in fixed if k in flat and k not in dists and k not in searched and not _same(flat[k], fixed[k])]
 
 
 def skip_reason(trial: Any, dists: Mapping[str, Any], fixed: Mapping[str, Any]) -> str | None:
     """Why a trial of an earlier search cannot enter the new study (None when it can)."""
-    from tune.space_file import contains
-
     state = trial.state.name
     if state not in ("COMPLETE", "PRUNED"):
         return {"FAIL": "failed", "RUNNING": "unfinished", "WAITING": "unfinished"}.get(state, state.lower())
@@ -152,8 +146,6 @@ def _same(a: Any, b: Any) -> bool:
 def copy_trial(trial: Any, dists: Mapping[str, Any], source: Path) -> Any:
     """The trial as a new FrozenTrial over the new space's distributions (TPE reads every trial's params through
     the current distribution), labelled with its source; pruned ones keep their intermediate values."""
-    import optuna
-
     params = {k: trial.params[k] for k in dists}
     attrs = {WARM_START_ATTR: str(source), SOURCE_TRIAL_ATTR: trial.number}
     return optuna.trial.create_trial(

@@ -17,15 +17,17 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import pandas as pd
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.collective
 import ray.train.torch
 import torch
 
-from pdcbdm.config import Config, parse_float_list, write_json_atomic
+from pdcbdm.config import Config, parse_float_list
 from pdcbdm.evaluation import Evaluator, Samples, SampleSource, best_by_fid, evaluation_split, headline
 from pdcbdm.evaluation.samples import SHARE_WAIT_FLOOR_S, ShareExchange
+from pdcbdm.io import write_json_atomic
 from pdcbdm.noise_error import noise_error
 from pdcbdm.train import load_data
 from pdcbdm.training import NonFiniteLossError, Trainer
@@ -34,6 +36,7 @@ from pdcbdm.viz import save_grid
 from tune import faults, tracking
 from tune.redact import redact_text
 from tune.run_logger import RankZeroLogger
+from tune.tags import DEVICE_TAG, ERROR_TAG, EVAL_PROTOCOL_TAG, EXTRACTOR_TAG, PRECISION_TAG, nodes_tag, scoring_tags
 
 CKPT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -42,7 +45,6 @@ SAMPLES_KEY = "samples"  # the image series of the proxy grids, one per evaluati
 # reported to Tune (the scheduler's time_attr, the progress lines) but never logged at an evaluation step:
 # ``step`` is MLflow's own x axis, loss and dm are logged as window means every train.log_every steps
 REPORT_ONLY = ("step", "loss", "dm")
-EXTRACTOR_TAG = tracking.EXTRACTOR_TAG  # the feature network's identity (its weights' sha256): the space FIDs live in
 
 
 def _restore(trainer: Trainer) -> dict[str, Any] | None:
@@ -84,8 +86,6 @@ def first_readable(checkpoint: ray.train.Checkpoint, load: Callable[[Path], T]) 
 def _older_checkpoints(checkpoint: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
     """The ``checkpoint_*`` folders beside ``checkpoint`` that are older than it (their names sort by time), newest
     first, on the same filesystem (local or remote storage)."""
-    import pyarrow.fs
-
     parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
     try:
         infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
@@ -230,7 +230,7 @@ def _after_training_error(log: RankZeroLogger, what: str, exc: Exception) -> dic
     text = redact_text(f"{what} failed after training ({type(exc).__name__}: {exc}); the trial keeps its final "
                        f"checkpoint (the run's tag pdcbdm.ray_checkpoint; pipelines/evaluate.py scores it)")
     try:
-        log.tags({tracking.ERROR_TAG: text[:5000]})
+        log.tags({ERROR_TAG: text[:5000]})
     except Exception as tag_exc:  # noqa: BLE001 - the tracking store may be what failed: the report still says it
         print(f"could not tag the run with the error: {redact_text(str(tag_exc))[:300]}", file=sys.stderr,
               flush=True)
@@ -337,7 +337,7 @@ def _diverged(trainer: Trainer, exc: NonFiniteLossError, log: "RankZeroLogger", 
     step); the trial function turns it into a failed trial, without Train restarting the workers into the same
     divergence. The checkpoint carries the report for a resumed search, not weights to train on."""
     log.metrics({"diverged": 1.0}, trainer.step)
-    log.tags({tracking.ERROR_TAG: str(exc)})  # the run says why even if the driver dies before it records the end
+    log.tags({ERROR_TAG: str(exc)})  # the run says why even if the driver dies before it records the end
     # the searcher and scheduler read their metrics from every result: report the worst value
     worst = {k: float("inf") for k in ("proxy_fid", "proxy_fid_tail", "objective", "objective_tail")}
     _report(trainer, {"step": trainer.step, "diverged": 1.0, "error": str(exc), **worst}, rank)
@@ -354,8 +354,7 @@ def _start_records(log: RankZeroLogger, trainer: Trainer, resumed: bool) -> None
     """Rank 0's records at the start: tags (train.precision may be "auto": what this hardware resolved it to; how
     final scores sample), the training data as the run's input (a new run only) and the system-metrics thread."""
     cfg = trainer.cfg
-    log.tags({"pdcbdm.precision": trainer.precision, "pdcbdm.device": str(trainer.device),
-              "pdcbdm.eval_protocol": cfg.eval.protocol})
+    log.tags({PRECISION_TAG: trainer.precision, DEVICE_TAG: str(trainer.device), EVAL_PROTOCOL_TAG: cfg.eval.protocol})
     if not resumed:
         log.training_data(cfg, trainer.dataset)
     log.start_system_metrics()
@@ -393,11 +392,10 @@ def train_loop(config: dict[str, Any]) -> None:
         log.close()
 
 
-NODES_TAG = "pdcbdm.nodes"  # + ".stepN": the Ray node id of each rank (rank order) of the attempt that began at N
 
 
 def _record_placement(log: RankZeroLogger, step: int, world: int) -> None:
-    """Tag the run with where this attempt's ranks run (``NODES_TAG``.step N, N the step it starts from: a
+    """Tag the run with where this attempt's ranks run (``tune.tags.NODES_TAG``.step N, N the step it starts from: a
     restart after a lost worker or node adds a tag, so the run shows every placement). A collective: every rank
     calls it."""
     node = ray.get_runtime_context().get_node_id()
@@ -405,7 +403,7 @@ def _record_placement(log: RankZeroLogger, step: int, world: int) -> None:
     if world > 1:
         nodes = [None] * world
         torch.distributed.all_gather_object(nodes, node)
-    log.tags({f"{NODES_TAG}.step{step}": ",".join(str(n) for n in nodes)})
+    log.tags({nodes_tag(step): ",".join(str(n) for n in nodes)})
 
 
 def _train(trainer: Trainer, log: RankZeroLogger, rank: int, cache_dir: str | None) -> None:
@@ -414,7 +412,8 @@ def _train(trainer: Trainer, log: RankZeroLogger, rank: int, cache_dir: str | No
     ``train.eval_every`` and at the end."""
     cfg = trainer.cfg
     evaluator, source = _evaluators(trainer, rank, cache_dir)
-    log.tags({EXTRACTOR_TAG: source.extractor.identity, **(evaluator.tags() if evaluator is not None else {})})
+    scoring = scoring_tags(evaluator.scoring()) if evaluator is not None else {}
+    log.tags({EXTRACTOR_TAG: source.extractor.identity, **scoring})
     while trainer.step < cfg.train.steps:
         _inject_fault(trainer, rank)
         trainer.advance()

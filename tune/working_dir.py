@@ -42,6 +42,7 @@ class Upload:
 
 def _listing(root: Path, excludes: list[str]) -> list[Path]:
     """The files Ray's packaging would take from ``root`` with ``excludes`` (and the ignore files it reads)."""
+    # deferred: Ray, which --help and the checks of bad input never load
     from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
 
     quiet = logging.getLogger("pdcbdm.upload")

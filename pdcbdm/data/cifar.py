@@ -84,9 +84,9 @@ def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
 def _numpy_reconstruct() -> Any:
     """numpy's array reconstructor, from where this numpy keeps it (numpy 2 warns on ``numpy.core``)."""
     try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2 (and 1.26's forward alias)
+        from numpy._core.multiarray import _reconstruct  # deferred: numpy-version fallback; numpy >= 2, 1.26's alias
     except ImportError:
-        from numpy.core.multiarray import _reconstruct  # older numpy
+        from numpy.core.multiarray import _reconstruct  # deferred: numpy-version fallback; older numpy
     return _reconstruct
 
 
@@ -175,7 +175,7 @@ def _is_complete(spec: CifarSpec, root: str | Path) -> bool:
 
 def download_cifar(name: str, root: str | Path) -> None:
     """Fetch and extract CIFAR `name` ("cifar10"/"cifar100") into `root` with torchvision (needs internet)."""
-    import torchvision  # deferred: only downloading needs it
+    import torchvision  # deferred: seconds to import (docs/results.md, "Import costs"); only downloading needs it
 
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     Path(root).expanduser().mkdir(parents=True, exist_ok=True)

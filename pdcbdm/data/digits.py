@@ -28,7 +28,8 @@ HELDOUT_SEED = 20240531
 
 def _digits_table() -> np.ndarray:
     """scikit-learn's digits file (1,797 rows: 64 pixels 0..16, then the label), read from the installed package
-    without importing it: ``sklearn.datasets`` takes about a second to import, in every trial's worker."""
+    without importing it: ``sklearn.datasets`` is slow to import (docs/results.md, "Import costs"), and every
+    trial's worker reads the digits."""
     spec = importlib.util.find_spec("sklearn")
     if spec is None or spec.origin is None:
         raise ImportError("the digits data sets need scikit-learn (pip install scikit-learn)")

@@ -469,7 +469,7 @@ def decode_image(path: str | Path, options: DecodeOptions) -> Decoded:
 
 def decode_all(paths: Sequence[Path], options: DecodeOptions) -> list[Decoded]:
     """``decode_image`` of every path, in order. One thread: Pillow holds the GIL for most of a small image's
-    work, and a thread pool measured no faster."""
+    work, so a thread pool gains nothing (docs/results.md, "Data preparation")."""
     return [decode_image(p, options) for p in paths]
 
 

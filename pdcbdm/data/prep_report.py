@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pdcbdm.config import LABEL_DIST_NAMES
 from pdcbdm.io import atomic_write_bytes, is_temp_name, write_json_atomic
 from pdcbdm.labels import from_spec
 from .digits import HELDOUT_SEED
@@ -42,7 +43,6 @@ __all__ = ["PrepareError", "HeldoutRule", "PreparedData", "build_prepared", "hel
 REPORT_FILE, SKIPPED_FILE = "_report.json", "_skipped.csv"
 # listing facts, not broken files: listed in _skipped.csv without counting against max_bad
 NOT_BAD = (REASON_NO_LABEL, REASON_OUTSIDE, "held-out duplicate")
-LABEL_DISTS = ("cbdm", "inverted", "uniform")
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 MAX_LISTED_CLASSES = 20
 
@@ -131,7 +131,7 @@ def label_dist_shares(counts: Sequence[int], class_names: Sequence[str]) -> dict
     distribution, and a warning when ``inverted`` hands one class most of them (more than ``_draw_limit``): then
     the largest ``power:S`` that does not is suggested."""
     rarest = int(np.argmin(counts))
-    shares = {spec: round(float(from_spec(counts, spec)[rarest]), 4) for spec in LABEL_DISTS}
+    shares = {spec: round(float(from_spec(counts, spec)[rarest]), 4) for spec in LABEL_DIST_NAMES}
     out: dict[str, Any] = {"rarest_class": class_names[rarest], "shares": shares, "warning": None}
     inverted = from_spec(counts, "inverted")
     top = int(inverted.argmax())

@@ -18,8 +18,8 @@ from .cifar import load_cifar
 from .dataset import ImageDataset
 from .digits import DIGITS_SIZE, check_digits_size, digits_pool_and_heldout, load_digits_uint8
 from .longtail import check_imbalance, longtail_counts, longtail_indices
-from .own import (PREPARED, REFERENCE_CHOICES, prepared_calibration, prepared_floor, prepared_heldout, prepared_image_shape, prepared_reference,
-                  prepared_train)
+from .own import (PREPARED, REFERENCE_CHOICES, prepared_calibration, prepared_floor, prepared_heldout,
+                  prepared_image_shape, prepared_reference, prepared_train)
 from .own import reference_kind as _prepared_reference_kind
 
 __all__ = ["DATASET_NAMES", "CONFIG_DATASET_NAMES", "PREPARED", "SPLITS", "DEFAULT_IMBALANCE", "build_dataset",

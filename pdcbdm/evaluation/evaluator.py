@@ -103,9 +103,10 @@ class Evaluator:
             network = self.extractor.name
         return f"{network} ({len(self.judge.covered_classes)} of {self.num_classes} classes{accuracy})"
 
-    def tags(self) -> dict[str, str]:
-        """How this evaluator scores, for a run's tags: runs scored differently are never ranked together."""
-        return {"pdcbdm.reference_kind": str(self.reference_kind), "pdcbdm.judge": self.judge_kind}
+    def scoring(self) -> dict[str, str]:
+        """How this evaluator scores (its reference images' kind and its judge, in words): runs scored differently
+        are never ranked together, so a run records these beside its scores."""
+        return {"reference_kind": str(self.reference_kind), "judge": self.judge_kind}
 
     @property
     def source(self) -> SampleSource:

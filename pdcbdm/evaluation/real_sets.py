@@ -28,8 +28,12 @@ from pdcbdm.metrics.probe import load_or_train_probe
 
 from .settings import judge_network
 
-__all__ = ["RealSets", "readable_reference", "calibrated_judge", "cached_features", "judge_accuracy", "with_judged",
-           "training_features", "floor_pool"]
+__all__ = ["JUDGE_CHOICES", "RealSets", "readable_reference", "calibrated_judge", "cached_features", "judge_accuracy",
+           "with_judged", "training_features", "floor_pool"]
+
+# eval.judge: the extractor's own classifier where it has one (auto), a linear probe on its features, or the
+# domain CNN of the prepared set (``settings.judge_network``)
+JUDGE_CHOICES = ("auto", "probe", "cnn")
 
 
 @dataclass

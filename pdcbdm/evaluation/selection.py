@@ -13,8 +13,8 @@ def best_by_fid(results: Sequence[GuidanceResult], min_consistency: float = 0.0)
     """The guidance value with the lowest FID among those whose class consistency (``consistency_mean``, the
     judge's share of readable samples drawn as their own class) reaches ``min_consistency``; all values when none
     does or when the extractor has no judge (Inception). Why: FID compares the whole sample set with the
-    reference and is blind to labels, so a sample of the wrong class costs it nothing; on Digits-LT the lowest FID
-    is at w = 0, where 15% of the samples are of another class (``eval.min_consistency``)."""
+    reference and is blind to labels, so a sample of the wrong class costs it nothing: the lowest FID can fall at
+    a w whose samples are often of another class (docs/evaluation.md, "The best guidance scale")."""
     if not results:
         raise ValueError("no guidance results to choose from")
 

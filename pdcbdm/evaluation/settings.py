@@ -14,8 +14,8 @@ from pdcbdm.data import HeadTailSplit, head_tail_split
 from pdcbdm.metrics import FeatureExtractor, build_extractor
 from pdcbdm.training import resolve_precision
 
-__all__ = ["evaluation_split", "feature_extractor", "judge_network", "sampler_settings", "final_sampling",
-           "sampling_autocast"]
+__all__ = ["PROTOCOLS", "evaluation_split", "feature_extractor", "judge_network", "sampler_settings",
+           "final_sampling", "sampling_autocast"]
 
 
 def evaluation_split(cfg: Config, counts: Sequence[int]) -> HeadTailSplit:
@@ -51,6 +51,9 @@ def sampler_settings(cfg: Config) -> dict[str, Any]:
     """The config's own sampler (``sample.*``): what proxies, grids and ``eval.protocol=fast`` use."""
     s = cfg.sample
     return {"sampler": s.sampler, "steps": s.steps, "eta": s.eta, "clip_x0": True}
+
+
+PROTOCOLS = ("fast", "paper")  # eval.protocol: final_sampling
 
 
 def final_sampling(cfg: Config) -> tuple[DiffusionConfig, dict[str, Any]]:

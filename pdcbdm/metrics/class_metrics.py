@@ -18,8 +18,8 @@ import numpy as np
 
 from .fid import ReferenceStatistics, fid_to_reference
 
-__all__ = ["SHOT_MANY", "SHOT_FEW", "shot_groups", "check_split", "per_class_fid", "group_fid", "class_consistency", "tail_to_head_confusion",
-           "group_consistency", "reject_rate"]
+__all__ = ["SHOT_MANY", "SHOT_FEW", "shot_groups", "check_split", "per_class_fid", "group_fid", "class_consistency",
+           "tail_to_head_confusion", "group_consistency", "reject_rate"]
 
 
 # Many-shot classes have more than SHOT_MANY training images, few-shot fewer than SHOT_FEW, medium-shot the rest

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdcbdm.data import build_dataset
 from ._io import atomic_torch_save, dataset_identity, resolve_cache_dir, sha256_state, sha256_text
 from .extractor_base import InDomainExtractor
 
@@ -169,8 +170,6 @@ class DigitsExtractor(InDomainExtractor):
             device: where the network runs.
             config: architecture and training settings.
         """
-        from pdcbdm.data import build_dataset  # deferred: only this network needs the data package
-
         train, test = build_dataset("digits", split="train"), build_dataset("digits", split="test")
         data_key = sha256_text(dataset_identity(train.images, train.labels), dataset_identity(test.images, test.labels))
         path = digits_net_path(cache_dir, config, data_key)

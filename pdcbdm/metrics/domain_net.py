@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdcbdm.data.own import prepared_heldout, prepared_train
+from pdcbdm.data.prepared import read_prepared_meta
 from ._io import atomic_torch_save, resolve_cache_dir, sha256_state, sha256_text
 from .extractor_base import InDomainExtractor
 
@@ -233,9 +235,6 @@ class DomainExtractor(InDomainExtractor):
                       config: DomainNetConfig = DomainNetConfig()) -> DomainExtractor:
         """The cached network of the prepared folder ``root`` for ``config``, or one trained on its train split,
         checked on its held-out split and cached (atomic write, one trainer per node)."""
-        from pdcbdm.data.own import prepared_heldout, prepared_train  # deferred: only this network reads data
-        from pdcbdm.data.prepared import read_prepared_meta
-
         meta = read_prepared_meta(root)
         names, shape = meta["class_names"], meta["image_shape"]
         path = domain_net_path(cache_dir, config, meta["digest"], names)

@@ -24,7 +24,8 @@ from .domain_net import DomainExtractor
 from .extractor_base import FeatureExtractor, InDomainExtractor
 from .scoring import FeatureSet
 
-__all__ = ["FeatureExtractor", "InDomainExtractor", "extract_all", "extract_feature_set", "build_extractor", "EXTRACTOR_KINDS"]
+__all__ = ["FeatureExtractor", "InDomainExtractor", "extract_all", "extract_feature_set", "build_extractor",
+           "EXTRACTOR_KINDS"]
 
 EXTRACTOR_KINDS = ("inception", "digits", "domain")
 
@@ -102,7 +103,8 @@ def build_extractor(kind: str, *, weights_path: str | os.PathLike[str] | None = 
         data_root: the prepared folder (data.root) "domain" is trained on; unused by the others.
     """
     if kind == "inception":
-        from .inception import InceptionExtractor  # imports torch-fidelity: only where Inception is used
+        # deferred: torch-fidelity and its torchvision take seconds to import (docs/results.md, "Import costs")
+        from .inception import InceptionExtractor
 
         return InceptionExtractor.from_sources(weights_path, device=device)
     if kind not in EXTRACTOR_KINDS:

@@ -49,8 +49,8 @@ def feature_statistics(features: np.ndarray | torch.Tensor, weights: np.ndarray 
         features: [N, D] features, N >= 2.
         weights: [N] non-negative weights, or None.
         device: where the N x D x D product (the cost) runs: on a GPU (the trial's) torch in float64, the results
-            brought back as numpy; None or the CPU: numpy, whose BLAS forms X^T X by a symmetric rank-k update
-            (on 2 CPU cores 3.5x faster than torch's float64 matmul: 1.0 s against 3.5 s at 20k x 2,048).
+            brought back as numpy; None or the CPU: numpy, whose BLAS forms X^T X by a symmetric rank-k update,
+            faster there than torch's float64 matmul (docs/results.md, "Metrics").
 
     Returns:
         (mu [D], sigma [D, D]) in float64.

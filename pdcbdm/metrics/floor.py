@@ -1,16 +1,16 @@
 """Noise floors: every metric computed real-vs-real at the generated set's size, to read a score against.
 
 At the sizes a CPU evaluation affords, the metrics are far from their large-N values even for a perfect generator:
-per-class FID at 20 samples per class is 42-107 between two real digit samples, and PRD or consistency have floors
-of their own. `noise_floor` measures that baseline: it draws real images that are disjoint from the reference, with
-exactly the generated set's count per class (the evaluation's labels are uniform over classes), and scores them
-against the same reference with the same settings and the same judge as the generated set. What is averaged:
-`FLOOR_SEEDS` = 3 independent draws (draw r uses seed r for the images and for PRD's clusterings); each metric M
-is reported as M_floor (their mean) and M_floor_std (their sample standard deviation, ddof = 1), so a generated
-score within a couple of M_floor_std of M_floor is indistinguishable from real data at this N. The draws' raw
-scores are cached as JSON (atomic writes) in the cache folder's "floor" subfolder, keyed by the content of both
-feature sets, the extractor, the judge, the per-class counts, the head/tail split and the settings: the floor of a
-data set / extractor / N is computed once.
+per-class FID at tens of samples per class is far above 0 between two real samples, and PRD or consistency have
+floors of their own (the digits' floors: docs/evaluation.md, "Reading small samples honestly"). `noise_floor` measures
+that baseline: it draws real images that are disjoint from the reference, with exactly the generated set's count per
+class (the evaluation's labels are uniform over classes), and scores them against the same reference with the same
+settings and the same judge as the generated set. What is averaged: `FLOOR_SEEDS` = 3 independent draws (draw r uses
+seed r for the images and for PRD's clusterings); each metric M is reported as M_floor (their mean) and M_floor_std
+(their sample standard deviation, ddof = 1), so a generated score within a couple of M_floor_std of M_floor is
+indistinguishable from real data at this N. The draws' raw scores are cached as JSON (atomic writes) in the cache
+folder's "floor" subfolder, keyed by the content of both feature sets, the extractor, the judge, the per-class
+counts, the head/tail split and the settings: the floor of a data set / extractor / N is computed once.
 
 Short classes: a class whose floor pool holds fewer images than the generated set has samples of it cannot have a
 per-class floor at that size. It is left out of the per-class floors and named (``floor_short_classes``, with a
@@ -21,10 +21,10 @@ only raise them: a conservative floor). Only when every class of the generated s
 
 The real images (`pdcbdm.data.build_floor_dataset`): for digits the training pool outside the held-out reference,
 for CIFAR the test split against the training-set reference, for a prepared set its held-out images outside the
-reference (`pdcbdm.data.own`). Caveat for digits: the digits CNN was trained on that
-pool, so the consistency and reject-rate floors describe images the judge has seen (its held-out accuracy is 98.2%,
-on the pool 98.8%: a small optimism). The diffusion model learns from the same pool, so it is also the distribution
-a perfect generator would reproduce.
+reference (`pdcbdm.data.own`). Caveat for digits: the digits CNN was trained on that pool, so the consistency and
+reject-rate floors describe images the judge has seen, a small optimism (its accuracy on the pool against the
+held-out split: docs/results.md, "Metrics"). The diffusion model learns from the same pool, so it is also the
+distribution a perfect generator would reproduce.
 """
 
 from __future__ import annotations

@@ -1,33 +1,26 @@
 """The class judge behind class consistency: counts a classifier's decision only when it can read the image.
 
 Class consistency and tail-to-head confusion (class_metrics.py) ask a classifier which class a generated sample
-shows. A plain argmax always answers, and on this project's digits CNN it answers "4" (a head class) for pure
-noise and for blank images (measured: 70-74% of Gaussian or uniform noise images and every all-black, all-white or
-grey image; 85-88% of noise images fall in one of the 7 head classes), so unreadable tail samples counted as
-tail-to-head confusion.
+shows. A plain argmax always answers, and on this project's digits CNN it answers a head class for pure noise and
+for blank images (docs/results.md, "Metrics"), so unreadable tail samples counted as tail-to-head confusion.
 
 The judge therefore rejects a sample (decision REJECT = -1) unless both tests pass:
 1. confidence: its max softmax probability is at least `min_confidence`;
 2. typicality: the distance of its features to the centroid of the predicted class, each feature dimension divided
    by the pooled within-class standard deviation of the real images (a diagonal Mahalanobis distance), is at most
    `max_distance`.
-The first test alone does not reject noise: the CNN is over-confident off the data (max probability 0.85 on a
-black image, median 0.7-0.8 on noise; real held-out digits have 1% below 0.53). The second does: measured on the
-digits CNN with thresholds from half of the held-out digits, the joint rule kept 96-99% of the other half and none
-of 500 Gaussian-noise, 500 uniform-noise, black, white and grey images (a plain Euclidean distance let 1-9% of the
-noise through; a full-covariance Mahalanobis distance over-fitted the 64-d covariance and kept only 75-78% of the
-unseen real digits, 90-94% with Ledoit-Wolf shrinkage). Real held-out digits with Gaussian noise added on the
-[-1, 1] scale are kept at 97% (sigma 0.3), 88% (sigma 0.5) and 37% (sigma 1).
+The first test alone does not reject noise: the CNN is over-confident off the data. The second does: with
+thresholds from half of the held-out digits the joint rule keeps nearly all of the other half and rejects noise and
+blank images, where a plain Euclidean distance lets noise through and a full-covariance Mahalanobis distance
+over-fits the 64-d covariance and rejects unseen real digits (the same section).
 
 Calibration (`calibrate_judge`): on real images held out from the classifier's training (for the digits CNN, the
 evaluation reference, 50 per class), both thresholds sit at the same per-test quantile q, the smallest on a grid
 for which the joint rule keeps at least `keep` of those images, with each image's distance to its own class centroid
 taken leave-one-out so that the thresholds are not fitted to the images they are measured on. `keep` defaults to
-0.98. Measured on the 500 held-out digits: keep 0.99 puts the confidence threshold at 0.48, below one half, so an
-image the CNN splits between two classes still counts as read; keep 0.98 puts it at 0.53 (0.50-0.61 when calibrated
-on half of them). Both (and 0.97) reject every noise and blank image above. Calibrated on half, keep 0.98 kept
-96-99% of the unseen half (4 splits), with 99% of the kept ones classified correctly. The price is a reject-rate
-floor of 1-2% on real images (1.2% for 200 pool digits), which the evaluation reports as reject_rate_floor.
+0.98: on the digits a larger keep puts the confidence threshold below one half, so that an image the CNN splits
+between two classes would still count as read, while 0.98 still rejects every noise and blank image tested (the
+same section). The price is a reject-rate floor on real images, which the evaluation reports as reject_rate_floor.
 
 Coverage. A user's tail class may have no held-out image at all (preparation never robs a tail class of its few
 training images). The judge covers the classes with at least 2 calibration images (``Judge.covered``) and needs 2

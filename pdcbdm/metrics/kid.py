@@ -3,22 +3,22 @@
 KID = MMD^2_u(X, Y) with k(x, y) = (x.y / D + 1)^3 (torch-fidelity's defaults: degree 3, gamma 1/D, coef0 1):
     sum_{i != j} k(x_i, x_j) / (m (m - 1)) + sum_{i != j} k(y_i, y_j) / (n (n - 1)) - 2 sum_{i, j} k(x_i, y_j) / (m n)
 Each term is an unbiased estimate of its expectation for i.i.d. samples, so KID is unbiased at any size (two draws
-of one distribution give 0 on average, negative values included), unlike FID, whose small-N bias is large (tens to
-a hundred on 20 digits per class). torch-fidelity averages this estimate over random equal-size subsets; here it is
-computed once over all points (sizes may differ), which for equal sizes and a single whole-set subset is
-torch-fidelity's value exactly (tests/test_metrics.py checks it). Kernel sums are taken in row blocks, so 50,000 x
-50,000 points need no N x N matrix.
+of one distribution give 0 on average, negative values included), unlike FID, whose small-N bias is large (the
+per-class floors of docs/evaluation.md, "Reading small samples honestly"). torch-fidelity averages this estimate over
+random equal-size subsets; here it is computed once over all points (sizes may differ), which for equal sizes and a
+single whole-set subset is torch-fidelity's value exactly (tests/test_metrics.py checks it). Kernel sums are taken
+in row blocks, so 50,000 x 50,000 points need no N x N matrix.
 
 Class-stratified sets. The evaluation's sets are not i.i.d. draws from the class mixture: every class has a fixed
-count (labels uniform over classes, a balanced reference). Then a set holds fewer same-class pairs than i.i.d.
-draws would (20 x 19 x 10 of 200 x 199 pairs instead of a tenth), same-class pairs have the larger kernel values,
-and the plain estimate is biased low: measured on real digits (20 per class against the 50-per-class reference),
--330 +- 50 where per-class KID is about 0. Given the labels (`gen_labels`, `ref_labels`), each within-set term is
-instead estimated stratum by stratum: sum over class pairs (a, b) of p_a p_b times the mean kernel value of the
-block (a, b), diagonal excluded when a = b, with p the set's class proportions. That is unbiased for the mixture
-with those proportions under stratified sampling (and equal to the plain estimate for one class). The cross term
-needs no change: its plain mean already weighs every block by p_a q_b. A set with a class of fewer than 2 points
-falls back to the plain within-set term.
+count (labels uniform over classes, a balanced reference). Then a set holds fewer same-class pairs than i.i.d. draws
+would (20 x 19 x 10 of 200 x 199 pairs instead of a tenth), same-class pairs have the larger kernel values, and the
+plain estimate is biased low: far below 0 for real digits, whose per-class KID is about 0 (docs/results.md,
+"Metrics"). Given the labels (`gen_labels`, `ref_labels`), each within-set term is instead estimated stratum by
+stratum: sum over class pairs (a, b) of p_a p_b times the mean kernel value of the block (a, b), diagonal excluded
+when a = b, with p the set's class proportions. That is unbiased for the mixture with those proportions under
+stratified sampling (and equal to the plain estimate for one class). The cross term needs no change: its plain mean
+already weighs every block by p_a q_b. A set with a class of fewer than 2 points falls back to the plain within-set
+term.
 
 A reference re-weighted to another class mixture (``ref_shares``, ``mixture.py``: the class-balanced training set)
 uses its shares in place of its proportions in the within-set term and its row weights pi_k / n_k in the cross

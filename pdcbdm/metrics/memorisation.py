@@ -8,17 +8,17 @@ often; a sample that does is suspiciously close to a copy of t. Both searches ru
 held-out images regardless of class, so the rule is defined whenever the held-out set is non-empty (a tail class
 often has no held-out image of its own).
 
-Fresh real images are flagged too, and often: g's nearest training image is the nearest of N, r(t) the nearest of
-H, so the rate grows with N / H (on Gaussian features, D = 8: about 0.16 at N/H = 1/4, 0.38 at 1, 0.66 at 4, 0.87
-at 16). A share therefore means nothing on its own; it is read against `memorisation_floor`: the same statistic for
-the held-out images themselves, each scored with r(t) computed leave-one-out (its own image excluded), i.e. what a
-generator that draws fresh real images scores. Exact copies of training images score 1 (unless a held-out image
-duplicates that training image, when r(t) = 0).
+Fresh real images are flagged too, and often: g's nearest training image is the nearest of N, r(t) the nearest of H,
+so the rate grows with N / H (its curve on Gaussian features: docs/results.md, "Metrics"). A share therefore means
+nothing on its own; it is read against `memorisation_floor`: the same statistic for the held-out images themselves,
+each scored with r(t) computed leave-one-out (its own image excluded), i.e. what a generator that draws fresh real
+images scores. Exact copies of training images score 1 (unless a held-out image duplicates that training image, when
+r(t) = 0).
 
 Reading the two: the rate differs between regions of feature space (their local train / held-out ratio), so
 compare at the same class composition (per class, or the floor's per-class shares weighted by the generated
 counts). In a class with few held-out images leave-one-out removes a visible part of the local held-out density,
-which raises that class's floor (tail classes of 10 held-out images each: by about 0.02; of 3: by about 0.09).
+which raises that class's floor, the more the fewer images it holds (the same section).
 
 Distances are computed in row blocks ([rows, M] at a time, never Q x M for large sets), as in `precision_recall`.
 """

@@ -9,14 +9,14 @@ score, F_1/8 the precision-like one.
 
 Small samples (what this implementation adds, and why). Sajjadi et al.'s code requires equal set sizes; the paper's
 setting is 20 x classes clusters over tens of thousands of points. At the digits evaluation size the same recipe is
-noise: 200 clusters over 200 generated + 500 real points gave real-vs-real F_8 0.61 and F_1/8 0.80 (two draws of
-one distribution), because most clusters then hold one or two points and a histogram bin with one point from one
-set and none from the other reads as a missing mode. So:
+noise: two draws of one distribution score well below 1 (docs/results.md, "Metrics"), because most clusters then
+hold one or two points and a histogram bin with one point from one set and none from the other reads as a missing
+mode. So:
 - both sets are cut to equal size N, the larger one by a seeded subsample without replacement (`equal_size_sets`);
 - at most N / 10 clusters are used (`prd_cluster_count`: min(20 x classes, N // 10); the paper's 20 x classes is
   the cap whenever N allows, e.g. from N = 2,000 on for 10 classes). Ten points per cluster on average keeps
-  real-vs-real F_8 at 0.97-0.98 and F_1/8 at 0.96-0.98 for N = 200 digits (10 draws, pipelines/noise_floor.py);
-  `prd_from_features` refuses more clusters than N // 10.
+  two real draws' F_8 and F_1/8 near 1 at the digits size (the same section; pipelines/noise_floor.py measures
+  them); `prd_from_features` refuses more clusters than N // 10.
 
 The clustering (`kmeans`, torch, on the device the evaluation names: the trial's GPU or the CPU). Each run draws
 n_init k-means++ seedings (Arthur & Vassilvitskii 2007) on a seeded subsample of 3,072 points and keeps the one of
@@ -43,9 +43,8 @@ __all__ = ["prd_curve", "prd_from_features", "max_f_beta", "prd_f_scores", "equa
 _ANGLE_EPS = 1e-10
 PRD_CLUSTERS_PER_CLASS = 20
 PRD_POINTS_PER_CLUSTER = 10
-# k-means: Lloyd iterations at most, and the share of points whose move ends them. On the 20k x 2,048 union of the
-# benchmark's features (200 clusters) 0.1% is reached after about 25 iterations, where F_8 and F_1/8 of a run are
-# within 0.001 of the fully converged run's (about 55 iterations), while runs of two seeds differ by 0.006.
+# k-means: Lloyd iterations at most, and the share of points whose move ends them: stopping there moves F_8 and
+# F_1/8 far less than the run's seed does (docs/results.md, "Metrics").
 KMEANS_MAX_ITER = 100
 KMEANS_TOL = 1e-3
 # Points of the subsample the k-means++ seedings are drawn on: scikit-learn's MiniBatchKMeans default (3 x its
@@ -133,7 +132,7 @@ def _kmeans_plus_plus(x: torch.Tensor, x_sq: torch.Tensor, k: int, n_init: int,
     distance to the nearest centre chosen so far. Returns [n_init, k, D].
 
     The seedings advance together so that each step reads the points once, in one [n_init, D] x [D, N] matmul
-    (on 2 CPU cores a quarter of the time of n_init matrix-vector products)."""
+    (faster than n_init matrix-vector products: docs/results.md, "Metrics")."""
     n = x.shape[0]
     chosen = [torch.randint(n, (n_init,), generator=generator, device=x.device)]
     d2 = x_sq.new_full((n_init, n), float("inf"))

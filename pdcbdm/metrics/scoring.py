@@ -366,7 +366,8 @@ def evaluate_features(gen: FeatureSet | Sequence[Any], ref: FeatureSet | Sequenc
     return EvalResult(
         fid=fid_to_reference(gen.features, stats, device=device), inception_score=is_value,
         inception_score_note=is_note, precision=precision, recall=recall, fid_head=fid["fid_head"],
-        fid_tail=fid["fid_tail"], per_class=_per_class_rows(gen, ref, num_classes, kid_per_class, consistency, rejected),
+        fid_tail=fid["fid_tail"],
+        per_class=_per_class_rows(gen, ref, num_classes, kid_per_class, consistency, rejected),
         num_generated=len(gen), num_reference=len(ref), extractor=gen.extractor or ref.extractor,
         group_scores=extra_scores, **_prd(gen, ref, prd_clusters, prd_runs, seed, prd_n_init, device), **kid,
         **summary)

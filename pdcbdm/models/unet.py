@@ -14,9 +14,9 @@ Attention placement (by feature-map resolution; the levels of a net are image_si
     TSA when the lowest resolution is in ``tsa_resolutions``.
 The paper uses TSA at 16 only for 32x32 images, i.e. ``build_unet("cifar", K, tsa_resolutions="16")``.
 
-The presets for a user's own data (``OWN_PRESETS``: own32, own64, own128) keep that placement at every size:
+The networks for a user's own data (``OWN_NETWORKS``: own32, own64, own128) keep that placement at every size:
 attention (and the runs' TSA) at the 16x16 feature map, the middle block at 8x8, one more level per doubling of
-the image side. Each is sized for its own image side only (``check_preset_size``): at another side its levels would
+the image side. Each is sized for its own image side only (``check_network_size``): at another side its levels would
 move and the 16x16 attention would be missing or elsewhere.
 """
 
@@ -41,7 +41,7 @@ from pdcbdm.models.layers import (
     init_xavier_,
 )
 
-__all__ = ["OWN_PRESETS", "PRESETS", "UNet", "UNetSpec", "build_unet", "check_preset_size", "parse_resolutions"]
+__all__ = ["OWN_NETWORKS", "NETWORKS", "UNet", "UNetSpec", "build_unet", "check_network_size", "parse_resolutions"]
 
 
 def parse_resolutions(spec: str | Sequence[int]) -> tuple[int, ...]:
@@ -145,15 +145,15 @@ def check_resolutions(values: Sequence[int], valid: Sequence[int], field: str) -
             )
 
 
-PRESETS: dict[str, UNetSpec] = {
+NETWORKS: dict[str, UNetSpec] = {
     # DDPM/CBDM CIFAR-10/100 net: levels 32, 16, 8, 4; attention at 16 and in the middle (at 4).
     "cifar": UNetSpec(
         image_size=32, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
         attn_resolutions=(16,), dropout=0.1, num_heads=1,
     ),
     # CPU-sized net for 16x16 one-channel images (e.g. upsampled digits): levels 16, 8, 4. One residual block
-    # per level (two on the way up): the step is compute-bound on a CPU, and a second block per level costs
-    # about 1.5x the FLOPs (0.56 vs 0.38 GFLOP per image, forward + backward) for little gain on 16x16 data.
+    # per level (two on the way up): a CPU step's time follows its arithmetic, and a second block per level adds
+    # arithmetic for little gain on 16x16 data (its cost: docs/results.md, "Networks").
     "small": UNetSpec(
         image_size=16, in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
         attn_resolutions=(8,), dropout=0.1, num_heads=1,
@@ -174,24 +174,24 @@ PRESETS: dict[str, UNetSpec] = {
         attn_resolutions=(16,), dropout=0.1, num_heads=1,
     ),
 }
-OWN_PRESETS = ("own32", "own64", "own128")
+OWN_NETWORKS = ("own32", "own64", "own128")
 
 
-def check_preset_size(preset: str, image_size: int) -> None:
-    """ValueError naming ``model.preset`` when an own-data preset (``OWN_PRESETS``) meets images of another side
-    than its own; the other presets take any side their levels divide."""
-    if preset not in OWN_PRESETS or PRESETS[preset].image_size == image_size:
+def check_network_size(network: str, image_size: int) -> None:
+    """ValueError naming ``model.network`` when an own-data network (``OWN_NETWORKS``) meets images of another side
+    than its own; the other networks take any side their levels divide."""
+    if network not in OWN_NETWORKS or NETWORKS[network].image_size == image_size:
         return
-    fits = [p for p in OWN_PRESETS if PRESETS[p].image_size == image_size]
-    hint = (f"use model.preset={fits[0]} (the run preset --preset {fits[0]})" if fits else
-            f"prepare the data at {', '.join(str(PRESETS[p].image_size) for p in OWN_PRESETS)} px (--size)")
-    side = PRESETS[preset].image_size
-    raise ValueError(f"model.preset: {preset!r} is sized for {side}x{side} images, the data are "
+    fits = [p for p in OWN_NETWORKS if NETWORKS[p].image_size == image_size]
+    hint = (f"use model.network={fits[0]} (the run preset --preset {fits[0]})" if fits else
+            f"prepare the data at {', '.join(str(NETWORKS[p].image_size) for p in OWN_NETWORKS)} px (--size)")
+    side = NETWORKS[network].image_size
+    raise ValueError(f"model.network: {network!r} is sized for {side}x{side} images, the data are "
                      f"{image_size}x{image_size}; {hint}")
 
 
 def build_unet(
-    preset: str,
+    network: str,
     num_classes: int,
     *,
     tsa_resolutions: str | Sequence[int] = "",
@@ -199,18 +199,18 @@ def build_unet(
     in_channels: int | None = None,
     **overrides: object,
 ) -> UNet:
-    """Build a U-Net from a named preset of :data:`PRESETS`, with optional field overrides.
+    """Build a U-Net from a named network of :data:`NETWORKS`, with optional field overrides.
 
     Args:
-        preset: a key of PRESETS ("cifar", "small", "own32", "own64", "own128").
+        network: a key of NETWORKS ("cifar", "small", "own32", "own64", "own128").
         num_classes: number of classes K; label K is the null label.
         tsa_resolutions: resolutions whose attention is TSA (Eq. 13-14), e.g. "16" (the paper) or "" (none).
-        image_size: overrides the preset's image size when given.
-        in_channels: overrides the preset's image channels when given.
+        image_size: overrides the network's image size when given.
+        in_channels: overrides the network's image channels when given.
         **overrides: other UNetSpec fields (ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_heads).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown U-Net preset {preset!r}; valid presets: {sorted(PRESETS)}")
+    if network not in NETWORKS:
+        raise ValueError(f"unknown U-Net network {network!r}; valid networks: {sorted(NETWORKS)}")
     fields = [f.name for f in dataclasses.fields(UNetSpec)]
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
@@ -219,7 +219,7 @@ def build_unet(
         overrides["image_size"] = image_size
     if in_channels is not None:
         overrides["in_channels"] = in_channels
-    spec = dataclasses.replace(PRESETS[preset], **overrides)  # type: ignore[arg-type]
+    spec = dataclasses.replace(NETWORKS[network], **overrides)  # type: ignore[arg-type]
     return UNet(spec, num_classes, tsa_resolutions=tsa_resolutions)
 
 

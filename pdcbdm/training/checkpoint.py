@@ -32,7 +32,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a pdcbdm checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a pdcbdm checkpoint "
+                              f"({type(exc).__name__}: {exc})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {FORMAT} file")
     missing = [k for k in REQUIRED if k not in data]
@@ -41,7 +42,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return data
 
 
-def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path: str | os.PathLike) -> None:
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
+                      path: str | os.PathLike) -> None:
     """``load_state_dict`` with an error that names the checkpoint and the mismatching keys or shapes."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))

@@ -9,10 +9,10 @@ import subprocess
 
 import torch
 
-__all__ = ["GPU_MODEL_PRESETS", "cuda_diagnosis"]
+__all__ = ["GPU_NETWORKS", "cuda_diagnosis"]
 
-# U-Nets sized for GPUs (a CPU step costs a minute or more: docs/results.md)
-GPU_MODEL_PRESETS = ("cifar", "own64", "own128")
+# U-Nets sized for GPUs (their CPU steps: docs/results.md, "Step costs" and "Your own data: Fashion-MNIST-LT")
+GPU_NETWORKS = ("cifar", "own64", "own128")
 
 
 def cuda_diagnosis() -> str:

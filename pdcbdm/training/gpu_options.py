@@ -8,7 +8,7 @@
 - ``cudnn_benchmark``: cuDNN times its algorithms for each input shape once and keeps the fastest; process-wide;
 - ``compile``: ``torch.compile`` of the (wrapped) network; the checkpoints keep the plain network's weights;
 - ``bf16_groupnorm``: GroupNorm (and the SiLU after it) in autocast's bf16 instead of fp32
-  (``pdcbdm.models.layers.GroupNorm``); its effect on the loss curve: docs/results.md.
+  (``pdcbdm.models.layers.GroupNorm``); its effect on the loss curve: docs/results.md, "Step costs".
 """
 
 from __future__ import annotations

@@ -21,14 +21,16 @@ from pdcbdm.config import Config
 from pdcbdm.data import ImageDataset, dataset_image_shape, head_tail_split
 from pdcbdm.diffusion import GaussianDiffusion
 from pdcbdm.labels import from_spec
-from pdcbdm.models import PRESETS as UNET_PRESETS
-from pdcbdm.models import build_unet
+from pdcbdm.models import NETWORKS, build_unet
 from pdcbdm.training.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
 from pdcbdm.training.diagnostics import term_gradient_norm_tensors
 from pdcbdm.training.feed import BatchFeed
 from pdcbdm.training.gpu_options import apply_gpu_options, channels_last, parse_gpu_options
 from pdcbdm.training.step import Batch, Shard, compute_loss
 from pdcbdm.training.window import LossWindow, NonFiniteLossError
+
+PRECISIONS = ("fp32", "bf16", "auto")  # train.precision: resolve_precision
+LR_SCHEDULES = ("constant", "cosine")  # train.lr_schedule: LrFactor
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -66,15 +68,15 @@ def build_network(cfg: Config, num_classes: int, image_shape: tuple[int, int, in
         overrides["num_heads"] = cfg.model.num_heads
     if cfg.model.ch is not None:
         overrides["ch"] = cfg.model.ch
-    return build_unet(cfg.model.preset, num_classes, tsa_resolutions=cfg.model.tsa_resolutions,
+    return build_unet(cfg.model.network, num_classes, tsa_resolutions=cfg.model.tsa_resolutions,
                       image_size=image_shape[1], in_channels=image_shape[0], **overrides)
 
 
 def network_levels(cfg: Config) -> tuple[int, ...]:
     """The feature-map resolutions (largest first) of the U-Net ``build_network`` makes for ``cfg``'s data: the
-    preset's levels at the size the data are served at (``data.image_size``), which is where TSA can go."""
+    network's levels at the size the data are served at (``data.image_size``), which is where TSA can go."""
     size = dataset_image_shape(cfg.data.dataset, cfg.data.image_size, root=cfg.data.root)[1]
-    return dataclasses.replace(UNET_PRESETS[cfg.model.preset], image_size=size).resolutions
+    return dataclasses.replace(NETWORKS[cfg.model.network], image_size=size).resolutions
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,8 @@ class Trainer:
         world_size: int = 1, wrap_model: Callable[[nn.Module], nn.Module] | None = None,
     ) -> None:
         if cfg.train.batch_size % world_size:
-            raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the number of workers ({world_size})")
+            raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the number of workers "
+                             f"({world_size})")
         self.cfg, self.dataset, self.device = cfg, dataset, torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.precision = resolve_precision(cfg.train.precision, self.device)
@@ -299,7 +302,8 @@ class Trainer:
         """Resume network, EMA, optimiser, schedule, RNG and step from a checkpoint of the same network."""
         data = load_checkpoint(path, map_location=self.device)
         if data["num_classes"] != self.num_classes:
-            raise CheckpointError(f"checkpoint {path} has {data['num_classes']} classes, the data set {self.num_classes}")
+            raise CheckpointError(f"checkpoint {path} has {data['num_classes']} classes, the data set "
+                                  f"{self.num_classes}")
         load_state_strict(self.net, data["net"], "network", path)
         load_state_strict(self.ema.module, data["ema"], "EMA network", path)
         if "optimizer" in data:
@@ -348,7 +352,8 @@ def _rng_of_rank(data: dict[str, Any], rank: int, world_size: int) -> dict[str, 
     return None
 
 
-def load_model(path: str | Path, *, which: str = "ema", device: torch.device | str = "cpu") -> tuple[nn.Module, Config, dict[str, Any]]:
+def load_model(path: str | Path, *, which: str = "ema",
+               device: torch.device | str = "cpu") -> tuple[nn.Module, Config, dict[str, Any]]:
     """Rebuild the network of a checkpoint for sampling/evaluation: (network in eval mode, config, checkpoint)."""
     if which not in ("ema", "net"):
         raise ValueError(f"which must be 'ema' or 'net', got {which!r}")

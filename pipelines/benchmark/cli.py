@@ -8,16 +8,16 @@
 
 Sections (``--sections``, default all three):
   train     the real ``Trainer.advance`` (loss, backward, gradient clipping, Adam, EMA) on synthetic long-tailed
-            data of each preset's shape, for each variant -- ``ddpm+cfg`` (L_DM only, Eq. 8), ``+cbdm`` (adds
+            data of each network's shape, for each variant -- ``ddpm+cfg`` (L_DM only, Eq. 8), ``+cbdm`` (adds
             L_DA's second label pass, Eq. 9), ``+pd`` (adds the head/tail pairs, Eq. 10-11), ``+tsa`` (TSA at the
-            preset's resolution, Eq. 13-14) and ``all`` (PD-CBDM) -- in fp32 and bf16 autocast (``cbdm+pd`` and
-            ``cbdm+tsa`` on request). Presets and batches: small at 64 (and 16, the ``smoke`` config's batch, in
+            network's resolution, Eq. 13-14) and ``all`` (PD-CBDM) -- in fp32 and bf16 autocast (``cbdm+pd`` and
+            ``cbdm+tsa`` on request). Networks and batches: small at 64 (and 16, the ``smoke`` config's batch, in
             the full run), cifar at 8 (and 32 in the full run). Reports the median step time, images/s
             (main-batch images), the peak memory, the cost relative to ``ddpm+cfg`` fp32, that cost divided by
             the extra network work (images through the network per step / batch), and the issues' targets as
             ratios. ``--quick`` leaves out cifar's +cbdm and +pd (both precisions) and +tsa in bf16: their costs
-            come from the small preset there (``--full-grid`` keeps them).
-  sampling  the small preset at batch 64: one guided forward with cond+uncond batched (``guided_eps``) against
+            come from the small network there (``--full-grid`` keeps them).
+  sampling  the small network at batch 64: one guided forward with cond+uncond batched (``guided_eps``) against
             two separate forwards and against an unguided one; full DDIM runs of S steps (both guidance modes);
             DDPM ancestral steps (timed on a short schedule, whose steps cost what a T=1000 step costs, and
             extrapolated to T = 1000).
@@ -65,13 +65,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pdcbdm.io import write_json_atomic
+from pipelines.bench_data import run_data_section
 from pipelines.benchmark.metrics import run_metrics_section
 from pipelines.benchmark.quality import run_quality_section
 from pipelines.benchmark.report import _jobs, machine_info, print_report
 from pipelines.benchmark.runner import JobRunner
 from pipelines.benchmark.sampling import run_sampling_section
-from pipelines.benchmark.settings import (DEFAULT_VARIANTS, OPT_IN_SECTIONS, PRECISIONS, PRESETS, QUICK_SKIP, SECTIONS,
-                                          VARIANTS, BenchSettings)
+from pipelines.benchmark.settings import (DEFAULT_VARIANTS, NETWORKS, OPT_IN_SECTIONS, PRECISIONS, QUICK_SKIP,
+                                          SECTIONS, VARIANTS, BenchSettings)
 from pipelines.benchmark.train import run_train_section
 
 
@@ -125,14 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality-samplers", type=_csv(str), default=("ddim:20:1", "ddim:20:0", "ddim:50:1", "ddpm:1000"),
                    help="quality section: samplers compared, ddim:STEPS:ETA or ddpm:T")
     p.add_argument("--quality-out", default="runs/bench-quality", help="quality section: folder for its pictures")
-    p.add_argument("--presets", type=_csv(str, PRESETS), default=PRESETS, help="training presets (small,cifar)")
+    p.add_argument("--presets", type=_csv(str, NETWORKS), default=NETWORKS,
+                   help="networks trained (model.network: small,cifar; not a --preset of the other commands)")
     p.add_argument("--variants", type=_csv(str, tuple(VARIANTS)), default=None,
                    help=f"training variants, from {','.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--precisions", type=_csv(str, PRECISIONS), default=None, help="fp32,bf16 (default both)")
     p.add_argument("--small-batch", type=_csv(_positive), default=None, help="training batch(es) of the small "
-                   "preset, comma-separated (64 / 16,64; 16 is the smoke config's batch)")
+                   "network, comma-separated (64 / 16,64; 16 is the smoke config's batch)")
     p.add_argument("--cifar-batch", type=_csv(_positive), default=None, help="training batch(es) of the cifar "
-                   "preset, comma-separated (8 / 8,32)")
+                   "network, comma-separated (8 / 8,32)")
     p.add_argument("--steps", type=_positive, default=None, help="timed training steps per job; the median is "
                    "reported (2 / 10)")
     p.add_argument("--warmup", type=int, default=None, help="untimed training steps first (1 / 2)")
@@ -174,7 +177,7 @@ def _pick(value: Any, quick: bool, quick_default: Any, full_default: Any) -> Any
 
 def resolve_device(spec: str) -> str:
     """``auto`` -> "cuda" when available, else "cpu"; other values are checked (ValueError names the value)."""
-    import torch
+    import torch  # deferred: torch (1.7 s); --help and the checks of bad input answer without it
 
     if spec == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -226,8 +229,6 @@ def run_benchmark(s: BenchSettings) -> dict[str, Any]:
     report: dict[str, Any] = {"schema": 1, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                               "machine": machine_info(s.device, s.threads), "settings": s.to_dict()}
     runner = JobRunner(s.job_timeout)
-    from pipelines.bench_data import run_data_section
-
     sections = {"train": run_train_section, "sampling": run_sampling_section, "metrics": run_metrics_section,
                 "quality": run_quality_section, "data": run_data_section}
     for name in (*SECTIONS, *OPT_IN_SECTIONS):
@@ -246,8 +247,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_args(args)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    from pdcbdm.config import write_json_atomic
-
     report = run_benchmark(settings)
     write_json_atomic(args.out, report)
     print_report(report)

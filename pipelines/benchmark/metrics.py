@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from pipelines.benchmark.runner import JobRunner, PeakMemory, _base_spec, _log, time_call
 from pipelines.benchmark.settings import BenchSettings
 
@@ -17,10 +19,12 @@ def _build_extractor(kind: str, device: str) -> tuple[Any, tuple[int, int, int],
     depend on them, and training it would dominate the job. Inception weights come only from disk (no download);
     FileNotFoundError when there are none."""
     if kind == "digits":
+        # deferred: torch (1.7 s) loads in the jobs only; pipelines.benchmark's --help imports this module
         from pdcbdm.metrics.digits_net import DigitsExtractor, DigitsNet
 
         return DigitsExtractor(DigitsNet(), accuracy=0.0, device=device), (1, 16, 16), "untrained weights"
     if kind == "inception":
+        # deferred: torch (1.7 s) loads in the jobs only; pipelines.benchmark's --help imports this module
         from pdcbdm.metrics.inception import InceptionExtractor, resolve_inception_weights
 
         weights = resolve_inception_weights(allow_download=False)
@@ -30,8 +34,8 @@ def _build_extractor(kind: str, device: str) -> tuple[Any, tuple[int, int, int],
 
 def features_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Features/s of one extractor over ``spec["images"]`` random uint8 images, in batches of ``spec["batch"]``."""
+    # deferred: torch (1.7 s) loads in the jobs only; pipelines.benchmark's --help imports this module
     import torch
-
     from pdcbdm.metrics import extract_all
 
     try:
@@ -53,14 +57,13 @@ def features_job(spec: dict[str, Any]) -> dict[str, Any]:
 def _random_features(n: int, dim: int, seed: int) -> tuple[Any, Any]:
     """Reference and generated features [n, dim]: two independent float32 draws of one standard Gaussian (the
     metrics' cost depends on the sizes only)."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     return rng.standard_normal((n, dim), dtype=np.float32), rng.standard_normal((n, dim), dtype=np.float32)
 
 
 def precision_recall_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Time and peak memory of improved precision/recall (k = 5) at n x n random features."""
+    # deferred: torch (1.7 s) loads in the jobs only; pipelines.benchmark's --help imports this module
     from pdcbdm.metrics import improved_precision_recall
 
     ref, gen = _random_features(spec["n"], spec["dim"], 0)
@@ -79,9 +82,8 @@ def fid_job(spec: dict[str, Any]) -> dict[str, Any]:
     statistics were kept (both covariances and scipy's sqrtm of their product), computed from scratch with the
     eigendecomposition (both covariances, the reference's root), and with the reference's statistics kept: the
     first evaluation (the reference's covariance and root, once) and every later one."""
-    import numpy as np
+    # deferred: torch (1.7 s) loads in the jobs only; pipelines.benchmark's --help imports this module
     import scipy.linalg
-
     from pdcbdm.metrics import ReferenceStatistics, feature_statistics, fid_from_features, fid_to_reference
 
     n, dim = spec["n"], spec["dim"]
@@ -108,6 +110,7 @@ def fid_job(spec: dict[str, Any]) -> dict[str, Any]:
 
 def prd_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Time and peak memory of PRD's (F_8, F_1/8) at n x n random features (the torch k-means, on the device)."""
+    # deferred: torch (1.7 s) loads in the jobs only; pipelines.benchmark's --help imports this module
     from pdcbdm.metrics import prd_f_scores
 
     ref, gen = _random_features(spec["n"], spec["dim"], 1)
@@ -131,8 +134,6 @@ def _mixture_features(n: int, dim: int, seed: int, *, shift: float = 0.0, classe
     are non-negative). ``shift`` moves each class mean by about that many leading within-class standard deviations
     in a fixed random direction: a generated set close to, but not, the reference. The draw's own randomness comes
     from ``seed`` and ``n``, so sets of different sizes are independent draws."""
-    import numpy as np
-
     family = np.random.default_rng(1234)  # one basis and one set of class means for every draw
     basis = family.standard_normal((rank, dim)).astype(np.float32) / np.sqrt(rank)
     means = 3.0 * family.standard_normal((classes, rank)).astype(np.float32)
@@ -152,8 +153,7 @@ def metrics_job(spec: dict[str, Any]) -> dict[str, Any]:
     covariance, root: ``first_s``), then per evaluation FID against them, improved precision/recall (k = 5)
     against the whole reference, KID against a seeded KID_MAX_REFERENCE subsample of it, and PRD on equal-size
     sets, each as ``evaluate_features`` calls it, on ``spec["device"]``. ``total_s``: the per-evaluation sum."""
-    import numpy as np
-
+    # deferred: torch (1.7 s) loads in the jobs only; pipelines.benchmark's --help imports this module
     from pdcbdm.metrics import ReferenceStatistics, fid_to_reference, improved_precision_recall, kid_from_features
     from pdcbdm.metrics import prd_f_scores
     from pdcbdm.metrics.scoring import KID_MAX_REFERENCE

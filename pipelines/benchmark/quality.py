@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from pdcbdm.config import apply_overrides
+from pdcbdm.presets import preset
 from pipelines.benchmark.runner import JobRunner, _base_spec, _log
 from pipelines.benchmark.settings import BenchSettings
 
@@ -11,9 +14,7 @@ from pipelines.benchmark.settings import BenchSettings
 def quality_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Time-to-quality of the default preset's variants and the samplers on their last networks
     (``pipelines.quality``; pictures into ``spec["out"]``)."""
-    from pathlib import Path as _Path
-
-    from pdcbdm.config import apply_overrides, preset
+    # deferred: torch (1.7 s) loads in the jobs only; pipelines.benchmark's --help imports this module
     from pipelines.quality import VARIANTS as QUALITY_VARIANTS
     from pipelines.quality import parse_sampler, run_quality
 
@@ -21,7 +22,7 @@ def quality_job(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["steps"]:
         base = apply_overrides(base, {"train.steps": spec["steps"]})
     cfgs = {v: apply_overrides(base, QUALITY_VARIANTS[v]) for v in spec["variants"]}
-    return run_quality(cfgs, [parse_sampler(x) for x in spec["samplers"]], _Path(spec["out"]),
+    return run_quality(cfgs, [parse_sampler(x) for x in spec["samplers"]], Path(spec["out"]),
                        every=spec["every"], samples=spec["samples"])
 
 

@@ -7,6 +7,7 @@ import platform
 from collections.abc import Sequence
 from typing import Any
 
+from pipelines.bench_data import data_tables
 from pipelines.benchmark.runner import _proc_status_mb
 
 
@@ -77,6 +78,7 @@ def quality_tables(section: dict[str, Any]) -> list[str]:
     """The sampler comparison and the time-to-quality lines (or the job's error)."""
     if "error" in section:
         return [f"Quality: {_error_cell(section)}"]
+    # deferred: pipelines.quality imports torch (1.7 s); pipelines.benchmark's --help imports this module
     from pipelines.quality import reached_lines, sampler_table
 
     return ["Samplers on the last network of each variant (score (real-vs-real floor at the same N))\n"
@@ -154,7 +156,7 @@ def _cpu_flags() -> set[str]:
 
 def machine_info(device: str, threads: int) -> dict[str, Any]:
     """CPU model, cores, memory, load, torch version, device name and threads of this machine."""
-    import torch
+    import torch  # deferred: torch (1.7 s); pipelines.benchmark's --help imports this module
 
     flags = _cpu_flags()
     info: dict[str, Any] = {
@@ -177,8 +179,6 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"{m['device_name']} | {m['usable_cpus']} CPUs | torch {m['torch']} | threads {m['threads']} | "
           f"load {m['load_average_start'][0]:.1f} -> {m['load_average_end'][0]:.1f} | {report['wall_s']:.0f} s wall, "
           f"{report['jobs_cpu_s']:.0f} s CPU in jobs")
-    from pipelines.bench_data import data_tables
-
     tables = {"train": train_tables, "sampling": sampling_tables, "metrics": metrics_tables,
               "quality": quality_tables, "data": data_tables}
     for name, make in tables.items():

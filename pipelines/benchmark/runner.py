@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from threadpoolctl import threadpool_limits
+
 from pipelines.benchmark.settings import FORKSERVER_PRELOAD, BenchSettings
 
 
@@ -60,6 +62,7 @@ class PeakMemory:
     def start(self) -> None:
         """Record the baseline and reset the peak counter."""
         if self.cuda:
+            # deferred: torch (1.7 s) loads in the jobs only; pipelines.benchmark's --help imports this module
             import torch
 
             torch.cuda.synchronize(self.device)
@@ -73,6 +76,7 @@ class PeakMemory:
     def stop(self) -> dict[str, float | None]:
         """``{"peak_mb": peak since start, "growth_mb": peak - baseline}`` (None where unmeasurable)."""
         if self.cuda:
+            # deferred: torch (1.7 s) loads in the jobs only; pipelines.benchmark's --help imports this module
             import torch
 
             torch.cuda.synchronize(self.device)
@@ -85,6 +89,7 @@ class PeakMemory:
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
+        # deferred: torch (1.7 s) loads in the jobs only; pipelines.benchmark's --help imports this module
         import torch
 
         torch.cuda.synchronize(device)
@@ -144,8 +149,8 @@ def _job_entry(kind: str, spec: dict[str, Any], conn: Any) -> None:
     A thread count limits torch and, through threadpoolctl, numpy's BLAS and scikit-learn's OpenMP pools too (PRD's
     k-means would otherwise use every core)."""
     try:
+        # deferred: torch (1.7 s) loads in the jobs only; pipelines.benchmark's --help imports this module
         import torch
-        from threadpoolctl import threadpool_limits
 
         wall, cpu = time.perf_counter(), time.process_time()
         limits: Any = contextlib.nullcontext()

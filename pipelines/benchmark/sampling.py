@@ -1,12 +1,13 @@
 """The ``sampling`` section: one guided forward batched against two forwards and unguided, full DDIM runs and
-DDPM steps extrapolated to T = 1000, on the small preset's PD-CBDM network."""
+DDPM steps extrapolated to T = 1000, on the small network with PD-CBDM's components."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from pdcbdm.config import DiffusionConfig
 from pipelines.benchmark.runner import JobRunner, PeakMemory, _base_spec, _log, timed_median
-from pipelines.benchmark.settings import NUM_CLASSES, PRESET_SHAPES, PRESET_TSA, BenchSettings
+from pipelines.benchmark.settings import NETWORK_SHAPES, NETWORK_TSA, NUM_CLASSES, BenchSettings
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -15,6 +16,7 @@ from pipelines.benchmark.settings import NUM_CLASSES, PRESET_SHAPES, PRESET_TSA,
 def _two_forwards(net: Any) -> Any:
     """Wrap ``net`` so a guidance batch [cond; uncond] goes through as two forwards of half size (the unbatched
     classifier-free guidance baseline), with the same result as one batched forward."""
+    # deferred: torch (1.7 s) loads in the jobs only; pipelines.benchmark's --help imports this module
     import torch
     from torch import nn
 
@@ -34,8 +36,8 @@ def _two_forwards(net: Any) -> Any:
 
 def _forward_rows(net: Any, labels: Any, shape: tuple[int, ...], spec: dict[str, Any]) -> list[dict[str, Any]]:
     """One eps evaluation three ways: unguided (one pass), guided batched (``guided_eps``), guided in two passes."""
+    # deferred: torch (1.7 s) loads in the jobs only; pipelines.benchmark's --help imports this module
     import torch
-
     from pdcbdm.sampling import guided_eps
 
     device, w, null = spec["device"], spec["guidance"], net.null_label
@@ -56,9 +58,8 @@ def _forward_rows(net: Any, labels: Any, shape: tuple[int, ...], spec: dict[str,
 
 def _sampler_rows(net: Any, labels: Any, shape: tuple[int, ...], spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Full DDIM runs (guidance batched and in two forwards) and DDPM steps extrapolated to T = 1000."""
+    # deferred: torch (1.7 s) loads in the jobs only; pipelines.benchmark's --help imports this module
     import torch
-
-    from pdcbdm.config import DiffusionConfig
     from pdcbdm.diffusion import GaussianDiffusion
     from pdcbdm.sampling import ddim_sample, ddpm_sample
 
@@ -85,26 +86,26 @@ def _sampler_rows(net: Any, labels: Any, shape: tuple[int, ...], spec: dict[str,
 
 
 def sampling_job(spec: dict[str, Any]) -> dict[str, Any]:
-    """Sampler throughput of the preset's PD-CBDM network (TSA on) at ``spec["batch"]`` images (fp32)."""
+    """Sampler throughput of the network ``spec["preset"]`` with TSA on at ``spec["batch"]`` images (fp32)."""
+    # deferred: torch (1.7 s) loads in the jobs only; pipelines.benchmark's --help imports this module
     import torch
-
     from pdcbdm.models import build_unet
     from pdcbdm.sampling import uniform_labels
 
-    preset = spec["preset"]
+    network = spec["preset"]
     torch.manual_seed(0)
-    net = build_unet(preset, NUM_CLASSES, tsa_resolutions=PRESET_TSA[preset]).to(spec["device"]).eval()
+    net = build_unet(network, NUM_CLASSES, tsa_resolutions=NETWORK_TSA[network]).to(spec["device"]).eval()
     labels = uniform_labels(spec["batch"], NUM_CLASSES).to(spec["device"])
-    shape = PRESET_SHAPES[preset]
+    shape = NETWORK_SHAPES[network]
     memory = PeakMemory(spec["device"])
     memory.start()
     rows = _forward_rows(net, labels, shape, spec) + _sampler_rows(net, labels, shape, spec)
-    return {"preset": preset, "batch": spec["batch"], "guidance": spec["guidance"], "tsa_resolutions":
-            PRESET_TSA[preset], "params": net.count_parameters(), "rows": rows, **memory.stop()}
+    return {"preset": network, "batch": spec["batch"], "guidance": spec["guidance"], "tsa_resolutions":
+            NETWORK_TSA[network], "params": net.count_parameters(), "rows": rows, **memory.stop()}
 
 
 def run_sampling_section(runner: JobRunner, s: BenchSettings) -> dict[str, Any]:
-    """The sampling job on the small preset."""
+    """The sampling job on the small network."""
     _log(f"[sampling] small batch {s.sample_batch}, DDIM {list(s.ddim_steps)}, DDPM probe {s.ddpm_probe_steps}")
     spec = {**_base_spec(s), "preset": "small", "batch": s.sample_batch, "guidance": s.guidance,
             "ddim_steps": list(s.ddim_steps), "ddpm_probe_steps": s.ddpm_probe_steps, "repeats": s.sample_repeats}

@@ -1,4 +1,4 @@
-"""The benchmark's grid (sections, presets, variants, precisions) and ``BenchSettings``, every resolved option
+"""The benchmark's grid (sections, networks, variants, precisions) and ``BenchSettings``, every resolved option
 of one run."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from typing import Any
 
 SECTIONS = ("train", "sampling", "metrics")
 OPT_IN_SECTIONS = ("quality", "data")  # minutes, gigabytes of disk: run only when named in --sections
-PRESETS = ("small", "cifar")
+NETWORKS = ("small", "cifar")  # model.network values (pdcbdm.models.NETWORKS) the train section times
 PRECISIONS = ("fp32", "bf16")
-# name -> (cbdm_tau, pd_weight, use TSA at the preset's resolution)
+# name -> (cbdm_tau, pd_weight, use TSA at the network's resolution)
 VARIANTS: dict[str, tuple[float, float, bool]] = {
     "ddpm+cfg": (0.0, 0.0, False),
     "+cbdm": (1.0, 0.0, False),
@@ -23,14 +23,14 @@ VARIANTS: dict[str, tuple[float, float, bool]] = {
     "cbdm+tsa": (1.0, 0.0, True),
 }
 DEFAULT_VARIANTS = ("ddpm+cfg", "+cbdm", "+pd", "+tsa", "all")
-PRESET_SHAPES = {"small": (1, 16, 16), "cifar": (3, 32, 32)}
-PRESET_TSA = {"small": "8", "cifar": "16"}
+NETWORK_SHAPES = {"small": (1, 16, 16), "cifar": (3, 32, 32)}
+NETWORK_TSA = {"small": "8", "cifar": "16"}
 NUM_CLASSES = 10
 # Images/s of the CBDM reference U-Net, measured on this project's 2-core AMD EPYC (avx512_bf16) machine at the
 # cifar config, batch 32, fp32, 2 threads; only comparable on that machine.
 REFERENCE_CPU = {"batch": 32, "ddpm+cfg": 4.7, "+cbdm": 2.4}
-# --quick keeps to about two minutes by timing CBDM's and PD's costs on the small preset only, and bf16 on the
-# cifar preset only for ddpm+cfg and all (--full-grid runs them all).
+# --quick keeps to about two minutes by timing CBDM's and PD's costs on the small network only, and bf16 on the
+# cifar network only for ddpm+cfg and all (--full-grid runs them all).
 QUICK_SKIP = tuple(f"cifar/{p}/{v}" for p, v in [("fp32", "+cbdm"), ("fp32", "+pd"), ("bf16", "+cbdm"),
                                                   ("bf16", "+pd"), ("bf16", "+tsa")])
 FORKSERVER_PRELOAD = ["torch", "numpy", "pdcbdm.training", "pdcbdm.sampling", "pdcbdm.metrics"]
@@ -45,14 +45,15 @@ class BenchSettings:
         device: "cpu" or "cuda[:N]" (resolved from "auto").
         threads: torch intra-op threads in each job (0 = torch's default).
         sections: which of SECTIONS run.
-        presets, variants, precisions: the training grid.
-        small_batches, cifar_batches: training batch sizes of each preset (small at 16 is the ``smoke`` config's).
+        presets, variants, precisions: the training grid (``presets``: networks, ``model.network``; the name is
+            the --presets flag's and the JSON's).
+        small_batches, cifar_batches: training batch sizes of each network (small at 16 is the ``smoke`` config's).
         steps, warmup: timed and untimed iterations per training job.
         sample_batch, ddim_steps, ddpm_probe_steps, sample_repeats, guidance: the sampling section.
         metric_n, feature_dim, prd_clusters, prd_runs, prd_n_init: precision/recall and PRD sizes.
         feature_images, inception_images, extractors: the feature-extractor throughput jobs.
         job_timeout: seconds after which a job is stopped and recorded as an error.
-        skip: training jobs left out, as "preset/precision/variant" (see QUICK_SKIP).
+        skip: training jobs left out, as "network/precision/variant" (see QUICK_SKIP).
         quality_*: the opt-in quality section (``pipelines.quality``): variants, training steps, steps between
             curve points, samples per score, samplers compared and the folder for its pictures.
         data_*: the opt-in data section (``pipelines.bench_data``): images and side of the synthetic prepared

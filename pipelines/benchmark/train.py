@@ -1,37 +1,36 @@
-"""The ``train`` section: the training job (``Trainer.advance`` of one preset, variant, precision and batch), its
+"""The ``train`` section: the training job (``Trainer.advance`` of one network, variant, precision and batch), its
 plan, the relative costs and the targets' checks."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from pdcbdm.config import Config, LossConfig, ModelConfig, TrainConfig
 from pipelines.benchmark.runner import JobRunner, PeakMemory, _base_spec, _log, timed_median
-from pipelines.benchmark.settings import (NUM_CLASSES, PRESET_SHAPES, PRESET_TSA, REFERENCE_CPU, VARIANTS,
+from pipelines.benchmark.settings import (NETWORK_SHAPES, NETWORK_TSA, NUM_CLASSES, REFERENCE_CPU, VARIANTS,
                                           BenchSettings)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # training jobs
 # ---------------------------------------------------------------------------------------------------------------
-def variant_config(preset: str, variant: str, precision: str, batch: int) -> Any:
+def variant_config(network: str, variant: str, precision: str, batch: int) -> Any:
     """The ``pdcbdm.config.Config`` of one training variant (see VARIANTS and ``pipelines.benchmark.cli``'s docstring).
 
     Args:
-        preset: "small" or "cifar" (``model.preset``).
+        network: "small" or "cifar" (``model.network``).
         variant: a key of VARIANTS; sets ``loss.cbdm_tau`` (Eq. 9), ``loss.pd_weight`` (lambda, Eq. 10) and
-            ``model.tsa_resolutions`` (Eq. 13-14; the preset's default resolution or none).
+            ``model.tsa_resolutions`` (Eq. 13-14; the network's default resolution or none).
         precision: "fp32" or "bf16" (``train.precision``).
         batch: ``train.batch_size``.
     """
-    from pdcbdm.config import Config, LossConfig, ModelConfig, TrainConfig
-
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid: {list(VARIANTS)}")
-    if preset not in PRESET_SHAPES:
-        raise ValueError(f"unknown preset {preset!r}; valid: {list(PRESET_SHAPES)}")
+    if network not in NETWORK_SHAPES:
+        raise ValueError(f"unknown network {network!r}; valid: {list(NETWORK_SHAPES)}")
     tau, pd_weight, tsa = VARIANTS[variant]
     return Config(
-        model=ModelConfig(preset=preset, tsa_resolutions=PRESET_TSA[preset] if tsa else ""),
+        model=ModelConfig(network=network, tsa_resolutions=NETWORK_TSA[network] if tsa else ""),
         loss=LossConfig(p_uncond=0.0, cbdm_tau=tau, pd_weight=pd_weight),
         train=TrainConfig(batch_size=batch, precision=precision, seed=0),
     )
@@ -45,22 +44,24 @@ def network_images_per_step(cfg: Any) -> int:
     return batch * (2 if cfg.loss.cbdm_tau > 0 else 1) + (2 * pairs if cfg.loss.pd_weight > 0 else 0)
 
 
-def synthetic_dataset(preset: str, seed: int = 0) -> Any:
-    """Random uint8 images of the preset's shape with long-tailed counts (10 classes, rho = 10, 100 down to 10)."""
+def synthetic_dataset(network: str, seed: int = 0) -> Any:
+    """Random uint8 images of the network's shape with long-tailed counts (10 classes, rho = 10, 100 down to 10)."""
+    # deferred: torch (1.7 s) loads in the jobs only; pipelines.benchmark's --help imports this module
     import torch
-
     from pdcbdm.data import ImageDataset, longtail_counts
 
     counts = longtail_counts(100, NUM_CLASSES, 10.0)
     labels = torch.cat([torch.full((n,), k, dtype=torch.long) for k, n in enumerate(counts)])
     gen = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (len(labels), *PRESET_SHAPES[preset]), dtype=torch.uint8, generator=gen)
-    return ImageDataset(images, labels, [f"c{k}" for k in range(NUM_CLASSES)], hflip=preset == "cifar")
+    images = torch.randint(0, 256, (len(labels), *NETWORK_SHAPES[network]), dtype=torch.uint8, generator=gen)
+    return ImageDataset(images, labels, [f"c{k}" for k in range(NUM_CLASSES)], hflip=network == "cifar")
 
 
 def train_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Time ``Trainer.advance`` (the training loops' step; each timed call waits for the device) for one
-    (preset, variant, precision, batch); see ``pipelines.benchmark.cli``'s docstring."""
+    (network, variant, precision, batch; the spec's and the row's key for the network is "preset"); see
+    ``pipelines.benchmark.cli``'s docstring."""
+    # deferred: torch (1.7 s) loads in the jobs only; pipelines.benchmark's --help imports this module
     from pdcbdm.training import Trainer
 
     cfg = variant_config(spec["preset"], spec["variant"], spec["precision"], spec["batch"])
@@ -81,30 +82,30 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_plan(s: BenchSettings) -> list[dict[str, Any]]:
-    """One job spec per (preset, batch, precision, variant) not in ``s.skip``, ``ddpm+cfg`` fp32 first."""
+    """One job spec per (network, batch, precision, variant) not in ``s.skip``, ``ddpm+cfg`` fp32 first."""
     plan = []
-    for preset in s.presets:
-        batches = s.small_batches if preset == "small" else s.cifar_batches
+    for network in s.presets:
+        batches = s.small_batches if network == "small" else s.cifar_batches
         for batch in batches:
             for precision in s.precisions:
                 for variant in s.variants:
-                    if f"{preset}/{precision}/{variant}" not in s.skip:
-                        plan.append({**_base_spec(s), "preset": preset, "batch": batch, "precision": precision,
+                    if f"{network}/{precision}/{variant}" not in s.skip:
+                        plan.append({**_base_spec(s), "preset": network, "batch": batch, "precision": precision,
                                      "variant": variant, "steps": s.steps, "warmup": s.warmup})
     return plan
 
 
-def _find(rows: list[dict[str, Any]], preset: str, batch: int, variant: str, precision: str) -> dict[str, Any] | None:
+def _find(rows: list[dict[str, Any]], network: str, batch: int, variant: str, precision: str) -> dict[str, Any] | None:
     """The measured row of one training configuration, or None (absent or failed)."""
     for row in rows:
         if (row.get("preset"), row.get("batch"), row.get("variant"), row.get("precision")) == \
-                (preset, batch, variant, precision) and "step_s" in row:
+                (network, batch, variant, precision) and "step_s" in row:
             return row
     return None
 
 
 def add_relative_costs(rows: list[dict[str, Any]]) -> None:
-    """Add ``relative_cost`` (step time / ddpm+cfg fp32 step time at the same preset and batch) and
+    """Add ``relative_cost`` (step time / ddpm+cfg fp32 step time at the same network and batch) and
     ``cost_per_work`` (relative cost / network work ratio: 1.0 means the variant costs exactly its extra passes),
     from wall time, and the same two from CPU time (``*_cpu``: robust to other processes' load)."""
     for row in rows:
@@ -116,7 +117,7 @@ def add_relative_costs(rows: list[dict[str, Any]]) -> None:
             row["cost_per_work_cpu"] = row["relative_cost_cpu"] / row["work_ratio"]
 
 
-# variant -> the variant without that component (same precision, preset and batch)
+# variant -> the variant without that component (same precision, network and batch)
 TSA_TWINS = {"+tsa": "ddpm+cfg", "cbdm+tsa": "+cbdm", "all": "cbdm+pd"}
 PD_TWINS = {"+pd": "ddpm+cfg", "cbdm+pd": "+cbdm", "all": "cbdm+tsa"}
 CBDM_TWINS = {"+cbdm": "ddpm+cfg"}
@@ -167,13 +168,13 @@ def _row_checks(row: dict[str, Any], rows: list[dict[str, Any]], device: str) ->
 
 def train_checks(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
     """The issues' targets as measured ratios: TSA overhead, CBDM/PD cost per unit of extra network work, bf16
-    speed-up and, on the CPU for the cifar preset, throughput over the CBDM reference U-Net's (REFERENCE_CPU:
+    speed-up and, on the CPU for the cifar network, throughput over the CBDM reference U-Net's (REFERENCE_CPU:
     its images/s measured on the 2-core AMD EPYC machine; it compares only there)."""
     return [check for row in rows if "step_s" in row for check in _row_checks(row, rows, device)]
 
 
 def run_train_section(runner: JobRunner, s: BenchSettings) -> dict[str, Any]:
-    """Run every training job; returns rows, parameter counts per preset and the target checks."""
+    """Run every training job; returns rows, parameter counts per network and the target checks."""
     plan = train_plan(s)
     rows = []
     for i, spec in enumerate(plan, 1):

@@ -14,7 +14,10 @@ from typing import Any
 
 import torch
 
-from pdcbdm.config import Config, apply_overrides, preset
+from pdcbdm.config import Config, apply_overrides
+from pdcbdm.data.fake_cifar import write_fake_cifar10
+from pdcbdm.presets import preset
+from pdcbdm.train import load_data
 from pipelines.gpu_check.budget import PRESET, Budget, Sizes
 
 
@@ -50,8 +53,6 @@ class Check:
         """The fake CIFAR-10 folder's parent, written on first use."""
         root = self.work / "cifar"
         if "data_written_s" not in self.facts:
-            from pdcbdm.data.fake_cifar import write_fake_cifar10
-
             t0 = time.perf_counter()
             write_fake_cifar10(root, self.sizes.train_per_class, self.sizes.test_per_class, seed=0)
             self.facts["data_written_s"] = time.perf_counter() - t0
@@ -60,8 +61,6 @@ class Check:
     def dataset(self) -> Any:
         """The preset's training set read from the fake files (cached)."""
         if "dataset" not in self.facts:
-            from pdcbdm.train import load_data
-
             self.facts["dataset"] = load_data(self.cfg())
         return self.facts["dataset"]
 

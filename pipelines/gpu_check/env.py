@@ -9,7 +9,10 @@ from typing import Any
 
 import torch
 
-from pdcbdm.config import preset
+from pdcbdm.data import longtail_counts
+from pdcbdm.presets import preset
+from pdcbdm.training import resolve_precision
+from pdcbdm.training.cuda import cuda_diagnosis
 from pipelines.gpu_check.budget import OPTIONAL, PRESET, peak_bf16_tflops
 from pipelines.gpu_check.context import Check, result, timed
 
@@ -17,9 +20,6 @@ from pipelines.gpu_check.context import Check, result, timed
 # ---------------------------------------------------------------------------------------------------- env
 def step_env(check: Check) -> dict[str, Any]:
     """The software and the hardware; FAIL only when ``--device cuda`` finds no GPU (the steps after it SKIP)."""
-    from pdcbdm.training import resolve_precision
-    from pdcbdm.training.cuda import cuda_diagnosis
-
     info: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__, "cuda_build": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
@@ -52,8 +52,6 @@ def _nccl_version() -> str | None:
 # --------------------------------------------------------------------------------------------------- data
 def step_data(check: Check) -> dict[str, Any]:
     """Fake CIFAR-10 at the check's size, read back as the preset's long-tailed set with the expected counts."""
-    from pdcbdm.data import longtail_counts
-
     root = check.data_root()
     cfg = check.cfg()
     data, seconds = timed(check, check.dataset)

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from pdcbdm.metrics import extract_all
+from pipelines.benchmark.metrics import metrics_job
 from pipelines.gpu_check.context import Check, missing_packages, result, timed
 
 
@@ -17,8 +19,6 @@ from pipelines.gpu_check.context import Check, missing_packages, result, timed
 def step_metrics(check: Check) -> dict[str, Any]:
     """The final evaluation's metrics at their real size on the device (``pipelines.benchmark.metrics_job``) and
     the Inception features of its samples; with the sampling step, one guidance value's whole evaluation."""
-    from pipelines.benchmark.metrics import metrics_job
-
     spec = {**check.sizes.metric, "device": str(check.device)}
     with _quiet_stderr():
         job = metrics_job(spec)
@@ -54,7 +54,7 @@ def _feature_time(check: Check) -> dict[str, Any]:
     samples, from ``feature_images`` images; not timed without torch-fidelity."""
     if missing_packages(("torch_fidelity",)):
         return {"text": "Inception features not timed (torch-fidelity not installed)", "final_features_s": None}
-    from pdcbdm.metrics import extract_all
+    # deferred: torch-fidelity is optional here (the features are not timed without it); this module needs it
     from pdcbdm.metrics.inception import InceptionExtractor, InceptionWeights, build_inception_module
 
     cfg = check.cfg()

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from pdcbdm.config import GPU_OPTIONS
+from pdcbdm.training import Trainer
 from pipelines.gpu_check.context import Check, result, timed
 from pipelines.gpu_check.train import _warm_up
 
@@ -84,8 +85,6 @@ def _set_flags(flags: dict[str, bool]) -> None:
 
 def step_options(check: Check) -> dict[str, Any]:
     """Each ``train.gpu_options`` variant's img/s, in rounds of alternating order; which is fastest."""
-    from pdcbdm.training import Trainer
-
     variants, skipped = option_variants(check)
     defaults = _flags()
     runs: list[OptionRun] = []

@@ -9,6 +9,10 @@ from typing import Any
 import torch
 
 from pdcbdm.config import Config
+from pdcbdm.diffusion import GaussianDiffusion
+from pdcbdm.evaluation.settings import sampling_autocast
+from pdcbdm.sampling import generate, uniform_labels
+from pdcbdm.training import build_network
 from pipelines.gpu_check.context import Check, result, skip_for_packages, timed
 from pipelines.gpu_check.options import no_tf32
 
@@ -18,8 +22,6 @@ def step_pt2_graph(check: Check) -> dict[str, Any]:
     """``torch.export`` of the network on the CPU with a dynamic batch, as MLflow's pt2 format exports it, and its
     graph moved to the device and run there against the network itself: whoever serves the archive runs that
     graph, which must name no device (the project's own loader rebuilds the network and never reads it)."""
-    from pdcbdm.training import build_network
-
     cfg = check.cfg()
     torch.manual_seed(0)
     net = build_network(cfg, 10, (3, 32, 32)).eval()
@@ -44,11 +46,10 @@ def step_pt2_logged(check: Check) -> dict[str, Any]:
     skipped = skip_for_packages(("mlflow",), "the model is logged and read through MLflow: tune/mlflow_model.py")
     if skipped:
         return skipped
+    # deferred: MLflow is optional here (this step skips without it); these log and load through it
     import mlflow
     from mlflow.tracking import MlflowClient
-
     from pipelines.model_source import load_network
-    from pdcbdm.training import build_network
     from tune.mlflow_model import log_ema_model, model_uri_of_run
 
     cfg = check.cfg()
@@ -82,10 +83,6 @@ def _payload(check: Check, cfg: Config) -> dict[str, Any]:
 
 
 def _sample_logged(check: Check, net: torch.nn.Module, cfg: Config) -> tuple[torch.Tensor, float]:
-    from pdcbdm.diffusion import GaussianDiffusion
-    from pdcbdm.evaluation.settings import sampling_autocast
-    from pdcbdm.sampling import generate, uniform_labels
-
     labels = uniform_labels(cfg.eval.batch_size, 10).to(check.device)
     autocast = sampling_autocast(cfg, check.device) or contextlib.nullcontext
     return timed(check, lambda: generate(net, GaussianDiffusion(cfg.diffusion), labels, (3, 32, 32), sampler="ddim",

@@ -11,6 +11,11 @@ from typing import Any
 import torch
 
 from pdcbdm.config import Config
+from pdcbdm.diffusion import GaussianDiffusion
+from pdcbdm.evaluation import final_sampling
+from pdcbdm.evaluation.settings import sampling_autocast
+from pdcbdm.sampling import generate, uniform_labels
+from pdcbdm.training import build_network
 from pipelines.gpu_check.budget import fit
 from pipelines.gpu_check.context import Check, result, timed
 
@@ -19,8 +24,6 @@ from pipelines.gpu_check.context import Check, result, timed
 def step_sample(check: Check) -> dict[str, Any]:
     """DDIM with the preset's steps and the paper's DDPM-1000 at the evaluation batch (an untrained network:
     the cost is the same), each cut to a shorter schedule when the budget asks and extrapolated to the full one."""
-    from pdcbdm.evaluation import final_sampling
-
     cfg = check.cfg()
     run = _sampler(check, cfg)
     _, warm = run(cfg.diffusion, sampler="ddim", steps=2, eta=cfg.sample.eta)
@@ -39,11 +42,6 @@ def step_sample(check: Check) -> dict[str, Any]:
 
 def _sampler(check: Check, cfg: Config) -> Callable[..., tuple[torch.Tensor, float]]:
     """A timed ``generate`` of one evaluation batch with the preset's guidance, on an untrained network."""
-    from pdcbdm.diffusion import GaussianDiffusion
-    from pdcbdm.evaluation.settings import sampling_autocast
-    from pdcbdm.sampling import generate, uniform_labels
-    from pdcbdm.training import build_network
-
     torch.manual_seed(0)
     net = build_network(cfg, 10, (3, 32, 32)).to(check.device).eval()
     labels = uniform_labels(cfg.eval.batch_size, 10).to(check.device)

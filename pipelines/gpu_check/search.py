@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from pdcbdm.data.fake_cifar import write_fake_cifar10
 from pipelines.gpu_check.budget import PRESET, ROOT, SEARCH_MIN_S
 from pipelines.gpu_check.context import Check, missing_packages, result, skip_for_packages
 
@@ -61,8 +62,6 @@ def _search_command(check: Check, workers: int) -> tuple[list[str], Path]:
 
 def _search_data(check: Check) -> Path:
     """A smaller fake CIFAR-10 for the search (500 + 100 images a class): its reference and floors stay quick."""
-    from pdcbdm.data.fake_cifar import write_fake_cifar10
-
     root = check.work / "cifar-search"
     if not (root / "cifar-10-batches-py" / "batches.meta").is_file():
         write_fake_cifar10(root, 500, 100, seed=1)
@@ -72,6 +71,7 @@ def _search_data(check: Check) -> Path:
 def _inception_sets(check: Check) -> list[str]:
     """``eval.inception_weights`` of random weights when none are found offline (the scores are meaningless, the
     plumbing and the timing are real); nothing when the FID Inception's weights are here."""
+    # deferred: torch-fidelity is optional here (step_search skips on a GPU without it); this module needs it
     from pdcbdm.metrics.inception import build_inception_module, resolve_inception_weights
 
     try:
@@ -101,7 +101,7 @@ def _one_search(check: Check, workers: int, timeout: float) -> dict[str, Any]:
         last = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1][:300]
         return {"ok": False, "wall_s": wall, "text": f"{workers}-worker search exited {proc.returncode} after "
                 f"{wall:.0f}s; last stderr line: {last}"}
-    import pandas as pd
+    import pandas as pd  # deferred: optional here (step_search skips without it)
 
     row = pd.read_parquet(table).iloc[0]
     fid = float(row["fid"]) if row.get("fid") is not None else float("nan")

@@ -10,7 +10,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from pdcbdm.training import Trainer
+from pdcbdm.training.syncs import HostSyncCounter
 from pipelines.gpu_check.budget import fit
 from pipelines.gpu_check.context import Check, result, timed
 
@@ -18,8 +21,6 @@ from pipelines.gpu_check.context import Check, result, timed
 # -------------------------------------------------------------------------------------------------- train
 def step_train(check: Check) -> dict[str, Any]:
     """Throughput, memory, FLOPs and host round trips of ``Trainer.advance`` on the preset's network."""
-    from pdcbdm.training import Trainer
-
     cfg = check.cfg()
     trainer = Trainer(cfg, check.dataset(), device=check.device)
     params = sum(p.numel() for p in trainer.net.parameters())
@@ -93,8 +94,6 @@ def _share_text(flops: dict[str, Any]) -> str:
 def count_host_syncs(check: Check, trainer: Any, steps: int) -> dict[str, Any]:
     """Host round trips of ``steps`` calls of ``advance`` and of the one window read after them, by
     ``HostSyncCounter`` and, on CUDA, by the device's own check (``set_sync_debug_mode``)."""
-    from pdcbdm.training.syncs import HostSyncCounter
-
     with _device_sync_warnings(check) as advance_warned, HostSyncCounter() as advance:
         for _ in range(steps):
             trainer.advance()
@@ -130,8 +129,6 @@ def _device_sync_warnings(check: Check) -> Iterator[list[str]]:
 def count_flops(check: Check, trainer: Any, steps: int, step_s: float) -> dict[str, Any]:
     """FLOPs of a training step (forward, backward; averaged over ``steps``: label-dropped steps skip a pass),
     the throughput they make at ``step_s`` and its share of the card's bf16 peak."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         for _ in range(steps):
             trainer.advance()
@@ -148,8 +145,6 @@ def step_rng(check: Check) -> dict[str, Any]:
     """Two ranks of one run, simulated in this process as a worker seeds them (train.seed + rank): building the
     Trainer leaves each rank's global RNG as seeded, so their dropout streams differ, while the batch draws (the
     trainer's own generator) are the same on both (each rank keeps its rows of the global batch)."""
-    from pdcbdm.training import Trainer
-
     cfg = check.cfg()
     kept, streams, batch_draws = [], [], []
     for rank in (0, 1):

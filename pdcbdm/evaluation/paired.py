@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 # (metric key, caption, True when higher is better): the tail metrics the paper's claim is about
 TAIL_METRICS: tuple[tuple[str, str, bool], ...] = (
@@ -26,8 +27,6 @@ COLUMNS = ("variant", "metric", "n", "baseline_mean", "variant_mean", "diff_mean
 
 def paired_t(diffs: np.ndarray) -> tuple[float, float]:
     """Two-sided paired t-test of mean(diffs) = 0: (t, p); NaN for fewer than 2 pairs or no spread."""
-    from scipy import stats
-
     if len(diffs) < 2 or float(np.std(diffs, ddof=1)) == 0.0:
         return math.nan, math.nan
     res = stats.ttest_1samp(diffs, 0.0)

@@ -21,25 +21,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import matplotlib.image as mpimg
+import matplotlib.pyplot as plt
 import numpy as np
+import optuna
 import pandas as pd
+from mlflow.tracking import MlflowClient
 
+from pdcbdm.config import Config
+from pdcbdm.evaluation import evaluation_split
+from pdcbdm.train import load_data
 from tune.importance import importance_table, plot_importance_table
 from tune.redact import TRACKING_ENV, reveal
 from tune.results import METRIC_COLUMNS, format_table, rank
-from tune.space import SEARCHED
+from tune.space_file import default_knobs
+from tune.tags import ERROR_TAG, KIND_TAG, OUTCOME_TAG, SCORING_TAGS, SEARCH_ID_TAG, TRIAL_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDANCE_METRIC = re.compile(r"^fid_w(?P<w>[0-9.]+)$")
 CATEGORICAL = ("loss.label_dist", "model.tsa_resolutions")  # searched as choices: kept as text
 STATUS_COLORS = {"completed": "C0", "stopped": "C1", "failed": "C3"}
-# how a run was scored (Evaluator.tags): table column -> MLflow tag
-SCORING_TAGS = {"reference_kind": "pdcbdm.reference_kind", "judge": "pdcbdm.judge"}
+# how a run was scored: the table's columns are named after the evaluator's scoring facts, so tune.tags.SCORING_TAGS
+# maps each column to its tag
 
 __all__ = ["SearchResults", "AblationResults", "find_folder", "load_search", "load_ablation", "format_table",
-           "searched_columns", "scoring_note", "plot_metric_vs_params", "guidance_curves", "plot_guidance", "param_importance",
-           "plot_importance", "plot_head_tail", "best_trial", "best_samples", "per_class_table", "plot_per_class",
-           "show_image", "ablation_head_tail", "plot_ablation_head_tail", "ablation_per_class",
+           "searched_columns", "scoring_note", "plot_metric_vs_params", "guidance_curves", "plot_guidance",
+           "param_importance", "plot_importance", "plot_head_tail", "best_trial", "best_samples", "per_class_table",
+           "plot_per_class", "show_image", "ablation_head_tail", "plot_ablation_head_tail", "ablation_per_class",
            "plot_ablation_per_class"]
 
 
@@ -117,14 +125,12 @@ def _numeric(df: pd.DataFrame) -> pd.DataFrame:
     for col in df.columns:
         if col in METRIC_COLUMNS or GUIDANCE_METRIC.match(col) or col.startswith(("consistency", "fid", "is_")):
             df[col] = pd.to_numeric(df[col], errors="coerce")
-        elif col in SEARCHED and col not in CATEGORICAL:
+        elif col in default_knobs() and col not in CATEGORICAL:
             df[col] = pd.to_numeric(df[col], errors="coerce")
     return df
 
 
 def _client(uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
     return MlflowClient(uri)
 
 
@@ -135,23 +141,23 @@ def _trials_from_mlflow(uri: str | None, name: str, meta: dict[str, Any]) -> pd.
     client = _client(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     sid = meta.get("search_id") or name
-    runs = client.search_runs(experiments, filter_string=f"tags.`pdcbdm.search_id` = '{sid}' and "
-                              f"tags.`pdcbdm.kind` = 'trial'", max_results=10_000)
+    runs = client.search_runs(experiments, filter_string=f"tags.`{SEARCH_ID_TAG}` = '{sid}' and "
+                              f"tags.`{KIND_TAG}` = 'trial'", max_results=10_000)
     rows = []
     for run in runs:
         m = run.data.metrics
-        row = {"trial_id": run.data.tags.get("pdcbdm.trial_id", ""), "status": _run_status(run),
-               **{k: run.data.params.get(k) for k in SEARCHED if k in run.data.params},
-               **{k: m.get(k) for k in METRIC_COLUMNS}, "error": run.data.tags.get("pdcbdm.error"),
+        row = {"trial_id": run.data.tags.get(TRIAL_TAG, ""), "status": _run_status(run),
+               **{k: run.data.params.get(k) for k in default_knobs() if k in run.data.params},
+               **{k: m.get(k) for k in METRIC_COLUMNS}, "error": run.data.tags.get(ERROR_TAG),
                "mlflow_run_id": run.info.run_id}
         rows.append(row)
     return rank(_numeric(pd.DataFrame(rows)))
 
 
 def _run_status(run: Any) -> str:
-    """completed, stopped or failed, from the run's outcome tag (``tune.tracking.OUTCOME_TAG``); runs without
+    """completed, stopped or failed, from the run's outcome tag (``tune.tags.OUTCOME_TAG``); runs without
     it: completed when the final FID was logged (only a trial that ran its budget has one)."""
-    outcome = run.data.tags.get("pdcbdm.outcome", "")
+    outcome = run.data.tags.get(OUTCOME_TAG, "")
     if run.info.status == "FAILED" or outcome.startswith("failed"):
         return "failed"
     if outcome:
@@ -175,7 +181,7 @@ def _with_run_metrics(trials: pd.DataFrame, uri: str) -> pd.DataFrame:
 
 def scoring_note(trials: pd.DataFrame) -> str | None:
     """Why the trials' scores do not compare, or None: they were scored against more than one reference or by more
-    than one kind of judge (the runs' ``pdcbdm.reference_kind`` / ``pdcbdm.judge`` tags; a search refuses to mix
+    than one kind of judge (the runs' ``REFERENCE_KIND_TAG`` / ``JUDGE_TAG`` tags; a search refuses to mix
     them, a table assembled by hand may not)."""
     mixed = []
     for column in SCORING_TAGS:
@@ -187,13 +193,13 @@ def scoring_note(trials: pd.DataFrame) -> str | None:
 
 
 def _judge_network(tag: str) -> str:
-    """The judging network of a ``pdcbdm.judge`` tag, without its coverage and accuracy (which vary by run)."""
+    """The judging network of a ``JUDGE_TAG`` tag, without its coverage and accuracy (which vary by run)."""
     return str(tag).split(" (")[0]
 
 
 def searched_columns(trials: pd.DataFrame) -> list[str]:
-    """The searched hyperparameters present in the table (tune/space.py's names)."""
-    return [k for k in SEARCHED if k in trials.columns]
+    """The searched hyperparameters present in the table (the default space file's knobs, in its order)."""
+    return [k for k in default_knobs() if k in trials.columns]
 
 
 def _score_column(trials: pd.DataFrame, metric: str) -> str:
@@ -207,8 +213,6 @@ def _score_column(trials: pd.DataFrame, metric: str) -> str:
 def plot_metric_vs_params(trials: pd.DataFrame, metric: str = "fid") -> Any:
     """A panel per searched hyperparameter: ``metric`` (the proxy FID where no trial has it) against its value,
     coloured by status; numeric values spanning over a decade get a log axis, categorical ones a position each."""
-    import matplotlib.pyplot as plt
-
     params, col = searched_columns(trials), _score_column(trials, metric)
     cols = min(4, max(1, len(params)))
     rows = -(-max(1, len(params)) // cols)
@@ -246,8 +250,6 @@ def guidance_curves(trials: pd.DataFrame) -> pd.DataFrame:
 
 def plot_guidance(curves: pd.DataFrame) -> Any:
     """FID against the classifier-free guidance scale w, a line per trial (only trials evaluated at the end)."""
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for trial_id, part in curves.groupby("trial_id"):
         ax.plot(part["guidance"], part["fid"], marker="o", label=str(trial_id))
@@ -265,8 +267,6 @@ def param_importance(results: SearchResults) -> pd.DataFrame:
     (``tune.importance.importance_table``: columns param, importance, low, high, resamples; most important
     first); the first objective when the search was multi-objective. ValueError says why they cannot be computed
     (fewer completed trials than two per varying parameter, or no varying parameter)."""
-    import optuna
-
     db = results.folder / "optuna.db"
     if not db.is_file():
         raise FileNotFoundError(f"{db} is missing: the search has no Optuna study")
@@ -293,8 +293,6 @@ def _paired_bars(ax: Any, names: Sequence[str], left: Sequence[float], right: Se
 def plot_head_tail(trials: pd.DataFrame) -> Any:
     """Per trial with final scores: head versus tail FID, and head versus tail class consistency (NaN bars are
     left empty). ValueError when no trial has them."""
-    import matplotlib.pyplot as plt
-
     keys = [k for k in ("fid_head", "fid_tail", "consistency_head", "consistency_tail") if k in trials]
     trials = trials[trials[keys].notna().any(axis=1)] if keys else trials.iloc[:0]
     if trials.empty:
@@ -381,10 +379,6 @@ def _groups(results: SearchResults, trial: pd.Series, labels: pd.Series) -> list
     """"head"/"tail" per label from the evaluation's split (``eval.split_ratio``, the classes the trial's head and
     tail metrics were computed on), "" when unavailable."""
     try:
-        from pdcbdm.config import Config
-        from pdcbdm.evaluation import evaluation_split
-        from pdcbdm.train import load_data
-
         path = _download(results.tracking_uri, trial["mlflow_run_id"], "config.json")
         cfg = Config.load_json(path) if path else Config.from_dict(results.meta["config"])
         counts = load_data(cfg).counts()
@@ -396,8 +390,6 @@ def _groups(results: SearchResults, trial: pd.Series, labels: pd.Series) -> list
 
 def plot_per_class(table: pd.DataFrame, title: str = "per-class FID") -> Any:
     """FID bar per class, head classes in one colour and tail classes in another."""
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(table)), 3.5))
     colors = [{"head": "C0", "tail": "C3"}.get(g, "C7") for g in table.get("group", [""] * len(table))]
     ax.bar(table["label"].astype(str), table["fid"], color=colors)
@@ -411,9 +403,6 @@ def plot_per_class(table: pd.DataFrame, title: str = "per-class FID") -> Any:
 
 def show_image(path: Path, title: str = "") -> Any:
     """A PNG (a sample grid) as a matplotlib figure."""
-    import matplotlib.image as mpimg
-    import matplotlib.pyplot as plt
-
     img = mpimg.imread(str(path))
     fig, ax = plt.subplots(figsize=(min(12, img.shape[1] / 60 + 1), min(12, img.shape[0] / 60 + 1)))
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
@@ -452,13 +441,12 @@ def load_ablation(ablation_dir: str | Path) -> AblationResults:
 
 
 def ablation_head_tail(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per variant (Table 1 order): mean and std over finished seeds of head/tail FID and consistency."""
-    from pipelines.ablation import VARIANTS
-
+    """Per variant, in the table's order (pipelines/ablation.py writes Table 1's): mean and std over finished seeds
+    of head/tail FID and consistency."""
     keys = ["fid_head", "fid_tail", "consistency_head", "consistency_tail", "tail_to_head_confusion"]
     done = runs[runs["status"] == "finished"]
     rows = []
-    for name in [n for n in VARIANTS if n in set(done["variant"])]:
+    for name in dict.fromkeys(done["variant"]):
         part = done[done["variant"] == name]
         row: dict[str, Any] = {"variant": name, "n": len(part)}
         for k in keys:
@@ -470,8 +458,6 @@ def ablation_head_tail(runs: pd.DataFrame) -> pd.DataFrame:
 
 def plot_ablation_head_tail(table: pd.DataFrame) -> Any:
     """Per variant: head versus tail FID, and head versus tail consistency, with one-std error bars."""
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     names = list(table["variant"])
     std = lambda c: table[c].fillna(0.0)  # noqa: E731
@@ -505,8 +491,6 @@ def ablation_per_class(results: AblationResults) -> pd.DataFrame:
 
 def plot_ablation_per_class(wide: pd.DataFrame) -> Any:
     """Per-class FID, a line per variant (classes ordered head first as in the data set)."""
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for variant in wide.columns:
         ax.plot(wide.index, wide[variant], marker="o", label=variant)
