@@ -107,8 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = torch.get_num_threads()
     try:
         if device.type == "cpu" and args.quick:
-            # tiny tensors: a second thread's hand-offs cost more than it computes (5x slower on a busy 2-core
-            # machine)
+            # tiny tensors: on a busy CPU a second thread's hand-offs cost more than it computes
             torch.set_num_threads(1)
         summary, results = _check_all(args, names, device, no_device)
     finally:
