@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
+import inspect
 import json
+import subprocess
+import sys
 
 import pytest
 
+import pdcbdm.config
 from pdcbdm.config import Config, ConfigError, LossConfig, apply_overrides
 from pdcbdm.presets import PRESETS, preset
 
@@ -104,10 +110,6 @@ COPIES = [
 @pytest.mark.parametrize("copy, owner, name", COPIES, ids=[c[0] for c in COPIES])
 def test_each_choice_copy_equals_its_owners(copy, owner, name):
     """Every choice tuple the config copies names the same values as the module that implements them."""
-    import importlib
-
-    import pdcbdm.config
-
     def values(x):
         return {x} if isinstance(x, str) else set(x)
 
@@ -117,11 +119,6 @@ def test_each_choice_copy_equals_its_owners(copy, owner, name):
 def test_every_choice_check_of_the_config_reads_a_named_tuple():
     """No field is checked against a literal tuple: each choice has a name that COPIES (or the config itself,
     for the choices only the config defines) keeps in step with its owner."""
-    import ast
-    import inspect
-
-    import pdcbdm.config
-
     tree = ast.parse(inspect.getsource(pdcbdm.config))
     checks = [node.args[0] for node in ast.walk(tree) if isinstance(node, ast.Call)
               and getattr(node.func, "id", "") == "_check"]
@@ -138,9 +135,6 @@ def test_the_config_and_presets_import_no_torch():
     """The command lines check a config before anything heavy loads: pdcbdm.config and pdcbdm.presets stay
     torch-free (pdcbdm.labels, pdcbdm.training.gpu_options and pdcbdm.data.prep_report read their choices from
     the config)."""
-    import subprocess
-    import sys
-
     code = "import sys, pdcbdm.config, pdcbdm.presets; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
